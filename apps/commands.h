@@ -1,0 +1,13 @@
+#pragma once
+// Each subcommand adds itself to the parser and sets `command` to its action when it is chosen.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace kvdrift::cli {
+
+void register_generate(CLI::App& app, std::function<void()>& command);
+void register_convert(CLI::App& app, std::function<void()>& command);
+void register_bench(CLI::App& app, std::function<void()>& command);
+
+}  // namespace kvdrift::cli

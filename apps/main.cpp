@@ -1,0 +1,45 @@
+// kvdrift command line: every subcommand parses its options here and calls the library.
+#include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+#include "commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  // stdout carries results only (generated text, tables); logs go to stderr.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("kvdrift"));
+  spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
+
+  CLI::App app{"kvdrift: simulate how KV-cache quantization errors accumulate during decoding"};
+  app.set_version_flag("--version", std::string("kvdrift ") + KVDRIFT_VERSION + " (" + KVDRIFT_GIT_REVISION + ")");
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->check(
+      CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  std::function<void()> command;
+  kvdrift::cli::register_generate(app, command);
+  kvdrift::cli::register_convert(app, command);
+  kvdrift::cli::register_bench(app, command);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  try {
+    command();
+  } catch (const kvdrift::Error& e) {
+    std::cerr << "kvdrift: error: " << e.what() << std::endl;
+    return 1;
+  } catch (const c10::Error& e) {
+    std::cerr << "kvdrift: error: LibTorch: " << e.what_without_backtrace() << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "kvdrift: error: " << e.what() << std::endl;
+    return 1;
+  }
+  return 0;
+}

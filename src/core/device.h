@@ -1,0 +1,21 @@
+#pragma once
+// Parsing and describing the device and dtype settings shared by every command.
+#include <torch/types.h>
+
+#include <string>
+
+namespace kvdrift {
+
+// "cpu", "cuda", "cuda:N". Fails when CUDA is asked for but this LibTorch build or machine has none.
+torch::Device parse_device(const std::string& name);
+// "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16".
+torch::ScalarType parse_dtype(const std::string& name);
+std::string dtype_name(torch::ScalarType dtype);  // canonical name: float32, float16, bfloat16
+// Fails when `dtype` cannot run on `device` with this LibTorch build.
+void require_supported(const torch::Device& device, torch::ScalarType dtype);
+// A human-readable device description for logs and outputs (GPU model name on CUDA).
+std::string describe_device(const torch::Device& device);
+// Waits for queued device work, so host timers measure it.
+void synchronize(const torch::Device& device);
+
+}  // namespace kvdrift

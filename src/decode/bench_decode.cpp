@@ -1,0 +1,70 @@
+#include "decode/bench_decode.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+
+#include "core/device.h"
+#include "core/error.h"
+
+namespace kvdrift {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+DecodeBenchRow bench_decode(const LlamaModel& model, int64_t batch, int64_t context, int64_t steps, int64_t warmup) {
+  if (batch < 1 || context < 1 || steps < 1 || warmup < 0)
+    fail("bench decode: batch ({}), context ({}) and steps ({}) must be >= 1, warmup ({}) >= 0", batch, context, steps,
+         warmup);
+  const ModelConfig& c = model.config();
+  auto cache = model.make_cache(batch, context + warmup + steps);
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(1234);
+  auto prompt = torch::randint(c.vocab_size, {batch, context}, generator, torch::kInt64).to(model.device());
+  auto logits = model.forward(prompt, 0, cache, /*last_only=*/true);
+  int64_t position = context;
+  auto decode = [&](int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+      auto next = logits.argmax(-1);  // [batch, 1], stays on the device
+      logits = model.forward(next, position++, cache, /*last_only=*/true);
+    }
+  };
+  decode(warmup);
+  synchronize(model.device());
+  const auto start = std::chrono::steady_clock::now();
+  decode(steps);
+  synchronize(model.device());
+  const double elapsed = seconds_since(start);
+
+  const double kv_bytes_per_position =
+      2.0 * c.n_layers * c.n_kv_heads * c.head_dim * c10::elementSize(model.dtype()) * batch;
+  const double mean_positions = context + warmup + (steps + 1) / 2.0;
+  DecodeBenchRow row;
+  row.batch = batch;
+  row.context = context;
+  row.steps = steps;
+  row.ms_per_step = 1000.0 * elapsed / steps;
+  row.tokens_per_s = batch * steps / elapsed;
+  row.bytes_per_step = model.weight_bytes() + kv_bytes_per_position * mean_positions;
+  row.achieved_gbps = row.bytes_per_step / (elapsed / steps) / 1e9;
+  return row;
+}
+
+double measure_copy_bandwidth(const torch::Device& device) {
+  const int64_t elements = device.is_cuda() ? (int64_t{1} << 28) : (int64_t{1} << 25);  // 1 GiB / 128 MiB of fp32
+  auto source = torch::ones({elements}, torch::TensorOptions().device(device));
+  auto target = torch::empty_like(source);
+  target.copy_(source);  // warm-up
+  synchronize(device);
+  const int repeats = 10;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < repeats; ++i) target.copy_(source);
+  synchronize(device);
+  return 2.0 * elements * 4 * repeats / seconds_since(start) / 1e9;
+}
+
+}  // namespace kvdrift

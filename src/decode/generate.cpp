@@ -1,0 +1,36 @@
+#include "decode/generate.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace kvdrift {
+
+GenerateResult generate(const LlamaModel& model, const std::vector<int64_t>& prompt, int64_t steps, Sampler& sampler,
+                        const std::vector<int64_t>& stop_ids) {
+  if (prompt.empty()) fail("the prompt has no tokens");
+  if (steps < 0) fail("steps = {} must be >= 0", steps);
+  const int64_t capacity = static_cast<int64_t>(prompt.size()) + steps;
+  if (capacity > model.config().max_seq_len)
+    fail("prompt ({} tokens) + steps ({}) exceed the model's context of {} positions", prompt.size(), steps,
+         model.config().max_seq_len);
+  auto cache = model.make_cache(1, capacity);
+  GenerateResult result{prompt, 0, false};
+  auto input = torch::tensor(prompt, torch::kInt64).unsqueeze(0);
+  int64_t position = 0;
+  while (result.generated < steps) {
+    auto logits = model.forward(input, position, cache, /*last_only=*/true);
+    position += input.size(1);
+    const int64_t token = sampler.next(logits[0][0]);
+    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
+      result.stopped = true;
+      break;
+    }
+    result.tokens.push_back(token);
+    ++result.generated;
+    input = torch::tensor({token}, torch::kInt64).unsqueeze(0);
+  }
+  return result;
+}
+
+}  // namespace kvdrift

@@ -1,0 +1,172 @@
+#include "model/config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace kvdrift {
+
+void ModelConfig::validate(const std::string& where) const {
+  const std::pair<const char*, int64_t> positive[] = {
+      {"dim", dim},           {"hidden_dim", hidden_dim}, {"n_layers", n_layers},
+      {"n_heads", n_heads},   {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim},
+      {"vocab_size", vocab_size}, {"max_seq_len", max_seq_len}};
+  // Bounds far above any real model: they catch garbage headers before anything is allocated.
+  constexpr int64_t kMaxSize = int64_t{1} << 24;
+  for (const auto& [name, value] : positive) {
+    if (value <= 0 || value > kMaxSize) fail("{}: impossible {} = {}", where, name, value);
+  }
+  if (n_heads % n_kv_heads != 0)
+    fail("{}: n_heads = {} is not a multiple of n_kv_heads = {}", where, n_heads, n_kv_heads);
+  if (head_dim % 2 != 0) fail("{}: head_dim = {} must be even for RoPE", where, head_dim);
+  if (rope_theta <= 0) fail("{}: rope_theta = {} must be positive", where, rope_theta);
+  if (norm_eps <= 0) fail("{}: norm eps = {} must be positive", where, norm_eps);
+  if (rope_scaling.type != "none" && rope_scaling.type != "linear" && rope_scaling.type != "llama3")
+    fail("{}: unsupported rope_scaling type '{}' (supported: linear, llama3)", where, rope_scaling.type);
+  if (rope_scaling.factor <= 0) fail("{}: rope_scaling factor = {} must be positive", where, rope_scaling.factor);
+  if (rope_scaling.type == "llama3" && rope_scaling.high_freq_factor <= rope_scaling.low_freq_factor)
+    fail("{}: rope_scaling high_freq_factor must exceed low_freq_factor", where);
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> expected_weight_shapes(const ModelConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  shapes.push_back({"model.embed_tokens.weight", {c.vocab_size, c.dim}});
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes.push_back({p + "input_layernorm.weight", {c.dim}});
+    shapes.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), c.dim}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), c.dim}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), c.dim}});
+    if (c.attention_bias) {
+      shapes.push_back({p + "self_attn.q_proj.bias", {c.q_dim()}});
+      shapes.push_back({p + "self_attn.k_proj.bias", {c.kv_dim()}});
+      shapes.push_back({p + "self_attn.v_proj.bias", {c.kv_dim()}});
+    }
+    if (c.qk_norm) {
+      shapes.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+      shapes.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+    }
+    shapes.push_back({p + "self_attn.o_proj.weight", {c.dim, c.q_dim()}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {c.dim}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {c.hidden_dim, c.dim}});
+    shapes.push_back({p + "mlp.up_proj.weight", {c.hidden_dim, c.dim}});
+    shapes.push_back({p + "mlp.down_proj.weight", {c.dim, c.hidden_dim}});
+  }
+  shapes.push_back({"model.norm.weight", {c.dim}});
+  if (!c.tie_embeddings) shapes.push_back({"lm_head.weight", {c.vocab_size, c.dim}});
+  return shapes;
+}
+
+int64_t parameter_count(const ModelConfig& config) {
+  int64_t total = 0;
+  for (const auto& [name, shape] : expected_weight_shapes(config)) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    total += n;
+  }
+  return total;
+}
+
+namespace {
+
+template <typename T>
+T required(const nlohmann::json& json, const char* key, const std::string& where) {
+  if (!json.contains(key)) fail("{}: missing required key '{}'", where, key);
+  try {
+    return json.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    fail("{}: key '{}' has the wrong type ({})", where, key, json.at(key).dump());
+  }
+}
+
+template <typename T>
+T optional(const nlohmann::json& json, const char* key, T fallback, const std::string& where) {
+  if (!json.contains(key) || json.at(key).is_null()) return fallback;
+  return required<T>(json, key, where);
+}
+
+std::vector<int64_t> token_id_list(const nlohmann::json& json, const char* key, const std::string& where) {
+  if (!json.contains(key) || json.at(key).is_null()) return {};
+  if (json.at(key).is_array()) return required<std::vector<int64_t>>(json, key, where);
+  return {required<int64_t>(json, key, where)};
+}
+
+}  // namespace
+
+ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& where) {
+  if (!json.is_object()) fail("{}: expected a JSON object", where);
+  ModelConfig c;
+  c.architecture = optional<std::string>(json, "model_type", "llama", where);
+  if (c.architecture != "llama" && c.architecture != "qwen2" && c.architecture != "qwen3" &&
+      c.architecture != "mistral")
+    fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2, qwen3)", where, c.architecture);
+  c.dim = required<int64_t>(json, "hidden_size", where);
+  c.hidden_dim = required<int64_t>(json, "intermediate_size", where);
+  c.n_layers = required<int64_t>(json, "num_hidden_layers", where);
+  c.n_heads = required<int64_t>(json, "num_attention_heads", where);
+  c.vocab_size = required<int64_t>(json, "vocab_size", where);
+  c.n_kv_heads = optional<int64_t>(json, "num_key_value_heads", c.n_heads, where);
+  if (c.n_heads <= 0) fail("{}: impossible num_attention_heads = {}", where, c.n_heads);
+  c.head_dim = optional<int64_t>(json, "head_dim", c.dim / c.n_heads, where);
+  c.max_seq_len = optional<int64_t>(json, "max_position_embeddings", 2048, where);
+  c.rope_theta = optional<double>(json, "rope_theta", 10000.0, where);
+  c.norm_eps = optional<double>(json, "rms_norm_eps", 1e-6, where);
+  c.tie_embeddings = optional<bool>(json, "tie_word_embeddings", false, where);
+  c.attention_bias = optional<bool>(json, "attention_bias", c.architecture == "qwen2", where);
+  c.qk_norm = c.architecture == "qwen3";
+  c.rope_style = RopeStyle::HalfSplit;
+  c.bos_token_id = optional<int64_t>(json, "bos_token_id", -1, where);
+  c.eos_token_ids = token_id_list(json, "eos_token_id", where);
+  if (json.contains("rope_scaling") && !json.at("rope_scaling").is_null()) {
+    const auto& rs = json.at("rope_scaling");
+    const std::string rs_where = where + " rope_scaling";
+    c.rope_scaling.type = rs.contains("rope_type") ? required<std::string>(rs, "rope_type", rs_where)
+                                                   : required<std::string>(rs, "type", rs_where);
+    if (c.rope_scaling.type == "default") c.rope_scaling.type = "none";
+    c.rope_scaling.factor = optional<double>(rs, "factor", 1.0, rs_where);
+    c.rope_scaling.low_freq_factor = optional<double>(rs, "low_freq_factor", 1.0, rs_where);
+    c.rope_scaling.high_freq_factor = optional<double>(rs, "high_freq_factor", 4.0, rs_where);
+    c.rope_scaling.original_max_position =
+        optional<int64_t>(rs, "original_max_position_embeddings", 8192, rs_where);
+  }
+  c.validate(where);
+  return c;
+}
+
+nlohmann::json config_to_hf_json(const ModelConfig& c) {
+  nlohmann::json json = {
+      {"architectures", {c.architecture == "llama" ? "LlamaForCausalLM"
+                         : c.architecture == "qwen2" ? "Qwen2ForCausalLM"
+                         : c.architecture == "qwen3" ? "Qwen3ForCausalLM"
+                                                     : "MistralForCausalLM"}},
+      {"model_type", c.architecture},
+      {"hidden_act", "silu"},
+      {"hidden_size", c.dim},
+      {"intermediate_size", c.hidden_dim},
+      {"num_hidden_layers", c.n_layers},
+      {"num_attention_heads", c.n_heads},
+      {"num_key_value_heads", c.n_kv_heads},
+      {"head_dim", c.head_dim},
+      {"vocab_size", c.vocab_size},
+      {"max_position_embeddings", c.max_seq_len},
+      {"rope_theta", c.rope_theta},
+      {"rms_norm_eps", c.norm_eps},
+      {"tie_word_embeddings", c.tie_embeddings},
+      {"attention_bias", c.attention_bias},
+      {"torch_dtype", "float32"},
+  };
+  if (c.bos_token_id >= 0) json["bos_token_id"] = c.bos_token_id;
+  if (c.eos_token_ids.size() == 1) json["eos_token_id"] = c.eos_token_ids[0];
+  if (c.eos_token_ids.size() > 1) json["eos_token_id"] = c.eos_token_ids;
+  if (c.rope_scaling.type != "none") {
+    json["rope_scaling"] = {{"rope_type", c.rope_scaling.type}, {"factor", c.rope_scaling.factor}};
+    if (c.rope_scaling.type == "llama3") {
+      json["rope_scaling"]["low_freq_factor"] = c.rope_scaling.low_freq_factor;
+      json["rope_scaling"]["high_freq_factor"] = c.rope_scaling.high_freq_factor;
+      json["rope_scaling"]["original_max_position_embeddings"] = c.rope_scaling.original_max_position;
+    }
+  }
+  return json;
+}
+
+}  // namespace kvdrift

@@ -1,0 +1,132 @@
+// Hugging Face checkpoint directories: config.json plus one or many safetensors files.
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace kvdrift {
+
+namespace {
+
+nlohmann::json read_json_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) fail("file not found: {}", path.string());
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: not valid JSON ({})", path.string(), e.what());
+  }
+}
+
+torch::ScalarType torch_dtype(StorageDtype dtype) {
+  switch (dtype) {
+    case StorageDtype::F32: return torch::kFloat32;
+    case StorageDtype::F16: return torch::kFloat16;
+    case StorageDtype::BF16: return torch::kBFloat16;
+  }
+  fail("unreachable storage dtype");
+}
+
+StorageDtype storage_dtype(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat32: return StorageDtype::F32;
+    case torch::kFloat16: return StorageDtype::F16;
+    case torch::kBFloat16: return StorageDtype::BF16;
+    default: fail("cannot store dtype {} in safetensors", c10::toString(dtype));
+  }
+}
+
+// llama2.c/Meta order (pairs 2i, 2i+1 per head) -> HF order (i, i + head_dim/2), as HF's converter.
+torch::Tensor permute_rows_for_half_split(const torch::Tensor& w, int64_t heads) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  return w.view({heads, rows / heads / 2, 2, cols}).transpose(1, 2).reshape({rows, cols});
+}
+
+}  // namespace
+
+ModelConfig read_hf_config(const std::string& dir) {
+  if (!fs::is_directory(dir)) fail("model directory not found: {}", dir);
+  const fs::path config_path = fs::path(dir) / "config.json";
+  return config_from_hf_json(read_json_file(config_path), config_path.string());
+}
+
+Checkpoint read_hf_checkpoint(const std::string& dir, torch::Device device, torch::ScalarType dtype) {
+  Checkpoint checkpoint{read_hf_config(dir), {}};
+  const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
+  // Shard file -> the tensors the index says it holds (empty set: take every tensor of the file).
+  std::map<std::string, std::set<std::string>> shards;
+  if (fs::exists(index_path)) {
+    const auto index = read_json_file(index_path);
+    if (!index.contains("weight_map") || !index.at("weight_map").is_object())
+      fail("{}: missing 'weight_map' object", index_path.string());
+    for (const auto& [name, file] : index.at("weight_map").items()) {
+      if (!file.is_string()) fail("{}: weight_map entry '{}' is not a file name", index_path.string(), name);
+      shards[file.get<std::string>()].insert(name);
+    }
+  } else if (fs::exists(fs::path(dir) / "model.safetensors")) {
+    shards["model.safetensors"] = {};
+  } else {
+    fail("{}: no model.safetensors or model.safetensors.index.json", dir);
+  }
+  for (const auto& [file, names] : shards) {
+    const SafetensorsFile shard((fs::path(dir) / file).string());
+    for (const auto& name : names)
+      if (!shard.find(name)) fail("{}: tensor '{}' listed in the index is missing", shard.path(), name);
+    for (const auto& entry : shard.entries()) {
+      if (!names.empty() && !names.count(entry.name)) continue;
+      // Legacy HF exports carry RoPE buffers; they are recomputed, not loaded.
+      const std::string rope_buffer = "rotary_emb.inv_freq";
+      if (entry.name.size() >= rope_buffer.size() &&
+          entry.name.compare(entry.name.size() - rope_buffer.size(), rope_buffer.size(), rope_buffer) == 0)
+        continue;
+      if (checkpoint.weights.count(entry.name)) fail("{}: tensor '{}' appears in two shards", dir, entry.name);
+      auto view = torch::from_blob(const_cast<std::byte*>(entry.data), entry.shape,
+                                   torch::TensorOptions().dtype(torch_dtype(entry.dtype)));
+      // copy=true: the result must own its memory, never alias the mapping that closes below.
+      checkpoint.weights[entry.name] = view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
+    }
+  }
+  // Some tied checkpoints also store the classifier; it is the embedding, so drop the duplicate.
+  if (checkpoint.config.tie_embeddings) checkpoint.weights.erase("lm_head.weight");
+  return checkpoint;
+}
+
+void write_hf_checkpoint(const Checkpoint& checkpoint, const std::string& dir) {
+  ModelConfig config = checkpoint.config;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail("cannot create output directory {}: {}", dir, ec.message());
+  std::vector<torch::Tensor> owned;  // keeps converted tensors alive while the views point at them
+  std::vector<SafetensorsTensorView> views;
+  for (const auto& [name, shape] : expected_weight_shapes(config)) {
+    auto it = checkpoint.weights.find(name);
+    if (it == checkpoint.weights.end()) fail("cannot write {}: tensor '{}' is missing", dir, name);
+    auto tensor = it->second.to(torch::kCPU, torch::kFloat32).contiguous();
+    const bool rope_rows = name.find("self_attn.q_proj") != std::string::npos ||
+                           name.find("self_attn.k_proj") != std::string::npos;
+    if (rope_rows && config.rope_style == RopeStyle::Interleaved) {
+      const int64_t heads = name.find("q_proj") != std::string::npos ? config.n_heads : config.n_kv_heads;
+      tensor = tensor.dim() == 2 ? permute_rows_for_half_split(tensor, heads)
+                                 : permute_rows_for_half_split(tensor.unsqueeze(1), heads).squeeze(1);
+      tensor = tensor.contiguous();
+    }
+    owned.push_back(tensor);
+    views.push_back({name, storage_dtype(tensor.scalar_type()), tensor.sizes().vec(), tensor.data_ptr(),
+                     static_cast<size_t>(tensor.numel()) * tensor.element_size()});
+  }
+  config.rope_style = RopeStyle::HalfSplit;
+  write_safetensors((fs::path(dir) / "model.safetensors").string(), views, {{"format", "pt"}});
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  std::ofstream out(config_path);
+  out << config_to_hf_json(config).dump(2) << "\n";
+  if (!out) fail("cannot write {}", config_path);
+}
+
+}  // namespace kvdrift

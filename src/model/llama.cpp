@@ -1,0 +1,118 @@
+#include "model/llama.h"
+
+#include "core/error.h"
+#include "core/device.h"
+
+namespace kvdrift {
+
+namespace {
+
+std::string shape_string(c10::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// Checks names and shapes against the config before anything is converted.
+void check_weights(const ModelConfig& config, const WeightMap& weights, const std::string& where) {
+  const auto expected = expected_weight_shapes(config);
+  for (const auto& [name, shape] : expected) {
+    auto it = weights.find(name);
+    if (it == weights.end()) fail("{}: missing tensor '{}'", where, name);
+    if (it->second.sizes() != c10::IntArrayRef(shape))
+      fail("{}: tensor '{}' has shape {}, expected {} from the config", where, name, shape_string(it->second.sizes()),
+           shape_string(shape));
+  }
+  if (weights.size() != expected.size()) {
+    for (const auto& [name, tensor] : weights) {
+      bool known = false;
+      for (const auto& e : expected) known = known || e.first == name;
+      if (!known) fail("{}: unexpected tensor '{}' (not part of a {} model with this config)", where, name,
+                       config.architecture);
+    }
+  }
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource source, torch::Device device,
+                       torch::ScalarType dtype)
+    : config_(std::move(config)), source_(std::move(source)), device_(device), dtype_(dtype) {
+  config_.validate(source_.path);
+  require_supported(device_, dtype_);
+  check_weights(config_, weights, source_.path);
+  auto take = [&](const std::string& name) { return weights.at(name).to(device_, dtype_); };
+  embedding_ = take("model.embed_tokens.weight");
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer layer;
+    layer.attn_norm = take(p + "input_layernorm.weight");
+    layer.wqkv = torch::cat({take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
+                             take(p + "self_attn.v_proj.weight")});
+    if (config_.attention_bias)
+      layer.bqkv = torch::cat({take(p + "self_attn.q_proj.bias"), take(p + "self_attn.k_proj.bias"),
+                               take(p + "self_attn.v_proj.bias")});
+    if (config_.qk_norm) {
+      layer.q_norm = take(p + "self_attn.q_norm.weight");
+      layer.k_norm = take(p + "self_attn.k_norm.weight");
+    }
+    layer.wo = take(p + "self_attn.o_proj.weight");
+    layer.ffn_norm = take(p + "post_attention_layernorm.weight");
+    layer.w_gate_up = torch::cat({take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")});
+    layer.w_down = take(p + "mlp.down_proj.weight");
+    layers_.push_back(std::move(layer));
+  }
+  final_norm_ = take("model.norm.weight");
+  classifier_ = config_.tie_embeddings ? embedding_ : take("lm_head.weight");
+  rope_ = ops::rope_tables(config_, config_.max_seq_len, device_);
+}
+
+StaticKVCache LlamaModel::make_cache(int64_t batch, int64_t capacity) const {
+  if (capacity > config_.max_seq_len)
+    fail("{}: a context of {} positions exceeds the model's maximum of {}", source_.path, capacity,
+         config_.max_seq_len);
+  return StaticKVCache(config_.n_layers, batch, config_.n_kv_heads, capacity, config_.head_dim, dtype_, device_);
+}
+
+int64_t LlamaModel::weight_bytes() const {
+  int64_t total = embedding_.numel() + final_norm_.numel() + (config_.tie_embeddings ? 0 : classifier_.numel());
+  for (const auto& layer : layers_) {
+    for (const auto* t : {&layer.attn_norm, &layer.wqkv, &layer.bqkv, &layer.q_norm, &layer.k_norm, &layer.wo,
+                          &layer.ffn_norm, &layer.w_gate_up, &layer.w_down})
+      if (t->defined()) total += t->numel();
+  }
+  return total * static_cast<int64_t>(c10::elementSize(dtype_));
+}
+
+torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only) const {
+  const ModelConfig& c = config_;
+  const int64_t batch = tokens.size(0), length = tokens.size(1);
+  if (start + length > c.max_seq_len)
+    fail("{}: position {} is beyond the model's context of {}", source_.path, start + length - 1, c.max_seq_len);
+  auto x = embedding_.index_select(0, tokens.to(device_).reshape(-1)).view({batch, length, c.dim});
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    // Attention block.
+    auto h = ops::rms_norm(x, layer.attn_norm, c.norm_eps);
+    auto qkv = torch::linear(h, layer.wqkv, layer.bqkv);
+    auto q = qkv.narrow(-1, 0, c.q_dim()).view({batch, length, c.n_heads, c.head_dim});
+    auto k = qkv.narrow(-1, c.q_dim(), c.kv_dim()).view({batch, length, c.n_kv_heads, c.head_dim});
+    auto v = qkv.narrow(-1, c.q_dim() + c.kv_dim(), c.kv_dim()).view({batch, length, c.n_kv_heads, c.head_dim});
+    if (c.qk_norm) {
+      q = ops::rms_norm(q, layer.q_norm, c.norm_eps);
+      k = ops::rms_norm(k, layer.k_norm, c.norm_eps);
+    }
+    q = ops::apply_rope(q, rope_, start, c.rope_style).transpose(1, 2);
+    k = ops::apply_rope(k, rope_, start, c.rope_style).transpose(1, 2);
+    auto [keys, values] = cache.update(static_cast<int64_t>(l), start, k, v.transpose(1, 2));
+    auto attended = ops::attention(q, keys, values, start).transpose(1, 2).reshape({batch, length, c.q_dim()});
+    x = x + torch::linear(attended, layer.wo);
+    // Feed-forward block (SwiGLU).
+    h = ops::rms_norm(x, layer.ffn_norm, c.norm_eps);
+    auto gate_up = torch::linear(h, layer.w_gate_up);
+    auto gate = gate_up.narrow(-1, 0, c.hidden_dim);
+    auto up = gate_up.narrow(-1, c.hidden_dim, c.hidden_dim);
+    x = x + torch::linear(torch::silu(gate) * up, layer.w_down);
+  }
+  if (last_only) x = x.narrow(1, length - 1, 1);
+  x = ops::rms_norm(x, final_norm_, c.norm_eps);
+  return torch::linear(x, classifier_).to(torch::kFloat32);
+}
+
+}  // namespace kvdrift

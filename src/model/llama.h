@@ -1,0 +1,66 @@
+#pragma once
+// A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, llama2.c) in LibTorch.
+#include <torch/types.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "cache/kv_cache.h"
+#include "model/config.h"
+#include "model/ops.h"
+
+namespace kvdrift {
+
+using WeightMap = std::map<std::string, torch::Tensor>;
+
+// Where a model came from, for logs and outputs.
+struct ModelSource {
+  std::string path;    // file, directory or "synthetic:NAME"
+  std::string format;  // llama2c | hf | synthetic
+};
+
+class LlamaModel {
+ public:
+  // `weights` holds every tensor of expected_weight_shapes(config) under its HF name (any dtype, any
+  // device); they are checked, converted to `dtype` on `device`, and fused for the decode step.
+  // `where` names the checkpoint in error messages.
+  LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource source, torch::Device device,
+             torch::ScalarType dtype);
+
+  // tokens [batch, T] (int64): runs positions [start, start+T), writing their keys/values into
+  // `cache`. Returns float32 logits [batch, T, vocab] (only the last position when last_only).
+  torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false) const;
+
+  StaticKVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  const ModelConfig& config() const { return config_; }
+  const ModelSource& source() const { return source_; }
+  torch::Device device() const { return device_; }
+  torch::ScalarType dtype() const { return dtype_; }
+  int64_t weight_bytes() const;
+
+ private:
+  struct Layer {
+    torch::Tensor attn_norm;
+    torch::Tensor wqkv;  // q, k and v projections stacked: one matmul per step
+    torch::Tensor bqkv;  // undefined unless attention_bias
+    torch::Tensor q_norm, k_norm;  // undefined unless qk_norm
+    torch::Tensor wo;
+    torch::Tensor ffn_norm;
+    torch::Tensor w_gate_up;  // gate and up projections stacked
+    torch::Tensor w_down;
+  };
+
+  ModelConfig config_;
+  ModelSource source_;
+  torch::Device device_;
+  torch::ScalarType dtype_;
+  torch::Tensor embedding_;
+  std::vector<Layer> layers_;
+  torch::Tensor final_norm_;
+  torch::Tensor classifier_;  // aliases embedding_ when tied
+  ops::RopeTables rope_;
+};
+
+}  // namespace kvdrift

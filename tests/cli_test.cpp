@@ -1,0 +1,152 @@
+// Bad input through the real command line: one clear "kvdrift: error:" line naming the offending
+// value, a non-zero exit, and nothing on stdout.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "support.h"
+
+namespace kvdrift {
+namespace {
+
+namespace fs = std::filesystem;
+
+void expect_one_error_line(const test::CliResult& result, const std::string& fragment) {
+  EXPECT_NE(result.exit_code, 0);
+  EXPECT_EQ(result.out, "");
+  size_t error_lines = 0;
+  std::string error_line;
+  std::istringstream lines(result.err);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("kvdrift: error: ", 0) == 0) {
+      ++error_lines;
+      error_line = line;
+    }
+  }
+  EXPECT_EQ(error_lines, 1u) << result.err;
+  EXPECT_NE(error_line.find(fragment), std::string::npos) << "expected '" << fragment << "' in: " << result.err;
+}
+
+test::CliResult generate_with(const std::string& model, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"generate", "--model", model, "--tokenizer",
+                                   test::stories260k_dir() + "/tok512.bin", "--steps", "4"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return test::run_cli(args);
+}
+
+std::string converted_copy(const std::string& dir) {
+  auto result = test::run_cli({"convert", "--from", "llama2c", test::stories260k_dir() + "/stories260K.bin", "--to",
+                               "hf", dir});
+  EXPECT_EQ(result.exit_code, 0) << result.err;
+  return dir;
+}
+
+TEST(Cli, MissingModelFile) {
+  expect_one_error_line(generate_with("/nonexistent/model.bin"), "model file not found: /nonexistent/model.bin");
+}
+
+TEST(Cli, MissingTokenizerFile) {
+  auto result = test::run_cli({"generate", "--model", "synthetic:tiny", "--tokenizer", "/nonexistent/tok.bin"});
+  expect_one_error_line(result, "/nonexistent/tok.bin");
+}
+
+TEST(Cli, TruncatedCheckpoint) {
+  const std::string path = test::scratch_dir() + "/truncated.bin";
+  test::write_file(path, test::read_file(test::stories260k_dir() + "/stories260K.bin").substr(0, 100000));
+  expect_one_error_line(generate_with(path), path + ": truncated llama2.c checkpoint");
+}
+
+TEST(Cli, CheckpointHeaderWithImpossibleSizes) {
+  const std::string dir = test::scratch_dir();
+  const std::string original = test::read_file(test::stories260k_dir() + "/stories260K.bin");
+  auto with_header = [&](std::vector<int32_t> header) {
+    std::string bytes = original;
+    std::memcpy(bytes.data(), header.data(), 28);
+    const std::string path = dir + "/bad" + std::to_string(header[0]) + "_" + std::to_string(header[4]) + ".bin";
+    test::write_file(path, bytes);
+    return path;
+  };
+  const std::string kv_heads = with_header({64, 172, 5, 8, 3, 512, 512});
+  expect_one_error_line(generate_with(kv_heads), "n_heads = 8 is not a multiple of n_kv_heads = 3");
+  const std::string negative = with_header({-64, 172, 5, 8, 4, 512, 512});
+  expect_one_error_line(generate_with(negative), "(header): impossible dim = -64");
+  const std::string huge = with_header({64, 172, 5, 8, 4, 512, 1 << 30});
+  expect_one_error_line(generate_with(huge), "impossible max_seq_len = 1073741824");
+}
+
+TEST(Cli, SafetensorsWithOverlappingOrOutOfRangeOffsets) {
+  const std::string dir = converted_copy(test::scratch_dir() + "/hf");
+  const std::string weights = dir + "/model.safetensors";
+  const std::string bytes = test::read_file(weights);
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, bytes.data(), 8);
+  const auto header = nlohmann::json::parse(bytes.substr(8, header_size));
+  const std::string data = bytes.substr(8 + header_size);
+  auto rewrite = [&](const nlohmann::json& new_header) {
+    std::string text = new_header.dump();
+    text.resize((text.size() + 7) / 8 * 8, ' ');
+    const uint64_t size = text.size();
+    test::write_file(weights, std::string(reinterpret_cast<const char*>(&size), 8) + text + data);
+  };
+  // Point the final norm at the bytes of the embedding.
+  auto overlapping = header;
+  const auto embed = header["model.embed_tokens.weight"]["data_offsets"];
+  overlapping["model.norm.weight"]["data_offsets"] = {embed[0].get<int64_t>(), embed[0].get<int64_t>() + 256};
+  rewrite(overlapping);
+  expect_one_error_line(generate_with(dir), "overlap");
+  auto out_of_range = header;
+  const int64_t end = static_cast<int64_t>(data.size());
+  out_of_range["model.norm.weight"]["data_offsets"] = {end, end + 256};
+  rewrite(out_of_range);
+  expect_one_error_line(generate_with(dir), "run past the end of the");
+}
+
+TEST(Cli, ConfigJsonMissingRequiredKey) {
+  const std::string dir = converted_copy(test::scratch_dir() + "/hf");
+  auto config = nlohmann::json::parse(test::read_file(dir + "/config.json"));
+  config.erase("hidden_size");
+  test::write_file(dir + "/config.json", config.dump());
+  expect_one_error_line(generate_with(dir), dir + "/config.json: missing required key 'hidden_size'");
+}
+
+TEST(Cli, HfTensorWithWrongShape) {
+  const std::string dir = converted_copy(test::scratch_dir() + "/hf");
+  auto config = nlohmann::json::parse(test::read_file(dir + "/config.json"));
+  config["intermediate_size"] = 128;
+  test::write_file(dir + "/config.json", config.dump());
+  expect_one_error_line(generate_with(dir), "has shape [172, 64], expected [128, 64] from the config");
+}
+
+TEST(Cli, UnknownSyntheticName) {
+  expect_one_error_line(generate_with("synthetic:llama-9b"), "unknown synthetic model 'llama-9b'");
+}
+
+TEST(Cli, UnknownDtypeAndDevice) {
+  expect_one_error_line(generate_with("synthetic:tiny", {"--dtype", "fp64"}), "unknown dtype 'fp64'");
+  expect_one_error_line(generate_with("synthetic:tiny", {"--device", "tpu"}), "unknown device 'tpu'");
+}
+
+TEST(Cli, ConvertRefusesUnknownFormats) {
+  auto result = test::run_cli({"convert", "--from", "gguf", "x.gguf", "--to", "hf", test::scratch_dir()});
+  expect_one_error_line(result, "unsupported source format 'gguf'");
+}
+
+TEST(Cli, BenchDecodePrintsOneTable) {
+  auto result = test::run_cli({"bench", "decode", "--model", "synthetic:tiny", "--batch", "1,2", "--context", "16",
+                               "--steps", "4", "--warmup", "1"});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  EXPECT_NE(result.out.find("ms/step"), std::string::npos) << result.out;
+  // Header lines, column titles, then one row per batch size starting with the batch.
+  std::istringstream lines(result.out);
+  std::vector<std::string> rows;
+  for (std::string line; std::getline(lines, line);) rows.push_back(line);
+  ASSERT_EQ(rows.size(), 5u) << result.out;
+  EXPECT_EQ(rows[3].substr(0, 6), "     1");
+  EXPECT_EQ(rows[4].substr(0, 6), "     2");
+}
+
+}  // namespace
+}  // namespace kvdrift

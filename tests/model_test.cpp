@@ -1,0 +1,207 @@
+// The LibTorch model against independent oracles: the known-good stories260K text, the Eigen
+// double-precision reference forward, and the converted Hugging Face copy of the same weights.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "decode/generate.h"
+#include "model/checkpoint.h"
+#include "reference/llama2c_reference.h"
+#include "support.h"
+
+namespace kvdrift {
+namespace {
+
+const std::vector<int64_t>& sequence64() {
+  // BOS then a fixed pseudo-random walk over the 512-token vocabulary.
+  static const std::vector<int64_t> tokens = [] {
+    std::vector<int64_t> t = {1};
+    while (t.size() < 64) t.push_back((t.back() * 97 + 31) % 512);
+    return t;
+  }();
+  return tokens;
+}
+
+torch::Tensor logits_of(const LlamaModel& model, const std::vector<int64_t>& tokens) {
+  auto cache = model.make_cache(1, static_cast<int64_t>(tokens.size()));
+  return model.forward(torch::tensor(tokens).unsqueeze(0), 0, cache)[0];  // [T, vocab]
+}
+
+std::string converted_hf_dir() {
+  const std::string dir = test::scratch_dir() + "/hf";
+  write_hf_checkpoint(read_llama2c_checkpoint(test::stories260k_dir() + "/stories260K.bin", torch::kCPU,
+                                              torch::kFloat32),
+                      dir);
+  return dir;
+}
+
+TEST(Model, Llama2cLogitsMatchEigenDoubleReference) {
+  const std::string path = test::stories260k_dir() + "/stories260K.bin";
+  const auto model = load_model(path, torch::kCPU, torch::kFloat32);
+  const reference::Llama2cReference oracle(path);
+  const auto logits = logits_of(model, sequence64());
+  const auto expected = oracle.logits(sequence64());
+  ASSERT_EQ(logits.size(0), 64);
+  double max_diff = 0;
+  for (int64_t t = 0; t < 64; ++t)
+    for (int64_t v = 0; v < 512; ++v)
+      max_diff = std::max(max_diff, std::abs(logits[t][v].item<double>() - expected[t](v)));
+  EXPECT_LE(max_diff, 1e-4);
+}
+
+TEST(Model, ConvertedHfCheckpointGivesSameLogits) {
+  const auto llama2c = load_model(test::stories260k_dir() + "/stories260K.bin", torch::kCPU, torch::kFloat32);
+  const std::string hf_dir = converted_hf_dir();
+  const auto hf = load_model(hf_dir, torch::kCPU, torch::kFloat32);
+  EXPECT_EQ(hf.source().format, "hf");
+  EXPECT_EQ(hf.config().rope_style, RopeStyle::HalfSplit);
+  EXPECT_EQ(llama2c.config().rope_style, RopeStyle::Interleaved);
+  const double max_diff = (logits_of(llama2c, sequence64()) - logits_of(hf, sequence64())).abs().max().item<double>();
+  EXPECT_LE(max_diff, 1e-4);
+}
+
+TEST(Model, IncrementalDecodeMatchesFullRecomputation) {
+  const auto model = load_model(test::stories260k_dir() + "/stories260K.bin", torch::kCPU, torch::kFloat32);
+  const auto& tokens = sequence64();
+  const auto full = logits_of(model, tokens);
+  auto cache = model.make_cache(1, 64);
+  model.forward(torch::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + 40)).unsqueeze(0), 0, cache);
+  for (int64_t t = 40; t < 64; ++t) {
+    auto step = model.forward(torch::tensor({tokens[t]}).unsqueeze(0), t, cache)[0][0];
+    // float32 sums in another order for a one-row matmul: ~1e-6 of logits of magnitude ~10.
+    EXPECT_LE((step - full[t]).abs().max().item<double>(), 5e-5) << "position " << t;
+  }
+}
+
+// Reduced precision against float32 on the same sequence. Stated tolerance: bfloat16 (8-bit
+// mantissa, so ~0.4% per rounding) keeps every logit within 0.75 of float32 and agrees on the top-1
+// token at >= 60 of 64 positions.
+TEST(Model, Bfloat16StaysWithinStatedTolerance) {
+  const std::string path = test::stories260k_dir() + "/stories260K.bin";
+  const auto fp32 = logits_of(load_model(path, torch::kCPU, torch::kFloat32), sequence64());
+  const auto bf16 = logits_of(load_model(path, torch::kCPU, torch::kBFloat16), sequence64());
+  EXPECT_LE((bf16 - fp32).abs().max().item<double>(), 0.75);
+  EXPECT_GE(bf16.argmax(-1).eq(fp32.argmax(-1)).sum().item<int64_t>(), 60);
+  std::cerr << "bfloat16 vs float32: max |logit diff| " << (bf16 - fp32).abs().max().item<double>() << ", top-1 agree "
+            << bf16.argmax(-1).eq(fp32.argmax(-1)).sum().item<int64_t>() << "/64\n";
+}
+
+// float16 runs where LibTorch has a half matmul (CUDA, LibTorch >= 2); Debian's CPU LibTorch 1.13
+// has none, and the model must say so instead of failing deep inside a matmul.
+TEST(Model, Float16EitherRunsWithinToleranceOrIsRefusedClearly) {
+  const std::string path = test::stories260k_dir() + "/stories260K.bin";
+  const auto fp32 = logits_of(load_model(path, torch::kCPU, torch::kFloat32), sequence64());
+  try {
+    const auto fp16 = logits_of(load_model(path, torch::kCPU, torch::kFloat16), sequence64());
+    EXPECT_LE((fp16 - fp32).abs().max().item<double>(), 0.05);
+    EXPECT_GE(fp16.argmax(-1).eq(fp32.argmax(-1)).sum().item<int64_t>(), 62);
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("float16 is not supported on cpu"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Model, GreedyGenerationReproducesKnownGoodText) {
+  const std::string dir = test::stories260k_dir();
+  const std::string expected = test::read_file(dir + "/expected_greedy_200steps.txt");
+  for (const std::string& model_path : {dir + "/stories260K.bin", converted_hf_dir()}) {
+    const auto result =
+        test::run_cli({"generate", "--model", model_path, "--tokenizer", dir + "/tok512.bin", "--steps", "200"});
+    EXPECT_EQ(result.exit_code, 0) << result.err;
+    EXPECT_EQ(result.out, expected + "\n") << "through " << model_path;
+  }
+}
+
+// Published parameter counts of the real checkpoints (their model cards / safetensors totals).
+TEST(Model, SyntheticModelsHaveTheShapesOfRealOnes) {
+  EXPECT_EQ(parameter_count(synthetic_config("llama-3.2-1b")), 1235814400);
+  EXPECT_EQ(parameter_count(synthetic_config("llama-3.1-8b")), 8030261248);
+  EXPECT_EQ(parameter_count(synthetic_config("qwen2.5-1.5b")), 1543714304);
+  EXPECT_EQ(parameter_count(synthetic_config("qwen3-4b")), 4022468096);
+  const auto qwen3 = synthetic_config("qwen3-4b");
+  EXPECT_EQ(qwen3.head_dim, 128);
+  EXPECT_EQ(qwen3.q_dim(), 4096);  // wider than hidden_size 2560
+  EXPECT_TRUE(qwen3.qk_norm);
+  EXPECT_TRUE(synthetic_config("qwen2.5-1.5b").attention_bias);
+  EXPECT_EQ(synthetic_config("llama-3.2-1b").kv_dim(), 512);
+  EXPECT_THROW(synthetic_config("llama-9"), Error);
+}
+
+TEST(Model, TinySyntheticDecodesOneStepDeterministically) {
+  const auto model = load_model("synthetic:tiny", torch::kCPU, torch::kFloat32, 7);
+  auto cache = model.make_cache(2, 8);
+  auto prompt = torch::tensor({3, 4, 5, 6, 7, 8}, torch::kInt64).view({2, 3});
+  auto prefill = model.forward(prompt, 0, cache);
+  EXPECT_EQ(prefill.sizes(), torch::IntArrayRef({2, 3, 256}));
+  auto step = model.forward(prefill.narrow(1, 2, 1).argmax(-1), 3, cache);
+  EXPECT_EQ(step.sizes(), torch::IntArrayRef({2, 1, 256}));
+  EXPECT_TRUE(step.isfinite().all().item<bool>());
+  // Same seed, same weights; another seed, other weights.
+  const auto same = load_model("synthetic:tiny", torch::kCPU, torch::kFloat32, 7);
+  const auto other = load_model("synthetic:tiny", torch::kCPU, torch::kFloat32, 8);
+  auto again = same.make_cache(2, 8);
+  EXPECT_TRUE(same.forward(prompt, 0, again).equal(prefill));
+  auto third = other.make_cache(2, 8);
+  EXPECT_FALSE(other.forward(prompt, 0, third).equal(prefill));
+}
+
+TEST(KVCache, WritesInPlaceAndRefusesOverflow) {
+  StaticKVCache cache(2, 1, 2, 4, 8, torch::kFloat32, torch::kCPU);
+  auto k = torch::ones({1, 2, 3, 8});
+  auto [keys, values] = cache.update(1, 0, k, 2 * k);
+  EXPECT_EQ(keys.sizes(), torch::IntArrayRef({1, 2, 3, 8}));
+  const void* storage = keys.data_ptr();
+  auto [keys2, values2] = cache.update(1, 3, 3 * torch::ones({1, 2, 1, 8}), torch::zeros({1, 2, 1, 8}));
+  EXPECT_EQ(keys2.data_ptr(), storage);  // same buffer: nothing reallocated
+  EXPECT_EQ(keys2.size(2), 4);
+  EXPECT_EQ(keys2[0][1][3][0].item<float>(), 3.0f);
+  EXPECT_EQ(values2[0][0][2][5].item<float>(), 2.0f);
+  try {
+    cache.update(0, 4, torch::ones({1, 2, 1, 8}), torch::ones({1, 2, 1, 8}));
+    FAIL() << "overflow accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("capacity of 4 positions exceeded"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Rope, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {
+  auto config = synthetic_config("llama-3.1-8b");
+  auto unscaled = config;
+  unscaled.rope_scaling = {};
+  const auto scaled = ops::rope_inverse_frequencies(config);
+  const auto plain = ops::rope_inverse_frequencies(unscaled);
+  ASSERT_EQ(scaled.size(), 64u);
+  EXPECT_DOUBLE_EQ(scaled[0], 1.0);                     // wavelength 2*pi < 8192/4: untouched
+  EXPECT_DOUBLE_EQ(scaled[63], plain[63] / 8.0);        // wavelength > 8192: divided by factor
+  for (size_t i = 0; i < scaled.size(); ++i) {
+    EXPECT_LE(scaled[i], plain[i] * (1 + 1e-15));
+    EXPECT_GE(scaled[i], plain[i] / 8.0 * (1 - 1e-15));
+  }
+}
+
+TEST(Sampler, SeededSamplingIsReproducibleAndTopKOneIsGreedy) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
+  auto logits = torch::randn({512}, generator, torch::kFloat32);
+  auto draw = [&](SamplingConfig config) {
+    Sampler sampler(config);
+    std::vector<int64_t> tokens;
+    for (int i = 0; i < 50; ++i) tokens.push_back(sampler.next(logits));
+    return tokens;
+  };
+  const auto a = draw({1.0, 0.9, 0, 42});
+  EXPECT_EQ(a, draw({1.0, 0.9, 0, 42}));
+  EXPECT_NE(a, draw({1.0, 0.9, 0, 43}));
+  const int64_t best = logits.argmax().item<int64_t>();
+  for (int64_t t : draw({1.0, 1.0, 1, 5})) EXPECT_EQ(t, best);
+  // top_p keeps the smallest prefix reaching the mass: every draw lies inside it.
+  auto probs = torch::softmax(logits.to(torch::kFloat64), 0);
+  auto sorted = std::get<0>(probs.sort(0, /*descending=*/true));
+  const int64_t nucleus = (sorted.cumsum(0) < 0.5).sum().item<int64_t>() + 1;
+  for (int64_t t : draw({1.0, 0.5, 0, 9})) EXPECT_GE(probs[t].item<double>(), sorted[nucleus - 1].item<double>());
+  EXPECT_THROW(Sampler({-1.0, 1.0, 0, 0}), Error);
+  EXPECT_THROW(Sampler({1.0, 0.0, 0, 0}), Error);
+}
+
+}  // namespace
+}  // namespace kvdrift

@@ -1,0 +1,79 @@
+#include "support.h"
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace fs = std::filesystem;
+
+namespace kvdrift::test {
+
+std::string stories260k_dir() {
+  std::vector<fs::path> candidates = {fs::path(KVDRIFT_SOURCE_DIR) / ".." / "shared" / "models" / "stories260K",
+                                      fs::path(KVDRIFT_SOURCE_DIR) / "models" / "stories260K"};
+  if (const char* env = std::getenv("KVDRIFT_MODELS_DIR")) candidates.push_back(fs::path(env) / "stories260K");
+  for (const auto& dir : candidates) {
+    if (fs::exists(dir / "stories260K.bin") && fs::exists(dir / "tok512.bin")) return fs::canonical(dir).string();
+  }
+  ADD_FAILURE() << "stories260K model not found (looked in ../shared/models/stories260K, models/stories260K and "
+                   "$KVDRIFT_MODELS_DIR/stories260K); run scripts/fetch-model.sh to download it";
+  throw std::runtime_error("stories260K model missing");
+}
+
+std::string scratch_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  fs::path dir = fs::path(KVDRIFT_TEST_TMP) / (std::string(info->test_suite_name()) + "." + info->name());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file(const std::string& path, const std::string& contents) {
+  std::ofstream out(path, std::ios::binary);
+  out << contents;
+  if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+CliResult run_cli(const std::vector<std::string>& args) {
+  const std::string dir = fs::path(KVDRIFT_TEST_TMP) / "cli";
+  fs::create_directories(dir);
+  const std::string out_path = dir + "/stdout." + std::to_string(::getpid());
+  const std::string err_path = dir + "/stderr." + std::to_string(::getpid());
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int out_fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int err_fd = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(out_fd, 1);
+    ::dup2(err_fd, 2);
+    std::vector<char*> argv;
+    std::string exe = KVDRIFT_CLI;
+    argv.push_back(exe.data());
+    std::vector<std::string> copies = args;
+    for (auto& a : copies) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(exe.c_str(), argv.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CliResult result;
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  result.out = read_file(out_path);
+  result.err = read_file(err_path);
+  return result;
+}
+
+}  // namespace kvdrift::test

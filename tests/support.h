@@ -1,0 +1,29 @@
+#pragma once
+// Shared helpers for the test suite: where the fixtures live, scratch directories, and running the
+// kvdrift CLI as a separate process to check exit codes and messages.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace kvdrift::test {
+
+// ../shared/models/stories260K beside the checkout, else models/stories260K (scripts/fetch-model.sh),
+// else $KVDRIFT_MODELS_DIR/stories260K. Fails the calling test (never skips) when none exists.
+std::string stories260k_dir();
+
+// A fresh, empty directory under the build tree, unique to the running test.
+std::string scratch_dir();
+
+struct CliResult {
+  int exit_code;
+  std::string out;
+  std::string err;
+};
+// Runs build/kvdrift with `args` (each passed as one argv entry, no shell).
+CliResult run_cli(const std::vector<std::string>& args);
+
+std::string read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& contents);
+
+}  // namespace kvdrift::test
