@@ -6,6 +6,7 @@
 #include "core/device.h"
 #include "decode/bench_decode.h"
 #include "model/checkpoint.h"
+#include "quant/bench_quant.h"
 
 namespace kvdrift::cli {
 
@@ -42,6 +43,33 @@ void run_bench_decode(const BenchDecodeOptions& options) {
   }
 }
 
+struct BenchQuantOptions {
+  int64_t heads = 8;
+  int64_t tokens = 4096;
+  std::vector<int64_t> head_dims = {64, 128};
+  std::string device = "cpu";
+  double min_seconds = 0.2;
+};
+
+void run_bench_quant(const BenchQuantOptions& options) {
+  const auto device = parse_device(options.device);
+  std::cout << fmt::format("quantize + dequantize of K and V tile sets [{}, {}, head_dim] on {}\n", options.heads,
+                           options.tokens, describe_device(device));
+  std::cout << fmt::format("{:<22} {:>8} {:>12} {:>14} {:>12} {:>10} {:>12}\n", "method", "head_dim", "quant ms",
+                           "dequant ms", "Melem/s", "bits/elem", "cost vs rtn");
+  for (int64_t head_dim : options.head_dims) {
+    std::map<std::string, double> rtn_ms;  // bits -> rtn's quantize + dequantize time, the baseline
+    for (const auto& bench_case : default_quant_bench_cases()) {
+      const auto row = bench_quantizer(bench_case, options.heads, options.tokens, head_dim, device, options.min_seconds);
+      const double total_ms = row.quantize_ms + row.dequantize_ms;
+      if (bench_case.method == "rtn") rtn_ms[bench_case.bits] = total_ms;
+      std::cout << fmt::format("{:<22} {:>8} {:>12.3f} {:>14.3f} {:>12.1f} {:>10.3f} {:>11.2f}x\n", bench_case.label,
+                               head_dim, row.quantize_ms, row.dequantize_ms, row.melements_per_s, row.bits_per_element,
+                               total_ms / rtn_ms.at(bench_case.bits));
+    }
+  }
+}
+
 }  // namespace
 
 void register_bench(CLI::App& app, std::function<void()>& command) {
@@ -58,6 +86,18 @@ void register_bench(CLI::App& app, std::function<void()>& command) {
   decode->add_option("--dtype", options->dtype, "float32, float16 or bfloat16")->capture_default_str();
   decode->add_option("--peak-gbps", options->peak_gbps, "memory bandwidth peak (default: measured copy bandwidth)");
   decode->callback([options, &command] { command = [options] { run_bench_decode(*options); }; });
+
+  auto quant_options = std::make_shared<BenchQuantOptions>();
+  auto* quant = bench->add_subcommand("quant", "quantize/dequantize throughput per method and bit width");
+  quant->add_option("--heads", quant_options->heads, "tiles' kv heads")->capture_default_str();
+  quant->add_option("--tokens", quant_options->tokens, "tokens per head")->capture_default_str();
+  quant->add_option("--head-dims", quant_options->head_dims, "head dims (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  quant->add_option("--device", quant_options->device, "cpu, cuda or cuda:N")->capture_default_str();
+  quant->add_option("--min-seconds", quant_options->min_seconds, "minimum timed duration per measurement")
+      ->capture_default_str();
+  quant->callback([quant_options, &command] { command = [quant_options] { run_bench_quant(*quant_options); }; });
 }
 
 }  // namespace kvdrift::cli

@@ -1,0 +1,129 @@
+#include "cache/quantized_kv_cache.h"
+
+#include <chrono>
+
+#include "core/error.h"
+#include "quant/affine.h"
+
+namespace kvdrift {
+
+namespace {
+
+constexpr double kFullPrecisionBits = 16.0;  // fp16/bf16, the dtype a deployment keeps these regions in
+
+size_t index(Role role) { return role == Role::Key ? 0 : 1; }
+
+// The stored form as it would sit in memory: packed codes, parameters in their storage dtype.
+QuantizedTiles pack(const QuantizedTiles& tiles) {
+  QuantizedTiles packed{quant::pack_codes(tiles.codes, tiles.bits), tiles.bits, {}};
+  for (const auto& [name, param] : tiles.params) {
+    torch::Tensor stored = param.values;
+    if (param.dtype == "float16") stored = param.values.to(torch::kFloat16);
+    if (param.dtype == "uint8") stored = param.values.to(torch::kUInt8);
+    // float8_e4m3 stays in float32 containers: LibTorch 1.13 has no fp8 dtype (values are e4m3-exact).
+    packed.params[name] = {stored, param.dtype};
+  }
+  return packed;
+}
+
+QuantizedTiles unpack(const QuantizedTiles& packed, int64_t row_length) {
+  QuantizedTiles tiles{quant::unpack_codes(packed.codes, packed.bits, row_length), packed.bits, {}};
+  for (const auto& [name, param] : packed.params) tiles.params[name] = {param.values.to(torch::kFloat32), param.dtype};
+  return tiles;
+}
+
+}  // namespace
+
+QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch,
+                                   int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
+                                   torch::Device device, StorageMode mode)
+    : quantizer_(std::move(quantizer)),
+      policies_{quantizer_->policy(Role::Key), quantizer_->policy(Role::Value)},
+      mode_(mode) {
+  const auto options = torch::TensorOptions().dtype(dtype).device(device);
+  for (size_t r = 0; r < 2; ++r) {
+    written_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
+    read_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
+    flushed_end_[r].assign(n_layers, policies_[r].sink);
+    stored_bits_[r].assign(n_layers, 0.0);
+    if (policies_[r].sink % policies_[r].block != 0)
+      fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}", quantizer_->method(),
+           role_name(r == 0 ? Role::Key : Role::Value), policies_[r].sink, policies_[r].block);
+  }
+}
+
+std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, int64_t pos, const torch::Tensor& keys,
+                                                                 const torch::Tensor& values) {
+  const int64_t length = keys.size(2);
+  if (pos + length > capacity())
+    fail("KV cache capacity of {} positions exceeded (writing positions {}..{})", capacity(), pos, pos + length - 1);
+  for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
+    written_[index(role)][layer].narrow(2, pos, length).copy_(*source);
+    read_[index(role)][layer].narrow(2, pos, length).copy_(*source);
+    if (length == 1) flush(role, layer, policies_[index(role)].quantized_prefix(pos));
+  }
+  length_ = std::max(length_, pos + length);
+  return {read_[0][layer].narrow(2, 0, pos + length), read_[1][layer].narrow(2, 0, pos + length)};
+}
+
+void QuantizedKVCache::flush(Role role, int64_t layer, int64_t end) {
+  const size_t r = index(role);
+  const int64_t begin = flushed_end_[r][layer];
+  if (end <= begin) return;
+  const auto start_time = std::chrono::steady_clock::now();
+  const int64_t block = policies_[r].block, count = end - begin;
+  auto region = read_[r][layer].narrow(2, begin, count);  // [batch, kv_heads, count, head_dim]
+  const auto shape = region.sizes().vec();
+  // Every (batch, kv-head, block) is an independent tile.
+  auto tiles = written_[r][layer].narrow(2, begin, count).to(torch::kFloat32).reshape({-1, block, shape[3]});
+  auto stored = quantizer_->quantize(tiles, role);
+  stored_bits_[r][layer] += stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
+  torch::Tensor restored;
+  if (mode_ == StorageMode::Packed) {
+    packed_[r].push_back(pack(stored));
+    restored = quantizer_->dequantize(unpack(packed_[r].back(), shape[3]), role);
+  } else {
+    restored = quantizer_->dequantize(stored, role);
+  }
+  region.copy_(restored.reshape(shape));
+  flushed_end_[r][layer] = end;
+  flush_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+}
+
+int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer) const {
+  return flushed_end_[index(role)][layer] - policies_[index(role)].sink;
+}
+
+torch::Tensor QuantizedKVCache::written(Role role, int64_t layer) const {
+  return written_[index(role)][layer].narrow(2, 0, length_);
+}
+
+torch::Tensor QuantizedKVCache::read(Role role, int64_t layer) const {
+  return read_[index(role)][layer].narrow(2, 0, length_);
+}
+
+double QuantizedKVCache::bits_per_element() const {
+  if (length_ == 0) return kFullPrecisionBits;
+  const auto& shape = written_[0].sizes();  // [layers, batch, kv_heads, capacity, head_dim]
+  const double elements_per_position = static_cast<double>(shape[1] * shape[2] * shape[4]);
+  double bits = 0, elements = 0;
+  for (size_t r = 0; r < 2; ++r) {
+    for (size_t layer = 0; layer < flushed_end_[r].size(); ++layer) {
+      const double quantized = static_cast<double>(quantized_positions(r == 0 ? Role::Key : Role::Value, layer));
+      bits += stored_bits_[r][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
+      elements += length_ * elements_per_position;
+    }
+  }
+  return bits / elements;
+}
+
+double QuantizedKVCache::fraction_quantized() const {
+  if (length_ == 0) return 0.0;
+  double quantized = 0;
+  for (Role role : {Role::Key, Role::Value})
+    for (size_t layer = 0; layer < flushed_end_[index(role)].size(); ++layer)
+      quantized += static_cast<double>(quantized_positions(role, layer));
+  return quantized / (2.0 * length_ * flushed_end_[0].size());
+}
+
+}  // namespace kvdrift

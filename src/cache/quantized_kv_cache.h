@@ -1,0 +1,62 @@
+#pragma once
+// A KV cache that stores what a quantization method would store. Per role it keeps what the lane
+// wrote (full precision) and what attention reads: full precision where the method's policy keeps it
+// (sink, tail, residual window), dequantized values where a block has been flushed. A block is
+// quantized once, when its policy makes it due, and its dequantized values are written into the read
+// buffer, so a decode step costs one attention pass, as for the reference.
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "cache/kv_cache.h"
+#include "quant/quantizer.h"
+
+namespace kvdrift {
+
+enum class StorageMode {
+  Simulated,  // codes and parameters are dequantized at flush and dropped
+  Packed,     // codes are bit-packed and parameters kept in their storage dtype; reads go through them
+};
+
+class QuantizedKVCache final : public KVCache {
+ public:
+  QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch, int64_t n_kv_heads,
+                   int64_t capacity, int64_t head_dim, torch::ScalarType dtype, torch::Device device,
+                   StorageMode mode = StorageMode::Simulated);
+
+  // A write of T > 1 positions is a prefill: its attention reads full precision and nothing is
+  // flushed. A write of one position is a decode step: every block due at that position is
+  // quantized before attention reads.
+  std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, int64_t pos, const torch::Tensor& keys,
+                                                 const torch::Tensor& values) override;
+  int64_t capacity() const override { return written_[0].size(3); }
+
+  const Quantizer& quantizer() const { return *quantizer_; }
+  int64_t length() const { return length_; }
+  // Positions of `role` in `layer` currently read quantized.
+  int64_t quantized_positions(Role role, int64_t layer) const;
+  // [batch, kv_heads, length, head_dim] views: what the lane wrote, and what its attention reads.
+  torch::Tensor written(Role role, int64_t layer) const;
+  torch::Tensor read(Role role, int64_t layer) const;
+  // Storage actually held, over both roles and all layers: quantized blocks at their stored cost,
+  // full-precision positions at 16 bits per element.
+  double bits_per_element() const;
+  double fraction_quantized() const;
+  double flush_seconds() const { return flush_seconds_; }
+
+ private:
+  void flush(Role role, int64_t layer, int64_t end);
+
+  std::shared_ptr<const Quantizer> quantizer_;
+  std::array<RolePolicy, 2> policies_;
+  StorageMode mode_;
+  int64_t length_ = 0;
+  std::array<torch::Tensor, 2> written_;  // [n_layers, batch, kv_heads, capacity, head_dim]
+  std::array<torch::Tensor, 2> read_;
+  std::array<std::vector<int64_t>, 2> flushed_end_;   // per layer: positions [sink, end) are quantized
+  std::array<std::vector<double>, 2> stored_bits_;    // per layer: bits held by the quantized blocks
+  std::array<std::vector<QuantizedTiles>, 2> packed_; // Packed mode: every flushed block's storage
+  double flush_seconds_ = 0;
+};
+
+}  // namespace kvdrift

@@ -1,0 +1,33 @@
+#pragma once
+// Building blocks shared by the methods: asymmetric min/max round-to-nearest over groups, rounding of
+// stored parameters to their storage dtype, and the spec's bit-packing layout.
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+
+namespace kvdrift::quant {
+
+// Storage dtypes of quantizer parameters.
+const std::vector<std::string>& scale_dtypes();  // float16, float8_e4m3, float32
+int64_t storage_bits(const std::string& dtype);  // also "uint8" for integer zero points
+// The value `dtype` stores for each element of float32 `x` (round-half-to-even; float8_e4m3 saturates
+// at +-448 and has subnormals down to 2^-9), as float32.
+torch::Tensor round_to_storage(const torch::Tensor& x, const std::string& dtype);
+
+// Asymmetric min/max round-to-nearest over the last dimension of `groups` (float32), with the range
+// optionally clipped to [min * clip, max * clip]:
+//   s = max((max - min) * clip / (2^bits - 1), eps),  q = clamp(round((x - min * clip) / s), 0, 2^bits - 1)
+// scale and minimum (= min * clip) keep the reduced dimension (size 1).
+struct MinMaxCodes {
+  torch::Tensor codes;  // uint8, shape of groups
+  torch::Tensor scale;
+  torch::Tensor minimum;
+};
+MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip = 1.0);
+
+// Row-wise packing: element c of a row goes to byte c / (8 / bits) at bit shift (c % (8 / bits)) * bits.
+torch::Tensor pack_codes(const torch::Tensor& codes, int64_t bits);  // uint8 [..., C] -> [..., ceil(C / per_byte)]
+torch::Tensor unpack_codes(const torch::Tensor& packed, int64_t bits, int64_t row_length);
+
+}  // namespace kvdrift::quant

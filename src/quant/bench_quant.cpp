@@ -1,0 +1,63 @@
+#include "quant/bench_quant.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+
+#include "core/device.h"
+
+namespace kvdrift {
+
+std::vector<QuantBenchCase> default_quant_bench_cases() {
+  std::vector<QuantBenchCase> cases;
+  for (const auto& [k, v] : std::vector<std::pair<int, int>>{{2, 2}, {4, 4}, {4, 2}}) {
+    const std::string bits = fmt::format("k{}v{}", k, v);
+    const ParamMap kv_bits = {{"k_bits", std::to_string(k)}, {"v_bits", std::to_string(v)}};
+    cases.push_back({"rtn per_token " + bits, "rtn", kv_bits, bits});
+    cases.push_back({"kivi " + bits, "kivi", kv_bits, bits});
+    cases.push_back({"quarot " + bits, "quarot", kv_bits, bits});
+    cases.push_back({"kvarn " + bits, "kvarn", {{"preset", bits}}, bits});
+  }
+  return cases;
+}
+
+QuantBenchRow bench_quantizer(const QuantBenchCase& bench_case, int64_t heads, int64_t tokens, int64_t head_dim,
+                              torch::Device device, double min_seconds) {
+  const auto quantizer = make_quantizer(bench_case.method, bench_case.params, head_dim);
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(17);
+  auto data = torch::randn({heads, tokens, head_dim}, generator, torch::kFloat32).to(device);
+  // Tiles as the cache forms them: blocks of the policy's size (per-token methods take whole rows).
+  std::vector<std::pair<Role, torch::Tensor>> roles;
+  for (Role role : {Role::Key, Role::Value}) {
+    const int64_t block = quantizer->policy(role).block;
+    roles.push_back({role, block == 1 ? data : data.reshape({-1, block, head_dim})});
+  }
+  std::vector<QuantizedTiles> stored(2);
+  double bits = 0;
+  auto time_loop = [&](auto&& body) {
+    body();  // warm-up
+    synchronize(device);
+    int64_t repeats = 0;
+    const auto start = std::chrono::steady_clock::now();
+    double elapsed = 0;
+    do {
+      body();
+      synchronize(device);
+      ++repeats;
+      elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    } while (elapsed < min_seconds);
+    return 1000.0 * elapsed / static_cast<double>(repeats);
+  };
+  const double quantize_ms = time_loop([&] {
+    for (size_t r = 0; r < 2; ++r) stored[r] = quantizer->quantize(roles[r].second, roles[r].first);
+  });
+  const double dequantize_ms = time_loop([&] {
+    for (size_t r = 0; r < 2; ++r) quantizer->dequantize(stored[r], roles[r].first);
+  });
+  for (size_t r = 0; r < 2; ++r) bits += stored_bits_per_element(stored[r], data.numel()) / 2.0;
+  const double elements = 2.0 * static_cast<double>(data.numel());
+  return {bench_case, head_dim, quantize_ms, dequantize_ms, elements / ((quantize_ms + dequantize_ms) / 1000.0) / 1e6,
+          bits};
+}
+
+}  // namespace kvdrift

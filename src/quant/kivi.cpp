@@ -1,0 +1,90 @@
+// `kivi`: keys per channel over groups of G consecutive tokens, flushed R tokens at a time from a
+// full-precision residual; values per token over groups of G channels, behind a sliding window of R
+// full-precision values. Min/max round-to-nearest in both cases.
+#include "core/error.h"
+#include "quant/affine.h"
+#include "quant/params.h"
+#include "quant/quantizer.h"
+
+namespace kvdrift {
+
+namespace {
+
+constexpr double kScaleEps = 1e-8;
+
+class KiviQuantizer final : public Quantizer {
+ public:
+  KiviQuantizer(ParamReader& params, int64_t head_dim) : head_dim_(head_dim) {
+    k_bits_ = params.integer("k_bits", 2, 1, 8);
+    v_bits_ = params.integer("v_bits", 2, 1, 8);
+    group_ = params.integer("group_size", 32, 1, 1 << 20);
+    residual_ = params.integer("residual_length", 128, 1, 1 << 20);
+    scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    if (head_dim % group_ != 0)
+      params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
+    if (residual_ % group_ != 0)
+      params.reject(fmt::format("residual_length {} is not a multiple of group_size {}", residual_, group_));
+  }
+
+  std::string method() const override { return "kivi"; }
+
+  ParamMap resolved_params() const override {
+    return {{"k_bits", std::to_string(k_bits_)},
+            {"v_bits", std::to_string(v_bits_)},
+            {"group_size", std::to_string(group_)},
+            {"residual_length", std::to_string(residual_)},
+            {"scale_dtype", scale_dtype_}};
+  }
+
+  RolePolicy policy(Role role) const override {
+    // Keys: the residual is flushed R at a time once full. Values: a window of the newest R stays full precision.
+    if (role == Role::Key) return {0, residual_, 0};
+    return {0, 1, -residual_};
+  }
+
+  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
+    if (role == Role::Key && x.size(1) != residual_)
+      fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
+    auto minmax = quant::quantize_minmax(to_groups(x, role), role == Role::Key ? k_bits_ : v_bits_, kScaleEps);
+    QuantizedTiles tiles;
+    tiles.codes = from_groups(minmax.codes, role);
+    tiles.bits = role == Role::Key ? k_bits_ : v_bits_;
+    // Keys [N, T/G, D], values [N, T, D/G].
+    tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
+    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), scale_dtype_), scale_dtype_};
+    return tiles;
+  }
+
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const override {
+    auto codes = to_groups(tiles.codes.to(torch::kFloat32), role);
+    auto scale = tiles.params.at("scale").values.unsqueeze(-1);
+    auto minimum = tiles.params.at("minimum").values.unsqueeze(-1);
+    return from_groups(codes * scale + minimum, role);
+  }
+
+ private:
+  // [N, T, D] -> each quantization group on the last axis: keys [N, T/G, D, G] (G consecutive tokens
+  // of one channel), values [N, T, D/G, G] (G consecutive channels of one token).
+  torch::Tensor to_groups(const torch::Tensor& tiles, Role role) const {
+    const int64_t n = tiles.size(0), tokens = tiles.size(1);
+    if (role == Role::Key) return tiles.reshape({n, tokens / group_, group_, head_dim_}).transpose(2, 3);
+    return tiles.reshape({n, tokens, head_dim_ / group_, group_});
+  }
+
+  // The inverse of to_groups: back to token-major [N, T, D].
+  torch::Tensor from_groups(const torch::Tensor& groups, Role role) const {
+    if (role == Role::Key) return groups.transpose(2, 3).flatten(1, 2);
+    return groups.flatten(2, 3);
+  }
+
+  int64_t head_dim_, k_bits_, v_bits_, group_, residual_;
+  std::string scale_dtype_;
+};
+
+}  // namespace
+
+std::unique_ptr<Quantizer> make_kivi(ParamReader& params, int64_t head_dim) {
+  return std::make_unique<KiviQuantizer>(params, head_dim);
+}
+
+}  // namespace kvdrift

@@ -1,0 +1,30 @@
+// `none`: the full-precision baseline. Nothing is ever quantized; its lanes must equal the reference.
+#include <limits>
+
+#include "quant/params.h"
+#include "quant/quantizer.h"
+
+namespace kvdrift {
+
+namespace {
+
+class NoQuantizer final : public Quantizer {
+ public:
+  std::string method() const override { return "none"; }
+  ParamMap resolved_params() const override { return {}; }
+  RolePolicy policy(Role) const override {
+    // A lag so negative that no position is ever due.
+    return {0, 1, std::numeric_limits<int32_t>::min()};
+  }
+  QuantizedTiles quantize(const torch::Tensor& x, Role) const override {
+    // Identity: codes are unused; the values themselves are the (float32) stored parameter.
+    return {torch::empty({0}, torch::kUInt8), 8, {{"values", {x.to(torch::kFloat32), "float32"}}}};
+  }
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role) const override { return tiles.params.at("values").values; }
+};
+
+}  // namespace
+
+std::unique_ptr<Quantizer> make_none(ParamReader&, int64_t) { return std::make_unique<NoQuantizer>(); }
+
+}  // namespace kvdrift

@@ -1,0 +1,75 @@
+#pragma once
+// The KV quantizer interface. A quantizer turns tiles of K or V vectors of one (layer, kv-head) into
+// a stored form (integer codes + parameters) and back, and declares when the cache hands it tokens
+// (its cache policy). The cache and the engine only ever see this interface: adding a method is one
+// file with a factory plus one line in registry.cpp.
+#include <torch/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvdrift {
+
+enum class Role { Key, Value };
+const char* role_name(Role role);  // "key" | "value"
+
+// When positions of one role get quantized. Positions [0, sink) stay full precision for good. The
+// others are quantized in blocks of `block` consecutive positions; at the decode step whose new token
+// is at position t, attention reads positions [sink, quantized_prefix(t)) quantized, with
+//   quantized_prefix(t) = floor((t + lag) / block) * block   (clipped to [0, t + 1]).
+// KVarN: block G, lag 0 (block j flushes at the step whose token starts block j+1). KIVI keys: block
+// R, lag 0. KIVI values: block 1, lag -R (a sliding window of R full-precision values). QuaRot: block
+// 1, lag 1 (every token, its own step included). The prefill's own attention always reads full
+// precision; its complete blocks are quantized at the first decode step.
+struct RolePolicy {
+  int64_t sink = 0;
+  int64_t block = 1;
+  int64_t lag = 0;
+  int64_t quantized_prefix(int64_t t) const;
+};
+
+// The stored form of N tiles. `codes` holds one integer code per element (uint8, unpacked) in the
+// layout the method chose; `params` holds the method's stored parameters (scales, zero points, token
+// scales), already rounded to their storage dtype but kept as float32 tensors.
+struct StoredParam {
+  torch::Tensor values;  // float32, exactly representable in `dtype`
+  std::string dtype;     // float32 | float16 | float8_e4m3 | uint8 (integer zero points)
+};
+struct QuantizedTiles {
+  torch::Tensor codes;  // uint8
+  int64_t bits = 0;     // code width
+  std::map<std::string, StoredParam> params;
+};
+
+using ParamMap = std::map<std::string, std::string>;  // key -> value text, from YAML or --set key=value
+
+class Quantizer {
+ public:
+  virtual ~Quantizer() = default;
+  virtual std::string method() const = 0;
+  // Every parameter with its resolved value (defaults filled in), for logs and outputs.
+  virtual ParamMap resolved_params() const = 0;
+  virtual RolePolicy policy(Role role) const = 0;
+  // x: float32 [N, tokens, head_dim], N independent tiles of one role in the model's frame (keys after
+  // RoPE). `tokens` is policy(role).block, or any count when the block is 1.
+  virtual QuantizedTiles quantize(const torch::Tensor& x, Role role) const = 0;
+  // Back to float32 [N, tokens, head_dim] in the model's frame (a rotating method rotates back).
+  virtual torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const = 0;
+};
+
+// Builds `method` with `params` for heads of `head_dim`. Unknown methods, unknown or misspelled
+// parameters, out-of-range values and impossible combinations (a group size that does not divide the
+// axis, a head dim without a Hadamard construction) throw Error naming the method and the key.
+std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const ParamMap& params, int64_t head_dim);
+std::vector<std::string> quantizer_methods();
+
+// Bits actually stored per element of the quantized tiles: codes (at their packed width, see
+// packed_code_bits) plus every stored parameter at its storage width.
+double stored_bits_per_element(const QuantizedTiles& tiles, int64_t elements);
+// Codes are packed floor(8 / bits) per byte (the spec's layout), so 3-bit codes occupy 4 bits.
+int64_t packed_code_bits(int64_t bits);
+
+}  // namespace kvdrift

@@ -1,0 +1,62 @@
+// The one list of quantization methods: a new method adds its factory declaration and one line here.
+#include <functional>
+
+#include "core/error.h"
+#include "quant/affine.h"
+#include "quant/params.h"
+#include "quant/quantizer.h"
+
+namespace kvdrift {
+
+std::unique_ptr<Quantizer> make_none(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_rtn(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_kivi(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_quarot(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_kvarn(ParamReader& params, int64_t head_dim);
+
+namespace {
+
+using Factory = std::function<std::unique_ptr<Quantizer>(ParamReader&, int64_t)>;
+
+const std::map<std::string, Factory>& registry() {
+  static const std::map<std::string, Factory> methods = {
+      {"none", make_none}, {"rtn", make_rtn}, {"kivi", make_kivi}, {"quarot", make_quarot}, {"kvarn", make_kvarn},
+  };
+  return methods;
+}
+
+}  // namespace
+
+std::vector<std::string> quantizer_methods() {
+  std::vector<std::string> names;
+  for (const auto& [name, factory] : registry()) names.push_back(name);
+  return names;
+}
+
+std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const ParamMap& params, int64_t head_dim) {
+  auto it = registry().find(method);
+  if (it == registry().end())
+    fail("unknown quantizer method '{}' (known: {})", method, fmt::join(quantizer_methods(), ", "));
+  ParamReader reader(method, params);
+  auto quantizer = it->second(reader, head_dim);
+  reader.finish();
+  return quantizer;
+}
+
+const char* role_name(Role role) { return role == Role::Key ? "key" : "value"; }
+
+int64_t RolePolicy::quantized_prefix(int64_t t) const {
+  const int64_t shifted = t + lag;
+  const int64_t prefix = shifted <= 0 ? 0 : shifted / block * block;
+  return std::min(prefix, t + 1);
+}
+
+int64_t packed_code_bits(int64_t bits) { return 8 / (8 / bits); }
+
+double stored_bits_per_element(const QuantizedTiles& tiles, int64_t elements) {
+  double bits = static_cast<double>(tiles.codes.numel()) * packed_code_bits(tiles.bits);
+  for (const auto& [name, param] : tiles.params) bits += static_cast<double>(param.values.numel()) * quant::storage_bits(param.dtype);
+  return bits / static_cast<double>(elements);
+}
+
+}  // namespace kvdrift

@@ -1,0 +1,245 @@
+// Properties every quantizer must have, the cache policies of SPEC §2, packed storage, and bad input.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include "cache/quantized_kv_cache.h"
+#include "core/error.h"
+#include "metrics/token_scale.h"
+#include "quant/affine.h"
+#include "quant/hadamard.h"
+#include "quant/quantizer.h"
+
+namespace kvdrift {
+namespace {
+
+struct MethodCase {
+  std::string method;
+  ParamMap params;
+};
+
+// Every method at every bit width it allows, sized for head_dim 64 and blocks of at most 64 tokens.
+std::vector<MethodCase> all_cases() {
+  std::vector<MethodCase> cases = {{"none", {}}};
+  for (int bits : {2, 3, 4, 8}) {
+    const ParamMap kv = {{"k_bits", std::to_string(bits)}, {"v_bits", std::to_string(bits)}};
+    auto with = [&](ParamMap extra) {
+      extra.insert(kv.begin(), kv.end());
+      return extra;
+    };
+    cases.push_back({"rtn", with({{"axis", "per_token"}, {"group_size", "32"}})});
+    cases.push_back({"rtn", with({{"axis", "per_channel"}, {"group_size", "16"}})});
+    cases.push_back({"kivi", with({{"group_size", "16"}, {"residual_length", "32"}})});
+    cases.push_back({"quarot", with({})});
+    cases.push_back({"kvarn", with({{"tile_size", "64"}})});
+  }
+  return cases;
+}
+
+std::string describe(const MethodCase& c) {
+  std::string text = c.method;
+  for (const auto& [k, v] : c.params) text += " " + k + "=" + v;
+  return text;
+}
+
+torch::Tensor random_tiles(int64_t n, int64_t tokens, int64_t dim, uint64_t seed) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto x = torch::randn({n, tokens, dim}, generator, torch::kFloat32);
+  x.select(2, 3).mul_(20.0);   // an outlier channel
+  x.select(1, 1).mul_(8.0);    // an outlier token
+  return x;
+}
+
+int64_t tile_tokens(const Quantizer& q, Role role) {
+  const int64_t block = q.policy(role).block;
+  return block == 1 ? 64 : block;
+}
+
+TEST(Hadamard, FastTransformIsTheOrthonormalSylvesterMatrix) {
+  for (int64_t d : {2, 8, 64, 128}) {
+    auto rotated = quant::hadamard_rotate(torch::eye(d));  // rows of I times H: H itself
+    auto dense = torch::empty({d, d});
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) dense[i][j] = (__builtin_popcountll(i & j) % 2 ? -1.0 : 1.0) / std::sqrt(double(d));
+    EXPECT_LE((rotated - dense).abs().max().item<double>(), 1e-6) << "d=" << d;
+    EXPECT_LE((torch::matmul(rotated, rotated) - torch::eye(d)).abs().max().item<double>(), 1e-5) << "H.H = I, d=" << d;
+  }
+  for (int64_t d : {64, 96, 80, 112, 72, 160, 104, 120}) {
+    auto x = random_tiles(3, 5, d, d);
+    auto y = quant::hadamard_rotate(x);
+    EXPECT_LE((y.norm(2, -1) / x.norm(2, -1) - 1).abs().max().item<double>(), 1e-5) << "norm preserved, d=" << d;
+    EXPECT_LE((quant::hadamard_unrotate(y) - x).abs().max().item<double>(), 1e-4) << "inverse, d=" << d;
+  }
+  EXPECT_FALSE(quant::has_hadamard(44));
+  EXPECT_THROW(quant::hadamard_rotate(torch::ones({2, 44})), Error);
+}
+
+TEST(Quantizers, CodesStayInRangeAndConstantTilesStayFinite) {
+  for (const auto& c : all_cases()) {
+    const auto q = make_quantizer(c.method, c.params, 64);
+    for (Role role : {Role::Key, Role::Value}) {
+      const int64_t tokens = tile_tokens(*q, role);
+      auto stored = q->quantize(random_tiles(4, tokens, 64, 1), role);
+      if (c.method != "none")
+        EXPECT_LE(stored.codes.max().item<int64_t>(), (1 << stored.bits) - 1) << describe(c);
+      for (double constant : {0.0, 3.5}) {
+        auto flat = torch::full({2, tokens, 64}, constant);
+        auto restored = q->dequantize(q->quantize(flat, role), role);
+        EXPECT_TRUE(restored.isfinite().all().item<bool>()) << describe(c) << " " << role_name(role) << " constant "
+                                                           << constant;
+        EXPECT_LE((restored - flat).abs().max().item<double>(), 0.05 * std::max(1.0, constant)) << describe(c);
+      }
+    }
+  }
+}
+
+TEST(Quantizers, TokenScaleErrorIdentityHolds) {
+  for (const auto& c : all_cases()) {
+    const auto q = make_quantizer(c.method, c.params, 64);
+    for (Role role : {Role::Key, Role::Value}) {
+      auto x = random_tiles(4, tile_tokens(*q, role), 64, 2);
+      auto error = metrics::token_scale_error(x, q->dequantize(q->quantize(x, role), role));
+      auto gap = (error.magnitude + error.direction - error.total).abs();
+      EXPECT_LE((gap / error.total.clamp_min(1e-30)).max().item<double>(), 1e-6) << describe(c);
+      EXPECT_GE(error.direction.min().item<double>(), -1e-9) << describe(c);
+    }
+  }
+}
+
+TEST(Quantizers, KVarNK4V2StoresExactly3375BitsPerElement) {
+  const auto q = make_quantizer("kvarn", {{"preset", "k4v2"}}, 128);
+  auto x = random_tiles(4, 128, 128, 3);
+  const double key_bits = stored_bits_per_element(q->quantize(x, Role::Key), x.numel());
+  const double value_bits = stored_bits_per_element(q->quantize(x, Role::Value), x.numel());
+  EXPECT_DOUBLE_EQ(key_bits, 4.375);
+  EXPECT_DOUBLE_EQ(value_bits, 2.375);
+  EXPECT_DOUBLE_EQ((key_bits + value_bits) / 2, 3.375);
+}
+
+// Feeds a cache a prefill of n positions, then one decode step, with random keys/values.
+QuantizedKVCache prefill_then_step(std::shared_ptr<const Quantizer> q, int64_t n, StorageMode mode,
+                                   int64_t head_dim = 64, int64_t extra_steps = 1) {
+  QuantizedKVCache cache(q, 2, 1, 2, n + extra_steps, head_dim, torch::kFloat32, torch::kCPU, mode);
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(n);
+  auto k = torch::randn({1, 2, n + extra_steps, head_dim}, generator, torch::kFloat32);
+  auto v = torch::randn({1, 2, n + extra_steps, head_dim}, generator, torch::kFloat32);
+  for (int64_t layer = 0; layer < 2; ++layer) cache.update(layer, 0, k.narrow(2, 0, n), v.narrow(2, 0, n));
+  for (int64_t t = n; t < n + extra_steps; ++t)
+    for (int64_t layer = 0; layer < 2; ++layer) cache.update(layer, t, k.narrow(2, t, 1), v.narrow(2, t, 1));
+  return cache;
+}
+
+// Positions read quantized are exactly those that differ from what was written (random data never
+// quantizes exactly), so the counts are checked on the data, not just on the bookkeeping.
+int64_t positions_read_quantized(const QuantizedKVCache& cache, Role role) {
+  auto differs = cache.read(role, 1).ne(cache.written(role, 1)).any(-1).any(1)[0];  // [length]
+  return differs.sum().item<int64_t>();
+}
+
+TEST(QuantizedCache, KiviResidualCountsFollowTheSpec) {
+  const int64_t R = 32;
+  auto kivi = std::shared_ptr<const Quantizer>(
+      make_quantizer("kivi", {{"group_size", "16"}, {"residual_length", std::to_string(R)}}, 64));
+  for (int64_t n : {int64_t{1}, R - 1, R, R + 1, 3 * R + 5}) {
+    auto cache = prefill_then_step(kivi, n, StorageMode::Simulated);
+    // At the first decode step: keys quantize the first n - (n mod R) prompt tokens; values keep the
+    // last min(n, R) prompt tokens (and the new one) in full precision.
+    EXPECT_EQ(cache.quantized_positions(Role::Key, 1), n - n % R) << "n=" << n;
+    EXPECT_EQ(cache.quantized_positions(Role::Value, 1), n - std::min(n, R)) << "n=" << n;
+    EXPECT_EQ(positions_read_quantized(cache, Role::Key), n - n % R) << "n=" << n;
+    EXPECT_EQ(positions_read_quantized(cache, Role::Value), n - std::min(n, R)) << "n=" << n;
+  }
+}
+
+TEST(QuantizedCache, KVarNKeepsTheSinkAndTheTailInFullPrecision) {
+  const int64_t G = 16;
+  auto kvarn = std::shared_ptr<const Quantizer>(make_quantizer("kvarn", {{"tile_size", std::to_string(G)}}, 64));
+  auto no_sink = std::shared_ptr<const Quantizer>(
+      make_quantizer("kvarn", {{"tile_size", std::to_string(G)}, {"sink", "false"}}, 64));
+  for (int64_t n : {int64_t{5}, G, 2 * G - 1, 2 * G, 5 * G + 3}) {
+    auto cache = prefill_then_step(kvarn, n, StorageMode::Simulated);
+    const int64_t complete = n / G * G;  // complete prompt blocks, quantized at the first decode step
+    EXPECT_EQ(positions_read_quantized(cache, Role::Key), std::max<int64_t>(0, complete - G)) << "n=" << n;
+    EXPECT_EQ(positions_read_quantized(cache, Role::Value), std::max<int64_t>(0, complete - G)) << "n=" << n;
+    auto without_sink = prefill_then_step(no_sink, n, StorageMode::Simulated);
+    EXPECT_EQ(positions_read_quantized(without_sink, Role::Key), complete) << "n=" << n;
+  }
+  // Decode steps one at a time: block j is read quantized from the step whose token starts block j+1.
+  auto cache = prefill_then_step(kvarn, 3, StorageMode::Simulated, 64, 3 * G);
+  EXPECT_EQ(cache.length(), 3 + 3 * G);
+  EXPECT_EQ(positions_read_quantized(cache, Role::Key), G);  // block 1 ([G, 2G)); block 2 is still the tail
+}
+
+TEST(QuantizedCache, QuaRotQuantizesEveryTokenItsOwnStepIncluded) {
+  auto quarot = std::shared_ptr<const Quantizer>(make_quantizer("quarot", {}, 64));
+  auto cache = prefill_then_step(quarot, 10, StorageMode::Simulated, 64, 2);
+  EXPECT_EQ(positions_read_quantized(cache, Role::Key), 12);
+  EXPECT_EQ(positions_read_quantized(cache, Role::Value), 12);
+  EXPECT_DOUBLE_EQ(cache.fraction_quantized(), 1.0);
+}
+
+TEST(QuantizedCache, NoneReadsExactlyWhatWasWritten) {
+  auto none = std::shared_ptr<const Quantizer>(make_quantizer("none", {}, 64));
+  auto cache = prefill_then_step(none, 20, StorageMode::Simulated, 64, 5);
+  EXPECT_TRUE(cache.read(Role::Key, 0).equal(cache.written(Role::Key, 0)));
+  EXPECT_TRUE(cache.read(Role::Value, 1).equal(cache.written(Role::Value, 1)));
+  EXPECT_DOUBLE_EQ(cache.bits_per_element(), 16.0);
+}
+
+TEST(QuantizedCache, PackedModeDequantizesBitIdenticallyToSimulation) {
+  for (const auto& c : all_cases()) {
+    auto q = std::shared_ptr<const Quantizer>(make_quantizer(c.method, c.params, 64));
+    auto simulated = prefill_then_step(q, 70, StorageMode::Simulated, 64, 70);
+    auto packed = prefill_then_step(q, 70, StorageMode::Packed, 64, 70);
+    for (Role role : {Role::Key, Role::Value}) {
+      EXPECT_TRUE(simulated.read(role, 1).equal(packed.read(role, 1))) << describe(c) << " " << role_name(role);
+      if (c.method != "none") EXPECT_GT(positions_read_quantized(packed, role), 0) << describe(c);
+    }
+    EXPECT_DOUBLE_EQ(simulated.bits_per_element(), packed.bits_per_element());
+  }
+}
+
+TEST(Packing, FollowsTheSpecLayout) {
+  auto codes = torch::tensor({1, 2, 3, 0, 3}, torch::kUInt8).unsqueeze(0);
+  // 2 bits: element c -> byte c / 4, shift (c % 4) * 2.
+  auto packed = quant::pack_codes(codes, 2);
+  ASSERT_EQ(packed.size(1), 2);
+  EXPECT_EQ(packed[0][0].item<int>(), 1 | (2 << 2) | (3 << 4) | (0 << 6));
+  EXPECT_EQ(packed[0][1].item<int>(), 3);
+  EXPECT_TRUE(quant::unpack_codes(packed, 2, 5).equal(codes));
+  auto three = torch::tensor({7, 5, 1}, torch::kUInt8).unsqueeze(0);  // 3 bits: 2 per byte
+  auto packed3 = quant::pack_codes(three, 3);
+  EXPECT_EQ(packed3[0][0].item<int>(), 7 | (5 << 3));
+  EXPECT_TRUE(quant::unpack_codes(packed3, 3, 3).equal(three));
+}
+
+TEST(ScaleStorage, Float8E4M3RoundsToRepresentableValues) {
+  auto x = torch::tensor({0.3, 500.0, -500.0, 0.001953125, 1.0625, 1.1875, 0.0, 17.0});
+  auto r = quant::round_to_storage(x, "float8_e4m3");
+  // 0.3 -> spacing 2^-5 in [0.25, 0.5): 0.3125; 500 saturates to 448; 2^-9 is the smallest subnormal;
+  // 1.0625 is halfway between 1.0 and 1.125: ties to even (1.0); 1.1875 ties to 1.25; 17 -> spacing 2: 16.
+  const std::vector<float> expected = {0.3125f, 448.f, -448.f, 0.001953125f, 1.0f, 1.25f, 0.f, 16.f};
+  for (size_t i = 0; i < expected.size(); ++i) EXPECT_EQ(r[i].item<float>(), expected[i]) << i;
+}
+
+TEST(Quantizers, BadParametersGetOneClearError) {
+  auto expect_error = [](const std::string& method, const ParamMap& params, int64_t head_dim, const std::string& text) {
+    try {
+      make_quantizer(method, params, head_dim);
+      ADD_FAILURE() << "accepted " << method;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  expect_error("kvarm", {}, 64, "unknown quantizer method 'kvarm'");
+  expect_error("kivi", {{"k_bit", "2"}}, 64, "quantizer 'kivi': unknown parameter 'k_bit'");
+  expect_error("rtn", {{"k_bits", "9"}}, 64, "k_bits = 9 is out of range [1, 8]");
+  expect_error("kivi", {{"v_bits", "two"}}, 64, "v_bits = 'two' is not an integer");
+  expect_error("rtn", {{"group_size", "5"}}, 64, "group_size 5 does not divide head_dim 64");
+  expect_error("kivi", {{"group_size", "32"}, {"residual_length", "100"}}, 64, "residual_length");
+  expect_error("quarot", {}, 44, "head dim 44");
+  expect_error("kvarn", {{"preset", "k4v2"}, {"k_bits", "2"}}, 64, "preset");
+  expect_error("kvarn", {{"rotate", "maybe"}}, 64, "rotate = 'maybe' is not a boolean");
+}
+
+}  // namespace
+}  // namespace kvdrift
