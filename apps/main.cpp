@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   kvdrift::cli::register_generate(app, command);
   kvdrift::cli::register_convert(app, command);
   kvdrift::cli::register_bench(app, command);
+  kvdrift::cli::register_quantize(app, command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -10,7 +10,8 @@ namespace {
 
 bool is_power_of_two(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
 
-const int64_t kKnownOrders[] = {12, 20, 28, 36, 40, 52, 60};
+// Checked in QuaRot's order, so d = 40·2^m uses H_40 (it would also fit H_20).
+const int64_t kKnownOrders[] = {60, 52, 36, 28, 40, 20, 12};
 
 // The known order K with d = K * 2^m, or 0.
 int64_t known_factor(int64_t d) {

@@ -45,10 +45,11 @@ class KiviQuantizer final : public Quantizer {
   QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
     if (role == Role::Key && x.size(1) != residual_)
       fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
-    auto minmax = quant::quantize_minmax(to_groups(x, role), role == Role::Key ? k_bits_ : v_bits_, kScaleEps);
+    const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
+    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, kScaleEps);
     QuantizedTiles tiles;
     tiles.codes = from_groups(minmax.codes, role);
-    tiles.bits = role == Role::Key ? k_bits_ : v_bits_;
+    tiles.bits = bits;
     // Keys [N, T/G, D], values [N, T, D/G].
     tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
     tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), scale_dtype_), scale_dtype_};

@@ -23,20 +23,30 @@ constexpr double kStdMin = 1e-3, kStdMax = 1e3;
 constexpr double kLogScaleMin = -0.3, kLogScaleMax = 10.0;
 constexpr double kImbalanceFloor = 1e-8;
 
-// Unbiased std of each column ([N, C]) and of each row ([N, R]) of t [N, R, C].
-torch::Tensor column_std(const torch::Tensor& t) { return t.std({1}, /*unbiased=*/true, /*keepdim=*/false); }
-torch::Tensor row_std(const torch::Tensor& t) { return t.std({2}, /*unbiased=*/true, /*keepdim=*/false); }
+// Unbiased (N - 1) std along `dim`, two-pass: several times faster than aten::std on the CPU LibTorch,
+// where VarN spends most of its time in these reductions.
+torch::Tensor unbiased_std(const torch::Tensor& t, int64_t dim) {
+  const auto centered = t - t.mean(dim, /*keepdim=*/true);
+  return ((centered * centered).sum(dim) / static_cast<double>(t.size(dim) - 1)).sqrt();
+}
+// Of each column ([N, C]) and of each row ([N, R]) of t [N, R, C].
+torch::Tensor column_std(const torch::Tensor& t) { return unbiased_std(t, 1); }
+torch::Tensor row_std(const torch::Tensor& t) { return unbiased_std(t, 2); }
 
 // max/min std ratio over columns plus over rows, per tile [N]; 2 means perfectly balanced.
-torch::Tensor imbalance(const torch::Tensor& t) {
-  auto columns = column_std(t), rows = row_std(t);
-  return std::get<0>(columns.max(-1)) / std::get<0>(columns.min(-1)).clamp_min(kImbalanceFloor) +
-         std::get<0>(rows.max(-1)) / std::get<0>(rows.min(-1)).clamp_min(kImbalanceFloor);
+torch::Tensor imbalance(const torch::Tensor& columns_std, const torch::Tensor& rows_std) {
+  return std::get<0>(columns_std.max(-1)) / std::get<0>(columns_std.min(-1)).clamp_min(kImbalanceFloor) +
+         std::get<0>(rows_std.max(-1)) / std::get<0>(rows_std.min(-1)).clamp_min(kImbalanceFloor);
 }
 
 // (T / Sc) / Sr with a column scale Sc [N, C] and a row scale Sr [N, R], in the spec's order.
 torch::Tensor normalize(const torch::Tensor& t, const torch::Tensor& column_scale, const torch::Tensor& row_scale) {
   return t / column_scale.unsqueeze(1) / row_scale.unsqueeze(2);
+}
+
+// One log-scale update: a + log(clip(std)), clipped.
+torch::Tensor update_log_scale(const torch::Tensor& log_scale, const torch::Tensor& stds) {
+  return (log_scale + stds.clamp(kStdMin, kStdMax).log()).clamp(kLogScaleMin, kLogScaleMax);
 }
 
 struct VarN {
@@ -46,22 +56,25 @@ struct VarN {
 };
 
 // VarN of SPEC §2 on float32 t [N, R, C]. The best iterate (lowest imbalance, ties to the later one) is
-// chosen per tile with torch::where, so nothing leaves the device.
+// chosen per tile with torch::where, so nothing leaves the device. The matrix normalized by the current
+// (a, b) and its column stds are carried from one iteration's imbalance to the next one's column
+// update, which the pseudo-code computes twice on the same values.
 VarN variance_normalize(const torch::Tensor& t, int64_t iters) {
   const int64_t n = t.size(0), rows = t.size(1), columns = t.size(2);
   auto log_column = torch::zeros({n, columns}, t.options());
   auto log_row = torch::zeros({n, rows}, t.options());
-  auto best = imbalance(t);
+  auto columns_std = column_std(t);
+  auto best = imbalance(columns_std, row_std(t));
   auto column_scale = torch::ones({n, columns}, t.options());
   auto row_scale = torch::ones({n, rows}, t.options());
   for (int64_t iter = 0; iter < iters; ++iter) {
-    auto step = column_std(normalize(t, log_column.exp(), log_row.exp())).clamp(kStdMin, kStdMax).log();
-    log_column = (log_column + step).clamp(kLogScaleMin, kLogScaleMax);
-    step = row_std(normalize(t, log_column.exp(), log_row.exp())).clamp(kStdMin, kStdMax).log();
-    log_row = (log_row + step).clamp(kLogScaleMin, kLogScaleMax);
-    auto candidate_column = log_column.exp(), candidate_row = log_row.exp();
-    auto current = imbalance(normalize(t, candidate_column, candidate_row));
-    auto better = current <= best;
+    log_column = update_log_scale(log_column, columns_std);
+    log_row = update_log_scale(log_row, row_std(normalize(t, log_column.exp(), log_row.exp())));
+    const auto candidate_column = log_column.exp(), candidate_row = log_row.exp();
+    const auto normalized = normalize(t, candidate_column, candidate_row);
+    columns_std = column_std(normalized);
+    const auto current = imbalance(columns_std, row_std(normalized));
+    const auto better = current <= best;
     best = torch::where(better, current, best);
     column_scale = torch::where(better.unsqueeze(-1), candidate_column, column_scale);
     row_scale = torch::where(better.unsqueeze(-1), candidate_row, row_scale);
@@ -75,8 +88,6 @@ std::pair<int64_t, int64_t> preset_bits(const std::string& preset) {
   if (preset == "k4v4") return {4, 4};
   return {4, 2};  // k4v2, the authors' shipped configuration
 }
-
-bool is_power_of_two(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
 
 class KVarNQuantizer final : public Quantizer {
  public:
@@ -92,13 +103,15 @@ class KVarNQuantizer final : public Quantizer {
     scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
     if (params.has("preset") && (params.has("k_bits") || params.has("v_bits")))
       params.reject("give either preset or k_bits/v_bits, not both");
-    if (!is_power_of_two(tile_size_)) params.reject(fmt::format("tile_size {} is not a power of two", tile_size_));
+    if ((tile_size_ & (tile_size_ - 1)) != 0)
+      params.reject(fmt::format("tile_size {} is not a power of two", tile_size_));
     // The unbiased std across the channels of a token needs at least two of them.
     if (head_dim_ < 2) params.reject(fmt::format("head_dim {} is too small (at least 2)", head_dim_));
     if (rotate_ && !quant::has_hadamard(head_dim_))
-      params.reject(fmt::format("rotate needs a Hadamard construction for head_dim {} (powers of two, or K * 2^m "
-                                "with K in 12, 20, 28, 36, 40, 52, 60); use rotate=false",
-                                head_dim_));
+      params.reject(
+          fmt::format("rotate needs a Hadamard construction for head_dim {} (powers of two, or K * 2^m "
+                      "with K in 12, 20, 28, 36, 40, 52, 60); use rotate=false",
+                      head_dim_));
   }
 
   std::string method() const override { return "kvarn"; }
@@ -152,11 +165,13 @@ class KVarNQuantizer final : public Quantizer {
     const auto& p = tiles.params;
     torch::Tensor rotated;
     if (role == Role::Key) {
-      // K̂_rot[t, d] = (q[d, t] kS[d] + kZ[d]) kT[t]
-      rotated = (codes * p.at("kS").values.unsqueeze(1) + p.at("kZ").values.unsqueeze(1)) * p.at("kT").values.unsqueeze(2);
+      // K_rot[t, d] = (q[d, t] kS[d] + kZ[d]) kT[t]
+      rotated =
+          (codes * p.at("kS").values.unsqueeze(1) + p.at("kZ").values.unsqueeze(1)) * p.at("kT").values.unsqueeze(2);
     } else {
-      // V̂_rot[t, d] = (q[t, d] vS[t] + vZ[t]) vC[d]
-      rotated = (codes * p.at("vS").values.unsqueeze(2) + p.at("vZ").values.unsqueeze(2)) * p.at("vC").values.unsqueeze(1);
+      // V_rot[t, d] = (q[t, d] vS[t] + vZ[t]) vC[d]
+      rotated =
+          (codes * p.at("vS").values.unsqueeze(2) + p.at("vZ").values.unsqueeze(2)) * p.at("vC").values.unsqueeze(1);
     }
     return rotate_ ? quant::hadamard_unrotate(rotated) : rotated;
   }

@@ -1,5 +1,6 @@
 // `rtn`: asymmetric min/max round-to-nearest, per token (groups along channels) or per channel
 // (groups along tokens). The ablation baseline every other method is compared against.
+#include "core/error.h"
 #include "quant/affine.h"
 #include "quant/params.h"
 #include "quant/quantizer.h"

@@ -20,8 +20,8 @@ Eigen::MatrixXd reference_known_hadamard(int k);
 
 // The orthonormal rotation used by QuaRot and KVarN for head dim d: Sylvester
 // H[i][j] = (-1)^popcount(i&j)/sqrt(d) when d is a power of two, else
-// (H_K/√K) ⊗ (H_{2^m}/√2^m) for d = K·2^m (row index a·2^m + b). When both K = 20 and K = 40 fit
-// (d = 40·2^m), K = 40 is used (see quant_reference.cpp). Throws std::invalid_argument naming d.
+// (H_K/√K) ⊗ (H_{2^m}/√2^m) for d = K·2^m (row index a·2^m + b), K tried in the documented order
+// (60, 52, 36, 28, 40, 20, 12), so d = 40·2^m uses K = 40. Throws std::invalid_argument naming d.
 Eigen::MatrixXd reference_hadamard(int d);
 
 // Round-half-to-even conversions implemented from the format definitions.

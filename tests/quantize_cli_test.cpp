@@ -1,0 +1,134 @@
+// `kvdrift quantize` and `kvdrift dump-kv` through the real command line.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "io/hdf5.h"
+#include "support.h"
+
+namespace kvdrift {
+namespace {
+
+// A [4, 64, 64] float32 tensor with an outlier channel, written by the test.
+std::string write_input(const std::string& dir) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(5);
+  auto x = torch::randn({4, 64, 64}, generator, torch::kFloat32);
+  x.select(2, 9).mul_(15.0);
+  const std::string path = dir + "/input.h5";
+  auto file = h5::File::create(path, true);
+  file.write("kv/keys", x.data_ptr<float>(), {4, 64, 64});
+  file.write("flat", x.data_ptr<float>(), {4 * 64 * 64});
+  file.close();
+  return path;
+}
+
+void expect_error(const test::CliResult& result, const std::string& fragment) {
+  EXPECT_NE(result.exit_code, 0);
+  EXPECT_NE(result.err.find("kvdrift: error: "), std::string::npos) << result.err;
+  EXPECT_NE(result.err.find(fragment), std::string::npos) << "expected '" << fragment << "' in " << result.err;
+}
+
+TEST(QuantizeCli, WritesDequantizedCodesParamsAndRowErrors) {
+  const std::string dir = test::scratch_dir();
+  const std::string input = write_input(dir);
+  struct Run {
+    std::string method;
+    std::vector<std::string> sets;
+    double bits;
+  };
+  const std::vector<Run> runs = {
+      {"kvarn", {"preset=k4v2", "tile_size=64"}, 2.0 + 16.0 * (64 + 64 + 64) / (64 * 64)},  // values: 2 + 3 fp16 vectors
+      {"kivi", {"group_size=16", "residual_length=32"}, 2.0 + 2 * 16.0 / 16},
+      {"quarot", {}, 4.0 + 2 * 16.0 / 64},  // values: fp16 scale and minimum per token (keys: uint8 zero)
+      {"rtn", {"v_bits=3"}, 4.0 + 2 * 16.0 / 64},  // 3-bit codes are packed 2 per byte: 4 bits
+  };
+  for (const auto& run : runs) {
+    const std::string output = dir + "/" + run.method + ".h5";
+    std::vector<std::string> args = {"quantize", "--input", input, "--dataset", "kv/keys", "--role", "value",
+                                     "--method", run.method, "--output", output};
+    for (const auto& s : run.sets) args.insert(args.end(), {"--set", s});
+    const auto result = test::run_cli(args);
+    ASSERT_EQ(result.exit_code, 0) << result.err;
+    const auto file = h5::File::open_read(output);
+    std::vector<hsize_t> shape;
+    const auto dequantized = file.read<float>("dequantized", &shape);
+    EXPECT_EQ(shape, (std::vector<hsize_t>{4, 64, 64})) << run.method;
+    EXPECT_EQ(file.shape("codes"), (std::vector<hsize_t>{4, 64, 64})) << run.method;
+    EXPECT_EQ(file.shape("rows/E_T"), (std::vector<hsize_t>{4, 64})) << run.method;
+    EXPECT_NEAR(file.attribute<double>("bits_per_element"), run.bits, 1e-12) << run.method;
+    EXPECT_EQ(file.attribute<std::string>("method"), run.method);
+    // The per-row errors are consistent with the stored tensors and with each other.
+    const auto input_values = h5::File::open_read(input).read<float>("kv/keys");
+    const auto e_t = file.read<double>("rows/E_T");
+    const auto e_m = file.read<double>("rows/E_M");
+    const auto e_d = file.read<double>("rows/E_D");
+    double signal = 0, total = 0;
+    for (size_t row = 0; row < e_t.size(); ++row) {
+      double direct = 0;
+      for (size_t c = 0; c < 64; ++c) {
+        const double diff = static_cast<double>(input_values[row * 64 + c]) - dequantized[row * 64 + c];
+        direct += diff * diff;
+        signal += static_cast<double>(input_values[row * 64 + c]) * input_values[row * 64 + c];
+      }
+      EXPECT_NEAR(e_t[row], direct, 1e-9 * std::max(1.0, direct)) << run.method << " row " << row;
+      EXPECT_NEAR(e_m[row] + e_d[row], e_t[row], 1e-6 * e_t[row] + 1e-9) << run.method << " row " << row;
+      total += direct;
+    }
+    EXPECT_NEAR(file.attribute<double>("relative_mse"), total / signal, 1e-9) << run.method;
+    EXPECT_GT(total, 0) << run.method;
+  }
+}
+
+TEST(QuantizeCli, CachePolicyFullKeepsSinkAndTailOfAStoriesPrefill) {
+  const std::string dir = test::scratch_dir();
+  const std::string model = test::stories260k_dir();
+  const std::string kv = dir + "/kv.h5";
+  auto dump = test::run_cli({"dump-kv", "--model", model + "/stories260K.bin", "--tokenizer", model + "/tok512.bin",
+                             "--prompt", "Once upon a time, there was a little girl named Lily. She loved to play "
+                             "outside in the park with her big red ball and her friend Tom.",
+                             "--output", kv});
+  ASSERT_EQ(dump.exit_code, 0) << dump.err;
+  const auto tokens = h5::File::open_read(kv).read<int64_t>("tokens");
+  const auto n = static_cast<int64_t>(tokens.size());
+  ASSERT_GT(n, 16);
+  EXPECT_EQ(h5::File::open_read(kv).shape("layer2/keys"), (std::vector<hsize_t>{4, static_cast<hsize_t>(n), 8}));
+  const std::string out = dir + "/kvarn.h5";
+  auto result = test::run_cli({"quantize", "--input", kv, "--dataset", "layer2/keys", "--role", "key", "--method",
+                               "kvarn", "--set", "tile_size=8", "--cache-policy", "full", "--output", out});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  // Sink = block 0 (8 tokens); complete blocks after it are quantized; the partial block is the tail.
+  EXPECT_EQ(h5::File::open_read(out).attribute<std::vector<int64_t>>("quantized_positions"),
+            (std::vector<int64_t>{8, n / 8 * 8}));
+  const auto e_t = h5::File::open_read(out).read<double>("rows/E_T");
+  for (int64_t head = 0; head < 4; ++head) {
+    for (int64_t t = 0; t < n; ++t) {
+      const bool quantized = t >= 8 && t < n / 8 * 8;
+      if (quantized) EXPECT_GT(e_t[head * n + t], 0) << "position " << t;
+      else EXPECT_EQ(e_t[head * n + t], 0) << "position " << t;
+    }
+  }
+}
+
+TEST(QuantizeCli, BadInputGetsOneClearError) {
+  const std::string dir = test::scratch_dir();
+  const std::string input = write_input(dir);
+  auto quantize = [&](std::vector<std::string> extra, const std::string& dataset = "kv/keys") {
+    std::vector<std::string> args = {"quantize", "--input", input, "--dataset", dataset, "--role", "key",
+                                     "--output", dir + "/out.h5"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return test::run_cli(args);
+  };
+  expect_error(quantize({"--method", "kivi"}, "kv/missing"), "dataset '/kv/missing' does not exist");
+  expect_error(quantize({"--method", "kivi"}, "flat"), "dataset 'flat' has rank 1, expected 3");
+  expect_error(quantize({"--method", "kivy"}), "unknown quantizer method 'kivy'");
+  expect_error(quantize({"--method", "kivi", "--set", "k_bit=2"}), "unknown parameter 'k_bit'");
+  expect_error(quantize({"--method", "rtn", "--set", "k_bits=12"}), "k_bits = 12 is out of range [1, 8]");
+  expect_error(quantize({"--method", "rtn", "--set", "group_size=48"}), "group_size 48 does not divide head_dim 64");
+  expect_error(quantize({"--method", "kvarn"}), "128");  // 64 tokens are not a tile of 128
+  expect_error(quantize({"--method", "rtn", "--set", "k_bits"}), "--set 'k_bits' is not of the form key=value");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/out.h5"));
+}
+
+}  // namespace
+}  // namespace kvdrift
