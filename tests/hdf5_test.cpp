@@ -26,16 +26,7 @@ using test::read_file;
 using test::scratch_dir;
 using test::write_file;
 
-// The message of the kvdrift::Error that `action` throws (a test failure if it throws none).
-std::string error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  ADD_FAILURE() << "expected kvdrift::Error";
-  return "";
-}
+using test::error_message;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

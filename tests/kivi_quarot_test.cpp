@@ -10,6 +10,7 @@
 #include "quant/hadamard.h"
 #include "quant/params.h"
 #include "quant/quantizer.h"
+#include "support.h"
 
 namespace kvdrift {
 std::unique_ptr<Quantizer> make_kivi(ParamReader& params, int64_t head_dim);
@@ -33,12 +34,8 @@ std::unique_ptr<Quantizer> build(Factory factory, const std::string& method, con
 // Expects `make` to throw kvdrift::Error whose message contains every one of `needles`.
 template <typename Make>
 void expect_error_naming(Make make, std::initializer_list<std::string> needles) {
-  try {
-    make();
-    ADD_FAILURE() << "expected kvdrift::Error";
-  } catch (const Error& error) {
-    for (const auto& needle : needles) EXPECT_NE(std::string(error.what()).find(needle), std::string::npos) << error.what();
-  }
+  const std::string message = test::error_message(make);
+  for (const auto& needle : needles) EXPECT_NE(message.find(needle), std::string::npos) << message;
 }
 
 torch::Tensor tensor_2d(std::initializer_list<std::initializer_list<float>> rows) {

@@ -9,6 +9,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/error.h"
+
 namespace fs = std::filesystem;
 
 namespace kvdrift::test {
@@ -31,6 +33,16 @@ std::string scratch_dir() {
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir.string();
+}
+
+std::string error_message(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  ADD_FAILURE() << "expected kvdrift::Error";
+  return "";
 }
 
 std::string read_file(const std::string& path) {

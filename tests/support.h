@@ -3,6 +3,7 @@
 // kvdrift CLI as a separate process to check exit codes and messages.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,9 @@ struct CliResult {
 };
 // Runs build/kvdrift with `args` (each passed as one argv entry, no shell).
 CliResult run_cli(const std::vector<std::string>& args);
+
+// The message of the kvdrift::Error that `action` throws; a test failure (and "") if it throws none.
+std::string error_message(const std::function<void()>& action);
 
 std::string read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& contents);

@@ -21,17 +21,7 @@ using Ids = std::vector<TokenId>;
 
 std::string tok512_path() { return test::stories260k_dir() + "/tok512.bin"; }
 
-// Runs `action`, expects it to throw kvdrift::Error, and returns the message ("" if nothing was thrown).
-template <typename Action>
-std::string error_message(Action&& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  ADD_FAILURE() << "expected kvdrift::Error";
-  return "";
-}
+using test::error_message;
 
 // ---------------------------------------------------------------------------------------------
 // llama2.c tokenizer.bin

@@ -56,7 +56,7 @@ std::string describe_device(const torch::Device& device) {
     return fmt::format("cuda:{} ({} CUDA device(s) visible)", device.has_index() ? device.index() : 0,
                        torch::cuda::device_count());
   }
-  return fmt::format("cpu ({} threads)", at::get_num_threads());
+  return fmt::format("cpu ({} intra-op threads)", at::get_num_threads());
 }
 
 void synchronize(const torch::Device& device) {

@@ -11,16 +11,22 @@ namespace kvdrift {
 
 namespace {
 
-ModelConfig llama3_config(int64_t dim, int64_t hidden, int64_t layers, int64_t heads, int64_t kv_heads,
-                          int64_t head_dim, bool tied, double rope_factor) {
+ModelConfig shape(const std::string& architecture, int64_t dim, int64_t hidden, int64_t layers, int64_t heads,
+                  int64_t kv_heads, int64_t head_dim) {
   ModelConfig c;
-  c.architecture = "llama";
+  c.architecture = architecture;
   c.dim = dim;
   c.hidden_dim = hidden;
   c.n_layers = layers;
   c.n_heads = heads;
   c.n_kv_heads = kv_heads;
   c.head_dim = head_dim;
+  return c;
+}
+
+ModelConfig llama3_config(int64_t dim, int64_t hidden, int64_t layers, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim, bool tied, double rope_factor) {
+  ModelConfig c = shape("llama", dim, hidden, layers, heads, kv_heads, head_dim);
   c.vocab_size = 128256;
   c.max_seq_len = 131072;
   c.rope_theta = 500000.0;
@@ -34,14 +40,7 @@ ModelConfig llama3_config(int64_t dim, int64_t hidden, int64_t layers, int64_t h
 
 ModelConfig qwen_config(const std::string& architecture, int64_t dim, int64_t hidden, int64_t layers, int64_t heads,
                         int64_t kv_heads, int64_t head_dim, int64_t max_seq_len) {
-  ModelConfig c;
-  c.architecture = architecture;
-  c.dim = dim;
-  c.hidden_dim = hidden;
-  c.n_layers = layers;
-  c.n_heads = heads;
-  c.n_kv_heads = kv_heads;
-  c.head_dim = head_dim;
+  ModelConfig c = shape(architecture, dim, hidden, layers, heads, kv_heads, head_dim);
   c.vocab_size = 151936;
   c.max_seq_len = max_seq_len;
   c.rope_theta = 1000000.0;

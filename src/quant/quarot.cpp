@@ -91,7 +91,7 @@ class QuarotQuantizer final : public Quantizer {
     low = torch::where(empty, torch::full_like(low, -1.0), low);
     high = torch::where(empty, torch::full_like(high, 1.0), high);
     auto scale = (high - low) / levels;
-    auto zero = torch::round(-low / scale);
+    auto zero = torch::round(-low / scale) + 0.0;  // + 0.0 turns the -0 of a group without negatives into +0
     auto codes = (torch::round(groups / scale) + zero).clamp(0.0, levels);
     QuantizedTiles tiles;
     tiles.codes = codes.to(torch::kUInt8);
