@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake git pkg-config
   libtorch-dev libopenblas0-pthread   # LibTorch (CPU); OpenBLAS pthread build keeps matmuls fast
   libhdf5-dev libyaml-cpp-dev libcli11-dev libfmt-dev libspdlog-dev
-  libeigen3-dev nlohmann-json3-dev libpcre2-dev
+  libeigen3-dev nlohmann-json3-dev libpcre2-dev zlib1g-dev
   libgtest-dev libbenchmark-dev
   python3-h5py python3-matplotlib python3-numpy
 )
