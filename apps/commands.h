@@ -10,5 +10,6 @@ void register_generate(CLI::App& app, std::function<void()>& command);
 void register_convert(CLI::App& app, std::function<void()>& command);
 void register_bench(CLI::App& app, std::function<void()>& command);
 void register_quantize(CLI::App& app, std::function<void()>& command);
+void register_run(CLI::App& app, std::function<void()>& command);
 
 }  // namespace kvdrift::cli

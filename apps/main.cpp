@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->check(
       CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   std::function<void()> command;
+  kvdrift::cli::register_run(app, command);
   kvdrift::cli::register_generate(app, command);
   kvdrift::cli::register_convert(app, command);
   kvdrift::cli::register_bench(app, command);

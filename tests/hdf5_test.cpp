@@ -27,6 +27,7 @@ using test::scratch_dir;
 using test::write_file;
 
 using test::error_message;
+using test::run_python;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
@@ -50,18 +51,6 @@ std::vector<T> sample_values(size_t count) {
 
 // Runs `script` (written as `dir`/`name`.py) with /usr/bin/python3 and `args`; returns the exit
 // status and leaves stdout and stderr together in *output.
-int run_python(const std::string& dir, const std::string& name, const std::string& script,
-               const std::vector<std::string>& args, std::string* output) {
-  const std::string script_path = dir + "/" + name + ".py";
-  const std::string output_path = dir + "/" + name + ".out";
-  write_file(script_path, script);
-  std::string command = "/usr/bin/python3 '" + script_path + "'";
-  for (const std::string& arg : args) command += " '" + arg + "'";
-  const int status = std::system((command + " > '" + output_path + "' 2>&1").c_str());
-  *output = read_file(output_path);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 template <typename T>
 void expect_round_trip(Group& group, const std::string& path, const std::vector<hsize_t>& shape, int gzip_level) {
   const std::vector<T> values = sample_values<T>(Dataset::element_count(shape));

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/sha256.h"
 #include "decode/generate.h"
 #include "model/checkpoint.h"
 #include "reference/llama2c_reference.h"
@@ -198,6 +199,23 @@ TEST(Sampler, SeededSamplingIsReproducibleAndTopKOneIsGreedy) {
   for (int64_t t : draw({1.0, 0.5, 0, 9})) EXPECT_GE(probs[t].item<double>(), sorted[nucleus - 1].item<double>());
   EXPECT_THROW(Sampler({-1.0, 1.0, 0, 0}), Error);
   EXPECT_THROW(Sampler({1.0, 0.0, 0, 0}), Error);
+}
+
+}  // namespace
+}  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+// FIPS 180-4 test vectors, and the published checksum of the shared stories260K checkpoint.
+TEST(Sha256, KnownDigests) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  EXPECT_EQ(sha256_file(test::stories260k_dir() + "/stories260K.bin"),
+            "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696");
 }
 
 }  // namespace

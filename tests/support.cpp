@@ -45,6 +45,18 @@ std::string error_message(const std::function<void()>& action) {
   return "";
 }
 
+int run_python(const std::string& dir, const std::string& name, const std::string& script,
+               const std::vector<std::string>& args, std::string* output) {
+  const std::string script_path = dir + "/" + name + ".py";
+  const std::string output_path = dir + "/" + name + ".out";
+  write_file(script_path, script);
+  std::string command = "/usr/bin/python3 '" + script_path + "'";
+  for (const std::string& arg : args) command += " '" + arg + "'";
+  const int status = std::system((command + " > '" + output_path + "' 2>&1").c_str());
+  *output = read_file(output_path);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot read " + path);

@@ -27,6 +27,11 @@ CliResult run_cli(const std::vector<std::string>& args);
 // The message of the kvdrift::Error that `action` throws; a test failure (and "") if it throws none.
 std::string error_message(const std::function<void()>& action);
 
+// Runs `script` (written into `dir` as NAME.py) with /usr/bin/python3 (Debian's, which has h5py)
+// and `args`; returns the exit status and leaves stdout and stderr together in *output.
+int run_python(const std::string& dir, const std::string& name, const std::string& script,
+               const std::vector<std::string>& args, std::string* output);
+
 std::string read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& contents);
 

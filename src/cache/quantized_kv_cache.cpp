@@ -34,23 +34,43 @@ QuantizedTiles unpack(const QuantizedTiles& packed, int64_t row_length) {
 
 }  // namespace
 
-QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch,
+QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers,
                                    int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
                                    torch::Device device, StorageMode mode)
-    : quantizer_(std::move(quantizer)),
-      policies_{quantizer_->policy(Role::Key), quantizer_->policy(Role::Value)},
-      mode_(mode) {
+    : mode_(mode) {
+  const int64_t batch = static_cast<int64_t>(row_quantizers.size());
   const auto options = torch::TensorOptions().dtype(dtype).device(device);
   for (size_t r = 0; r < 2; ++r) {
     written_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
     read_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
-    flushed_end_[r].assign(n_layers, policies_[r].sink);
-    stored_bits_[r].assign(n_layers, 0.0);
-    if (policies_[r].sink % policies_[r].block != 0)
-      fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}", quantizer_->method(),
-           role_name(r == 0 ? Role::Key : Role::Value), policies_[r].sink, policies_[r].block);
+  }
+  for (int64_t row = 0; row < batch; ++row) {
+    if (!groups_.empty() && groups_.back().quantizer == row_quantizers[row]) {
+      ++groups_.back().rows;
+      continue;
+    }
+    RowGroup group;
+    group.quantizer = row_quantizers[row];
+    group.first_row = row;
+    group.rows = 1;
+    group.policies = {group.quantizer->policy(Role::Key), group.quantizer->policy(Role::Value)};
+    for (size_t r = 0; r < 2; ++r) {
+      const RolePolicy& policy = group.policies[r];
+      if (policy.sink % policy.block != 0)
+        fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}", group.quantizer->method(),
+             role_name(r == 0 ? Role::Key : Role::Value), policy.sink, policy.block);
+      group.flushed_end[r].assign(n_layers, policy.sink);
+      group.stored_bits[r].assign(n_layers, 0.0);
+    }
+    groups_.push_back(std::move(group));
   }
 }
+
+QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch,
+                                   int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
+                                   torch::Device device, StorageMode mode)
+    : QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>(batch, std::move(quantizer)), n_layers,
+                       n_kv_heads, capacity, head_dim, dtype, device, mode) {}
 
 std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, int64_t pos, const torch::Tensor& keys,
                                                                  const torch::Tensor& values) {
@@ -60,38 +80,49 @@ std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, 
   for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
     written_[index(role)][layer].narrow(2, pos, length).copy_(*source);
     read_[index(role)][layer].narrow(2, pos, length).copy_(*source);
-    if (length == 1) flush(role, layer, policies_[index(role)].quantized_prefix(pos));
+    if (length == 1)
+      for (auto& group : groups_) flush(group, role, layer, group.policies[index(role)].quantized_prefix(pos));
   }
   length_ = std::max(length_, pos + length);
   return {read_[0][layer].narrow(2, 0, pos + length), read_[1][layer].narrow(2, 0, pos + length)};
 }
 
-void QuantizedKVCache::flush(Role role, int64_t layer, int64_t end) {
+void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, int64_t end) {
   const size_t r = index(role);
-  const int64_t begin = flushed_end_[r][layer];
+  const int64_t begin = group.flushed_end[r][layer];
   if (end <= begin) return;
   const auto start_time = std::chrono::steady_clock::now();
-  const int64_t block = policies_[r].block, count = end - begin;
-  auto region = read_[r][layer].narrow(2, begin, count);  // [batch, kv_heads, count, head_dim]
+  const int64_t block = group.policies[r].block, count = end - begin;
+  auto rows = [&](const torch::Tensor& buffer) {  // [rows, kv_heads, count, head_dim]
+    return buffer[layer].narrow(0, group.first_row, group.rows).narrow(2, begin, count);
+  };
+  auto region = rows(read_[r]);
   const auto shape = region.sizes().vec();
-  // Every (batch, kv-head, block) is an independent tile.
-  auto tiles = written_[r][layer].narrow(2, begin, count).to(torch::kFloat32).reshape({-1, block, shape[3]});
-  auto stored = quantizer_->quantize(tiles, role);
-  stored_bits_[r][layer] += stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
+  // Every (row, kv-head, block) is an independent tile.
+  auto tiles = rows(written_[r]).to(torch::kFloat32).reshape({-1, block, shape[3]});
+  auto stored = group.quantizer->quantize(tiles, role);
+  group.stored_bits[r][layer] += stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
   torch::Tensor restored;
   if (mode_ == StorageMode::Packed) {
-    packed_[r].push_back(pack(stored));
-    restored = quantizer_->dequantize(unpack(packed_[r].back(), shape[3]), role);
+    group.packed[r].push_back(pack(stored));
+    restored = group.quantizer->dequantize(unpack(group.packed[r].back(), shape[3]), role);
   } else {
-    restored = quantizer_->dequantize(stored, role);
+    restored = group.quantizer->dequantize(stored, role);
   }
   region.copy_(restored.reshape(shape));
-  flushed_end_[r][layer] = end;
+  group.flushed_end[r][layer] = end;
   flush_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
 }
 
-int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer) const {
-  return flushed_end_[index(role)][layer] - policies_[index(role)].sink;
+const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const {
+  for (const auto& group : groups_)
+    if (row >= group.first_row && row < group.first_row + group.rows) return group;
+  fail("KV cache has no row {}", row);
+}
+
+int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer, int64_t row) const {
+  const RowGroup& group = group_of(row);
+  return group.flushed_end[index(role)][layer] - group.policies[index(role)].sink;
 }
 
 torch::Tensor QuantizedKVCache::written(Role role, int64_t layer) const {
@@ -102,28 +133,29 @@ torch::Tensor QuantizedKVCache::read(Role role, int64_t layer) const {
   return read_[index(role)][layer].narrow(2, 0, length_);
 }
 
-double QuantizedKVCache::bits_per_element() const {
+double QuantizedKVCache::bits_per_element(int64_t row) const {
   if (length_ == 0) return kFullPrecisionBits;
+  const RowGroup& group = group_of(row);
   const auto& shape = written_[0].sizes();  // [layers, batch, kv_heads, capacity, head_dim]
-  const double elements_per_position = static_cast<double>(shape[1] * shape[2] * shape[4]);
+  const double elements_per_position = static_cast<double>(group.rows * shape[2] * shape[4]);
   double bits = 0, elements = 0;
-  for (size_t r = 0; r < 2; ++r) {
-    for (size_t layer = 0; layer < flushed_end_[r].size(); ++layer) {
-      const double quantized = static_cast<double>(quantized_positions(r == 0 ? Role::Key : Role::Value, layer));
-      bits += stored_bits_[r][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
+  for (Role role : {Role::Key, Role::Value}) {
+    for (int64_t layer = 0; layer < shape[0]; ++layer) {
+      const double quantized = static_cast<double>(quantized_positions(role, layer, row));
+      bits += group.stored_bits[index(role)][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
       elements += length_ * elements_per_position;
     }
   }
   return bits / elements;
 }
 
-double QuantizedKVCache::fraction_quantized() const {
+double QuantizedKVCache::fraction_quantized(int64_t row) const {
   if (length_ == 0) return 0.0;
+  const int64_t layers = written_[0].size(0);
   double quantized = 0;
   for (Role role : {Role::Key, Role::Value})
-    for (size_t layer = 0; layer < flushed_end_[index(role)].size(); ++layer)
-      quantized += static_cast<double>(quantized_positions(role, layer));
-  return quantized / (2.0 * length_ * flushed_end_[0].size());
+    for (int64_t layer = 0; layer < layers; ++layer) quantized += static_cast<double>(quantized_positions(role, layer, row));
+  return quantized / (2.0 * length_ * layers);
 }
 
 }  // namespace kvdrift

@@ -18,8 +18,14 @@ enum class StorageMode {
   Packed,     // codes are bit-packed and parameters kept in their storage dtype; reads go through them
 };
 
+// Each batch row may have its own quantizer (the engine's lanes share one batch): rows are grouped by
+// quantizer, and a group's blocks are quantized together.
 class QuantizedKVCache final : public KVCache {
  public:
+  QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers,
+                   int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
+                   torch::Device device, StorageMode mode = StorageMode::Simulated);
+  // Every one of `batch` rows with the same quantizer.
   QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch, int64_t n_kv_heads,
                    int64_t capacity, int64_t head_dim, torch::ScalarType dtype, torch::Device device,
                    StorageMode mode = StorageMode::Simulated);
@@ -31,31 +37,38 @@ class QuantizedKVCache final : public KVCache {
                                                  const torch::Tensor& values) override;
   int64_t capacity() const override { return written_[0].size(3); }
 
-  const Quantizer& quantizer() const { return *quantizer_; }
   int64_t length() const { return length_; }
-  // Positions of `role` in `layer` currently read quantized.
-  int64_t quantized_positions(Role role, int64_t layer) const;
-  // [batch, kv_heads, length, head_dim] views: what the lane wrote, and what its attention reads.
+  // Positions of `role` in `layer` that `row` currently reads quantized.
+  int64_t quantized_positions(Role role, int64_t layer, int64_t row = 0) const;
+  // [batch, kv_heads, length, head_dim] views: what the lanes wrote, and what their attention reads.
   torch::Tensor written(Role role, int64_t layer) const;
   torch::Tensor read(Role role, int64_t layer) const;
-  // Storage actually held, over both roles and all layers: quantized blocks at their stored cost,
-  // full-precision positions at 16 bits per element.
-  double bits_per_element() const;
-  double fraction_quantized() const;
+  // Storage `row` actually holds, over both roles and all layers: quantized blocks at their stored
+  // cost, full-precision positions at 16 bits per element.
+  double bits_per_element(int64_t row = 0) const;
+  double fraction_quantized(int64_t row = 0) const;
+  // Host time spent quantizing and dequantizing blocks, all rows.
   double flush_seconds() const { return flush_seconds_; }
 
  private:
-  void flush(Role role, int64_t layer, int64_t end);
+  // Consecutive rows sharing one quantizer, with its bookkeeping.
+  struct RowGroup {
+    std::shared_ptr<const Quantizer> quantizer;
+    int64_t first_row = 0;
+    int64_t rows = 0;
+    std::array<RolePolicy, 2> policies;
+    std::array<std::vector<int64_t>, 2> flushed_end;    // per layer: positions [sink, end) are quantized
+    std::array<std::vector<double>, 2> stored_bits;     // per layer: bits held by the quantized blocks
+    std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
+  };
+  void flush(RowGroup& group, Role role, int64_t layer, int64_t end);
+  const RowGroup& group_of(int64_t row) const;
 
-  std::shared_ptr<const Quantizer> quantizer_;
-  std::array<RolePolicy, 2> policies_;
+  std::vector<RowGroup> groups_;
   StorageMode mode_;
   int64_t length_ = 0;
   std::array<torch::Tensor, 2> written_;  // [n_layers, batch, kv_heads, capacity, head_dim]
   std::array<torch::Tensor, 2> read_;
-  std::array<std::vector<int64_t>, 2> flushed_end_;   // per layer: positions [sink, end) are quantized
-  std::array<std::vector<double>, 2> stored_bits_;    // per layer: bits held by the quantized blocks
-  std::array<std::vector<QuantizedTiles>, 2> packed_; // Packed mode: every flushed block's storage
   double flush_seconds_ = 0;
 };
 

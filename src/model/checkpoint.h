@@ -34,6 +34,10 @@ std::vector<std::string> synthetic_model_names();
 ModelConfig synthetic_config(const std::string& name);
 Checkpoint synthetic_checkpoint(const std::string& name, uint64_t seed, torch::Device device, torch::ScalarType dtype);
 
+// SHA-256 identifying a checkpoint: of the file (llama2.c), or of the "name sha256" lines of a HF
+// directory's config.json and safetensors files in name order; empty for synthetic models.
+std::string checkpoint_sha256(const ModelSource& source);
+
 // "synthetic:NAME", a HF directory, or a llama2.c .bin file.
 LlamaModel load_model(const std::string& spec, torch::Device device, torch::ScalarType dtype, uint64_t seed = 0);
 

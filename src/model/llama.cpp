@@ -80,7 +80,8 @@ int64_t LlamaModel::weight_bytes() const {
   return total * static_cast<int64_t>(c10::elementSize(dtype_));
 }
 
-torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only) const {
+torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only,
+                                  AttentionObserver* observer) const {
   const ModelConfig& c = config_;
   const int64_t batch = tokens.size(0), length = tokens.size(1);
   if (start + length > c.max_seq_len)
@@ -100,8 +101,11 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KV
     }
     q = ops::apply_rope(q, rope_, start, c.rope_style).transpose(1, 2);
     k = ops::apply_rope(k, rope_, start, c.rope_style).transpose(1, 2);
-    auto [keys, values] = cache.update(static_cast<int64_t>(l), start, k, v.transpose(1, 2));
-    auto attended = ops::attention(q, keys, values, start).transpose(1, 2).reshape({batch, length, c.q_dim()});
+    v = v.transpose(1, 2);
+    auto [keys, values] = cache.update(static_cast<int64_t>(l), start, k, v);
+    auto heads = ops::attention(q, keys, values, start);
+    if (observer) observer->observe(static_cast<int64_t>(l), start, q, k, v, heads);
+    auto attended = heads.transpose(1, 2).reshape({batch, length, c.q_dim()});
     x = x + torch::linear(attended, layer.wo);
     // Feed-forward block (SwiGLU).
     h = ops::rms_norm(x, layer.ffn_norm, c.norm_eps);

@@ -20,6 +20,17 @@ struct ModelSource {
   std::string format;  // llama2c | hf | synthetic
 };
 
+// Sees each layer's attention during forward: q [batch, heads, T, head_dim] after RoPE, the step's
+// new keys/values [batch, kv_heads, T, head_dim], and the attention output [batch, heads, T,
+// head_dim] (before the output projection). The engine's static lanes and per-layer metrics hang
+// here; an observer must not modify what it sees.
+class AttentionObserver {
+ public:
+  virtual ~AttentionObserver() = default;
+  virtual void observe(int64_t layer, int64_t start, const torch::Tensor& q, const torch::Tensor& keys,
+                       const torch::Tensor& values, const torch::Tensor& output) = 0;
+};
+
 class LlamaModel {
  public:
   // `weights` holds every tensor of expected_weight_shapes(config) under its HF name (any dtype, any
@@ -30,7 +41,8 @@ class LlamaModel {
 
   // tokens [batch, T] (int64): runs positions [start, start+T), writing their keys/values into
   // `cache`. Returns float32 logits [batch, T, vocab] (only the last position when last_only).
-  torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false) const;
+  torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false,
+                        AttentionObserver* observer = nullptr) const;
 
   StaticKVCache make_cache(int64_t batch, int64_t capacity) const;
 

@@ -1,7 +1,9 @@
+#include <algorithm>
 #include <filesystem>
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/sha256.h"
 #include "model/checkpoint.h"
 
 namespace kvdrift {
@@ -22,6 +24,20 @@ LlamaModel load_model(const std::string& spec, torch::Device device, torch::Scal
   if (!std::filesystem::exists(spec, ec)) fail("model file not found: {}", spec);
   auto checkpoint = read_llama2c_checkpoint(spec, device, dtype);
   return LlamaModel(checkpoint.config, checkpoint.weights, {spec, "llama2c"}, device, dtype);
+}
+
+std::string checkpoint_sha256(const ModelSource& source) {
+  if (source.format == "synthetic") return "";
+  if (source.format == "llama2c") return sha256_file(source.path);
+  std::vector<std::string> files;
+  for (const auto& entry : std::filesystem::directory_iterator(source.path)) {
+    const std::string name = entry.path().filename().string();
+    if (name == "config.json" || entry.path().extension() == ".safetensors") files.push_back(name);
+  }
+  std::sort(files.begin(), files.end());
+  std::string lines;
+  for (const auto& name : files) lines += name + " " + sha256_file((std::filesystem::path(source.path) / name).string()) + "\n";
+  return sha256_hex(lines);
 }
 
 }  // namespace kvdrift

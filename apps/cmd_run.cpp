@@ -1,0 +1,137 @@
+// `kvdrift run CONFIG.yaml`: the main job. Loads the model, the prompts and the quantizers named by
+// the config, runs every prompt side by side (decode/engine.h) and logs it to HDF5 (io/run_log.h).
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "decode/engine.h"
+#include "io/prompts.h"
+#include "io/run_config.h"
+#include "io/run_log.h"
+#include "model/checkpoint.h"
+
+namespace kvdrift::cli {
+
+namespace {
+
+struct RunOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string output;
+  bool overwrite = false;
+};
+
+std::unique_ptr<Tokenizer> tokenizer_for(const ModelSettings& model) {
+  if (!model.tokenizer.empty()) return load_tokenizer(model.tokenizer);
+  const auto beside = std::filesystem::path(model.path) / "tokenizer.json";
+  std::error_code ec;
+  if (std::filesystem::is_regular_file(beside, ec)) return load_tokenizer(beside.string());
+  return nullptr;  // token_ids prompts need none
+}
+
+RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const Engine& engine) {
+  RunMetadata metadata;
+  metadata.tool_version = KVDRIFT_VERSION;
+  metadata.git_revision = KVDRIFT_GIT_REVISION;
+  metadata.model_path = model.source().path;
+  metadata.model_format = model.source().format;
+  metadata.model_sha256 = checkpoint_sha256(model.source());
+  metadata.device = describe_device(model.device());
+  metadata.dtype = dtype_name(model.dtype());
+  metadata.model_shapes = expected_weight_shapes(model.config());
+  const auto model_config = config_to_hf_json(model.config());  // named: items() must not outlive it
+  for (const auto& [key, value] : model_config.items())
+    metadata.model_config[key] = value.is_string() ? value.get<std::string>() : value.dump();
+  metadata.decoding_seed = config.decoding.seed;
+  metadata.weights_seed = config.model.seed;
+  for (size_t i = 0; i < config.quantizers.size(); ++i) {
+    metadata.quantizer_names.push_back(config.quantizers[i].name);
+    metadata.quantizer_params[config.quantizers[i].name] = engine.quantizers()[i]->resolved_params();
+  }
+  return metadata;
+}
+
+// A live line on a terminal; plain periodic lines otherwise (cluster logs).
+class Progress {
+ public:
+  explicit Progress(size_t total) : total_(total), terminal_(::isatty(STDERR_FILENO) == 1) {}
+  void update(size_t done, int64_t steps) {
+    steps_ += steps;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - done) : 0.0;
+    const std::string line = fmt::format("samples {}/{}  {:.1f} steps/s  elapsed {:.0f}s  ETA {:.0f}s", done, total_,
+                                         steps_ / std::max(elapsed, 1e-9), elapsed, eta);
+    if (terminal_) {
+      std::cerr << "\r" << line << (done == total_ ? "\n" : "") << std::flush;
+    } else if (elapsed - last_log_ >= 30.0 || done == total_) {
+      spdlog::info("{}", line);
+      last_log_ = elapsed;
+    }
+  }
+
+ private:
+  size_t total_;
+  bool terminal_;
+  int64_t steps_ = 0;
+  double last_log_ = -1e9;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+void run_main_job(const RunOptions& options) {
+  auto overrides = options.overrides;
+  if (!options.output.empty()) overrides.push_back("output.path=" + options.output);
+  const RunConfig config = load_run_config(options.config, overrides);
+  const auto device = parse_device(config.model.device);
+  const auto dtype = parse_dtype(config.model.dtype);
+  auto tokenizer = tokenizer_for(config.model);
+  auto model = load_model(config.model.path, device, dtype, config.model.seed);
+  const auto prompts = load_prompts(config.prompts, tokenizer.get());
+  const Engine engine(model, config, tokenizer.get());
+
+  auto log = RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine),
+                          options.overwrite);
+  spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
+               config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(device), dtype_name(dtype));
+  Progress progress(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (log.has_sample(static_cast<int64_t>(i))) {
+      progress.update(i + 1, 0);
+      continue;
+    }
+    const auto result = engine.run(prompts[i]);
+    log.write_sample(static_cast<int64_t>(i), result);
+    spdlog::debug("sample {} written", i);
+    progress.update(i + 1, static_cast<int64_t>(result.reference_tokens.size()));
+  }
+  std::vector<std::string> names;
+  for (const auto& q : config.quantizers) names.push_back(q.name);
+  const auto summary = log.finish(names);
+  std::cout << fmt::format("{:<24} {:>14} {:>22} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (med)",
+                           "bits/elem");
+  for (const auto& row : summary)
+    std::cout << fmt::format("{:<24} {:>14.4e} {:>22.1f} {:>10.3f}\n", row.quantizer, row.mean_kl,
+                             row.first_divergence_median, row.bits_per_element);
+  std::cout << "output: " << config.output.path << "\n";
+}
+
+}  // namespace
+
+void register_run(CLI::App& app, std::function<void()>& command) {
+  auto options = std::make_shared<RunOptions>();
+  auto* sub = app.add_subcommand("run", "side-by-side decoding of a YAML config, logged to HDF5");
+  sub->add_option("config", options->config, "YAML config")->required();
+  sub->add_option("--set", options->overrides, "override a config key: a.b=value (repeatable)");
+  sub->add_option("--output", options->output, "output HDF5 file (overrides output.path)");
+  sub->add_flag("--overwrite", options->overwrite, "start the output file anew (needed when its config differs)");
+  sub->callback([options, &command] { command = [options] { run_main_job(*options); }; });
+}
+
+}  // namespace kvdrift::cli

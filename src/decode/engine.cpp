@@ -1,0 +1,333 @@
+#include "decode/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "cache/quantized_kv_cache.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "decode/sampler.h"
+#include "metrics/token_scale.h"
+
+namespace kvdrift {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+HostArray to_host(const torch::Tensor& t) {
+  auto flat = t.to(torch::kCPU, torch::kFloat32).contiguous();
+  return {std::vector<float>(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel()), flat.sizes().vec()};
+}
+
+// Relative L2 error and cosine of attention outputs [rows, heads, 1, head_dim] against the reference
+// output [1, heads, 1, head_dim], one value per row.
+std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& outputs, const torch::Tensor& reference) {
+  auto a = outputs.to(torch::kFloat32).flatten(1);
+  auto r = reference.to(torch::kFloat32).flatten(1);
+  auto rel_l2 = (a - r).norm(2, 1) / r.norm(2, 1).clamp_min(1e-30);
+  auto cosine = (a * r).sum(1) / (a.norm(2, 1) * r.norm(2, 1)).clamp_min(1e-30);
+  return {rel_l2, cosine};
+}
+
+// Token-scale error of rows `x` against `x_hat` [kv_heads, positions, head_dim] for every layer,
+// mean over kv heads: [positions, layers] per component, and the worst-5% magnitude share.
+void log_token_scale(LaneResult& lane, const std::string& prefix, const std::vector<torch::Tensor>& x,
+                     const std::vector<torch::Tensor>& x_hat) {
+  std::vector<torch::Tensor> magnitude, direction, total, ratio;
+  std::vector<metrics::TokenScaleError> all;
+  for (size_t layer = 0; layer < x.size(); ++layer) {
+    auto error = metrics::token_scale_error(x[layer], x_hat[layer]);
+    magnitude.push_back(error.magnitude.mean(0));
+    direction.push_back(error.direction.mean(0));
+    total.push_back(error.total.mean(0));
+    ratio.push_back(error.norm_ratio.mean(0));
+    all.push_back(error);
+  }
+  lane.arrays[prefix + "/E_M"] = to_host(torch::stack(magnitude, 1));
+  lane.arrays[prefix + "/E_D"] = to_host(torch::stack(direction, 1));
+  lane.arrays[prefix + "/E_T"] = to_host(torch::stack(total, 1));
+  lane.arrays[prefix + "/norm_ratio"] = to_host(torch::stack(ratio, 1));
+  metrics::TokenScaleError joined;
+  std::vector<torch::Tensor> m, t;
+  for (const auto& e : all) {
+    m.push_back(e.magnitude.flatten());
+    t.push_back(e.total.flatten());
+  }
+  joined.magnitude = torch::cat(m);
+  joined.total = torch::cat(t);
+  lane.scalars[prefix + "/worst5_magnitude_share"] = metrics::worst_rows_magnitude_share(joined);
+}
+
+// Longest common prefix and outcome class of a free-running lane against the reference.
+void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool reference_stopped, bool lane_stopped) {
+  const auto& tokens = lane.tokens;
+  const size_t common = std::min(reference.size(), tokens.size());
+  size_t prefix = 0;
+  while (prefix < common && reference[prefix] == tokens[prefix]) ++prefix;
+  lane.first_divergence = static_cast<int64_t>(prefix);
+  if (prefix < common) lane.outcome = "token_mismatch";
+  else if (reference.size() != tokens.size()) lane.outcome = "length_only";
+  else if (reference_stopped && lane_stopped) lane.outcome = "identical";
+  else lane.outcome = "censored";  // no difference before the step limit
+}
+
+// Per-layer work inside the forward pass: the static lanes' attention over the quantized copy of the
+// reference cache, and the attention-output error of the teacher-forced rows.
+class StepObserver final : public AttentionObserver {
+ public:
+  StepObserver(QuantizedKVCache* static_cache, std::vector<int64_t> teacher_rows, int64_t layers)
+      : static_cache_(static_cache), teacher_rows_(std::move(teacher_rows)), layers_(layers) {}
+
+  // Decode steps whose per-layer errors are recorded (the metrics' layer stride).
+  bool recording = false;
+  std::vector<torch::Tensor> static_rel_l2, static_cos, teacher_rel_l2, teacher_cos;  // per logged step: [rows, layers]
+
+  void observe(int64_t layer, int64_t start, const torch::Tensor& q, const torch::Tensor& keys,
+               const torch::Tensor& values, const torch::Tensor& output) override {
+    const bool decode = q.size(2) == 1;
+    if (layer == 0 && decode && recording) {
+      static_layers_.clear();
+      teacher_layers_.clear();
+    }
+    auto reference_output = output.narrow(0, 0, 1);
+    if (static_cache_) {
+      const int64_t rows = static_cache_->written(Role::Key, layer).size(0);
+      auto [cached_keys, cached_values] = static_cache_->update(layer, start, keys.narrow(0, 0, 1).expand({rows, -1, -1, -1}),
+                                                                values.narrow(0, 0, 1).expand({rows, -1, -1, -1}));
+      if (decode && recording) {
+        auto static_output =
+            ops::attention(q.narrow(0, 0, 1).expand({rows, -1, -1, -1}), cached_keys, cached_values, start);
+        static_layers_.push_back(attention_error(static_output, reference_output));
+      }
+    }
+    if (decode && recording && !teacher_rows_.empty()) {
+      auto index = torch::tensor(teacher_rows_, torch::TensorOptions().dtype(torch::kInt64).device(output.device()));
+      teacher_layers_.push_back(attention_error(output.index_select(0, index), reference_output));
+    }
+    if (layer == layers_ - 1 && decode && recording) {
+      auto stack = [](const std::vector<std::pair<torch::Tensor, torch::Tensor>>& per_layer, bool second) {
+        std::vector<torch::Tensor> parts;
+        for (const auto& p : per_layer) parts.push_back(second ? p.second : p.first);
+        return torch::stack(parts, 1);  // [rows, layers]
+      };
+      if (!static_layers_.empty()) {
+        static_rel_l2.push_back(stack(static_layers_, false));
+        static_cos.push_back(stack(static_layers_, true));
+      }
+      if (!teacher_layers_.empty()) {
+        teacher_rel_l2.push_back(stack(teacher_layers_, false));
+        teacher_cos.push_back(stack(teacher_layers_, true));
+      }
+    }
+  }
+
+ private:
+  QuantizedKVCache* static_cache_;
+  std::vector<int64_t> teacher_rows_;
+  int64_t layers_;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> static_layers_, teacher_layers_;
+};
+
+}  // namespace
+
+Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
+    : model_(model), config_(config), tokenizer_(tokenizer) {
+  for (const auto& q : config_.quantizers) {
+    try {
+      quantizers_.push_back(make_quantizer(q.method, q.params, model_.config().head_dim));
+    } catch (const Error& e) {
+      fail("{}{}: quantizers '{}': {}", config_.source_path, q.line > 0 ? fmt::format(":{}", q.line) : "", q.name,
+           e.what());
+    }
+  }
+  if (config_.decoding.batch_prompts != 1)
+    fail("{}: decoding.batch_prompts = {}: several prompts per batch are not implemented yet (use 1)",
+         config_.source_path, config_.decoding.batch_prompts);
+  for (const auto& lane : config_.lanes) {
+    static_lane_ = static_lane_ || lane == "static";
+    teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
+    free_running_ = free_running_ || lane == "free_running";
+  }
+  if (config_.decoding.stop_at_eos) {
+    stop_ids_ = tokenizer_ ? tokenizer_->eos_ids() : model_.config().eos_token_ids;
+    // llama2.c models separate their training documents with BOS, so a generated BOS ends the text.
+    if (model_.source().format == "llama2c" && model_.config().bos_token_id >= 0)
+      stop_ids_.push_back(model_.config().bos_token_id);
+  }
+}
+
+SampleResult Engine::run(const Prompt& prompt) const {
+  const ModelConfig& mc = model_.config();
+  const int64_t n = static_cast<int64_t>(prompt.tokens.size());
+  const int64_t max_new = config_.decoding.max_new_tokens;
+  if (n == 0) fail("prompt '{}' has no tokens", prompt.id);
+  if (n + max_new > mc.max_seq_len)
+    fail("prompt '{}' ({} tokens) + max_new_tokens ({}) exceed the model's context of {} positions", prompt.id, n,
+         max_new, mc.max_seq_len);
+  const torch::Device device = model_.device();
+  const int64_t layers = mc.n_layers;
+
+  // Batch rows: 0 = reference, then per quantizer its teacher-forced and free-running rows.
+  std::vector<std::shared_ptr<const Quantizer>> row_quantizers = {make_quantizer("none", {}, mc.head_dim)};
+  std::vector<int64_t> teacher_rows, free_rows;
+  for (const auto& q : quantizers_) {
+    if (teacher_forced_) {
+      teacher_rows.push_back(static_cast<int64_t>(row_quantizers.size()));
+      row_quantizers.push_back(q);
+    }
+    if (free_running_) {
+      free_rows.push_back(static_cast<int64_t>(row_quantizers.size()));
+      row_quantizers.push_back(q);
+    }
+  }
+  const int64_t rows = static_cast<int64_t>(row_quantizers.size());
+  QuantizedKVCache cache(row_quantizers, layers, mc.n_kv_heads, n + max_new, mc.head_dim, model_.dtype(), device);
+  std::unique_ptr<QuantizedKVCache> static_cache;
+  if (static_lane_)
+    static_cache = std::make_unique<QuantizedKVCache>(quantizers_, layers, mc.n_kv_heads, n + max_new, mc.head_dim,
+                                                      model_.dtype(), device);
+  StepObserver observer(static_cache.get(), teacher_rows, layers);
+
+  SampleResult result;
+  result.prompt = prompt;
+  auto start_time = std::chrono::steady_clock::now();
+  auto prompt_tokens = torch::tensor(prompt.tokens, torch::kInt64).unsqueeze(0).expand({rows, n}).contiguous();
+  auto logits = model_.forward(prompt_tokens.to(device), 0, cache, /*last_only=*/true, &observer);
+  synchronize(device);
+  result.prefill_seconds = seconds_since(start_time);
+  start_time = std::chrono::steady_clock::now();
+
+  // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
+  SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
+                          config_.decoding.seed};
+  std::vector<Sampler> samplers(rows, Sampler(sampling));
+  std::vector<LaneResult> free_lanes(free_rows.size());
+  std::vector<bool> free_stopped(free_rows.size(), false);
+  std::vector<torch::Tensor> teacher_step_metrics;  // per step: [teacher rows, 3] = kl, top1 agree, logp delta
+  auto is_stop = [&](int64_t token) { return std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end(); };
+  bool reference_active = true;
+  for (int64_t step = 0; step < max_new; ++step) {
+    auto step_logits = logits.select(1, 0).to(torch::kFloat32);  // [rows, vocab]
+    // One host read per step: the tokens decide what every lane feeds next and when it stops.
+    std::vector<int64_t> next(rows, 0);
+    if (sampling.temperature == 0.0) {
+      auto host = step_logits.argmax(-1).to(torch::kCPU);
+      for (int64_t r = 0; r < rows; ++r) next[r] = host[r].item<int64_t>();
+    } else {
+      for (int64_t r = 0; r < rows; ++r) next[r] = samplers[r].next(step_logits[r]);
+    }
+    if (reference_active) {
+      const int64_t reference_token = next[0];
+      if (!teacher_rows.empty()) {
+        auto index = torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64).device(device));
+        auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1), -1);
+        auto log_lane = torch::log_softmax(step_logits.index_select(0, index), -1);
+        auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
+        auto agree = (step_logits.index_select(0, index).argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
+        auto delta = log_ref.select(1, reference_token) - log_lane.select(1, reference_token);
+        teacher_step_metrics.push_back(torch::stack({kl, agree, delta}, 1));
+      }
+      result.reference_tokens.push_back(reference_token);
+      if (is_stop(reference_token)) {
+        result.reference_stopped = true;
+        reference_active = false;
+      }
+    }
+    for (size_t i = 0; i < free_rows.size(); ++i) {
+      if (free_stopped[i]) continue;
+      free_lanes[i].tokens.push_back(next[free_rows[i]]);
+      if (is_stop(next[free_rows[i]])) free_stopped[i] = true;
+    }
+    const bool any_free = std::find(free_stopped.begin(), free_stopped.end(), false) != free_stopped.end();
+    if ((!reference_active && !any_free) || step + 1 == max_new) break;
+    // Teacher-forced rows read the reference's token; free-running rows their own.
+    std::vector<int64_t> inputs(rows, next[0]);
+    for (int64_t row : free_rows) inputs[row] = next[row];
+    observer.recording = step % config_.metrics.layer_stride == 0 && reference_active;
+    if (observer.recording) result.logged_steps.push_back(step + 1);
+    logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device), n + step, cache,
+                            /*last_only=*/true, &observer);
+  }
+  synchronize(device);
+  result.decode_seconds = seconds_since(start_time);
+  start_time = std::chrono::steady_clock::now();
+
+  // Copy the per-step metrics to the host once, and compute the token-scale errors from the caches.
+  auto per_layer = [&](const QuantizedKVCache& c, Role role, int64_t row) {
+    std::vector<torch::Tensor> layers_of_row;
+    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back(c.written(role, l)[row]);
+    return layers_of_row;
+  };
+  auto read_layers = [&](const QuantizedKVCache& c, Role role, int64_t row) {
+    std::vector<torch::Tensor> layers_of_row;
+    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back(c.read(role, l)[row]);
+    return layers_of_row;
+  };
+  auto token_scale = [&](LaneResult& lane, const QuantizedKVCache& c, int64_t row, bool drift) {
+    if (!config_.metrics.token_scale) return;
+    for (Role role : {Role::Key, Role::Value}) {
+      const std::string name = role_name(role);
+      log_token_scale(lane, name + "/quant", per_layer(c, role, row), read_layers(c, role, row));
+      if (drift) log_token_scale(lane, name + "/drift", per_layer(cache, role, 0), per_layer(c, role, row));
+    }
+    lane.scalars["bits_per_element"] = c.bits_per_element(row);
+    lane.scalars["fraction_quantized"] = c.fraction_quantized(row);
+  };
+  auto teacher_metrics = teacher_step_metrics.empty() ? torch::Tensor() : torch::stack(teacher_step_metrics, 0);
+  auto stacked = [](const std::vector<torch::Tensor>& steps) {  // [logged steps, rows, layers]
+    return steps.empty() ? torch::zeros({0}) : torch::stack(steps, 0);
+  };
+  auto teacher_rel = stacked(observer.teacher_rel_l2), teacher_cos = stacked(observer.teacher_cos);
+  auto static_rel = stacked(observer.static_rel_l2), static_cos = stacked(observer.static_cos);
+  for (size_t i = 0; i < quantizers_.size(); ++i) {
+    const std::string& name = config_.quantizers[i].name;
+    if (static_lane_) {
+      LaneResult lane{name, "static"};
+      if (config_.metrics.attention_error && static_rel.dim() == 3) {
+        lane.arrays["attn_rel_l2"] = to_host(static_rel.select(1, static_cast<int64_t>(i)));
+        lane.arrays["attn_cos"] = to_host(static_cos.select(1, static_cast<int64_t>(i)));
+      }
+      token_scale(lane, *static_cache, static_cast<int64_t>(i), false);
+      result.lanes.push_back(std::move(lane));
+    }
+    if (teacher_forced_) {
+      LaneResult lane{name, "teacher_forced"};
+      auto metrics = teacher_metrics.select(1, static_cast<int64_t>(i));  // [steps, 3]
+      lane.arrays["kl"] = to_host(metrics.select(1, 0));
+      lane.arrays["top1_agree"] = to_host(metrics.select(1, 1));
+      lane.arrays["logp_delta"] = to_host(metrics.select(1, 2));
+      if (config_.metrics.attention_error && teacher_rel.dim() == 3) {
+        lane.arrays["attn_rel_l2"] = to_host(teacher_rel.select(1, static_cast<int64_t>(i)));
+        lane.arrays["attn_cos"] = to_host(teacher_cos.select(1, static_cast<int64_t>(i)));
+      }
+      token_scale(lane, cache, teacher_rows[i], true);
+      result.lanes.push_back(std::move(lane));
+    }
+    if (free_running_) {
+      LaneResult& lane = free_lanes[i];
+      lane.quantizer = name;
+      lane.lane = "free_running";
+      classify(lane, result.reference_tokens, result.reference_stopped, free_stopped[i]);
+      std::vector<float> match;
+      for (size_t s = 0; s < lane.tokens.size() && s < result.reference_tokens.size(); ++s)
+        match.push_back(lane.tokens[s] == result.reference_tokens[s] ? 1.0f : 0.0f);
+      const auto steps = static_cast<int64_t>(match.size());
+      lane.arrays["match"] = {std::move(match), {steps}};
+      token_scale(lane, cache, free_rows[i], true);
+      result.lanes.push_back(std::move(lane));
+    }
+  }
+  if (tokenizer_) {
+    std::vector<int64_t> all = prompt.tokens;
+    all.insert(all.end(), result.reference_tokens.begin(),
+               result.reference_tokens.end() - (result.reference_stopped ? 1 : 0));
+    result.reference_text = tokenizer_->decode(all);
+  }
+  result.metric_seconds = seconds_since(start_time);
+  return result;
+}
+
+}  // namespace kvdrift

@@ -1,0 +1,658 @@
+#include "io/run_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "core/error.h"
+
+namespace kvdrift {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "output"};
+const std::vector<std::string> kLanes = {"static", "teacher_forced", "free_running"};
+const std::vector<std::string> kPromptSources = {"inline", "text_file", "jsonl", "token_ids"};
+const std::string kSyntheticPrefix = "synthetic:";
+
+bool is_synthetic(const std::string& model_path) { return model_path.rfind(kSyntheticPrefix, 0) == 0; }
+
+bool contains(const std::vector<std::string>& list, const std::string& item) {
+  return std::find(list.begin(), list.end(), item) != list.end();
+}
+
+// "a", "a or b", "a, b or c".
+std::string or_list(const std::vector<std::string>& items) {
+  std::string text = items.front();
+  for (size_t i = 1; i < items.size(); ++i) text += (i + 1 == items.size() ? " or " : ", ") + items[i];
+  return text;
+}
+
+// Where each value of the config came from, for error messages: a line of the file, or the --set
+// argument that wrote it or a mapping or list around it.
+class Provenance {
+ public:
+  explicit Provenance(std::string file) : file_(std::move(file)) {}
+
+  // `key_path` and everything under it now come from `argument`.
+  void record_override(const std::string& key_path, const std::string& argument) {
+    for (auto it = overrides_.begin(); it != overrides_.end();)
+      it = holds(key_path, it->first) ? overrides_.erase(it) : std::next(it);
+    overrides_[key_path] = argument;
+  }
+
+  // The --set argument behind `key_path` (the innermost override holding it), or null when it comes
+  // from the file.
+  const std::string* override_of(const std::string& key_path) const {
+    const std::string* found = nullptr;
+    size_t found_length = 0;
+    for (const auto& [path, argument] : overrides_) {
+      if (holds(path, key_path) && (!found || path.size() > found_length)) {
+        found = &argument;
+        found_length = path.size();
+      }
+    }
+    return found;
+  }
+
+  // "--set ARG", "FILE:LINE", or "FILE" where there is no line (a key that is missing).
+  std::string where(const std::string& key_path, const YAML::Mark& mark) const {
+    if (const std::string* argument = override_of(key_path)) return "--set " + *argument;
+    return mark.is_null() ? file_ : fmt::format("{}:{}", file_, mark.line + 1);
+  }
+
+ private:
+  // Whether `inner` is `outer` or lies under it, as "quantizers[0].params" lies under "quantizers".
+  static bool holds(const std::string& outer, const std::string& inner) {
+    if (inner.compare(0, outer.size(), outer) != 0) return false;
+    return inner.size() == outer.size() || inner[outer.size()] == '.' || inner[outer.size()] == '[';
+  }
+
+  std::string file_;
+  std::map<std::string, std::string> overrides_;  // key path -> --set argument
+};
+
+// The allowed values of a number, worded as error messages state them.
+struct Range {
+  double low = -std::numeric_limits<double>::infinity();
+  bool low_open = false;
+  double high = std::numeric_limits<double>::infinity();
+
+  bool contains(double value) const { return (low_open ? value > low : value >= low) && value <= high; }
+  std::string describe() const {
+    if (std::isinf(high)) return fmt::format("{} {}", low_open ? ">" : ">=", low);
+    return fmt::format("in {}{}, {}]", low_open ? "(" : "[", low, high);
+  }
+};
+const Range kAnyNumber;
+const Range kNonNegative{0.0};
+const Range kPositive{0.0, true};
+const Range kAtLeastOne{1.0};
+const Range kUnitInterval{0.0, true, 1.0};
+
+class Mapping;
+
+// One node of the config with its key path ("quantizers[1].name"). Typed reads fail with that path
+// and where the value came from. A key that is absent reads as a null Value.
+class Value {
+ public:
+  Value(const Provenance& provenance, YAML::Node node, std::string path, YAML::Mark mark)
+      : provenance_(&provenance), node_(std::move(node)), path_(std::move(path)), mark_(mark) {}
+
+  const std::string& path() const { return path_; }
+  bool is_null() const { return node_.IsNull(); }
+  bool from_override() const { return provenance_->override_of(path_) != nullptr; }
+  // The 1-based line in the config file; 0 when the value comes from --set.
+  int line() const { return from_override() || mark_.is_null() ? 0 : mark_.line + 1; }
+  [[noreturn]] void reject(const std::string& message) const {
+    fail("{}: {}", provenance_->where(path_, mark_), message);
+  }
+
+  // T: std::string (any scalar, as written), bool, int64_t or double (plain scalars: a quoted "12"
+  // is text, not a number). Numbers must lie in `range`.
+  template <typename T>
+  T as(const Range& range = kAnyNumber) const {
+    const bool plain = node_.IsScalar() && node_.Tag() != "!";  // YAML tags quoted scalars "!"
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (!node_.IsScalar()) expected("a string");
+      return node_.Scalar();
+    } else if constexpr (std::is_same_v<T, bool>) {
+      // YAML 1.2 core schema booleans; yes/no/on/off are text there, so they are errors here.
+      static const std::set<std::string> kTrue = {"true", "True", "TRUE"}, kFalse = {"false", "False", "FALSE"};
+      if (plain && kTrue.count(node_.Scalar())) return true;
+      if (plain && kFalse.count(node_.Scalar())) return false;
+      expected("true or false");
+    } else {
+      static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, double>);
+      T number{};
+      const std::string text = plain ? node_.Scalar() : "";
+      const bool plus_sign = text.size() > 1 && text[0] == '+' && text[1] != '-';  // YAML allows "+1"; from_chars not
+      const auto [end, error] = std::from_chars(text.data() + plus_sign, text.data() + text.size(), number);
+      const bool whole_text = error == std::errc() && end == text.data() + text.size();
+      if (!plain || !whole_text || !std::isfinite(static_cast<double>(number)))
+        expected(std::is_same_v<T, int64_t> ? "an integer" : "a number");
+      if (!range.contains(static_cast<double>(number))) reject(fmt::format("{} must be {}", path_, range.describe()));
+      return number;
+    }
+  }
+
+  template <typename T>
+  T as_or(const T& fallback, const Range& range = kAnyNumber) const {
+    return is_null() ? fallback : as<T>(range);
+  }
+
+  // A string from `allowed`; `fallback` (if given) when null.
+  std::string one_of(const std::vector<std::string>& allowed, const std::string& noun,
+                     const std::optional<std::string>& fallback = std::nullopt) const {
+    if (fallback && is_null()) return *fallback;
+    const std::string text = as<std::string>();
+    if (!contains(allowed, text))
+      reject(fmt::format("{}: unknown {} '{}' (known: {})", path_, noun, text, fmt::join(allowed, ", ")));
+    return text;
+  }
+
+  // The entries of a non-empty list.
+  std::vector<Value> elements(const std::string& noun) const {
+    if (!node_.IsSequence()) expected("a list");
+    if (node_.size() == 0) reject(fmt::format("{}: empty list names no {}", path_, noun));
+    std::vector<Value> entries;
+    for (const YAML::Node& entry : node_)
+      entries.emplace_back(*provenance_, entry, fmt::format("{}[{}]", path_, entries.size()), entry.Mark());
+    return entries;
+  }
+
+  // A mapping (null reads as empty) whose keys must be among `known_keys`.
+  Mapping mapping(const std::vector<std::string>& known_keys) const;
+  // A mapping with keys of any name (a quantizer's params, which its own parser checks).
+  Mapping open_mapping() const;
+
+ private:
+  [[noreturn]] void expected(const std::string& what) const {
+    std::string got = node_.IsNull() ? "nothing" : node_.IsSequence() ? "a list" : node_.IsMap() ? "a mapping" : "";
+    if (node_.IsScalar()) got = fmt::format("{}'{}'", node_.Tag() == "!" ? "the quoted string " : "", node_.Scalar());
+    reject(fmt::format("{}: expected {}, got {}", path_, what, got));
+  }
+
+  const Provenance* provenance_;
+  YAML::Node node_;
+  std::string path_;
+  YAML::Mark mark_;  // the value's own position, or its key's when the value is null
+};
+
+// A mapping of the config. Construction checks its keys: each given once and, unless the mapping
+// is open, each one of the known keys.
+class Mapping {
+ public:
+  struct Entry {
+    std::string key;
+    YAML::Mark key_mark;
+    Value value;
+  };
+
+  Mapping(const Provenance& provenance, const YAML::Node& node, std::string path,
+          const std::vector<std::string>* known_keys)
+      : provenance_(&provenance), path_(std::move(path)) {
+    for (const auto& pair : node) {
+      const YAML::Node& key_node = pair.first;
+      if (!key_node.IsScalar())
+        fail("{}: {}: a key must be a name", provenance.where(path_, key_node.Mark()),
+             path_.empty() ? "the config" : path_);
+      const std::string& key = key_node.Scalar();
+      const std::string key_path = child_path(key);
+      const std::string where = provenance.where(key_path, key_node.Mark());
+      if (known_keys && !contains(*known_keys, key))
+        fail("{}: unknown key '{}' (known: {})", where, key_path, fmt::join(*known_keys, ", "));
+      if (const Entry* first = find(key))
+        fail("{}: key '{}' is given twice (first on line {})", where, key_path, first->key_mark.line + 1);
+      const YAML::Node& value = pair.second;
+      const YAML::Mark value_mark = value.IsNull() ? key_node.Mark() : value.Mark();
+      entries_.push_back({key, key_node.Mark(), Value(provenance, value, key_path, value_mark)});
+    }
+  }
+
+  // The value at `key`; a null Value when the key is absent.
+  Value at(const std::string& key) const {
+    if (const Entry* entry = find(key)) return entry->value;
+    return Value(*provenance_, YAML::Node(), child_path(key), YAML::Mark::null_mark());
+  }
+
+  Value required(const std::string& key) const {
+    Value value = at(key);
+    if (value.is_null())
+      fail("{}: missing required key '{}'", provenance_->where(value.path(), YAML::Mark::null_mark()), value.path());
+    return value;
+  }
+
+  std::string required_text(const std::string& key) const {
+    const Value value = required(key);
+    std::string text = value.as<std::string>();
+    if (text.empty()) value.reject(fmt::format("{} must not be empty", value.path()));
+    return text;
+  }
+
+  bool has(const std::string& key) const { return !at(key).is_null(); }
+
+  // An error located at the key itself, for settings that are wrong in combination with others.
+  [[noreturn]] void reject_key(const std::string& key, const std::string& message) const {
+    const Entry* entry = find(key);
+    const std::string key_path = child_path(key);
+    fail("{}: {}", provenance_->where(key_path, entry ? entry->key_mark : YAML::Mark::null_mark()), message);
+  }
+
+  const std::vector<Entry>& entries() const { return entries_; }
+
+ private:
+  std::string child_path(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+
+  const Entry* find(const std::string& key) const {
+    for (const Entry& entry : entries_)
+      if (entry.key == key) return &entry;
+    return nullptr;
+  }
+
+  const Provenance* provenance_;
+  std::string path_;
+  std::vector<Entry> entries_;
+};
+
+Mapping Value::mapping(const std::vector<std::string>& known_keys) const {
+  if (!is_null() && !node_.IsMap()) expected("a mapping");
+  return Mapping(*provenance_, node_, path_, &known_keys);
+}
+
+Mapping Value::open_mapping() const {
+  if (!is_null() && !node_.IsMap()) expected("a mapping");
+  return Mapping(*provenance_, node_, path_, nullptr);
+}
+
+// A path value written in the config file is relative to the file's directory; one given with --set
+// is relative to the working directory, as the shell user typed it. "" when not given.
+std::string resolve_path(const Value& value, const fs::path& config_dir) {
+  const std::string text = value.as_or<std::string>("");
+  if (text.empty()) return text;
+  const fs::path base = value.from_override() ? fs::current_path() : config_dir;
+  return (base / text).lexically_normal().string();
+}
+
+ModelSettings read_model(const Mapping& root, const fs::path& config_dir) {
+  const Mapping model = root.at("model").mapping({"path", "tokenizer", "device", "dtype", "seed"});
+  ModelSettings settings;
+  settings.path = model.required_text("path");
+  const Value path = model.at("path");
+  if (!is_synthetic(settings.path)) {
+    settings.path = resolve_path(path, config_dir);
+  } else if (settings.path == kSyntheticPrefix) {
+    path.reject("model.path: synthetic: needs a model name, e.g. synthetic:llama-3.2-1b");
+  }
+  settings.tokenizer = resolve_path(model.at("tokenizer"), config_dir);
+
+  const Value device = model.at("device");
+  settings.device = device.as_or<std::string>(settings.device);
+  static const std::regex kDeviceForm("cpu|cuda(:[0-9]+)?");
+  if (!std::regex_match(settings.device, kDeviceForm))
+    device.reject(fmt::format("model.device: expected cpu, cuda or cuda:N, got '{}'", settings.device));
+  settings.dtype = model.at("dtype").one_of({"float32", "float16", "bfloat16"}, "dtype", settings.dtype);
+
+  if (model.has("seed") && !is_synthetic(settings.path))
+    model.reject_key("seed", "model.seed is only valid with a synthetic:NAME model (it seeds random weights)");
+  settings.seed = static_cast<uint64_t>(model.at("seed").as_or<int64_t>(0, kNonNegative));
+  return settings;
+}
+
+// The prompt keys that only some sources read; giving one to another source is an error.
+const std::vector<std::pair<std::string, std::vector<std::string>>> kSourceOnlyKeys = {
+    {"texts", {"inline"}},
+    {"path", {"text_file", "jsonl"}},
+    {"separator", {"text_file"}},
+    {"field", {"jsonl"}},
+    {"template", {"jsonl"}},
+    {"answer_field", {"jsonl"}},
+    {"ids", {"token_ids"}},
+    {"add_bos", {"inline", "text_file", "jsonl"}},
+};
+
+PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, const ModelSettings& model) {
+  const Mapping prompts = root.at("prompts").mapping(
+      {"source", "texts", "path", "separator", "field", "template", "answer_field", "ids", "offset", "limit",
+       "add_bos"});
+  PromptSettings settings;
+  settings.kind = prompts.required("source").one_of(kPromptSources, "prompt source");
+  for (const auto& [key, sources] : kSourceOnlyKeys) {
+    if (prompts.has(key) && !contains(sources, settings.kind))
+      prompts.reject_key(key, fmt::format("prompts.{} is only valid with source {}", key, or_list(sources)));
+  }
+  // Synthetic models have random weights and no vocabulary of their own to encode text with.
+  if (settings.kind != "token_ids" && is_synthetic(model.path) && model.tokenizer.empty())
+    prompts.reject_key("source", fmt::format("prompts.source {} needs a tokenizer, and a synthetic model has none "
+                                             "(set model.tokenizer, or use source token_ids)",
+                                             settings.kind));
+
+  if (settings.kind == "inline") {
+    for (const Value& text : prompts.required("texts").elements("prompt"))
+      settings.texts.push_back(text.as<std::string>());
+  }
+  if (settings.kind == "text_file" || settings.kind == "jsonl") {
+    prompts.required_text("path");
+    settings.path = resolve_path(prompts.at("path"), config_dir);
+  }
+  if (prompts.has("separator")) {
+    const Value separator = prompts.at("separator");
+    settings.separator = separator.as<std::string>();
+    if (settings.separator->empty())
+      separator.reject("prompts.separator must not be empty (leave it out for one prompt per non-empty line)");
+  }
+  settings.field = prompts.at("field").as_or<std::string>("");
+  settings.template_text = prompts.at("template").as_or<std::string>("");
+  settings.answer_field = prompts.at("answer_field").as_or<std::string>("");
+  if (settings.kind == "jsonl") {
+    if (!settings.field.empty() && !settings.template_text.empty())
+      prompts.reject_key("template", "give prompts.field or prompts.template, not both");
+    if (settings.template_text.empty()) settings.field = prompts.required_text("field");
+  }
+  if (settings.kind == "token_ids") {
+    for (const Value& prompt : prompts.required("ids").elements("prompt")) {
+      auto& ids = settings.ids.emplace_back();
+      for (const Value& id : prompt.elements("token")) ids.push_back(id.as<int64_t>(kNonNegative));
+    }
+  }
+  settings.offset = prompts.at("offset").as_or<int64_t>(settings.offset, kNonNegative);
+  settings.limit = prompts.at("limit").as_or<int64_t>(settings.limit, kNonNegative);
+  settings.add_bos = prompts.at("add_bos").as_or<bool>(settings.add_bos);
+  return settings;
+}
+
+DecodingSettings read_decoding(const Mapping& root) {
+  const Mapping decoding = root.at("decoding").mapping(
+      {"max_new_tokens", "stop_at_eos", "temperature", "top_p", "top_k", "seed", "batch_prompts"});
+  DecodingSettings settings;
+  settings.max_new_tokens = decoding.at("max_new_tokens").as_or<int64_t>(settings.max_new_tokens, kAtLeastOne);
+  settings.stop_at_eos = decoding.at("stop_at_eos").as_or<bool>(settings.stop_at_eos);
+  settings.temperature = decoding.at("temperature").as_or<double>(settings.temperature, kNonNegative);
+  settings.top_p = decoding.at("top_p").as_or<double>(settings.top_p, kUnitInterval);
+  settings.top_k = decoding.at("top_k").as_or<int64_t>(settings.top_k, kNonNegative);
+  settings.seed = static_cast<uint64_t>(decoding.at("seed").as_or<int64_t>(0, kNonNegative));
+  settings.batch_prompts = decoding.at("batch_prompts").as_or<int64_t>(settings.batch_prompts, kAtLeastOne);
+  // Greedy decoding ignores the sampling cut-offs, so one given with it is a mistake, not a no-op.
+  if (settings.temperature == 0.0) {
+    const std::pair<const char*, bool> cutoffs[] = {{"top_p", settings.top_p == 1.0}, {"top_k", settings.top_k == 0}};
+    for (const auto& [key, is_default] : cutoffs)
+      if (!is_default)
+        decoding.reject_key(key, fmt::format("decoding.{} only applies when sampling (decoding.temperature > 0)", key));
+  }
+  return settings;
+}
+
+std::vector<QuantizerSettings> read_quantizers(const Mapping& root) {
+  static const std::regex kNameForm("[A-Za-z0-9._-]+");
+  std::vector<QuantizerSettings> quantizers;
+  std::set<std::string> names;
+  for (const Value& entry : root.required("quantizers").elements("quantizer")) {
+    const Mapping fields = entry.mapping({"name", "method", "params"});
+    QuantizerSettings settings;
+    const Value name = fields.required("name");
+    settings.name = name.as<std::string>();
+    if (!std::regex_match(settings.name, kNameForm))
+      name.reject(fmt::format("{} '{}' may only hold letters, digits, '.', '_' and '-'", name.path(), settings.name));
+    if (!names.insert(settings.name).second)
+      name.reject(fmt::format("{} '{}' is used twice", name.path(), settings.name));
+    settings.method = fields.required_text("method");
+    const Mapping params = fields.at("params").open_mapping();
+    for (const auto& param : params.entries()) settings.params[param.key] = param.value.as<std::string>();
+    settings.line = entry.line();
+    quantizers.push_back(std::move(settings));
+  }
+  return quantizers;
+}
+
+std::vector<std::string> read_lanes(const Mapping& root, std::vector<std::string> fallback) {
+  if (!root.has("lanes")) return fallback;
+  std::vector<std::string> lanes;
+  for (const Value& entry : root.at("lanes").elements("lane")) {
+    const std::string lane = entry.one_of(kLanes, "lane");
+    if (contains(lanes, lane)) entry.reject(fmt::format("{}: lane '{}' is listed twice", entry.path(), lane));
+    lanes.push_back(lane);
+  }
+  return lanes;
+}
+
+MetricSettings read_metrics(const Mapping& root) {
+  const Mapping metrics = root.at("metrics").mapping({"layer_stride", "token_scale", "attention_error"});
+  MetricSettings settings;
+  settings.layer_stride = metrics.at("layer_stride").as_or<int64_t>(settings.layer_stride, kAtLeastOne);
+  settings.token_scale = metrics.at("token_scale").as_or<bool>(settings.token_scale);
+  settings.attention_error = metrics.at("attention_error").as_or<bool>(settings.attention_error);
+  return settings;
+}
+
+OutputSettings read_output(const Mapping& root) {
+  const Mapping output = root.at("output").mapping({"path", "flush_seconds"});
+  OutputSettings settings;
+  settings.path = (fs::current_path() / output.required_text("path")).lexically_normal().string();
+  settings.flush_seconds = output.at("flush_seconds").as_or<double>(settings.flush_seconds, kPositive);
+  return settings;
+}
+
+std::vector<std::string> split(const std::string& text, char separator) {
+  std::vector<std::string> parts;
+  std::istringstream stream(text);
+  for (std::string part; std::getline(stream, part, separator);) parts.push_back(part);
+  if (text.empty() || text.back() == separator) parts.emplace_back();  // getline drops a trailing empty part
+  return parts;
+}
+
+std::optional<size_t> parse_index(const std::string& text) {
+  size_t index = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), index);
+  if (error != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return index;
+}
+
+// Applies one --set KEY=VALUE to the document before validation, so that overrides are checked
+// exactly like the file. KEY is dotted, with list entries selected by index
+// (quantizers.0.params.k_bits); VALUE is YAML, so lanes=[static] sets a list.
+void apply_override(YAML::Node& document, const std::string& argument, Provenance& provenance) {
+  const size_t equals = argument.find('=');
+  if (equals == std::string::npos) fail("--set {}: expected KEY=VALUE, e.g. decoding.max_new_tokens=64", argument);
+  const std::string dotted_key = argument.substr(0, equals);
+  const std::vector<std::string> keys = split(dotted_key, '.');
+  if (contains(keys, ""))
+    fail("--set {}: '{}' is not a dotted key such as decoding.max_new_tokens", argument, dotted_key);
+  YAML::Node value;
+  try {
+    value = YAML::Load(argument.substr(equals + 1));
+  } catch (const YAML::Exception& error) {
+    fail("--set {}: the value is not valid YAML: {}", argument, error.msg);
+  }
+
+  YAML::Node node = document;
+  std::string path;
+  std::string first_added;  // the first key this override adds: everything under it comes from here
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const std::string& key = keys[i];
+    const bool last = i + 1 == keys.size();
+    if (node.IsSequence()) {
+      const std::optional<size_t> index = parse_index(key);
+      if (!index || *index >= node.size())
+        fail("--set {}: {} has {} entries, so '{}' names none (entries are numbered from 0)", argument, path,
+             node.size(), key);
+      path += fmt::format("[{}]", *index);
+      if (last) {
+        node[*index] = value;
+      } else {
+        node.reset(node[*index]);  // reset rebinds the handle; operator= would overwrite the node
+      }
+      continue;
+    }
+    if (node.IsNull()) node = YAML::Node(YAML::NodeType::Map);  // e.g. "model:" left empty in the file
+    if (!node.IsMap()) fail("--set {}: {} holds a single value, not a mapping with key '{}'", argument, path, key);
+    path += path.empty() ? key : "." + key;
+    const bool exists = static_cast<bool>(std::as_const(node)[key]);  // the const lookup adds nothing
+    if (!exists && first_added.empty()) first_added = path;
+    if (last) {
+      node[key] = value;
+    } else {
+      if (!exists) node[key] = YAML::Node(YAML::NodeType::Map);
+      node.reset(node[key]);
+    }
+  }
+  provenance.record_override(first_added.empty() ? path : first_added, argument);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (!in) fail("cannot read config file {}", path);
+  return text.str();
+}
+
+// The shortest text that reads back as the same double.
+std::string number_text(double value) { return fmt::format("{}", value); }
+
+}  // namespace
+
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code error;
+  if (!fs::is_regular_file(path, error)) fail("config file not found: {}", path);
+  std::vector<YAML::Node> documents;
+  try {
+    documents = YAML::LoadAll(read_text(path));
+  } catch (const YAML::Exception& syntax_error) {
+    fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
+  }
+  if (documents.size() > 1)
+    fail("{}:{}: a config is one YAML document, but a second one starts here", path, documents[1].Mark().line + 1);
+  YAML::Node document = documents.empty() ? YAML::Node() : documents.front();
+
+  Provenance provenance(path);
+  if (document.IsNull()) document = YAML::Node(YAML::NodeType::Map);
+  if (!document.IsMap()) fail("{}: the config must be a mapping of sections ({})", path, fmt::join(kSections, ", "));
+  for (const std::string& argument : overrides) apply_override(document, argument, provenance);
+  const Mapping root = Value(provenance, document, "", document.Mark()).mapping(kSections);
+
+  RunConfig config;
+  config.source_path = path;
+  const fs::path config_dir = fs::absolute(path).parent_path();
+  config.model = read_model(root, config_dir);
+  config.prompts = read_prompts(root, config_dir, config.model);
+  config.decoding = read_decoding(root);
+  config.quantizers = read_quantizers(root);
+  config.lanes = read_lanes(root, config.lanes);
+  config.metrics = read_metrics(root);
+  config.output = read_output(root);
+  return config;
+}
+
+std::string RunConfig::resolved_yaml() const {
+  YAML::Emitter out;
+  const auto key = [&out](const char* name) -> YAML::Emitter& { return out << YAML::Key << name << YAML::Value; };
+  out << YAML::BeginMap;
+
+  key("model") << YAML::BeginMap;
+  key("path") << model.path;
+  if (!model.tokenizer.empty()) key("tokenizer") << model.tokenizer;
+  key("device") << model.device;
+  key("dtype") << model.dtype;
+  if (is_synthetic(model.path)) key("seed") << model.seed;
+  out << YAML::EndMap;
+
+  key("prompts") << YAML::BeginMap;
+  key("source") << prompts.kind;
+  if (prompts.kind == "inline") key("texts") << prompts.texts;
+  if (!prompts.path.empty()) key("path") << prompts.path;
+  if (prompts.separator) key("separator") << *prompts.separator;
+  if (!prompts.field.empty()) key("field") << prompts.field;
+  if (!prompts.template_text.empty()) key("template") << prompts.template_text;
+  if (!prompts.answer_field.empty()) key("answer_field") << prompts.answer_field;
+  if (prompts.kind == "token_ids") key("ids") << YAML::Flow << prompts.ids;
+  key("offset") << prompts.offset;
+  key("limit") << prompts.limit;
+  if (prompts.kind != "token_ids") key("add_bos") << prompts.add_bos;
+  out << YAML::EndMap;
+
+  key("decoding") << YAML::BeginMap;
+  key("max_new_tokens") << decoding.max_new_tokens;
+  key("stop_at_eos") << decoding.stop_at_eos;
+  key("temperature") << number_text(decoding.temperature);
+  key("top_p") << number_text(decoding.top_p);
+  key("top_k") << decoding.top_k;
+  key("seed") << decoding.seed;
+  key("batch_prompts") << decoding.batch_prompts;
+  out << YAML::EndMap;
+
+  key("quantizers") << YAML::BeginSeq;
+  for (const QuantizerSettings& quantizer : quantizers) {
+    out << YAML::BeginMap;
+    key("name") << quantizer.name;
+    key("method") << quantizer.method;
+    key("params") << YAML::Flow << quantizer.params;
+    out << YAML::EndMap;
+  }
+  out << YAML::EndSeq;
+
+  key("lanes") << YAML::Flow << lanes;
+
+  key("metrics") << YAML::BeginMap;
+  key("layer_stride") << metrics.layer_stride;
+  key("token_scale") << metrics.token_scale;
+  key("attention_error") << metrics.attention_error;
+  out << YAML::EndMap;
+
+  key("output") << YAML::BeginMap;
+  key("path") << output.path;
+  key("flush_seconds") << number_text(output.flush_seconds);
+  out << YAML::EndMap;
+
+  out << YAML::EndMap;
+  if (!out.good()) fail("cannot write the run config as YAML: {}", out.GetLastError());
+  return std::string(out.c_str()) + "\n";
+}
+
+bool operator==(const ModelSettings& a, const ModelSettings& b) {
+  return std::tie(a.path, a.tokenizer, a.device, a.dtype, a.seed) ==
+         std::tie(b.path, b.tokenizer, b.device, b.dtype, b.seed);
+}
+
+
+bool operator==(const DecodingSettings& a, const DecodingSettings& b) {
+  return std::tie(a.max_new_tokens, a.stop_at_eos, a.temperature, a.top_p, a.top_k, a.seed, a.batch_prompts) ==
+         std::tie(b.max_new_tokens, b.stop_at_eos, b.temperature, b.top_p, b.top_k, b.seed, b.batch_prompts);
+}
+
+bool operator==(const QuantizerSettings& a, const QuantizerSettings& b) {
+  return std::tie(a.name, a.method, a.params) == std::tie(b.name, b.method, b.params);
+}
+
+bool operator==(const MetricSettings& a, const MetricSettings& b) {
+  return std::tie(a.layer_stride, a.token_scale, a.attention_error) ==
+         std::tie(b.layer_stride, b.token_scale, b.attention_error);
+}
+
+bool operator==(const OutputSettings& a, const OutputSettings& b) {
+  return std::tie(a.path, a.flush_seconds) == std::tie(b.path, b.flush_seconds);
+}
+
+bool operator==(const RunConfig& a, const RunConfig& b) {
+  // PromptSource belongs to io/prompts.h, so its comparison stays here rather than as its operator==.
+  const auto prompt_fields = [](const PromptSettings& p) {
+    return std::tie(p.kind, p.texts, p.path, p.separator, p.field, p.template_text, p.answer_field, p.ids, p.offset,
+                    p.limit, p.add_bos);
+  };
+  return prompt_fields(a.prompts) == prompt_fields(b.prompts) &&
+         std::tie(a.model, a.decoding, a.quantizers, a.lanes, a.metrics, a.output) ==
+             std::tie(b.model, b.decoding, b.quantizers, b.lanes, b.metrics, b.output);
+}
+
+}  // namespace kvdrift

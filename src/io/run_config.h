@@ -1,0 +1,97 @@
+#pragma once
+// The run configuration of `kvdrift run CONFIG.yaml [--set a.b=value ...]`: what model to load, which
+// prompts to decode and how, which quantizers and lanes to compare, what to log and where. Loading is
+// strict, because a silently ignored setting wastes a research run: unknown keys, wrong types, values
+// out of range and settings that cannot take effect together are errors naming the dotted key and
+// where it came from ("configs/demo.yaml:12: ..." or "--set decoding.top_p=2: ...").
+//
+// Paths: model.path, model.tokenizer and prompts.path are relative to the config file's directory
+// when written in the file, and to the current working directory when given with --set (as a shell
+// user types them). output.path is always relative to the current working directory: outputs belong
+// to the caller, not to the config. All are stored absolute and lexically normalized; synthetic:NAME
+// model paths are kept as written.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "io/prompts.h"
+
+namespace kvdrift {
+
+// Optional strings below use "" for "not given"; the YAML may also leave such a key out, set it to
+// null or to "".
+
+struct ModelSettings {
+  std::string path;               // llama2.c .bin, HF directory, or synthetic:NAME
+  std::string tokenizer;          // "": the model's own (an HF directory's tokenizer.json)
+  std::string device = "cpu";     // cpu | cuda | cuda:N (the form is checked, not availability)
+  std::string dtype = "float32";  // float32 | float16 | bfloat16
+  uint64_t seed = 0;              // synthetic weights; only accepted with a synthetic: path
+};
+
+// The prompts section is the prompt reader's own input, so that the two cannot drift apart. YAML keys
+// map to fields by name, except `source` (-> kind) and `template` (-> template_text). Keys that belong
+// to another source are rejected, so every field that is set is one the chosen source reads;
+// inline needs at least one text (an empty one is a BOS-only prompt), token_ids at least one
+// non-empty list of ids >= 0.
+using PromptSettings = PromptSource;
+
+struct DecodingSettings {
+  int64_t max_new_tokens = 256;
+  bool stop_at_eos = true;
+  double temperature = 0.0;  // 0: greedy, and then top_p and top_k must keep their defaults
+  double top_p = 1.0;        // in (0, 1]
+  int64_t top_k = 0;         // 0: no top-k cut
+  uint64_t seed = 0;
+  int64_t batch_prompts = 1;
+};
+
+struct QuantizerSettings {
+  std::string name;                           // unique, [A-Za-z0-9._-]+
+  std::string method;                         // checked by the quantizer registry, not here
+  std::map<std::string, std::string> params;  // values as written, for the method's ParamReader
+  int line = 0;                               // the entry's line in the config file; 0 from --set
+};
+
+struct MetricSettings {
+  int64_t layer_stride = 1;  // per-layer arrays are logged every layer_stride steps
+  bool token_scale = true;
+  bool attention_error = true;
+};
+
+struct OutputSettings {
+  std::string path;            // relative to the current working directory
+  double flush_seconds = 5.0;  // > 0
+};
+
+struct RunConfig {
+  ModelSettings model;
+  PromptSettings prompts;
+  DecodingSettings decoding;
+  std::vector<QuantizerSettings> quantizers;
+  std::vector<std::string> lanes = {"static", "teacher_forced", "free_running"};  // in the order given
+  MetricSettings metrics;
+  OutputSettings output;
+  std::string source_path;  // the config file as named by the caller
+
+  // The settings as YAML, defaults filled in and overrides applied, keys in schema order and only
+  // those the settings use: recorded in outputs and compared on resume. Loading this text again
+  // gives an equal RunConfig and the same text.
+  std::string resolved_yaml() const;
+};
+
+// Equal settings. Where they were read from (source_path, QuantizerSettings::line) is not compared.
+bool operator==(const ModelSettings& a, const ModelSettings& b);
+bool operator==(const DecodingSettings& a, const DecodingSettings& b);
+bool operator==(const QuantizerSettings& a, const QuantizerSettings& b);
+bool operator==(const MetricSettings& a, const MetricSettings& b);
+bool operator==(const OutputSettings& a, const OutputSettings& b);
+bool operator==(const RunConfig& a, const RunConfig& b);
+
+// Reads the YAML file at `path`, applies `overrides` ("a.b=value"; a number selects a list entry, as
+// in quantizers.0.params.k_bits=4; the value is YAML, so lanes=[static] sets a list) in order, then
+// validates the result. Throws Error on the first problem.
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides);
+
+}  // namespace kvdrift

@@ -1,0 +1,539 @@
+#include "io/run_log.h"
+
+#include <fmt/format.h>
+#include <hdf5.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <limits>
+#include <sstream>
+#include <string_view>
+#include <thread>
+
+#include "core/error.h"
+#include "decode/engine.h"
+#include "io/hdf5.h"
+
+namespace kvdrift {
+
+namespace {
+
+constexpr int64_t kSchemaVersion = 1;  // docs/hdf5-schema.md; bump on any incompatible change
+constexpr int kGzipLevel = 4;
+// Per-step arrays: 256 steps per chunk keeps chunks few for typical runs (max_new_tokens 256).
+const h5::AppendableOptions kStepArrays{256, kGzipLevel, true};
+// How long a write waits for readers holding the file open before giving up.
+constexpr std::chrono::seconds kReaderWait{60};
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// --- Array layout ---
+
+// The axes of the metric arrays the engine logs (decode/engine.h), outermost first, as stored in
+// each dataset's `axes` attribute. Arrays of other names are stored as given, without one.
+const std::map<std::string, std::string>& metric_axes() {
+  static const std::map<std::string, std::string> axes = [] {
+    std::map<std::string, std::string> table = {{"kl", "step"},
+                                                {"top1_agree", "step"},
+                                                {"logp_delta", "step"},
+                                                {"match", "step"},
+                                                {"attn_rel_l2", "logged_step,layer"},
+                                                {"attn_cos", "logged_step,layer"}};
+    for (const char* role : {"key", "value"}) {
+      for (const char* against : {"quant", "drift"}) {
+        for (const char* component : {"E_M", "E_D", "E_T", "norm_ratio"}) {
+          table[fmt::format("{}/{}/{}", role, against, component)] = "position,layer";
+        }
+      }
+    }
+    return table;
+  }();
+  return axes;
+}
+
+// Arrays whose outermost axis counts decoding steps grow along it: unlimited, chunked, compressed.
+bool grows_along_steps(const std::string& axes) {
+  const std::string outermost = axes.substr(0, axes.find(','));
+  return outermost == "step" || outermost == "logged_step";
+}
+
+// Writes `values` of `shape` as `group`/`name`, after checking that they fill the shape and that the
+// shape has one axis per name in `axes` ("" for arrays the schema does not know).
+template <typename T>
+void write_array(h5::Group& group, const std::string& name, const std::vector<T>& values,
+                 const std::vector<int64_t>& shape, const std::string& axes) {
+  std::vector<hsize_t> dims;
+  for (int64_t dim : shape) {
+    if (dim < 0)
+      fail("{}: dataset '{}/{}': shape [{}] has a negative dimension", group.file_path(), group.path(), name,
+           fmt::join(shape, ", "));
+    dims.push_back(static_cast<hsize_t>(dim));
+  }
+  if (h5::Dataset::element_count(dims) != values.size()) {
+    fail("{}: dataset '{}/{}': {} values do not fill shape [{}]", group.file_path(), group.path(), name, values.size(),
+         fmt::join(shape, ", "));
+  }
+  if (axes.empty()) {
+    group.write(name, values, dims, kGzipLevel);
+    return;
+  }
+  const size_t axis_count = static_cast<size_t>(std::count(axes.begin(), axes.end(), ',')) + 1;
+  if (dims.size() != axis_count) {
+    fail("{}: dataset '{}/{}': shape [{}] does not match the schema's axes [{}]", group.file_path(), group.path(), name,
+         fmt::join(shape, ", "), axes);
+  }
+  if (grows_along_steps(axes)) {
+    h5::AppendableDataset dataset =
+        group.create_appendable<T>(name, std::vector<hsize_t>(dims.begin() + 1, dims.end()), kStepArrays);
+    dataset.append(values);
+    dataset.set_attribute("axes", axes);
+  } else {
+    group.write(name, values, dims, kGzipLevel).set_attribute("axes", axes);
+  }
+}
+
+template <typename T>
+void write_vector(h5::Group& group, const std::string& name, const std::vector<T>& values, const std::string& axes) {
+  write_array(group, name, values, {static_cast<int64_t>(values.size())}, axes);
+}
+
+// --- Small pieces the h5 layer does not cover ---
+
+// Seeds are full uint64 values, beyond the h5 layer's int64 attributes.
+void set_uint64_attribute(h5::Object& object, const std::string& name, uint64_t value) {
+  const h5::Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  const h5::Handle attribute(
+      H5Acreate2(object.id(), name.c_str(), H5T_STD_U64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  if (space.get() < 0 || attribute.get() < 0 || H5Awrite(attribute.get(), H5T_NATIVE_UINT64, &value) < 0) {
+    fail("{}: cannot write attribute '{}' of '{}'", object.file_path(), name, object.path());
+  }
+}
+
+// Unlinks `name` from `group`. HDF5 does not reclaim the space (h5repack does).
+void remove_link(h5::Group& group, const std::string& name) {
+  if (H5Ldelete(group.id(), name.c_str(), H5P_DEFAULT) < 0) {
+    fail("{}: cannot delete '{}' from group '{}'", group.file_path(), name, group.path());
+  }
+}
+
+// Quantizer and lane names become group names.
+void check_group_name(const std::string& file_path, const char* what, const std::string& name) {
+  if (name.empty() || name == "." || name.find('/') != std::string::npos) {
+    fail("{}: {} name '{}' cannot name an HDF5 group", file_path, what, name);
+  }
+}
+
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return text;
+}
+
+// --- Opening ---
+
+// HDF5 locks a file while it is open; a reader's lock makes a writer's open fail with this message.
+bool is_lock_failure(const Error& error) {
+  return std::string_view(error.what()).find("unable to lock file") != std::string_view::npos;
+}
+
+// `open()`, retried while readers hold the file open (they may read between samples).
+template <typename OpenFile>
+h5::File open_waiting_for_readers(const std::string& path, OpenFile&& open) {
+  const auto deadline = std::chrono::steady_clock::now() + kReaderWait;
+  for (;;) {
+    try {
+      return open();
+    } catch (const Error& error) {
+      if (!is_lock_failure(error)) throw;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        fail(
+            "{}; another process kept {} open for {} s (readers must close it between samples); close it, then "
+            "resume the run",
+            error.what(), path, kReaderWait.count());
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+h5::File open_for_writing(const std::string& path) {
+  return open_waiting_for_readers(path, [&] { return h5::File::open_read_write(path); });
+}
+
+h5::File open_to_resume(const std::string& path) {
+  try {
+    try {
+      return open_for_writing(path);
+    } catch (const Error& error) {
+      if (is_lock_failure(error)) throw;
+    }
+    // A writer killed while it had the file open left it marked as open for writing.
+    return open_waiting_for_readers(path, [&] { return h5::File::recover_read_write(path); });
+  } catch (const Error& error) {
+    if (is_lock_failure(error)) throw;
+    fail("{} cannot be resumed: {}; pass --overwrite to replace it", path, error.what());
+  }
+}
+
+void write_header(h5::File& file, const std::string& resolved_config_yaml, const RunMetadata& metadata) {
+  file.set_attribute("schema_version", kSchemaVersion);
+  file.set_attribute("kvdrift_version", metadata.tool_version);
+  file.set_attribute("git_revision", metadata.git_revision);
+  file.set_attribute("created_utc", utc_now());
+  file.set_attribute("device", metadata.device);
+  file.set_attribute("dtype", metadata.dtype);
+  set_uint64_attribute(file, "decoding_seed", metadata.decoding_seed);
+  set_uint64_attribute(file, "weights_seed", metadata.weights_seed);
+  file.set_attribute("complete", 0);
+  file.write_string("config/yaml", resolved_config_yaml);
+
+  h5::Group model = file.create_group("model");
+  model.set_attribute("path", metadata.model_path);
+  model.set_attribute("format", metadata.model_format);
+  model.set_attribute("sha256", metadata.model_sha256);
+  h5::Group shapes = model.create_group("shapes");
+  for (const auto& [name, shape] : metadata.model_shapes) shapes.set_attribute(name, shape);
+  h5::Group model_config = model.create_group("config");
+  for (const auto& [key, value] : metadata.model_config) model_config.set_attribute(key, value);
+
+  h5::Group quantizers = file.create_group("quantizers");
+  for (const std::string& name : metadata.quantizer_names) {
+    check_group_name(file.file_path(), "quantizer", name);
+    quantizers.create_group(name);
+  }
+  for (const auto& [name, params] : metadata.quantizer_params) {
+    check_group_name(file.file_path(), "quantizer", name);
+    h5::Group quantizer = quantizers.require_group(name);
+    for (const auto& [key, value] : params) quantizer.set_attribute(key, value);
+  }
+  file.create_group("samples");
+}
+
+// "first difference at line N: ..." for two texts that differ.
+std::string first_difference(const std::string& stored, const std::string& current) {
+  std::istringstream stored_lines(stored), current_lines(current);
+  std::string stored_line, current_line;
+  for (int line = 1;; ++line) {
+    const bool in_stored = static_cast<bool>(std::getline(stored_lines, stored_line));
+    const bool in_current = static_cast<bool>(std::getline(current_lines, current_line));
+    if (!in_stored && !in_current) return "they differ in the final newline";
+    if (!in_stored || !in_current || stored_line != current_line) {
+      return fmt::format("first difference at line {}: `{}` in the file, `{}` now", line,
+                         in_stored ? stored_line : "(end)", in_current ? current_line : "(end)");
+    }
+  }
+}
+
+void check_resumable(const h5::File& file, const std::string& resolved_config_yaml, const RunMetadata& metadata) {
+  const std::string& path = file.file_path();
+  if (!file.has_attribute("schema_version") || !file.exists("config/yaml") || !file.exists("samples")) {
+    fail("{} is not a kvdrift run log; pass --overwrite to replace it", path);
+  }
+  const int64_t version = file.attribute<int64_t>("schema_version");
+  if (version != kSchemaVersion) {
+    fail("{} has run-log schema version {}, this kvdrift writes {}; pass --overwrite to replace it", path, version,
+         kSchemaVersion);
+  }
+  const std::string stored_yaml = file.read_string("config/yaml");
+  if (stored_yaml != resolved_config_yaml) {
+    fail("{} was written with a different config; pass --overwrite to replace it ({})", path,
+         first_difference(stored_yaml, resolved_config_yaml));
+  }
+  // The config names the model file; the checksum tells whether that file still holds the same weights.
+  const std::string stored_sha256 = file.open_group("model").attribute<std::string>("sha256");
+  if (stored_sha256 != metadata.model_sha256) {
+    fail("{} was written with a different model (sha256 '{}', now '{}'); pass --overwrite to replace it", path,
+         stored_sha256, metadata.model_sha256);
+  }
+}
+
+bool is_complete(const h5::Object& object) {
+  return object.has_attribute("complete") && object.attribute<int64_t>("complete") == 1;
+}
+
+// The indices of the samples marked complete. Incomplete ones, from a write that was cut short, are deleted.
+std::set<int64_t> finished_samples(h5::Group& samples) {
+  std::set<int64_t> finished;
+  for (const std::string& name : samples.children()) {
+    // Decimal, as std::to_string writes it, and short enough for int64.
+    const bool is_index = !name.empty() && name.size() < 19 &&
+                          std::all_of(name.begin(), name.end(), [](unsigned char c) { return std::isdigit(c); }) &&
+                          (name == "0" || name.front() != '0');
+    if (!is_index) fail("{}: '{}/{}' is not a sample of a run log", samples.file_path(), samples.path(), name);
+    if (is_complete(samples.open_group(name))) {
+      finished.insert(std::stoll(name));
+    } else {
+      remove_link(samples, name);
+    }
+  }
+  return finished;
+}
+
+// The summary and the completion mark describe a finished run; a resumed or finishing run rewrites them.
+void mark_unfinished(h5::File& file) {
+  file.set_attribute("complete", 0);
+  if (file.exists("summary")) remove_link(file, "summary");
+}
+
+// --- Samples ---
+
+void write_lane(h5::Group& sample, const LaneResult& lane) {
+  check_group_name(sample.file_path(), "quantizer", lane.quantizer);
+  check_group_name(sample.file_path(), "lane", lane.lane);
+  h5::Group group = sample.create_group(lane.quantizer + "/" + lane.lane);
+  for (const auto& [name, array] : lane.arrays) {
+    const auto axes = metric_axes().find(name);
+    write_array(group, name, array.values, array.shape, axes == metric_axes().end() ? "" : axes->second);
+  }
+  for (const auto& [name, value] : lane.scalars) {
+    // "key/quant/worst5_magnitude_share" goes to group key/quant, beside the arrays it summarizes.
+    const size_t slash = name.rfind('/');
+    if (slash == std::string::npos) {
+      group.set_attribute(name, value);
+    } else {
+      group.require_group(name.substr(0, slash)).set_attribute(name.substr(slash + 1), value);
+    }
+  }
+  if (lane.lane == "free_running") {
+    write_vector(group, "tokens", lane.tokens, "step");
+    group.set_attribute("first_divergence", lane.first_divergence);
+    group.set_attribute("outcome", lane.outcome);
+  }
+}
+
+void write_sample_contents(h5::Group& sample, const SampleResult& result) {
+  sample.set_attribute("prompt_id", result.prompt.id);
+  sample.set_attribute("prompt_text", result.prompt.text);
+  sample.set_attribute("answer", result.prompt.answer);
+  sample.set_attribute("reference_text", result.reference_text);
+  sample.set_attribute("reference_stopped", result.reference_stopped ? 1 : 0);
+  sample.set_attribute("prefill_seconds", result.prefill_seconds);
+  sample.set_attribute("decode_seconds", result.decode_seconds);
+  sample.set_attribute("metric_seconds", result.metric_seconds);
+  write_vector(sample, "prompt_tokens", result.prompt.tokens, "position");
+  write_vector(sample, "reference_tokens", result.reference_tokens, "step");
+  write_vector(sample, "logged_steps", result.logged_steps, "logged_step");
+  for (const LaneResult& lane : result.lanes) write_lane(sample, lane);
+}
+
+// --- Summary ---
+
+class Mean {
+ public:
+  void add(double value) {
+    sum_ += value;
+    ++count_;
+  }
+  void add_all(const std::vector<float>& values) {
+    for (float value : values) add(value);
+  }
+  double value() const { return count_ > 0 ? sum_ / static_cast<double>(count_) : kNaN; }
+
+ private:
+  double sum_ = 0;
+  int64_t count_ = 0;
+};
+
+// numpy.percentile's default: linear interpolation between the closest ranks. NaN when there are no
+// values or any is NaN.
+double percentile(std::vector<double> values, double percent) {
+  if (values.empty() || std::any_of(values.begin(), values.end(), [](double v) { return std::isnan(v); })) return kNaN;
+  std::sort(values.begin(), values.end());
+  const double rank = percent / 100.0 * static_cast<double>(values.size() - 1);
+  const size_t below = static_cast<size_t>(std::floor(rank));
+  const size_t above = std::min(below + 1, values.size() - 1);
+  return values[below] + (values[above] - values[below]) * (rank - static_cast<double>(below));
+}
+
+double mean_of(const std::vector<double>& values) {
+  Mean mean;
+  for (double value : values) mean.add(value);
+  return mean.value();
+}
+
+void add_array_if_present(Mean& mean, const h5::Group& lane, const std::string& name) {
+  if (lane.exists(name)) mean.add_all(lane.read<float>(name));
+}
+
+struct StaticTotals {
+  Mean attn_rel_l2;
+
+  void add(const h5::Group& lane) { add_array_if_present(attn_rel_l2, lane, "attn_rel_l2"); }
+  void write(h5::Group& group) const { group.set_attribute("attn_rel_l2_mean", attn_rel_l2.value()); }
+};
+
+struct TeacherForcedTotals {
+  std::vector<double> kl;  // every step of every sample
+  Mean final_kl, top1_disagreement, logp_delta, attn_rel_l2;
+
+  void add(const h5::Group& lane) {
+    const std::vector<float> sample_kl = lane.read<float>("kl");
+    kl.insert(kl.end(), sample_kl.begin(), sample_kl.end());
+    if (!sample_kl.empty()) final_kl.add(sample_kl.back());
+    for (float agree : lane.read<float>("top1_agree")) top1_disagreement.add(1.0 - agree);
+    logp_delta.add_all(lane.read<float>("logp_delta"));
+    add_array_if_present(attn_rel_l2, lane, "attn_rel_l2");
+  }
+  void write(h5::Group& group) const {
+    group.set_attribute("kl_mean", mean_of(kl));
+    group.set_attribute("kl_median", percentile(kl, 50));
+    group.set_attribute("kl_p90", percentile(kl, 90));
+    group.set_attribute("kl_p99", percentile(kl, 99));
+    group.set_attribute("final_kl_mean", final_kl.value());
+    group.set_attribute("top1_disagreement_mean", top1_disagreement.value());
+    group.set_attribute("logp_delta_mean", logp_delta.value());
+    group.set_attribute("attn_rel_l2_mean", attn_rel_l2.value());
+  }
+};
+
+struct FreeRunningTotals {
+  std::vector<double> first_divergence;  // one per sample
+  // Every class the spec names is counted, even when no sample falls in it.
+  std::map<std::string, int64_t> outcomes = {
+      {"identical", 0}, {"token_mismatch", 0}, {"length_only", 0}, {"censored", 0}};
+
+  void add(const h5::Group& lane) {
+    first_divergence.push_back(static_cast<double>(lane.attribute<int64_t>("first_divergence")));
+    ++outcomes[lane.attribute<std::string>("outcome")];
+  }
+  void write(h5::Group& group) const {
+    group.set_attribute("first_divergence_mean", mean_of(first_divergence));
+    group.set_attribute("first_divergence_median", percentile(first_divergence, 50));
+    for (const auto& [outcome, count] : outcomes) group.set_attribute("outcome_" + outcome, count);
+    group.set_attribute("identical_fraction",
+                        static_cast<double>(outcomes.at("identical")) / static_cast<double>(first_divergence.size()));
+  }
+};
+
+// One quantizer's totals over the finished samples, read back from the file.
+class QuantizerTotals {
+ public:
+  void add(const h5::Group& quantizer) {
+    ++samples_;
+    add_lane(quantizer, "static", static_);
+    add_lane(quantizer, "teacher_forced", teacher_forced_);
+    add_lane(quantizer, "free_running", free_running_);
+  }
+
+  RunSummaryRow write(h5::Group group, const std::string& name) const {
+    group.set_attribute("samples", samples_);
+    group.set_attribute("bits_per_element_mean", bits_per_element_.value());
+    group.set_attribute("key_quant_E_T_mean", key_quant_E_T_.value());
+    group.set_attribute("value_quant_E_T_mean", value_quant_E_T_.value());
+    write_lane(group, "static", static_);
+    write_lane(group, "teacher_forced", teacher_forced_);
+    write_lane(group, "free_running", free_running_);
+    return {name, mean_of(teacher_forced_.totals.kl), percentile(free_running_.totals.first_divergence, 50),
+            bits_per_element_.value()};
+  }
+
+ private:
+  template <typename Totals>
+  struct Lane {
+    int64_t samples = 0;
+    Totals totals;
+  };
+
+  template <typename Totals>
+  void add_lane(const h5::Group& quantizer, const char* name, Lane<Totals>& lane_totals) {
+    if (!quantizer.exists(name)) return;
+    const h5::Group lane = quantizer.open_group(name);
+    ++lane_totals.samples;
+    lane_totals.totals.add(lane);
+    // Accounting, from every lane.
+    if (lane.has_attribute("bits_per_element")) bits_per_element_.add(lane.attribute<double>("bits_per_element"));
+    add_array_if_present(key_quant_E_T_, lane, "key/quant/E_T");
+    add_array_if_present(value_quant_E_T_, lane, "value/quant/E_T");
+  }
+
+  template <typename Totals>
+  static void write_lane(h5::Group& group, const char* name, const Lane<Totals>& lane_totals) {
+    if (lane_totals.samples == 0) return;
+    h5::Group lane = group.create_group(name);
+    lane.set_attribute("samples", lane_totals.samples);
+    lane_totals.totals.write(lane);
+  }
+
+  int64_t samples_ = 0;
+  Mean bits_per_element_, key_quant_E_T_, value_quant_E_T_;
+  Lane<StaticTotals> static_;
+  Lane<TeacherForcedTotals> teacher_forced_;
+  Lane<FreeRunningTotals> free_running_;
+};
+
+}  // namespace
+
+RunLog RunLog::open(const std::string& path, const std::string& resolved_config_yaml, const RunMetadata& metadata,
+                    bool overwrite) {
+  std::error_code error;
+  if (overwrite || !std::filesystem::exists(path, error)) {
+    h5::File file = open_waiting_for_readers(path, [&] { return h5::File::create(path, overwrite); });
+    write_header(file, resolved_config_yaml, metadata);
+    file.close();
+    return RunLog(path, {});
+  }
+  h5::File file = open_to_resume(path);
+  std::set<int64_t> finished;
+  {
+    check_resumable(file, resolved_config_yaml, metadata);
+    h5::Group samples = file.open_group("samples");
+    finished = finished_samples(samples);
+    mark_unfinished(file);
+  }
+  file.close();
+  return RunLog(path, std::move(finished));
+}
+
+void RunLog::write_sample(int64_t index, const SampleResult& result) {
+  if (index < 0) fail("{}: sample index {} is negative", path_, index);
+  h5::File file = open_for_writing(path_);
+  {
+    h5::Group samples = file.open_group("samples");
+    const std::string name = std::to_string(index);
+    if (samples.exists(name)) {
+      if (is_complete(samples.open_group(name))) {
+        fail("{}: sample {} is already written (is another kvdrift run writing this file?)", path_, index);
+      }
+      remove_link(samples, name);
+    }
+    h5::Group sample = samples.create_group(name);
+    sample.set_attribute("complete", 0);
+    write_sample_contents(sample, result);
+    file.flush();  // every array is in the file before the mark that says so
+    sample.set_attribute("complete", 1);
+  }
+  file.close();
+  finished_.insert(index);
+}
+
+std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names) {
+  h5::File file = open_for_writing(path_);
+  std::vector<RunSummaryRow> rows;
+  {
+    h5::Group samples = file.open_group("samples");
+    finished_ = finished_samples(samples);
+    mark_unfinished(file);
+    h5::Group summary = file.create_group("summary");
+    for (const std::string& name : quantizer_names) {
+      check_group_name(path_, "quantizer", name);
+      QuantizerTotals totals;
+      for (int64_t index : finished_) {
+        const std::string quantizer = std::to_string(index) + "/" + name;
+        if (samples.exists(quantizer)) totals.add(samples.open_group(quantizer));
+      }
+      rows.push_back(totals.write(summary.create_group(name), name));
+    }
+    file.flush();  // the summary is in the file before the mark that says the run is complete
+    file.set_attribute("complete", 1);
+  }
+  file.close();
+  return rows;
+}
+
+}  // namespace kvdrift

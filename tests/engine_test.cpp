@@ -1,0 +1,166 @@
+// The side-by-side engine on stories260K: invariants of the lanes, the caches' policies over a whole
+// prompt, and the main job's command line (config errors, HDF5 output, resume after SIGKILL).
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <numeric>
+
+#include "decode/engine.h"
+#include "io/hdf5.h"
+#include "io/run_config.h"
+#include "model/checkpoint.h"
+#include "support.h"
+
+namespace kvdrift {
+namespace {
+
+std::string write_config(const std::string& dir, const std::string& quantizers, int64_t steps,
+                         const std::string& prompts = "[\"Once upon a time, there was a little girl named Lily.\"]") {
+  const std::string model = test::stories260k_dir();
+  const std::string path = dir + "/run.yaml";
+  test::write_file(path, fmt::format(R"(model:
+  path: {0}/stories260K.bin
+  tokenizer: {0}/tok512.bin
+prompts:
+  source: inline
+  texts: {1}
+decoding:
+  max_new_tokens: {2}
+  stop_at_eos: false
+quantizers:
+{3}
+output:
+  path: {4}/run.h5
+)",
+                                         model, prompts, steps, quantizers, dir));
+  return path;
+}
+
+struct Run {
+  RunConfig config;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<LlamaModel> model;
+  std::vector<Prompt> prompts;
+};
+
+Run load(const std::string& config_path) {
+  Run run;
+  run.config = load_run_config(config_path, {});
+  run.tokenizer = load_tokenizer(run.config.model.tokenizer);
+  run.model = std::make_unique<LlamaModel>(load_model(run.config.model.path, torch::kCPU, torch::kFloat32));
+  run.prompts = load_prompts(run.config.prompts, run.tokenizer.get());
+  return run;
+}
+
+const LaneResult& lane_of(const SampleResult& result, const std::string& quantizer, const std::string& lane) {
+  for (const auto& l : result.lanes)
+    if (l.quantizer == quantizer && l.lane == lane) return l;
+  throw std::runtime_error("no lane " + quantizer + "/" + lane);
+}
+
+double max_of(const HostArray& a) { return *std::max_element(a.values.begin(), a.values.end()); }
+double mean_of(const HostArray& a) {
+  return std::accumulate(a.values.begin(), a.values.end(), 0.0) / static_cast<double>(a.values.size());
+}
+
+// `none` lanes see exactly the reference's inputs. Their values differ from row 0 only by float32
+// rounding: BLAS rounds a GEMM's rows differently by their position in the batch (measured: KL
+// 2.4e-7, attention rel. L2 2.3e-6), so the checks allow that much and require identical tokens.
+TEST(Engine, NoneLanesEqualTheReference) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir, "  - {name: none, method: none}", 48));
+  const Engine engine(*run.model, run.config, run.tokenizer.get());
+  const auto result = engine.run(run.prompts[0]);
+  ASSERT_EQ(result.reference_tokens.size(), 48u);
+  const auto& teacher = lane_of(result, "none", "teacher_forced");
+  EXPECT_LE(max_of(teacher.arrays.at("kl")), 1e-6);
+  EXPECT_EQ(mean_of(teacher.arrays.at("top1_agree")), 1.0);
+  EXPECT_LE(max_of(teacher.arrays.at("attn_rel_l2")), 1e-5);
+  const auto& free = lane_of(result, "none", "free_running");
+  EXPECT_EQ(free.tokens, result.reference_tokens);
+  EXPECT_EQ(free.first_divergence, 48);
+  EXPECT_EQ(free.outcome, "censored");  // equal up to the step limit
+  const auto& fixed = lane_of(result, "none", "static");
+  EXPECT_LE(max_of(fixed.arrays.at("attn_rel_l2")), 1e-6);
+  EXPECT_EQ(max_of(fixed.arrays.at("key/quant/E_T")), 0.0);
+  EXPECT_EQ(fixed.scalars.at("bits_per_element"), 16.0);
+  // The reference's text is the known-good greedy continuation's prefix style: prompt + 48 tokens.
+  EXPECT_EQ(result.reference_text.rfind("Once upon a time, there was a little girl named Lily.", 0), 0u);
+}
+
+TEST(Engine, KVarN8BitDriftsALittleAndTwoBitMore) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir,
+                               "  - {name: k8, method: kvarn, params: {k_bits: 8, v_bits: 8, tile_size: 8}}\n"
+                               "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 8}}",
+                               64));
+  const Engine engine(*run.model, run.config, run.tokenizer.get());
+  const auto result = engine.run(run.prompts[0]);
+  const double kl8 = mean_of(lane_of(result, "k8", "teacher_forced").arrays.at("kl"));
+  const double kl2 = mean_of(lane_of(result, "k2", "teacher_forced").arrays.at("kl"));
+  EXPECT_GT(kl8, 0.0);
+  EXPECT_LT(kl8, 1e-3);
+  EXPECT_GT(kl2, 10 * kl8);
+  // Token-scale identity on every logged position and layer.
+  const auto& lane = lane_of(result, "k2", "teacher_forced");
+  for (const std::string role : {"key", "value"}) {
+    const auto& m = lane.arrays.at(role + "/quant/E_M").values;
+    const auto& d = lane.arrays.at(role + "/quant/E_D").values;
+    const auto& t = lane.arrays.at(role + "/quant/E_T").values;
+    for (size_t i = 0; i < t.size(); ++i) EXPECT_NEAR(m[i] + d[i], t[i], 1e-5 * t[i] + 1e-9) << role << " " << i;
+  }
+}
+
+// At layer 0 a teacher-forced lane sees exactly the reference's inputs, so its attention error there
+// is the static lane's; deeper, its own earlier errors feed back and it departs from the static lane,
+// whose cache is always a quantized copy of the reference's.
+TEST(Engine, StaticLaneDoesNotAccumulateTeacherForcedDoes) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir, "  - {name: q2, method: quarot, params: {k_bits: 2, v_bits: 2}}", 64));
+  const Engine engine(*run.model, run.config, run.tokenizer.get());
+  const auto result = engine.run(run.prompts[0]);
+  const auto& fixed = lane_of(result, "q2", "static").arrays.at("attn_rel_l2");
+  const auto& teacher = lane_of(result, "q2", "teacher_forced").arrays.at("attn_rel_l2");
+  ASSERT_EQ(fixed.shape, teacher.shape);
+  const int64_t steps = fixed.shape[0], layers = fixed.shape[1];
+  double deeper_gap = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    EXPECT_NEAR(teacher.values[s * layers], fixed.values[s * layers], 1e-4) << "layer 0, step " << s;
+    for (int64_t l = 1; l < layers; ++l)
+      deeper_gap += std::abs(teacher.values[s * layers + l] - fixed.values[s * layers + l]);
+  }
+  EXPECT_GT(deeper_gap / static_cast<double>(steps * (layers - 1)), 1e-3);
+}
+
+// A long prompt goes through the caches under each method's own policy; decode steps then flush one
+// step at a time. Counts are those of SPEC §2 at the last decode position t = n + steps - 2.
+TEST(Engine, WholePromptGoesThroughTheQuantizedCache) {
+  const std::string dir = test::scratch_dir();
+  const std::string text =
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+      "a big, red ball. She wanted to play with it, but it was too high. Lily's mom said, \"Lily, let's go to the "
+      "park.\" Lily was sad and didn't know what to do.";
+  auto run = load(write_config(dir,
+                               "  - {name: kivi, method: kivi, params: {group_size: 8, residual_length: 16}}\n"
+                               "  - {name: kvarn, method: kvarn, params: {tile_size: 16}}",
+                               9, "\n    - >-\n      " + text));
+  const Engine engine(*run.model, run.config, run.tokenizer.get());
+  const auto result = engine.run(run.prompts[0]);
+  const int64_t n = static_cast<int64_t>(run.prompts[0].tokens.size());
+  ASSERT_GT(n, 40);
+  const int64_t length = n + 8;  // 9 steps: 8 decode forwards after the prefill
+  const int64_t t = length - 1;  // position of the last decode step
+  const double kivi_expected = static_cast<double>(t / 16 * 16 + std::max<int64_t>(0, t - 16)) / (2.0 * length);
+  const double kvarn_expected = static_cast<double>(2 * std::max<int64_t>(0, t / 16 * 16 - 16)) / (2.0 * length);
+  for (const std::string lane : {"teacher_forced", "free_running"}) {
+    EXPECT_DOUBLE_EQ(lane_of(result, "kivi", lane).scalars.at("fraction_quantized"), kivi_expected) << lane;
+    EXPECT_DOUBLE_EQ(lane_of(result, "kvarn", lane).scalars.at("fraction_quantized"), kvarn_expected) << lane;
+  }
+  EXPECT_EQ(lane_of(result, "kivi", "teacher_forced").arrays.at("kl").shape, (std::vector<int64_t>{9}));
+}
+
+}  // namespace
+}  // namespace kvdrift

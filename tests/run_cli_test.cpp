@@ -1,0 +1,191 @@
+// `kvdrift run` through the real command line: shipped configs, bad configs, the HDF5 log read back
+// with h5py, and resume after SIGKILL.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "io/hdf5.h"
+#include "support.h"
+
+namespace kvdrift {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string small_config(const std::string& dir, const std::string& extra = "", int steps = 24) {
+  const std::string model = test::stories260k_dir();
+  const std::string path = dir + "/run.yaml";
+  test::write_file(path, fmt::format(R"(model:
+  path: {0}/stories260K.bin
+  tokenizer: {0}/tok512.bin
+prompts:
+  source: inline
+  texts: ["Once upon a time, there was a little girl named Lily.", "One day, a boy named Tim went to the park.",
+          "The sun was shining and the birds were singing."]
+decoding:
+  max_new_tokens: {1}
+  stop_at_eos: false
+quantizers:
+  - {{name: kivi-2bit, method: kivi, params: {{group_size: 8, residual_length: 16}}}}
+  - {{name: kvarn-k2v2, method: kvarn, params: {{preset: k2v2, tile_size: 8}}}}
+output:
+  path: {2}/run.h5
+{3})",
+                                     model, steps, dir, extra));
+  return path;
+}
+
+bool complete(const std::string& path) {
+  if (!fs::exists(path)) return false;
+  return h5::File::open_read(path).attribute<int64_t>("complete") == 1;
+}
+
+TEST(RunCli, ShippedConfigsRun) {
+  const std::string dir = test::scratch_dir();
+  const std::string model = test::stories260k_dir();
+  for (const auto& entry : fs::directory_iterator(fs::path(KVDRIFT_SOURCE_DIR) / "configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    const std::string output = dir + "/" + entry.path().stem().string() + ".h5";
+    const auto result = test::run_cli({"run", entry.path().string(), "--set", "decoding.max_new_tokens=4", "--set",
+                                       "prompts.limit=2", "--set", "model.path=" + model + "/stories260K.bin", "--set",
+                                       "model.tokenizer=" + model + "/tok512.bin", "--output", output});
+    EXPECT_EQ(result.exit_code, 0) << entry.path() << "\n" << result.err;
+    EXPECT_TRUE(complete(output)) << entry.path();
+    EXPECT_NE(result.out.find("output: "), std::string::npos) << result.out;
+  }
+}
+
+TEST(RunCli, BadConfigsGetOneClearErrorAndNoCompleteOutput) {
+  const std::string dir = test::scratch_dir();
+  struct Case {
+    std::vector<std::string> sets;
+    std::string fragment;
+  };
+  const std::vector<Case> cases = {
+      {{"decoding.max_new_tokenz=4"}, "unknown key"},
+      {{"decoding.max_new_tokens=many"}, "decoding.max_new_tokens"},
+      {{"quantizers.0.method=kivy"}, "unknown quantizer method 'kivy'"},
+      {{"model.path=/nonexistent/model.bin"}, "model file not found: /nonexistent/model.bin"},
+      {{"decoding.max_new_tokens=500"}, "exceed the model's context of 512 positions"},
+      {{"lanes=[]"}, "lanes"},
+      {{"quantizers.1.params.tile_size=7"}, "tile_size"},
+  };
+  for (const auto& c : cases) {
+    fs::remove(dir + "/run.h5");
+    std::vector<std::string> args = {"run", small_config(dir)};
+    for (const auto& s : c.sets) args.insert(args.end(), {"--set", s});
+    const auto result = test::run_cli(args);
+    EXPECT_NE(result.exit_code, 0) << c.fragment;
+    EXPECT_NE(result.err.find("kvdrift: error: "), std::string::npos) << result.err;
+    EXPECT_NE(result.err.find(c.fragment), std::string::npos) << "expected '" << c.fragment << "' in " << result.err;
+    EXPECT_FALSE(complete(dir + "/run.h5")) << c.fragment;
+  }
+}
+
+TEST(RunCli, LogReadsBackWithH5py) {
+  const std::string dir = test::scratch_dir();
+  const auto result = test::run_cli({"run", small_config(dir)});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  std::string output;
+  const int status = test::run_python(dir, "check_run", R"(import sys, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r")
+assert f.attrs["schema_version"] == 1 and f.attrs["complete"] == 1
+layers = 5
+kls = []
+for i in range(3):
+    s = f[f"samples/{i}"]
+    steps = s["reference_tokens"].shape[0]
+    assert steps == 24, steps
+    assert s["prompt_tokens"].dtype == np.int64
+    for q in ("kivi-2bit", "kvarn-k2v2"):
+        tf = s[f"{q}/teacher_forced"]
+        assert tf["kl"].shape == (steps,) and tf["kl"].dtype == np.float32
+        assert tf["attn_rel_l2"].shape[1] == layers
+        positions = s["prompt_tokens"].shape[0] + steps - 1
+        for role in ("key", "value"):
+            for part in ("quant", "drift"):
+                em, ed, et = (tf[f"{role}/{part}/{c}"][...].astype(np.float64) for c in ("E_M", "E_D", "E_T"))
+                assert et.shape == (positions, layers), (et.shape, positions)
+                assert np.allclose(em + ed, et, rtol=1e-5, atol=1e-9)
+        st = s[f"{q}/static"]
+        assert st["attn_rel_l2"].shape == tf["attn_rel_l2"].shape
+        fr = s[f"{q}/free_running"]
+        assert fr["tokens"].dtype == np.int64
+        assert fr.attrs["outcome"] in ("identical", "token_mismatch", "length_only", "censored")
+        if q == "kivi-2bit":
+            kls.append(tf["kl"][...].astype(np.float64))
+mean = np.concatenate(kls).mean()
+got = f["summary/kivi-2bit/teacher_forced"].attrs["kl_mean"]
+assert abs(got - mean) <= 1e-6 * max(1.0, abs(mean)), (got, mean)
+print("ok")
+)",
+                                      {dir + "/run.h5"}, &output);
+  EXPECT_EQ(status, 0) << output;
+  EXPECT_EQ(output, "ok\n");
+}
+
+// Runs kvdrift until its stderr reports that sample 0 is written, then kills it with SIGKILL.
+void run_and_kill_after_first_sample(const std::vector<std::string>& args) {
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(pipe_fds[1], 2);
+    ::close(pipe_fds[0]);
+    std::vector<std::string> copies = args;
+    std::vector<char*> argv;
+    std::string exe = KVDRIFT_CLI;
+    argv.push_back(exe.data());
+    for (auto& a : copies) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(exe.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(pipe_fds[1]);
+  std::string seen;
+  char buffer[4096];
+  ssize_t got;
+  while ((got = ::read(pipe_fds[0], buffer, sizeof(buffer))) > 0) {
+    seen.append(buffer, static_cast<size_t>(got));
+    if (seen.find("sample 0 written") != std::string::npos) break;
+  }
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ::close(pipe_fds[0]);
+  ASSERT_NE(seen.find("sample 0 written"), std::string::npos) << seen;
+}
+
+TEST(RunCli, ResumeAfterSigkillGivesTheSameArrays) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 40);
+  const std::string killed = dir + "/killed.h5", whole = dir + "/whole.h5";
+  run_and_kill_after_first_sample({"--log-level", "debug", "run", config, "--output", killed});
+  EXPECT_FALSE(complete(killed));
+  const auto resumed = test::run_cli({"run", config, "--output", killed});
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  const auto uninterrupted = test::run_cli({"run", config, "--output", whole});
+  ASSERT_EQ(uninterrupted.exit_code, 0) << uninterrupted.err;
+  {
+    const auto a = h5::File::open_read(killed), b = h5::File::open_read(whole);  // closed before the next run
+    for (int i = 0; i < 3; ++i) {
+      for (const std::string lane : {"kivi-2bit/teacher_forced/kl", "kvarn-k2v2/static/attn_rel_l2",
+                                     "kvarn-k2v2/teacher_forced/key/drift/E_T"}) {
+        const std::string path = "samples/" + std::to_string(i) + "/" + lane;
+        EXPECT_EQ(a.read<float>(path), b.read<float>(path)) << path;
+      }
+      const std::string tokens = "samples/" + std::to_string(i) + "/kivi-2bit/free_running/tokens";
+      EXPECT_EQ(a.read<int64_t>(tokens), b.read<int64_t>(tokens));
+    }
+  }
+  // A changed config is refused unless --overwrite.
+  const auto changed = test::run_cli({"run", config, "--output", killed, "--set", "decoding.max_new_tokens=8"});
+  EXPECT_NE(changed.exit_code, 0);
+  EXPECT_NE(changed.err.find("different config"), std::string::npos) << changed.err;
+}
+
+}  // namespace
+}  // namespace kvdrift
