@@ -1,5 +1,6 @@
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <iostream>
 
 #include "commands.h"
@@ -7,6 +8,10 @@
 #include "decode/bench_decode.h"
 #include "model/checkpoint.h"
 #include "quant/bench_quant.h"
+#include "decode/engine.h"
+#include "decode/generate.h"
+#include "io/prompts.h"
+#include "io/run_config.h"
 
 namespace kvdrift::cli {
 
@@ -70,6 +75,50 @@ void run_bench_quant(const BenchQuantOptions& options) {
   }
 }
 
+struct BenchRunOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+};
+
+// Side-by-side cost, measured in one process on the config's first prompt: reference-only decoding
+// (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included).
+void run_bench_run(const BenchRunOptions& options) {
+  const RunConfig config = load_run_config(options.config, options.overrides);
+  const auto device = parse_device(config.model.device);
+  const auto dtype = parse_dtype(config.model.dtype);
+  auto tokenizer = config.model.tokenizer.empty() ? nullptr : load_tokenizer(config.model.tokenizer);
+  auto model = load_model(config.model.path, device, dtype, config.model.seed);
+  const auto prompts = load_prompts(config.prompts, tokenizer.get());
+  const Engine engine(model, config, tokenizer.get());
+  const auto& prompt = prompts.front();
+  const int64_t steps = config.decoding.max_new_tokens;
+  engine.run(prompt);  // warm-up
+  const auto side_by_side = engine.run(prompt);
+  const int64_t forwards = static_cast<int64_t>(side_by_side.reference_tokens.size()) - 1;
+  Sampler sampler({0.0, 1.0, 0, 0});
+  generate(model, prompt.tokens, steps, sampler, {});  // warm-up
+  auto start = std::chrono::steady_clock::now();
+  const auto reference = generate(model, prompt.tokens, steps, sampler, {});
+  synchronize(device);
+  const double reference_total = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // generate() runs the prefill too: time it alone and subtract it.
+  start = std::chrono::steady_clock::now();
+  generate(model, prompt.tokens, 1, sampler, {});
+  synchronize(device);
+  const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double reference_ms = 1000.0 * (reference_total - prefill) / static_cast<double>(reference.generated - 1);
+  const double full_ms = 1000.0 * side_by_side.decode_seconds / static_cast<double>(std::max<int64_t>(forwards, 1));
+  std::cout << fmt::format("side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n",
+                           config.model.path, describe_device(device), dtype_name(dtype), prompt.tokens.size(), steps,
+                           config.quantizers.size(), fmt::join(config.lanes, ","));
+  std::cout << fmt::format("{:<36} {:>10}\n", "", "ms/step");
+  std::cout << fmt::format("{:<36} {:>10.3f}\n", "reference only (batch 1)", reference_ms);
+  std::cout << fmt::format("{:<36} {:>10.3f}\n", "side by side (all lanes + metrics)", full_ms);
+  std::cout << fmt::format("{:<36} {:>9.2f}x\n", "ratio", full_ms / reference_ms);
+  std::cout << fmt::format("{:<36} {:>10.3f}\n", "metrics after decoding (ms/step)",
+                           1000.0 * side_by_side.metric_seconds / static_cast<double>(std::max<int64_t>(forwards, 1)));
+}
+
 }  // namespace
 
 void register_bench(CLI::App& app, std::function<void()>& command) {
@@ -98,6 +147,12 @@ void register_bench(CLI::App& app, std::function<void()>& command) {
   quant->add_option("--min-seconds", quant_options->min_seconds, "minimum timed duration per measurement")
       ->capture_default_str();
   quant->callback([quant_options, &command] { command = [quant_options] { run_bench_quant(*quant_options); }; });
+
+  auto run_options = std::make_shared<BenchRunOptions>();
+  auto* run = bench->add_subcommand("run", "side-by-side cost relative to reference-only decoding");
+  run->add_option("config", run_options->config, "YAML run config")->required();
+  run->add_option("--set", run_options->overrides, "override a config key: a.b=value (repeatable)");
+  run->callback([run_options, &command] { command = [run_options] { run_bench_run(*run_options); }; });
 }
 
 }  // namespace kvdrift::cli
