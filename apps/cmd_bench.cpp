@@ -9,7 +9,6 @@
 #include "model/checkpoint.h"
 #include "quant/bench_quant.h"
 #include "decode/engine.h"
-#include "decode/generate.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
 
@@ -86,7 +85,7 @@ void run_bench_run(const BenchRunOptions& options) {
   const RunConfig config = load_run_config(options.config, options.overrides);
   const auto device = parse_device(config.model.device);
   const auto dtype = parse_dtype(config.model.dtype);
-  auto tokenizer = config.model.tokenizer.empty() ? nullptr : load_tokenizer(config.model.tokenizer);
+  auto tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
   auto model = load_model(config.model.path, device, dtype, config.model.seed);
   const auto prompts = load_prompts(config.prompts, tokenizer.get());
   const Engine engine(model, config, tokenizer.get());
@@ -95,18 +94,9 @@ void run_bench_run(const BenchRunOptions& options) {
   engine.run(prompt);  // warm-up
   const auto side_by_side = engine.run(prompt);
   const int64_t forwards = static_cast<int64_t>(side_by_side.reference_tokens.size()) - 1;
-  Sampler sampler({0.0, 1.0, 0, 0});
-  generate(model, prompt.tokens, steps, sampler, {});  // warm-up
-  auto start = std::chrono::steady_clock::now();
-  const auto reference = generate(model, prompt.tokens, steps, sampler, {});
-  synchronize(device);
-  const double reference_total = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  // generate() runs the prefill too: time it alone and subtract it.
-  start = std::chrono::steady_clock::now();
-  generate(model, prompt.tokens, 1, sampler, {});
-  synchronize(device);
-  const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double reference_ms = 1000.0 * (reference_total - prefill) / static_cast<double>(reference.generated - 1);
+  // Reference-only decoding of the same length from the same context, timed the same way.
+  const double reference_ms =
+      bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), std::max<int64_t>(forwards, 1), 2).ms_per_step;
   const double full_ms = 1000.0 * side_by_side.decode_seconds / static_cast<double>(std::max<int64_t>(forwards, 1));
   std::cout << fmt::format("side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n",
                            config.model.path, describe_device(device), dtype_name(dtype), prompt.tokens.size(), steps,

@@ -1,6 +1,5 @@
 #include <spdlog/spdlog.h>
 
-#include <filesystem>
 #include <iostream>
 
 #include "commands.h"
@@ -24,20 +23,13 @@ struct GenerateOptions {
   std::string dtype = "float32";
 };
 
-// The tokenizer named on the command line, else the tokenizer.json of a HF model directory.
-std::unique_ptr<Tokenizer> find_tokenizer(const GenerateOptions& options) {
-  if (!options.tokenizer.empty()) return load_tokenizer(options.tokenizer);
-  const auto beside = std::filesystem::path(options.model) / "tokenizer.json";
-  std::error_code ec;
-  if (std::filesystem::is_regular_file(beside, ec)) return load_tokenizer(beside.string());
-  fail("no tokenizer: pass --tokenizer FILE (the model '{}' has no tokenizer.json beside it)", options.model);
-}
-
 void run_generate(const GenerateOptions& options) {
   const auto device = parse_device(options.device);
   const auto dtype = parse_dtype(options.dtype);
   options.sampling.validate();
-  auto tokenizer = find_tokenizer(options);
+  auto tokenizer = tokenizer_for_model(options.tokenizer, options.model);
+  if (!tokenizer)
+    fail("no tokenizer: pass --tokenizer FILE (the model '{}' has no tokenizer.json beside it)", options.model);
   auto model = load_model(options.model, device, dtype, options.sampling.seed);
   if (tokenizer->vocab_size() > model.config().vocab_size)
     fail("tokenizer has {} tokens but the model's vocabulary has only {}", tokenizer->vocab_size(),
@@ -45,9 +37,7 @@ void run_generate(const GenerateOptions& options) {
   const bool add_bos = tokenizer->bos_id().has_value();
   auto prompt = tokenizer->encode(options.prompt, add_bos);
   if (prompt.empty()) fail("the prompt encodes to no tokens and the tokenizer has no BOS token");
-  auto stop_ids = tokenizer->eos_ids();
-  // llama2.c models separate their training documents with BOS, so a generated BOS ends the text.
-  if (model.source().format == "llama2c" && add_bos) stop_ids.push_back(*tokenizer->bos_id());
+  const auto stop_ids = stop_tokens(model, tokenizer.get());
   spdlog::info("model {} ({}, {} layers, dim {}), {} prompt tokens, {} steps on {} in {}", options.model,
                model.source().format, model.config().n_layers, model.config().dim, prompt.size(), options.steps,
                describe_device(device), dtype_name(dtype));

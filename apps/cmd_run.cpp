@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -28,14 +27,6 @@ struct RunOptions {
   std::string output;
   bool overwrite = false;
 };
-
-std::unique_ptr<Tokenizer> tokenizer_for(const ModelSettings& model) {
-  if (!model.tokenizer.empty()) return load_tokenizer(model.tokenizer);
-  const auto beside = std::filesystem::path(model.path) / "tokenizer.json";
-  std::error_code ec;
-  if (std::filesystem::is_regular_file(beside, ec)) return load_tokenizer(beside.string());
-  return nullptr;  // token_ids prompts need none
-}
 
 RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const Engine& engine) {
   RunMetadata metadata;
@@ -91,7 +82,7 @@ void run_main_job(const RunOptions& options) {
   const RunConfig config = load_run_config(options.config, overrides);
   const auto device = parse_device(config.model.device);
   const auto dtype = parse_dtype(config.model.dtype);
-  auto tokenizer = tokenizer_for(config.model);
+  auto tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
   auto model = load_model(config.model.path, device, dtype, config.model.seed);
   const auto prompts = load_prompts(config.prompts, tokenizer.get());
   const Engine engine(model, config, tokenizer.get());

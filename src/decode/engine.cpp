@@ -6,6 +6,7 @@
 #include "cache/quantized_kv_cache.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "decode/generate.h"
 #include "decode/sampler.h"
 #include "metrics/token_scale.h"
 
@@ -151,12 +152,7 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
     teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
     free_running_ = free_running_ || lane == "free_running";
   }
-  if (config_.decoding.stop_at_eos) {
-    stop_ids_ = tokenizer_ ? tokenizer_->eos_ids() : model_.config().eos_token_ids;
-    // llama2.c models separate their training documents with BOS, so a generated BOS ends the text.
-    if (model_.source().format == "llama2c" && model_.config().bos_token_id >= 0)
-      stop_ids_.push_back(model_.config().bos_token_id);
-  }
+  if (config_.decoding.stop_at_eos) stop_ids_ = stop_tokens(model_, tokenizer_);
 }
 
 SampleResult Engine::run(const Prompt& prompt) const {
@@ -285,7 +281,9 @@ SampleResult Engine::run(const Prompt& prompt) const {
   for (size_t i = 0; i < quantizers_.size(); ++i) {
     const std::string& name = config_.quantizers[i].name;
     if (static_lane_) {
-      LaneResult lane{name, "static"};
+      LaneResult lane;
+      lane.quantizer = name;
+      lane.lane = "static";
       if (config_.metrics.attention_error && static_rel.dim() == 3) {
         lane.arrays["attn_rel_l2"] = to_host(static_rel.select(1, static_cast<int64_t>(i)));
         lane.arrays["attn_cos"] = to_host(static_cos.select(1, static_cast<int64_t>(i)));
@@ -294,7 +292,9 @@ SampleResult Engine::run(const Prompt& prompt) const {
       result.lanes.push_back(std::move(lane));
     }
     if (teacher_forced_) {
-      LaneResult lane{name, "teacher_forced"};
+      LaneResult lane;
+      lane.quantizer = name;
+      lane.lane = "teacher_forced";
       auto metrics = teacher_metrics.select(1, static_cast<int64_t>(i));  // [steps, 3]
       lane.arrays["kl"] = to_host(metrics.select(1, 0));
       lane.arrays["top1_agree"] = to_host(metrics.select(1, 1));

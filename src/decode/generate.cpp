@@ -6,6 +6,13 @@
 
 namespace kvdrift {
 
+std::vector<int64_t> stop_tokens(const LlamaModel& model, const Tokenizer* tokenizer) {
+  std::vector<int64_t> stops = tokenizer ? tokenizer->eos_ids() : model.config().eos_token_ids;
+  if (model.source().format == "llama2c" && model.config().bos_token_id >= 0)
+    stops.push_back(model.config().bos_token_id);
+  return stops;
+}
+
 GenerateResult generate(const LlamaModel& model, const std::vector<int64_t>& prompt, int64_t steps, Sampler& sampler,
                         const std::vector<int64_t>& stop_ids) {
   if (prompt.empty()) fail("the prompt has no tokens");

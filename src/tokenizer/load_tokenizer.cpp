@@ -16,4 +16,12 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   return load_llama2c_tokenizer(file.string());
 }
 
+std::unique_ptr<Tokenizer> tokenizer_for_model(const std::string& tokenizer_path, const std::string& model_path) {
+  if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
+  std::error_code error;
+  const auto beside = std::filesystem::path(model_path) / "tokenizer.json";
+  if (std::filesystem::is_regular_file(beside, error)) return load_hf_tokenizer(beside.string());
+  return nullptr;
+}
+
 }  // namespace kvdrift

@@ -28,4 +28,8 @@ class Tokenizer {
 // tokenizer.json. Throws Error naming the file on anything malformed.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
+// The tokenizer a model runs with: `tokenizer_path` when given, else the tokenizer.json inside a
+// Hugging Face model directory `model_path`, else none (nullptr).
+std::unique_ptr<Tokenizer> tokenizer_for_model(const std::string& tokenizer_path, const std::string& model_path);
+
 }  // namespace kvdrift
