@@ -79,7 +79,7 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
 // reference cache, and the attention-output error of the teacher-forced rows.
 class StepObserver final : public AttentionObserver {
  public:
-  StepObserver(QuantizedKVCache* static_cache, std::vector<int64_t> teacher_rows, int64_t layers)
+  StepObserver(QuantizedKVCache* static_cache, torch::Tensor teacher_rows, int64_t layers)
       : static_cache_(static_cache), teacher_rows_(std::move(teacher_rows)), layers_(layers) {}
 
   // Decode steps whose per-layer errors are recorded (the metrics' layer stride).
@@ -104,10 +104,8 @@ class StepObserver final : public AttentionObserver {
         static_layers_.push_back(attention_error(static_output, reference_output));
       }
     }
-    if (decode && recording && !teacher_rows_.empty()) {
-      auto index = torch::tensor(teacher_rows_, torch::TensorOptions().dtype(torch::kInt64).device(output.device()));
-      teacher_layers_.push_back(attention_error(output.index_select(0, index), reference_output));
-    }
+    if (decode && recording && teacher_rows_.numel() > 0)
+      teacher_layers_.push_back(attention_error(output.index_select(0, teacher_rows_), reference_output));
     if (layer == layers_ - 1 && decode && recording) {
       auto stack = [](const std::vector<std::pair<torch::Tensor, torch::Tensor>>& per_layer, bool second) {
         std::vector<torch::Tensor> parts;
@@ -127,7 +125,7 @@ class StepObserver final : public AttentionObserver {
 
  private:
   QuantizedKVCache* static_cache_;
-  std::vector<int64_t> teacher_rows_;
+  torch::Tensor teacher_rows_;  // row indices on the device
   int64_t layers_;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> static_layers_, teacher_layers_;
 };
@@ -185,7 +183,10 @@ SampleResult Engine::run(const Prompt& prompt) const {
   if (static_lane_)
     static_cache = std::make_unique<QuantizedKVCache>(quantizers_, layers, mc.n_kv_heads, n + max_new, mc.head_dim,
                                                       model_.dtype(), device);
-  StepObserver observer(static_cache.get(), teacher_rows, layers);
+  // Built once: indexing the teacher-forced rows must not copy from the host at every step.
+  const auto teacher_index =
+      torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64)).to(device);
+  StepObserver observer(static_cache.get(), teacher_index, layers);
 
   SampleResult result;
   result.prompt = prompt;
@@ -218,11 +219,11 @@ SampleResult Engine::run(const Prompt& prompt) const {
     if (reference_active) {
       const int64_t reference_token = next[0];
       if (!teacher_rows.empty()) {
-        auto index = torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64).device(device));
         auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1), -1);
-        auto log_lane = torch::log_softmax(step_logits.index_select(0, index), -1);
+        auto lane_logits = step_logits.index_select(0, teacher_index);
+        auto log_lane = torch::log_softmax(lane_logits, -1);
         auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
-        auto agree = (step_logits.index_select(0, index).argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
+        auto agree = (lane_logits.argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
         auto delta = log_ref.select(1, reference_token) - log_lane.select(1, reference_token);
         teacher_step_metrics.push_back(torch::stack({kl, agree, delta}, 1));
       }
