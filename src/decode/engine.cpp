@@ -219,13 +219,14 @@ SampleResult Engine::run(const Prompt& prompt) const {
     if (reference_active) {
       const int64_t reference_token = next[0];
       if (!teacher_rows.empty()) {
-        auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1), -1);
+        // In float64: KL of nearly equal distributions must not come out negative from rounding.
+        auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1).to(torch::kFloat64), -1);
         auto lane_logits = step_logits.index_select(0, teacher_index);
-        auto log_lane = torch::log_softmax(lane_logits, -1);
+        auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
         auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
         auto agree = (lane_logits.argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
         auto delta = log_ref.select(1, reference_token) - log_lane.select(1, reference_token);
-        teacher_step_metrics.push_back(torch::stack({kl, agree, delta}, 1));
+        teacher_step_metrics.push_back(torch::stack({kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)}, 1));
       }
       result.reference_tokens.push_back(reference_token);
       if (is_stop(reference_token)) {
