@@ -83,13 +83,10 @@ struct BenchRunOptions {
 // (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included).
 void run_bench_run(const BenchRunOptions& options) {
   const RunConfig config = load_run_config(options.config, options.overrides);
-  const auto device = parse_device(config.model.device);
-  const auto dtype = parse_dtype(config.model.dtype);
-  auto tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
-  auto model = load_model(config.model.path, device, dtype, config.model.seed);
-  const auto prompts = load_prompts(config.prompts, tokenizer.get());
-  const Engine engine(model, config, tokenizer.get());
-  const auto& prompt = prompts.front();
+  const auto inputs = load_run_inputs(config);
+  const LlamaModel& model = *inputs.model;
+  const Engine engine(model, config, inputs.tokenizer.get());
+  const auto& prompt = inputs.prompts.front();
   const int64_t steps = config.decoding.max_new_tokens;
   engine.run(prompt);  // warm-up
   const auto side_by_side = engine.run(prompt);
@@ -99,7 +96,8 @@ void run_bench_run(const BenchRunOptions& options) {
       bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), std::max<int64_t>(forwards, 1), 2).ms_per_step;
   const double full_ms = 1000.0 * side_by_side.decode_seconds / static_cast<double>(std::max<int64_t>(forwards, 1));
   std::cout << fmt::format("side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n",
-                           config.model.path, describe_device(device), dtype_name(dtype), prompt.tokens.size(), steps,
+                           config.model.path, describe_device(model.device()), dtype_name(model.dtype()),
+                           prompt.tokens.size(), steps,
                            config.quantizers.size(), fmt::join(config.lanes, ","));
   std::cout << fmt::format("{:<36} {:>10}\n", "", "ms/step");
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "reference only (batch 1)", reference_ms);

@@ -80,17 +80,16 @@ void run_main_job(const RunOptions& options) {
   auto overrides = options.overrides;
   if (!options.output.empty()) overrides.push_back("output.path=" + options.output);
   const RunConfig config = load_run_config(options.config, overrides);
-  const auto device = parse_device(config.model.device);
-  const auto dtype = parse_dtype(config.model.dtype);
-  auto tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
-  auto model = load_model(config.model.path, device, dtype, config.model.seed);
-  const auto prompts = load_prompts(config.prompts, tokenizer.get());
-  const Engine engine(model, config, tokenizer.get());
+  const auto inputs = load_run_inputs(config);
+  const LlamaModel& model = *inputs.model;
+  const auto& prompts = inputs.prompts;
+  const Engine engine(model, config, inputs.tokenizer.get());
 
   auto log = RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine),
                           options.overwrite);
   spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
-               config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(device), dtype_name(dtype));
+               config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(model.device()),
+               dtype_name(model.dtype()));
   Progress progress(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (log.has_sample(static_cast<int64_t>(i))) {

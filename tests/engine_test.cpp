@@ -41,17 +41,13 @@ output:
 
 struct Run {
   RunConfig config;
-  std::unique_ptr<Tokenizer> tokenizer;
-  std::unique_ptr<LlamaModel> model;
-  std::vector<Prompt> prompts;
+  RunInputs inputs;
 };
 
 Run load(const std::string& config_path) {
   Run run;
   run.config = load_run_config(config_path, {});
-  run.tokenizer = load_tokenizer(run.config.model.tokenizer);
-  run.model = std::make_unique<LlamaModel>(load_model(run.config.model.path, torch::kCPU, torch::kFloat32));
-  run.prompts = load_prompts(run.config.prompts, run.tokenizer.get());
+  run.inputs = load_run_inputs(run.config);
   return run;
 }
 
@@ -72,8 +68,8 @@ double mean_of(const HostArray& a) {
 TEST(Engine, NoneLanesEqualTheReference) {
   const std::string dir = test::scratch_dir();
   auto run = load(write_config(dir, "  - {name: none, method: none}", 48));
-  const Engine engine(*run.model, run.config, run.tokenizer.get());
-  const auto result = engine.run(run.prompts[0]);
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
   ASSERT_EQ(result.reference_tokens.size(), 48u);
   const auto& teacher = lane_of(result, "none", "teacher_forced");
   EXPECT_LE(max_of(teacher.arrays.at("kl")), 1e-9);
@@ -97,8 +93,8 @@ TEST(Engine, KVarN8BitDriftsALittleAndTwoBitMore) {
                                "  - {name: k8, method: kvarn, params: {k_bits: 8, v_bits: 8, tile_size: 8}}\n"
                                "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 8}}",
                                64));
-  const Engine engine(*run.model, run.config, run.tokenizer.get());
-  const auto result = engine.run(run.prompts[0]);
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
   const double kl8 = mean_of(lane_of(result, "k8", "teacher_forced").arrays.at("kl"));
   const double kl2 = mean_of(lane_of(result, "k2", "teacher_forced").arrays.at("kl"));
   EXPECT_GT(kl8, 0.0);
@@ -120,8 +116,8 @@ TEST(Engine, KVarN8BitDriftsALittleAndTwoBitMore) {
 TEST(Engine, StaticLaneDoesNotAccumulateTeacherForcedDoes) {
   const std::string dir = test::scratch_dir();
   auto run = load(write_config(dir, "  - {name: q2, method: quarot, params: {k_bits: 2, v_bits: 2}}", 64));
-  const Engine engine(*run.model, run.config, run.tokenizer.get());
-  const auto result = engine.run(run.prompts[0]);
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
   const auto& fixed = lane_of(result, "q2", "static").arrays.at("attn_rel_l2");
   const auto& teacher = lane_of(result, "q2", "teacher_forced").arrays.at("attn_rel_l2");
   ASSERT_EQ(fixed.shape, teacher.shape);
@@ -147,9 +143,9 @@ TEST(Engine, WholePromptGoesThroughTheQuantizedCache) {
                                "  - {name: kivi, method: kivi, params: {group_size: 8, residual_length: 16}}\n"
                                "  - {name: kvarn, method: kvarn, params: {tile_size: 16}}",
                                9, "\n    - >-\n      " + text));
-  const Engine engine(*run.model, run.config, run.tokenizer.get());
-  const auto result = engine.run(run.prompts[0]);
-  const int64_t n = static_cast<int64_t>(run.prompts[0].tokens.size());
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
+  const int64_t n = static_cast<int64_t>(run.inputs.prompts[0].tokens.size());
   ASSERT_GT(n, 40);
   const int64_t length = n + 8;  // 9 steps: 8 decode forwards after the prefill
   const int64_t t = length - 1;  // position of the last decode step

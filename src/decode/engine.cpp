@@ -9,6 +9,7 @@
 #include "decode/generate.h"
 #include "decode/sampler.h"
 #include "metrics/token_scale.h"
+#include "model/checkpoint.h"
 
 namespace kvdrift {
 
@@ -131,6 +132,16 @@ class StepObserver final : public AttentionObserver {
 };
 
 }  // namespace
+
+RunInputs load_run_inputs(const RunConfig& config) {
+  RunInputs inputs;
+  const auto device = parse_device(config.model.device);
+  const auto dtype = parse_dtype(config.model.dtype);
+  inputs.tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
+  inputs.model = std::make_unique<LlamaModel>(load_model(config.model.path, device, dtype, config.model.seed));
+  inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get());
+  return inputs;
+}
 
 Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
     : model_(model), config_(config), tokenizer_(tokenizer) {

@@ -50,6 +50,15 @@ struct SampleResult {
   double metric_seconds = 0;
 };
 
+// What a run loads from its config before the engine can start: the tokenizer (null when the config
+// has none and needs none), the model on its device and dtype, and the prompts.
+struct RunInputs {
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<LlamaModel> model;
+  std::vector<Prompt> prompts;
+};
+RunInputs load_run_inputs(const RunConfig& config);
+
 class Engine {
  public:
   // Builds every quantizer of the config for the model's head_dim (errors name the quantizer).
