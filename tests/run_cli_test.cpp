@@ -135,14 +135,7 @@ void run_and_kill_after_first_sample(const std::vector<std::string>& args) {
   if (pid == 0) {
     ::dup2(pipe_fds[1], 2);
     ::close(pipe_fds[0]);
-    std::vector<std::string> copies = args;
-    std::vector<char*> argv;
-    std::string exe = KVDRIFT_CLI;
-    argv.push_back(exe.data());
-    for (auto& a : copies) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(exe.c_str(), argv.data());
-    ::_exit(127);
+    test::exec_cli(args);
   }
   ::close(pipe_fds[1]);
   std::string seen;

@@ -71,6 +71,16 @@ void write_file(const std::string& path, const std::string& contents) {
   if (!out) throw std::runtime_error("cannot write " + path);
 }
 
+void exec_cli(const std::vector<std::string>& args) {
+  std::string exe = KVDRIFT_CLI;
+  std::vector<std::string> copies = args;
+  std::vector<char*> argv = {exe.data()};
+  for (auto& a : copies) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(exe.c_str(), argv.data());
+  ::_exit(127);
+}
+
 CliResult run_cli(const std::vector<std::string>& args) {
   const std::string dir = fs::path(KVDRIFT_TEST_TMP) / "cli";
   fs::create_directories(dir);
@@ -82,14 +92,7 @@ CliResult run_cli(const std::vector<std::string>& args) {
     int err_fd = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(out_fd, 1);
     ::dup2(err_fd, 2);
-    std::vector<char*> argv;
-    std::string exe = KVDRIFT_CLI;
-    argv.push_back(exe.data());
-    std::vector<std::string> copies = args;
-    for (auto& a : copies) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(exe.c_str(), argv.data());
-    ::_exit(127);
+    exec_cli(args);
   }
   int status = 0;
   ::waitpid(pid, &status, 0);

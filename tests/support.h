@@ -23,6 +23,8 @@ struct CliResult {
 };
 // Runs build/kvdrift with `args` (each passed as one argv entry, no shell).
 CliResult run_cli(const std::vector<std::string>& args);
+// In a forked child: replaces the process with build/kvdrift `args` (exit 127 if exec fails).
+[[noreturn]] void exec_cli(const std::vector<std::string>& args);
 
 // The message of the kvdrift::Error that `action` throws; a test failure (and "") if it throws none.
 std::string error_message(const std::function<void()>& action);

@@ -34,33 +34,16 @@ std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& out
   return {rel_l2, cosine};
 }
 
-// Token-scale error of rows `x` against `x_hat` [kv_heads, positions, head_dim] for every layer,
-// mean over kv heads: [positions, layers] per component, and the worst-5% magnitude share.
-void log_token_scale(LaneResult& lane, const std::string& prefix, const std::vector<torch::Tensor>& x,
-                     const std::vector<torch::Tensor>& x_hat) {
-  std::vector<torch::Tensor> magnitude, direction, total, ratio;
-  std::vector<metrics::TokenScaleError> all;
-  for (size_t layer = 0; layer < x.size(); ++layer) {
-    auto error = metrics::token_scale_error(x[layer], x_hat[layer]);
-    magnitude.push_back(error.magnitude.mean(0));
-    direction.push_back(error.direction.mean(0));
-    total.push_back(error.total.mean(0));
-    ratio.push_back(error.norm_ratio.mean(0));
-    all.push_back(error);
-  }
-  lane.arrays[prefix + "/E_M"] = to_host(torch::stack(magnitude, 1));
-  lane.arrays[prefix + "/E_D"] = to_host(torch::stack(direction, 1));
-  lane.arrays[prefix + "/E_T"] = to_host(torch::stack(total, 1));
-  lane.arrays[prefix + "/norm_ratio"] = to_host(torch::stack(ratio, 1));
-  metrics::TokenScaleError joined;
-  std::vector<torch::Tensor> m, t;
-  for (const auto& e : all) {
-    m.push_back(e.magnitude.flatten());
-    t.push_back(e.total.flatten());
-  }
-  joined.magnitude = torch::cat(m);
-  joined.total = torch::cat(t);
-  lane.scalars[prefix + "/worst5_magnitude_share"] = metrics::worst_rows_magnitude_share(joined);
+// Token-scale error of rows `x` against `x_hat` [layers, kv_heads, positions, head_dim], mean over kv
+// heads: [positions, layers] per component, and the worst-5% magnitude share over every row.
+void log_token_scale(LaneResult& lane, const std::string& prefix, const torch::Tensor& x, const torch::Tensor& x_hat) {
+  const auto error = metrics::token_scale_error(x, x_hat);  // [layers, kv_heads, positions]
+  auto per_position = [](const torch::Tensor& t) { return to_host(t.mean(1).transpose(0, 1)); };
+  lane.arrays[prefix + "/E_M"] = per_position(error.magnitude);
+  lane.arrays[prefix + "/E_D"] = per_position(error.direction);
+  lane.arrays[prefix + "/E_T"] = per_position(error.total);
+  lane.arrays[prefix + "/norm_ratio"] = per_position(error.norm_ratio);
+  lane.scalars[prefix + "/worst5_magnitude_share"] = metrics::worst_rows_magnitude_share(error);
 }
 
 // Longest common prefix and outcome class of a free-running lane against the reference.
@@ -265,22 +248,19 @@ SampleResult Engine::run(const Prompt& prompt) const {
   start_time = std::chrono::steady_clock::now();
 
   // Copy the per-step metrics to the host once, and compute the token-scale errors from the caches.
-  auto per_layer = [&](const QuantizedKVCache& c, Role role, int64_t row) {
+  // One row of a cache, every layer: [layers, kv_heads, positions, head_dim].
+  auto row_of = [&](const QuantizedKVCache& c, Role role, int64_t row, bool read) {
     std::vector<torch::Tensor> layers_of_row;
-    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back(c.written(role, l)[row]);
-    return layers_of_row;
-  };
-  auto read_layers = [&](const QuantizedKVCache& c, Role role, int64_t row) {
-    std::vector<torch::Tensor> layers_of_row;
-    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back(c.read(role, l)[row]);
-    return layers_of_row;
+    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back((read ? c.read(role, l) : c.written(role, l))[row]);
+    return torch::stack(layers_of_row);
   };
   auto token_scale = [&](LaneResult& lane, const QuantizedKVCache& c, int64_t row, bool drift) {
     if (!config_.metrics.token_scale) return;
     for (Role role : {Role::Key, Role::Value}) {
       const std::string name = role_name(role);
-      log_token_scale(lane, name + "/quant", per_layer(c, role, row), read_layers(c, role, row));
-      if (drift) log_token_scale(lane, name + "/drift", per_layer(cache, role, 0), per_layer(c, role, row));
+      const auto written = row_of(c, role, row, false);
+      log_token_scale(lane, name + "/quant", written, row_of(c, role, row, true));
+      if (drift) log_token_scale(lane, name + "/drift", row_of(cache, role, 0, false), written);
     }
     lane.scalars["bits_per_element"] = c.bits_per_element(row);
     lane.scalars["fraction_quantized"] = c.fraction_quantized(row);
