@@ -96,10 +96,21 @@ void run_main_job(const RunOptions& options) {
       progress.update(i + 1, 0);
       continue;
     }
-    const auto result = engine.run(prompts[i]);
-    log.write_sample(static_cast<int64_t>(i), result);
+    // The sample's rows go to the file as it decodes (every output.flush_seconds), for live readers.
+    auto writer = log.begin_sample(static_cast<int64_t>(i), prompts[i]);
+    int64_t steps_reported = 0;
+    auto report = [&](const SampleResult& so_far, size_t done) {
+      const auto steps = static_cast<int64_t>(so_far.reference_tokens.size());
+      progress.update(done, steps - steps_reported);
+      steps_reported = steps;
+    };
+    const auto result = engine.run(prompts[i], [&](const SampleResult& so_far) {
+      writer.append(so_far);
+      report(so_far, i);
+    });
+    writer.finish(result);
     spdlog::debug("sample {} written", i);
-    progress.update(i + 1, static_cast<int64_t>(result.reference_tokens.size()));
+    report(result, i + 1);
   }
   std::vector<std::string> names;
   for (const auto& q : config.quantizers) names.push_back(q.name);

@@ -1,5 +1,7 @@
 // The side-by-side engine on stories260K: invariants of the lanes, the caches' policies over a whole
 // prompt, and the main job's command line (config errors, HDF5 output, resume after SIGKILL).
+#include "decode/engine.h"
+
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -8,7 +10,6 @@
 #include <filesystem>
 #include <numeric>
 
-#include "decode/engine.h"
 #include "io/hdf5.h"
 #include "io/run_config.h"
 #include "model/checkpoint.h"
@@ -35,7 +36,7 @@ quantizers:
 output:
   path: {4}/run.h5
 )",
-                                         model, prompts, steps, quantizers, dir));
+                                     model, prompts, steps, quantizers, dir));
   return path;
 }
 
@@ -156,6 +157,50 @@ TEST(Engine, WholePromptGoesThroughTheQuantizedCache) {
     EXPECT_DOUBLE_EQ(lane_of(result, "kvarn", lane).scalars.at("fraction_quantized"), kvarn_expected) << lane;
   }
   EXPECT_EQ(lane_of(result, "kivi", "teacher_forced").arrays.at("kl").shape, (std::vector<int64_t>{9}));
+}
+
+// From BOS, the reference is stories260K's known-good greedy output (200 tokens after BOS, as run.c),
+// and so is the `none` free-running lane's text. Progress reports carry the sample so far: every report's
+// per-step arrays are prefixes of the final ones, and each names every array the sample will have.
+TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(
+      dir, "  - {name: none, method: none}\n  - {name: kivi, method: kivi, params: {group_size: 8}}", 200, "[\"\"]"));
+  run.config.output.flush_seconds = 1e-6;  // a report after every step
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  std::vector<SampleResult> reports;
+  const auto result = engine.run(run.inputs.prompts[0], [&](const SampleResult& so_far) { reports.push_back(so_far); });
+
+  const std::string expected = test::read_file(test::stories260k_dir() + "/expected_greedy_200steps.txt");
+  EXPECT_EQ(result.reference_text, expected);
+  const std::string continuation = result.reference_continuation;
+  EXPECT_EQ(continuation.substr(continuation.find_first_not_of(' ')), expected);
+  EXPECT_EQ(lane_of(result, "none", "free_running").text, continuation);
+  EXPECT_NE(lane_of(result, "kivi", "free_running").text, "");
+
+  ASSERT_GE(reports.size(), 190u);  // one per step, give or take the clock's resolution
+  size_t previous = 0;
+  for (const auto& so_far : reports) {
+    ASSERT_EQ(so_far.lanes.size(), result.lanes.size());
+    const size_t steps = so_far.reference_tokens.size();
+    EXPECT_GT(steps, previous);
+    previous = steps;
+    EXPECT_TRUE(
+        std::equal(so_far.reference_tokens.begin(), so_far.reference_tokens.end(), result.reference_tokens.begin()));
+    for (size_t l = 0; l < so_far.lanes.size(); ++l) {
+      const auto& partial = so_far.lanes[l];
+      const auto& whole = result.lanes[l];
+      for (const auto& [name, array] : partial.arrays) {
+        const auto& final_array = whole.arrays.at(name);
+        ASSERT_EQ(array.shape.size(), final_array.shape.size()) << name;
+        EXPECT_LE(array.shape[0], final_array.shape[0]) << name;
+        EXPECT_TRUE(std::equal(array.values.begin(), array.values.end(), final_array.values.begin())) << name;
+      }
+      if (partial.lane == "teacher_forced") EXPECT_EQ(partial.arrays.at("kl").shape[0], static_cast<int64_t>(steps));
+      if (partial.lane == "free_running") EXPECT_EQ(partial.tokens.size(), steps);
+      EXPECT_EQ(partial.arrays.count("key/quant/E_T"), 0u);  // token-scale arrays come with the result
+    }
+  }
 }
 
 }  // namespace

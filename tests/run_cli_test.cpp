@@ -1,11 +1,15 @@
 // `kvdrift run` through the real command line: shipped configs, bad configs, the HDF5 log read back
-// with h5py, and resume after SIGKILL.
+// with h5py, resume after SIGKILL, and a live run read by a SWMR reader (then killed mid-sample).
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "io/hdf5.h"
 #include "support.h"
@@ -40,7 +44,8 @@ output:
 
 bool complete(const std::string& path) {
   if (!fs::exists(path)) return false;
-  return h5::File::open_read(path).attribute<int64_t>("complete") == 1;
+  // A SWMR read also opens a file whose writer was killed mid-sample (a plain open refuses it).
+  return h5::File::open_read(path, /*swmr_read=*/true).attribute<int64_t>("complete") == 1;
 }
 
 TEST(RunCli, ShippedConfigsRun) {
@@ -178,6 +183,82 @@ TEST(RunCli, ResumeAfterSigkillGivesTheSameArrays) {
   const auto changed = test::run_cli({"run", config, "--output", killed, "--set", "decoding.max_new_tokens=8"});
   EXPECT_NE(changed.exit_code, 0);
   EXPECT_NE(changed.err.find("different config"), std::string::npos) << changed.err;
+}
+
+// A reader in SWMR mode watches a sample's arrays grow while it decodes; the run is then killed in the
+// middle of a later sample (in SWMR mode), and the resumed file equals an uninterrupted run.
+TEST(RunCli, LiveRunIsReadWithSwmrAndAKillMidSampleResumes) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "  flush_seconds: 0.05\n", 300);
+  const std::string live = dir + "/live.h5", whole = dir + "/whole.h5";
+  // Starts the run, polls the file with swmr=True, and kills the run once it has seen sample 1 with
+  // rows but not complete; prints what it saw as JSON.
+  const std::string watcher = R"(
+import json, signal, subprocess, sys, time
+import h5py
+cli, config, path = sys.argv[1:4]
+run = subprocess.Popen([cli, "run", config, "--output", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+seen, killed = [], False
+deadline = time.time() + 240
+while run.poll() is None and time.time() < deadline:
+    try:
+        with h5py.File(path, "r", swmr=True) as f:
+            for name, sample in f["samples"].items():
+                if "kvarn-k2v2/teacher_forced/kl" not in sample:
+                    continue
+                kl = sample["kvarn-k2v2/teacher_forced/kl"]
+                tokens = sample["kivi-2bit/free_running/tokens"]
+                seen.append([int(name), int(sample.attrs["complete"]), kl.shape[0], tokens.shape[0],
+                             sample["reference_tokens"].shape[0], "key" in sample["kvarn-k2v2/teacher_forced"]])
+                if int(name) == 1 and sample.attrs["complete"] == 0 and kl.shape[0] > 0:
+                    run.send_signal(signal.SIGKILL)
+                    killed = True
+    except (OSError, KeyError):
+        pass  # the writer is between SWMR phases; try again
+    if killed:
+        break
+    time.sleep(0.02)
+run.wait()
+print(json.dumps({"killed": killed, "seen": seen}))
+)";
+  std::string output;
+  ASSERT_EQ(test::run_python(dir, "watch", watcher, {KVDRIFT_CLI, config, live}, &output), 0) << output;
+  ASSERT_NE(output.find("\"killed\": true"), std::string::npos) << output;
+  // Rows of sample 0 were seen growing before it was complete: at least two partial lengths, lengths
+  // never shrink, no position arrays before the end, and arrays read one after another differ by at
+  // most the rows of one flush (bounded by the largest growth seen between two reads).
+  const auto report = nlohmann::json::parse(output);
+  std::set<int64_t> partial_lengths;
+  int64_t last_length = 0, largest_growth = 1, largest_skew = 0;
+  for (const auto& row : report["seen"]) {
+    if (row[0] == 0 && row[1] == 0) {
+      const int64_t kl = row[2], tokens = row[3], reference = row[4];
+      partial_lengths.insert(kl);
+      EXPECT_GE(kl, last_length) << row;
+      largest_growth = std::max(largest_growth, kl - last_length);
+      last_length = kl;
+      // Free-running tokens too: this run has no end token.
+      largest_skew = std::max({largest_skew, std::abs(reference - kl), std::abs(tokens - kl)});
+      EXPECT_FALSE(row[5].get<bool>()) << row;  // token-scale arrays come with the finished sample
+    }
+  }
+  EXPECT_GE(partial_lengths.size(), 2u) << output;
+  EXPECT_LE(largest_skew, largest_growth) << output;
+  EXPECT_FALSE(complete(live));
+  const auto resumed = test::run_cli({"run", config, "--output", live});
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  const auto uninterrupted = test::run_cli({"run", config, "--output", whole});
+  ASSERT_EQ(uninterrupted.exit_code, 0) << uninterrupted.err;
+  const auto a = h5::File::open_read(live), b = h5::File::open_read(whole);
+  for (int i = 0; i < 3; ++i) {
+    const std::string sample = "samples/" + std::to_string(i) + "/";
+    for (const std::string array : {"kivi-2bit/teacher_forced/kl", "kvarn-k2v2/static/attn_rel_l2",
+                                    "kvarn-k2v2/free_running/match", "kvarn-k2v2/teacher_forced/value/quant/E_T"})
+      EXPECT_EQ(a.read<float>(sample + array), b.read<float>(sample + array)) << sample + array;
+    EXPECT_EQ(a.read<int64_t>(sample + "reference_tokens"), b.read<int64_t>(sample + "reference_tokens"));
+    EXPECT_EQ(a.open_group(sample + "kivi-2bit/free_running").attribute<std::string>("continuation"),
+              b.open_group(sample + "kivi-2bit/free_running").attribute<std::string>("continuation"));
+  }
 }
 
 }  // namespace

@@ -380,7 +380,7 @@ for quantizer in ('int4', 'int2'):
     assert np.isclose(summary['kl_p99'], np.percentile(kl, 99), rtol=1e-12, atol=0)
 print('ok')
 )",
-                       {path}, &output),
+                             {path}, &output),
             0)
       << output;
   EXPECT_EQ(output, "ok\n");
@@ -520,7 +520,7 @@ TEST(RunLog, ReadersOpenTheFileBetweenSamplesAndTheWriterWaitsForThem) {
 with h5py.File(sys.argv[1], 'r') as f:
     print(f.attrs['complete'], [(k, g.attrs['complete']) for k, g in f['samples'].items()])
 )",
-                       {path}, &output),
+                             {path}, &output),
             0)
       << output;
   EXPECT_EQ(output, "0 [('0', 1)]\n");
@@ -539,6 +539,66 @@ with h5py.File(sys.argv[1], 'r') as f:
   release.join();
   EXPECT_GE(waited, 0.9);
   EXPECT_TRUE(log.has_sample(1));
+}
+
+// The sample's first `steps` steps and `logged` logged steps, as the engine reports them while it
+// decodes: per-step arrays and tokens only.
+SampleResult prefix_of(const SampleResult& whole, size_t steps, size_t logged) {
+  SampleResult partial;
+  partial.prompt = whole.prompt;
+  partial.reference_tokens.assign(whole.reference_tokens.begin(), whole.reference_tokens.begin() + steps);
+  partial.logged_steps.assign(whole.logged_steps.begin(), whole.logged_steps.begin() + logged);
+  for (const LaneResult& lane : whole.lanes) {
+    LaneResult part{lane.quantizer, lane.lane};
+    for (const auto& [name, array] : lane.arrays) {
+      const bool per_step = name == "kl" || name == "top1_agree" || name == "logp_delta" || name == "match";
+      const bool per_logged_step = name.rfind("attn_", 0) == 0;
+      if (!per_step && !per_logged_step) continue;
+      const auto rows = static_cast<int64_t>(std::min<size_t>(per_step ? steps : logged, array.shape[0]));
+      const size_t row_values = array.values.size() / static_cast<size_t>(std::max<int64_t>(array.shape[0], 1));
+      HostArray cut{{array.values.begin(), array.values.begin() + rows * row_values}, array.shape};
+      cut.shape[0] = rows;
+      part.arrays[name] = cut;
+    }
+    part.tokens.assign(lane.tokens.begin(), lane.tokens.begin() + std::min(steps, lane.tokens.size()));
+    partial.lanes.push_back(part);
+  }
+  return partial;
+}
+
+// While a sample decodes, a SWMR reader sees its rows so far; repeated reports add only new rows; the
+// finished sample is the same as one written at once.
+TEST(RunLog, ASampleWrittenAsItDecodesIsReadLiveAndEndsWhole) {
+  const std::string dir = scratch_dir();
+  const std::string path = dir + "/run.h5";
+  RunLog log = RunLog::open(path, kConfig, metadata(), false);
+  const SampleResult whole = make_sample(0);  // 3 steps, 2 logged steps
+  SampleWriter writer = log.begin_sample(0, whole.prompt);
+  writer.append(prefix_of(whole, 1, 1));
+  writer.append(prefix_of(whole, 2, 1));
+  writer.append(prefix_of(whole, 2, 1));  // nothing new
+  // A reader in another process, as a live reader would be.
+  std::string output;
+  EXPECT_EQ(test::run_python(dir, "live", R"(import sys, h5py
+with h5py.File(sys.argv[1], 'r', swmr=True) as f:
+    s = f['samples/0']
+    print(s.attrs['complete'], list(s['reference_tokens']), list(s['int2/teacher_forced/kl']),
+          s['int4/static/attn_rel_l2'].shape, list(s['int4/free_running/tokens']),
+          'int4/teacher_forced/key/quant/E_T' in s)
+)",
+                             {path}, &output),
+            0)
+      << output;
+  EXPECT_EQ(output, "0 [10, 11] [1.0, 2.0] (1, 2) [10, 11] False\n");
+  EXPECT_FALSE(log.has_sample(0));
+  writer.finish(whole);
+  EXPECT_TRUE(log.has_sample(0));
+  log.write_sample(1, make_sample(1));
+  const auto rows = log.finish(kQuantizers);
+  const h5::File file = h5::File::open_read(path);
+  expect_sample(file.open_group("samples"), 0);
+  expect_sample(file.open_group("samples"), 1);
+  expect_summary(file, rows);
 }
 
 }  // namespace

@@ -69,8 +69,8 @@ QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>
 QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch,
                                    int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
                                    torch::Device device, StorageMode mode)
-    : QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>(batch, std::move(quantizer)), n_layers,
-                       n_kv_heads, capacity, head_dim, dtype, device, mode) {}
+    : QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>(batch, std::move(quantizer)), n_layers, n_kv_heads,
+                       capacity, head_dim, dtype, device, mode) {}
 
 std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, int64_t pos, const torch::Tensor& keys,
                                                                  const torch::Tensor& values) {
@@ -111,7 +111,7 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, int64_t 
   }
   region.copy_(restored.reshape(shape));
   group.flushed_end[r][layer] = end;
-  flush_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  group.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
 }
 
 const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const {
@@ -142,11 +142,17 @@ double QuantizedKVCache::bits_per_element(int64_t row) const {
   for (Role role : {Role::Key, Role::Value}) {
     for (int64_t layer = 0; layer < shape[0]; ++layer) {
       const double quantized = static_cast<double>(quantized_positions(role, layer, row));
-      bits += group.stored_bits[index(role)][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
+      bits +=
+          group.stored_bits[index(role)][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
       elements += length_ * elements_per_position;
     }
   }
   return bits / elements;
+}
+
+double QuantizedKVCache::quantize_seconds(int64_t row) const {
+  const RowGroup& group = group_of(row);
+  return group.seconds / static_cast<double>(group.rows);
 }
 
 double QuantizedKVCache::fraction_quantized(int64_t row) const {
@@ -154,7 +160,8 @@ double QuantizedKVCache::fraction_quantized(int64_t row) const {
   const int64_t layers = written_[0].size(0);
   double quantized = 0;
   for (Role role : {Role::Key, Role::Value})
-    for (int64_t layer = 0; layer < layers; ++layer) quantized += static_cast<double>(quantized_positions(role, layer, row));
+    for (int64_t layer = 0; layer < layers; ++layer)
+      quantized += static_cast<double>(quantized_positions(role, layer, row));
   return quantized / (2.0 * length_ * layers);
 }
 

@@ -47,8 +47,10 @@ class QuantizedKVCache final : public KVCache {
   // cost, full-precision positions at 16 bits per element.
   double bits_per_element(int64_t row = 0) const;
   double fraction_quantized(int64_t row = 0) const;
-  // Host time spent quantizing and dequantizing blocks, all rows.
-  double flush_seconds() const { return flush_seconds_; }
+  // Wall time spent quantizing and dequantizing the blocks of `row`'s quantizer, shared equally among
+  // the rows quantized together. Host time: on CUDA it counts kernel launches, not kernel runs, as
+  // the cache does not synchronize the device for it.
+  double quantize_seconds(int64_t row = 0) const;
 
  private:
   // Consecutive rows sharing one quantizer, with its bookkeeping.
@@ -60,6 +62,7 @@ class QuantizedKVCache final : public KVCache {
     std::array<std::vector<int64_t>, 2> flushed_end;    // per layer: positions [sink, end) are quantized
     std::array<std::vector<double>, 2> stored_bits;     // per layer: bits held by the quantized blocks
     std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
+    double seconds = 0;                                 // spent in flush()
   };
   void flush(RowGroup& group, Role role, int64_t layer, int64_t end);
   const RowGroup& group_of(int64_t row) const;
@@ -69,7 +72,6 @@ class QuantizedKVCache final : public KVCache {
   int64_t length_ = 0;
   std::array<torch::Tensor, 2> written_;  // [n_layers, batch, kv_heads, capacity, head_dim]
   std::array<torch::Tensor, 2> read_;
-  double flush_seconds_ = 0;
 };
 
 }  // namespace kvdrift

@@ -24,6 +24,13 @@ HostArray to_host(const torch::Tensor& t) {
   return {std::vector<float>(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel()), flat.sizes().vec()};
 }
 
+// Appends `rows` [count, ...] (on any device) to `array` along its first axis.
+void append_rows(HostArray& array, const torch::Tensor& rows) {
+  const HostArray more = to_host(rows);
+  array.values.insert(array.values.end(), more.values.begin(), more.values.end());
+  array.shape[0] += more.shape[0];
+}
+
 // Relative L2 error and cosine of attention outputs [rows, heads, 1, head_dim] against the reference
 // output [1, heads, 1, head_dim], one value per row.
 std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& outputs, const torch::Tensor& reference) {
@@ -53,10 +60,14 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
   size_t prefix = 0;
   while (prefix < common && reference[prefix] == tokens[prefix]) ++prefix;
   lane.first_divergence = static_cast<int64_t>(prefix);
-  if (prefix < common) lane.outcome = "token_mismatch";
-  else if (reference.size() != tokens.size()) lane.outcome = "length_only";
-  else if (reference_stopped && lane_stopped) lane.outcome = "identical";
-  else lane.outcome = "censored";  // no difference before the step limit
+  if (prefix < common)
+    lane.outcome = "token_mismatch";
+  else if (reference.size() != tokens.size())
+    lane.outcome = "length_only";
+  else if (reference_stopped && lane_stopped)
+    lane.outcome = "identical";
+  else
+    lane.outcome = "censored";  // no difference before the step limit
 }
 
 // Per-layer work inside the forward pass: the static lanes' attention over the quantized copy of the
@@ -80,8 +91,9 @@ class StepObserver final : public AttentionObserver {
     auto reference_output = output.narrow(0, 0, 1);
     if (static_cache_) {
       const int64_t rows = static_cache_->written(Role::Key, layer).size(0);
-      auto [cached_keys, cached_values] = static_cache_->update(layer, start, keys.narrow(0, 0, 1).expand({rows, -1, -1, -1}),
-                                                                values.narrow(0, 0, 1).expand({rows, -1, -1, -1}));
+      auto [cached_keys, cached_values] =
+          static_cache_->update(layer, start, keys.narrow(0, 0, 1).expand({rows, -1, -1, -1}),
+                                values.narrow(0, 0, 1).expand({rows, -1, -1, -1}));
       if (decode && recording) {
         auto static_output =
             ops::attention(q.narrow(0, 0, 1).expand({rows, -1, -1, -1}), cached_keys, cached_values, start);
@@ -147,7 +159,7 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
   if (config_.decoding.stop_at_eos) stop_ids_ = stop_tokens(model_, tokenizer_);
 }
 
-SampleResult Engine::run(const Prompt& prompt) const {
+SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
   const ModelConfig& mc = model_.config();
   const int64_t n = static_cast<int64_t>(prompt.tokens.size());
   const int64_t max_new = config_.decoding.max_new_tokens;
@@ -157,6 +169,7 @@ SampleResult Engine::run(const Prompt& prompt) const {
          max_new, mc.max_seq_len);
   const torch::Device device = model_.device();
   const int64_t layers = mc.n_layers;
+  const size_t quantizer_count = quantizers_.size();
 
   // Batch rows: 0 = reference, then per quantizer its teacher-forced and free-running rows.
   std::vector<std::shared_ptr<const Quantizer>> row_quantizers = {make_quantizer("none", {}, mc.head_dim)};
@@ -178,12 +191,31 @@ SampleResult Engine::run(const Prompt& prompt) const {
     static_cache = std::make_unique<QuantizedKVCache>(quantizers_, layers, mc.n_kv_heads, n + max_new, mc.head_dim,
                                                       model_.dtype(), device);
   // Built once: indexing the teacher-forced rows must not copy from the host at every step.
-  const auto teacher_index =
-      torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64)).to(device);
+  const auto teacher_index = torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64)).to(device);
   StepObserver observer(static_cache.get(), teacher_index, layers);
 
+  // The lanes in log order (per quantizer: static, teacher-forced, free-running), with their per-step
+  // arrays declared empty so that a partial sample already names every array it will hold.
   SampleResult result;
   result.prompt = prompt;
+  std::vector<size_t> static_lane(quantizer_count), teacher_lane(quantizer_count), free_lane(quantizer_count);
+  const bool attention_error = config_.metrics.attention_error;
+  auto add_lane = [&](size_t q, const char* kind, std::vector<std::string> step_arrays, bool attention) {
+    LaneResult lane;
+    lane.quantizer = config_.quantizers[q].name;
+    lane.lane = kind;
+    for (const auto& name : step_arrays) lane.arrays[name] = {{}, {0}};
+    if (attention && attention_error)
+      for (const char* name : {"attn_rel_l2", "attn_cos"}) lane.arrays[name] = {{}, {0, layers}};
+    result.lanes.push_back(std::move(lane));
+    return result.lanes.size() - 1;
+  };
+  for (size_t q = 0; q < quantizer_count; ++q) {
+    if (static_lane_) static_lane[q] = add_lane(q, "static", {}, true);
+    if (teacher_forced_) teacher_lane[q] = add_lane(q, "teacher_forced", {"kl", "top1_agree", "logp_delta"}, true);
+    if (free_running_) free_lane[q] = add_lane(q, "free_running", {"match"}, false);
+  }
+
   auto start_time = std::chrono::steady_clock::now();
   auto prompt_tokens = torch::tensor(prompt.tokens, torch::kInt64).unsqueeze(0).expand({rows, n}).contiguous();
   auto logits = model_.forward(prompt_tokens.to(device), 0, cache, /*last_only=*/true, &observer);
@@ -195,10 +227,53 @@ SampleResult Engine::run(const Prompt& prompt) const {
   SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
                           config_.decoding.seed};
   std::vector<Sampler> samplers(rows, Sampler(sampling));
-  std::vector<LaneResult> free_lanes(free_rows.size());
-  std::vector<bool> free_stopped(free_rows.size(), false);
+  std::vector<bool> free_stopped(quantizer_count, false);
   std::vector<torch::Tensor> teacher_step_metrics;  // per step: [teacher rows, 3] = kl, top1 agree, logp delta
+
+  // Moves the metrics computed on the device since the last call into the lanes' host arrays, one
+  // copy per kind of metric, and extends the free-running match flags.
+  auto drain_metrics = [&] {
+    if (!teacher_step_metrics.empty()) {
+      const auto metrics = torch::stack(teacher_step_metrics, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
+      teacher_step_metrics.clear();
+      for (size_t q = 0; q < quantizer_count; ++q) {
+        auto& arrays = result.lanes[teacher_lane[q]].arrays;
+        const auto own = metrics.select(1, static_cast<int64_t>(q));
+        append_rows(arrays["kl"], own.select(1, 0));
+        append_rows(arrays["top1_agree"], own.select(1, 1));
+        append_rows(arrays["logp_delta"], own.select(1, 2));
+      }
+    }
+    auto drain_attention = [&](std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
+                               const std::vector<size_t>& lane_of) {
+      if (rel_l2.empty()) return;
+      const auto rel_l2_host = torch::stack(rel_l2, 0).to(torch::kCPU);  // [logged steps, rows, layers]
+      const auto cosine_host = torch::stack(cosine, 0).to(torch::kCPU);
+      rel_l2.clear();
+      cosine.clear();
+      for (size_t q = 0; q < quantizer_count; ++q) {
+        auto& arrays = result.lanes[lane_of[q]].arrays;
+        append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(q)));
+        append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(q)));
+      }
+    };
+    drain_attention(observer.static_rel_l2, observer.static_cos, static_lane);
+    drain_attention(observer.teacher_rel_l2, observer.teacher_cos, teacher_lane);
+    if (free_running_) {
+      for (size_t q = 0; q < quantizer_count; ++q) {
+        LaneResult& lane = result.lanes[free_lane[q]];
+        HostArray& match = lane.arrays["match"];
+        const size_t steps = std::min(lane.tokens.size(), result.reference_tokens.size());
+        for (size_t s = match.values.size(); s < steps; ++s)
+          match.values.push_back(lane.tokens[s] == result.reference_tokens[s] ? 1.0f : 0.0f);
+        match.shape[0] = static_cast<int64_t>(match.values.size());
+      }
+    }
+  };
+
   auto is_stop = [&](int64_t token) { return std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end(); };
+  const std::chrono::duration<double> report_every(config_.output.flush_seconds);
+  auto last_report = std::chrono::steady_clock::now();
   bool reference_active = true;
   for (int64_t step = 0; step < max_new; ++step) {
     auto step_logits = logits.select(1, 0).to(torch::kFloat32);  // [rows, vocab]
@@ -228,96 +303,71 @@ SampleResult Engine::run(const Prompt& prompt) const {
         reference_active = false;
       }
     }
-    for (size_t i = 0; i < free_rows.size(); ++i) {
-      if (free_stopped[i]) continue;
-      free_lanes[i].tokens.push_back(next[free_rows[i]]);
-      if (is_stop(next[free_rows[i]])) free_stopped[i] = true;
+    for (size_t q = 0; q < free_rows.size(); ++q) {
+      if (free_stopped[q]) continue;
+      result.lanes[free_lane[q]].tokens.push_back(next[free_rows[q]]);
+      if (is_stop(next[free_rows[q]])) free_stopped[q] = true;
+    }
+    if (progress && std::chrono::steady_clock::now() - last_report >= report_every) {
+      drain_metrics();
+      progress(result);
+      last_report = std::chrono::steady_clock::now();
     }
     const bool any_free = std::find(free_stopped.begin(), free_stopped.end(), false) != free_stopped.end();
     if ((!reference_active && !any_free) || step + 1 == max_new) break;
     // Teacher-forced rows read the reference's token; free-running rows their own.
     std::vector<int64_t> inputs(rows, next[0]);
     for (int64_t row : free_rows) inputs[row] = next[row];
-    observer.recording = step % config_.metrics.layer_stride == 0 && reference_active;
-    if (observer.recording) result.logged_steps.push_back(step + 1);
+    const bool logged = step % config_.metrics.layer_stride == 0 && reference_active;
+    observer.recording = logged && attention_error;
+    if (logged) result.logged_steps.push_back(step + 1);
     logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device), n + step, cache,
                             /*last_only=*/true, &observer);
   }
   synchronize(device);
   result.decode_seconds = seconds_since(start_time);
   start_time = std::chrono::steady_clock::now();
+  drain_metrics();
 
-  // Copy the per-step metrics to the host once, and compute the token-scale errors from the caches.
-  // One row of a cache, every layer: [layers, kv_heads, positions, head_dim].
+  // Token-scale errors, from the caches. One row of a cache, every layer: [layers, kv_heads, positions, head_dim].
   auto row_of = [&](const QuantizedKVCache& c, Role role, int64_t row, bool read) {
     std::vector<torch::Tensor> layers_of_row;
     for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back((read ? c.read(role, l) : c.written(role, l))[row]);
     return torch::stack(layers_of_row);
   };
-  auto token_scale = [&](LaneResult& lane, const QuantizedKVCache& c, int64_t row, bool drift) {
-    if (!config_.metrics.token_scale) return;
-    for (Role role : {Role::Key, Role::Value}) {
-      const std::string name = role_name(role);
-      const auto written = row_of(c, role, row, false);
-      log_token_scale(lane, name + "/quant", written, row_of(c, role, row, true));
-      if (drift) log_token_scale(lane, name + "/drift", row_of(cache, role, 0, false), written);
+  auto account = [&](size_t lane_index, const QuantizedKVCache& c, int64_t row, bool drift) {
+    LaneResult& lane = result.lanes[lane_index];
+    if (config_.metrics.token_scale) {
+      for (Role role : {Role::Key, Role::Value}) {
+        const std::string name = role_name(role);
+        const auto written = row_of(c, role, row, false);
+        log_token_scale(lane, name + "/quant", written, row_of(c, role, row, true));
+        if (drift) log_token_scale(lane, name + "/drift", row_of(cache, role, 0, false), written);
+      }
     }
     lane.scalars["bits_per_element"] = c.bits_per_element(row);
     lane.scalars["fraction_quantized"] = c.fraction_quantized(row);
+    lane.scalars["quantize_seconds"] = c.quantize_seconds(row);
   };
-  auto teacher_metrics = teacher_step_metrics.empty() ? torch::Tensor() : torch::stack(teacher_step_metrics, 0);
-  auto stacked = [](const std::vector<torch::Tensor>& steps) {  // [logged steps, rows, layers]
-    return steps.empty() ? torch::zeros({0}) : torch::stack(steps, 0);
+  // Decoded texts leave the end token out.
+  auto decode = [&](const std::vector<int64_t>& tokens, bool stopped) {
+    return tokenizer_->decode({tokens.begin(), tokens.end() - (stopped ? 1 : 0)});
   };
-  auto teacher_rel = stacked(observer.teacher_rel_l2), teacher_cos = stacked(observer.teacher_cos);
-  auto static_rel = stacked(observer.static_rel_l2), static_cos = stacked(observer.static_cos);
-  for (size_t i = 0; i < quantizers_.size(); ++i) {
-    const std::string& name = config_.quantizers[i].name;
-    if (static_lane_) {
-      LaneResult lane;
-      lane.quantizer = name;
-      lane.lane = "static";
-      if (config_.metrics.attention_error && static_rel.dim() == 3) {
-        lane.arrays["attn_rel_l2"] = to_host(static_rel.select(1, static_cast<int64_t>(i)));
-        lane.arrays["attn_cos"] = to_host(static_cos.select(1, static_cast<int64_t>(i)));
-      }
-      token_scale(lane, *static_cache, static_cast<int64_t>(i), false);
-      result.lanes.push_back(std::move(lane));
-    }
-    if (teacher_forced_) {
-      LaneResult lane;
-      lane.quantizer = name;
-      lane.lane = "teacher_forced";
-      auto metrics = teacher_metrics.select(1, static_cast<int64_t>(i));  // [steps, 3]
-      lane.arrays["kl"] = to_host(metrics.select(1, 0));
-      lane.arrays["top1_agree"] = to_host(metrics.select(1, 1));
-      lane.arrays["logp_delta"] = to_host(metrics.select(1, 2));
-      if (config_.metrics.attention_error && teacher_rel.dim() == 3) {
-        lane.arrays["attn_rel_l2"] = to_host(teacher_rel.select(1, static_cast<int64_t>(i)));
-        lane.arrays["attn_cos"] = to_host(teacher_cos.select(1, static_cast<int64_t>(i)));
-      }
-      token_scale(lane, cache, teacher_rows[i], true);
-      result.lanes.push_back(std::move(lane));
-    }
+  for (size_t q = 0; q < quantizer_count; ++q) {
+    if (static_lane_) account(static_lane[q], *static_cache, static_cast<int64_t>(q), false);
+    if (teacher_forced_) account(teacher_lane[q], cache, teacher_rows[q], true);
     if (free_running_) {
-      LaneResult& lane = free_lanes[i];
-      lane.quantizer = name;
-      lane.lane = "free_running";
-      classify(lane, result.reference_tokens, result.reference_stopped, free_stopped[i]);
-      std::vector<float> match;
-      for (size_t s = 0; s < lane.tokens.size() && s < result.reference_tokens.size(); ++s)
-        match.push_back(lane.tokens[s] == result.reference_tokens[s] ? 1.0f : 0.0f);
-      const auto steps = static_cast<int64_t>(match.size());
-      lane.arrays["match"] = {std::move(match), {steps}};
-      token_scale(lane, cache, free_rows[i], true);
-      result.lanes.push_back(std::move(lane));
+      LaneResult& lane = result.lanes[free_lane[q]];
+      classify(lane, result.reference_tokens, result.reference_stopped, free_stopped[q]);
+      account(free_lane[q], cache, free_rows[q], true);
+      if (tokenizer_) lane.text = decode(lane.tokens, free_stopped[q]);
     }
   }
   if (tokenizer_) {
+    result.reference_continuation = decode(result.reference_tokens, result.reference_stopped);
     std::vector<int64_t> all = prompt.tokens;
-    all.insert(all.end(), result.reference_tokens.begin(),
-               result.reference_tokens.end() - (result.reference_stopped ? 1 : 0));
-    result.reference_text = tokenizer_->decode(all);
+    all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
+    result.reference_text = decode(all, result.reference_stopped);
   }
   result.metric_seconds = seconds_since(start_time);
   return result;

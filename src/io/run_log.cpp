@@ -60,11 +60,10 @@ bool grows_along_steps(const std::string& axes) {
   return outermost == "step" || outermost == "logged_step";
 }
 
-// Writes `values` of `shape` as `group`/`name`, after checking that they fill the shape and that the
-// shape has one axis per name in `axes` ("" for arrays the schema does not know).
-template <typename T>
-void write_array(h5::Group& group, const std::string& name, const std::vector<T>& values,
-                 const std::vector<int64_t>& shape, const std::string& axes) {
+// Checks that `values` fill `shape` and that the shape has one axis per name in `axes` ("" for arrays
+// the schema does not know); returns the shape as HDF5 dimensions.
+std::vector<hsize_t> checked_dims(const h5::Group& group, const std::string& name, size_t value_count,
+                                  const std::vector<int64_t>& shape, const std::string& axes) {
   std::vector<hsize_t> dims;
   for (int64_t dim : shape) {
     if (dim < 0)
@@ -72,32 +71,52 @@ void write_array(h5::Group& group, const std::string& name, const std::vector<T>
            fmt::join(shape, ", "));
     dims.push_back(static_cast<hsize_t>(dim));
   }
-  if (h5::Dataset::element_count(dims) != values.size()) {
-    fail("{}: dataset '{}/{}': {} values do not fill shape [{}]", group.file_path(), group.path(), name, values.size(),
+  if (h5::Dataset::element_count(dims) != value_count) {
+    fail("{}: dataset '{}/{}': {} values do not fill shape [{}]", group.file_path(), group.path(), name, value_count,
          fmt::join(shape, ", "));
   }
-  if (axes.empty()) {
-    group.write(name, values, dims, kGzipLevel);
-    return;
-  }
   const size_t axis_count = static_cast<size_t>(std::count(axes.begin(), axes.end(), ',')) + 1;
-  if (dims.size() != axis_count) {
+  if (!axes.empty() && dims.size() != axis_count) {
     fail("{}: dataset '{}/{}': shape [{}] does not match the schema's axes [{}]", group.file_path(), group.path(), name,
          fmt::join(shape, ", "), axes);
   }
-  if (grows_along_steps(axes)) {
-    h5::AppendableDataset dataset =
-        group.create_appendable<T>(name, std::vector<hsize_t>(dims.begin() + 1, dims.end()), kStepArrays);
-    dataset.append(values);
-    dataset.set_attribute("axes", axes);
-  } else {
-    group.write(name, values, dims, kGzipLevel).set_attribute("axes", axes);
+  return dims;
+}
+
+// Writes a fixed-size array as `group`/`name`.
+template <typename T>
+void write_array(h5::Group& group, const std::string& name, const std::vector<T>& values,
+                 const std::vector<int64_t>& shape, const std::string& axes) {
+  const auto dims = checked_dims(group, name, values.size(), shape, axes);
+  auto dataset = group.write(name, values, dims, kGzipLevel);
+  if (!axes.empty()) dataset.set_attribute("axes", axes);
+}
+
+// Appends the rows of `values` (shape [rows, ...]) beyond those `group`/`name` holds already,
+// creating the growing dataset when it is missing (which SWMR mode does not allow: every array is
+// created by the first append of a sample).
+template <typename T>
+void append_new_rows(h5::Group& group, const std::string& name, const std::vector<T>& values,
+                     const std::vector<int64_t>& shape, const std::string& axes) {
+  const auto dims = checked_dims(group, name, values.size(), shape, axes);
+  const std::vector<hsize_t> row_shape(dims.begin() + 1, dims.end());
+  if (!group.exists(name)) {
+    group.create_appendable<T>(name, row_shape, kStepArrays).set_attribute("axes", axes);
   }
+  h5::AppendableDataset dataset = group.open_appendable(name);
+  const hsize_t stored = dataset.rows();
+  if (dataset.row_shape() != row_shape || stored > dims[0]) {
+    fail("{}: dataset '{}/{}' holds {} rows of another shape or more rows than the sample's {}", group.file_path(),
+         group.path(), name, stored, dims[0]);
+  }
+  const size_t row_values = static_cast<size_t>(h5::Dataset::element_count(row_shape));
+  dataset.append(values.data() + stored * row_values, dims[0] - stored);
 }
 
 template <typename T>
-void write_vector(h5::Group& group, const std::string& name, const std::vector<T>& values, const std::string& axes) {
-  write_array(group, name, values, {static_cast<int64_t>(values.size())}, axes);
+void append_new_values(h5::Group& group, const std::string& name, const std::vector<T>& values,
+                       const std::string& axes) {
+  append_new_rows(group, name, values, {static_cast<int64_t>(values.size())}, axes);
 }
 
 // --- Small pieces the h5 layer does not cover ---
@@ -275,51 +294,71 @@ std::set<int64_t> finished_samples(h5::Group& samples) {
   return finished;
 }
 
-// The summary and the completion mark describe a finished run; a resumed or finishing run rewrites them.
+// The summary, the task scores (analysis/score.py) and the completion mark describe a finished run; a
+// resumed or finishing run drops them (finishing rewrites the summary; new samples make scores stale).
 void mark_unfinished(h5::File& file) {
   file.set_attribute("complete", 0);
-  if (file.exists("summary")) remove_link(file, "summary");
+  for (const char* name : {"summary", "scores"})
+    if (file.exists(name)) remove_link(file, name);
 }
 
 // --- Samples ---
 
-void write_lane(h5::Group& sample, const LaneResult& lane) {
+// The schema's axes of a lane array; "" for names it does not know.
+std::string axes_of(const std::string& name) {
+  const auto axes = metric_axes().find(name);
+  return axes == metric_axes().end() ? "" : axes->second;
+}
+
+h5::Group lane_group(h5::Group& sample, const LaneResult& lane) {
   check_group_name(sample.file_path(), "quantizer", lane.quantizer);
   check_group_name(sample.file_path(), "lane", lane.lane);
-  h5::Group group = sample.create_group(lane.quantizer + "/" + lane.lane);
-  for (const auto& [name, array] : lane.arrays) {
-    const auto axes = metric_axes().find(name);
-    write_array(group, name, array.values, array.shape, axes == metric_axes().end() ? "" : axes->second);
-  }
-  for (const auto& [name, value] : lane.scalars) {
-    // "key/quant/worst5_magnitude_share" goes to group key/quant, beside the arrays it summarizes.
-    const size_t slash = name.rfind('/');
-    if (slash == std::string::npos) {
-      group.set_attribute(name, value);
-    } else {
-      group.require_group(name.substr(0, slash)).set_attribute(name.substr(slash + 1), value);
+  return sample.require_group(lane.quantizer + "/" + lane.lane);
+}
+
+// The arrays that grow while the sample decodes: what the file lacks of them is appended.
+void append_step_arrays(h5::Group& sample, const SampleResult& result) {
+  append_new_values(sample, "reference_tokens", result.reference_tokens, "step");
+  append_new_values(sample, "logged_steps", result.logged_steps, "logged_step");
+  for (const LaneResult& lane : result.lanes) {
+    h5::Group group = lane_group(sample, lane);
+    for (const auto& [name, array] : lane.arrays) {
+      const std::string axes = axes_of(name);
+      if (!axes.empty() && grows_along_steps(axes)) append_new_rows(group, name, array.values, array.shape, axes);
     }
-  }
-  if (lane.lane == "free_running") {
-    write_vector(group, "tokens", lane.tokens, "step");
-    group.set_attribute("first_divergence", lane.first_divergence);
-    group.set_attribute("outcome", lane.outcome);
+    if (lane.lane == "free_running") append_new_values(group, "tokens", lane.tokens, "step");
   }
 }
 
-void write_sample_contents(h5::Group& sample, const SampleResult& result) {
-  sample.set_attribute("prompt_id", result.prompt.id);
-  sample.set_attribute("prompt_text", result.prompt.text);
-  sample.set_attribute("answer", result.prompt.answer);
+// Everything else, known once the sample has finished.
+void write_final_contents(h5::Group& sample, const SampleResult& result) {
   sample.set_attribute("reference_text", result.reference_text);
+  sample.set_attribute("reference_continuation", result.reference_continuation);
   sample.set_attribute("reference_stopped", result.reference_stopped ? 1 : 0);
   sample.set_attribute("prefill_seconds", result.prefill_seconds);
   sample.set_attribute("decode_seconds", result.decode_seconds);
   sample.set_attribute("metric_seconds", result.metric_seconds);
-  write_vector(sample, "prompt_tokens", result.prompt.tokens, "position");
-  write_vector(sample, "reference_tokens", result.reference_tokens, "step");
-  write_vector(sample, "logged_steps", result.logged_steps, "logged_step");
-  for (const LaneResult& lane : result.lanes) write_lane(sample, lane);
+  for (const LaneResult& lane : result.lanes) {
+    h5::Group group = lane_group(sample, lane);
+    for (const auto& [name, array] : lane.arrays) {
+      const std::string axes = axes_of(name);
+      if (axes.empty() || !grows_along_steps(axes)) write_array(group, name, array.values, array.shape, axes);
+    }
+    for (const auto& [name, value] : lane.scalars) {
+      // "key/quant/worst5_magnitude_share" goes to group key/quant, beside the arrays it summarizes.
+      const size_t slash = name.rfind('/');
+      if (slash == std::string::npos) {
+        group.set_attribute(name, value);
+      } else {
+        group.require_group(name.substr(0, slash)).set_attribute(name.substr(slash + 1), value);
+      }
+    }
+    if (lane.lane == "free_running") {
+      group.set_attribute("first_divergence", lane.first_divergence);
+      group.set_attribute("outcome", lane.outcome);
+      group.set_attribute("continuation", lane.text);
+    }
+  }
 }
 
 // --- Summary ---
@@ -490,7 +529,7 @@ RunLog RunLog::open(const std::string& path, const std::string& resolved_config_
   return RunLog(path, std::move(finished));
 }
 
-void RunLog::write_sample(int64_t index, const SampleResult& result) {
+SampleWriter RunLog::begin_sample(int64_t index, const Prompt& prompt) {
   if (index < 0) fail("{}: sample index {} is negative", path_, index);
   h5::File file = open_for_writing(path_);
   {
@@ -504,12 +543,51 @@ void RunLog::write_sample(int64_t index, const SampleResult& result) {
     }
     h5::Group sample = samples.create_group(name);
     sample.set_attribute("complete", 0);
-    write_sample_contents(sample, result);
+    sample.set_attribute("prompt_id", prompt.id);
+    sample.set_attribute("prompt_text", prompt.text);
+    sample.set_attribute("answer", prompt.answer);
+    write_array(sample, "prompt_tokens", prompt.tokens, {static_cast<int64_t>(prompt.tokens.size())}, "position");
+  }
+  file.close();
+  return SampleWriter(*this, index);
+}
+
+void RunLog::write_sample(int64_t index, const SampleResult& result) {
+  begin_sample(index, result.prompt).finish(result);
+}
+
+void SampleWriter::append(const SampleResult& so_far) {
+  const bool first = !live_;
+  if (first) live_ = open_for_writing(log_.path_);
+  {
+    h5::Group sample = live_->open_group("samples/" + std::to_string(index_));
+    append_step_arrays(sample, so_far);
+  }
+  // From here on SWMR readers see every flushed row; no object may be created until finish.
+  if (first) live_->start_swmr_write();
+  live_->flush();
+}
+
+void SampleWriter::finish(const SampleResult& result) {
+  const std::string name = "samples/" + std::to_string(index_);
+  if (live_) {
+    {
+      h5::Group sample = live_->open_group(name);
+      append_step_arrays(sample, result);
+    }
+    live_->close();
+    live_.reset();
+  }
+  h5::File file = open_for_writing(log_.path_);
+  {
+    h5::Group sample = file.open_group(name);
+    append_step_arrays(sample, result);  // creates them when the sample had no append
+    write_final_contents(sample, result);
     file.flush();  // every array is in the file before the mark that says so
     sample.set_attribute("complete", 1);
   }
   file.close();
-  finished_.insert(index);
+  log_.finished_.insert(index_);
 }
 
 std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names) {
