@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
       CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   std::function<void()> command;
   kvdrift::cli::register_run(app, command);
+  kvdrift::cli::register_sweep(app, command);
   kvdrift::cli::register_generate(app, command);
   kvdrift::cli::register_convert(app, command);
   kvdrift::cli::register_bench(app, command);

@@ -10,6 +10,7 @@ PACKAGES=(
   libeigen3-dev nlohmann-json3-dev libpcre2-dev zlib1g-dev
   libgtest-dev libbenchmark-dev
   python3-h5py python3-matplotlib python3-numpy
+  slurm-wlm munge                     # the single-node Slurm the sweep tests start (scripts/slurm/)
 )
 
 missing=()

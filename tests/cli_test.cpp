@@ -4,7 +4,6 @@
 
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "support.h"
@@ -14,49 +13,33 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void expect_one_error_line(const test::CliResult& result, const std::string& fragment) {
-  EXPECT_NE(result.exit_code, 0);
-  EXPECT_EQ(result.out, "");
-  size_t error_lines = 0;
-  std::string error_line;
-  std::istringstream lines(result.err);
-  for (std::string line; std::getline(lines, line);) {
-    if (line.rfind("kvdrift: error: ", 0) == 0) {
-      ++error_lines;
-      error_line = line;
-    }
-  }
-  EXPECT_EQ(error_lines, 1u) << result.err;
-  EXPECT_NE(error_line.find(fragment), std::string::npos) << "expected '" << fragment << "' in: " << result.err;
-}
-
 test::CliResult generate_with(const std::string& model, std::vector<std::string> extra = {}) {
-  std::vector<std::string> args = {"generate", "--model", model, "--tokenizer",
-                                   test::stories260k_dir() + "/tok512.bin", "--steps", "4"};
+  std::vector<std::string> args = {"generate", "--model", model, "--tokenizer", test::stories260k_dir() + "/tok512.bin",
+                                   "--steps",  "4"};
   args.insert(args.end(), extra.begin(), extra.end());
   return test::run_cli(args);
 }
 
 std::string converted_copy(const std::string& dir) {
-  auto result = test::run_cli({"convert", "--from", "llama2c", test::stories260k_dir() + "/stories260K.bin", "--to",
-                               "hf", dir});
+  auto result =
+      test::run_cli({"convert", "--from", "llama2c", test::stories260k_dir() + "/stories260K.bin", "--to", "hf", dir});
   EXPECT_EQ(result.exit_code, 0) << result.err;
   return dir;
 }
 
 TEST(Cli, MissingModelFile) {
-  expect_one_error_line(generate_with("/nonexistent/model.bin"), "model file not found: /nonexistent/model.bin");
+  test::expect_one_error_line(generate_with("/nonexistent/model.bin"), "model file not found: /nonexistent/model.bin");
 }
 
 TEST(Cli, MissingTokenizerFile) {
   auto result = test::run_cli({"generate", "--model", "synthetic:tiny", "--tokenizer", "/nonexistent/tok.bin"});
-  expect_one_error_line(result, "/nonexistent/tok.bin");
+  test::expect_one_error_line(result, "/nonexistent/tok.bin");
 }
 
 TEST(Cli, TruncatedCheckpoint) {
   const std::string path = test::scratch_dir() + "/truncated.bin";
   test::write_file(path, test::read_file(test::stories260k_dir() + "/stories260K.bin").substr(0, 100000));
-  expect_one_error_line(generate_with(path), path + ": truncated llama2.c checkpoint");
+  test::expect_one_error_line(generate_with(path), path + ": truncated llama2.c checkpoint");
 }
 
 TEST(Cli, CheckpointHeaderWithImpossibleSizes) {
@@ -70,11 +53,11 @@ TEST(Cli, CheckpointHeaderWithImpossibleSizes) {
     return path;
   };
   const std::string kv_heads = with_header({64, 172, 5, 8, 3, 512, 512});
-  expect_one_error_line(generate_with(kv_heads), "n_heads = 8 is not a multiple of n_kv_heads = 3");
+  test::expect_one_error_line(generate_with(kv_heads), "n_heads = 8 is not a multiple of n_kv_heads = 3");
   const std::string negative = with_header({-64, 172, 5, 8, 4, 512, 512});
-  expect_one_error_line(generate_with(negative), "(header): impossible dim = -64");
+  test::expect_one_error_line(generate_with(negative), "(header): impossible dim = -64");
   const std::string huge = with_header({64, 172, 5, 8, 4, 512, 1 << 30});
-  expect_one_error_line(generate_with(huge), "impossible max_seq_len = 1073741824");
+  test::expect_one_error_line(generate_with(huge), "impossible max_seq_len = 1073741824");
 }
 
 TEST(Cli, SafetensorsWithOverlappingOrOutOfRangeOffsets) {
@@ -96,12 +79,12 @@ TEST(Cli, SafetensorsWithOverlappingOrOutOfRangeOffsets) {
   const auto embed = header["model.embed_tokens.weight"]["data_offsets"];
   overlapping["model.norm.weight"]["data_offsets"] = {embed[0].get<int64_t>(), embed[0].get<int64_t>() + 256};
   rewrite(overlapping);
-  expect_one_error_line(generate_with(dir), "overlap");
+  test::expect_one_error_line(generate_with(dir), "overlap");
   auto out_of_range = header;
   const int64_t end = static_cast<int64_t>(data.size());
   out_of_range["model.norm.weight"]["data_offsets"] = {end, end + 256};
   rewrite(out_of_range);
-  expect_one_error_line(generate_with(dir), "run past the end of the");
+  test::expect_one_error_line(generate_with(dir), "run past the end of the");
 }
 
 TEST(Cli, ConfigJsonMissingRequiredKey) {
@@ -109,7 +92,7 @@ TEST(Cli, ConfigJsonMissingRequiredKey) {
   auto config = nlohmann::json::parse(test::read_file(dir + "/config.json"));
   config.erase("hidden_size");
   test::write_file(dir + "/config.json", config.dump());
-  expect_one_error_line(generate_with(dir), dir + "/config.json: missing required key 'hidden_size'");
+  test::expect_one_error_line(generate_with(dir), dir + "/config.json: missing required key 'hidden_size'");
 }
 
 TEST(Cli, HfTensorWithWrongShape) {
@@ -117,21 +100,21 @@ TEST(Cli, HfTensorWithWrongShape) {
   auto config = nlohmann::json::parse(test::read_file(dir + "/config.json"));
   config["intermediate_size"] = 128;
   test::write_file(dir + "/config.json", config.dump());
-  expect_one_error_line(generate_with(dir), "has shape [172, 64], expected [128, 64] from the config");
+  test::expect_one_error_line(generate_with(dir), "has shape [172, 64], expected [128, 64] from the config");
 }
 
 TEST(Cli, UnknownSyntheticName) {
-  expect_one_error_line(generate_with("synthetic:llama-9b"), "unknown synthetic model 'llama-9b'");
+  test::expect_one_error_line(generate_with("synthetic:llama-9b"), "unknown synthetic model 'llama-9b'");
 }
 
 TEST(Cli, UnknownDtypeAndDevice) {
-  expect_one_error_line(generate_with("synthetic:tiny", {"--dtype", "fp64"}), "unknown dtype 'fp64'");
-  expect_one_error_line(generate_with("synthetic:tiny", {"--device", "tpu"}), "unknown device 'tpu'");
+  test::expect_one_error_line(generate_with("synthetic:tiny", {"--dtype", "fp64"}), "unknown dtype 'fp64'");
+  test::expect_one_error_line(generate_with("synthetic:tiny", {"--device", "tpu"}), "unknown device 'tpu'");
 }
 
 TEST(Cli, ConvertRefusesUnknownFormats) {
   auto result = test::run_cli({"convert", "--from", "gguf", "x.gguf", "--to", "hf", test::scratch_dir()});
-  expect_one_error_line(result, "unsupported source format 'gguf'");
+  test::expect_one_error_line(result, "unsupported source format 'gguf'");
 }
 
 TEST(Cli, BenchDecodePrintsOneTable) {

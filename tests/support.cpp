@@ -35,6 +35,22 @@ std::string scratch_dir() {
   return dir.string();
 }
 
+void expect_one_error_line(const CliResult& result, const std::string& fragment, bool empty_stdout) {
+  EXPECT_NE(result.exit_code, 0);
+  if (empty_stdout) EXPECT_EQ(result.out, "");
+  size_t error_lines = 0;
+  std::string error_line;
+  std::istringstream lines(result.err);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("kvdrift: error: ", 0) == 0) {
+      ++error_lines;
+      error_line = line;
+    }
+  }
+  EXPECT_EQ(error_lines, 1u) << result.err;
+  EXPECT_NE(error_line.find(fragment), std::string::npos) << "expected '" << fragment << "' in: " << result.err;
+}
+
 std::string error_message(const std::function<void()>& action) {
   try {
     action();

@@ -23,6 +23,9 @@ struct CliResult {
 };
 // Runs build/kvdrift with `args` (each passed as one argv entry, no shell).
 CliResult run_cli(const std::vector<std::string>& args);
+// Expects a failed run with exactly one "kvdrift: error: " line on stderr, containing `fragment`,
+// and (unless the command reports progress before failing) nothing on stdout.
+void expect_one_error_line(const CliResult& result, const std::string& fragment, bool empty_stdout = true);
 // In a forked child: replaces the process with build/kvdrift `args` (exit 127 if exec fails).
 [[noreturn]] void exec_cli(const std::vector<std::string>& args);
 

@@ -1,0 +1,60 @@
+#pragma once
+// `kvdrift sweep plan`: expands a sweep file into its points, validates each point as the run config
+// it becomes, and writes ROOT/NAME/runs/<id>/config.yaml plus ROOT/NAME/manifest.json (layout and id
+// rules: docs/sweep.md). The manifest is what the other sweep commands read.
+#include <string>
+#include <vector>
+
+#include "sweep/sweep_file.h"
+
+namespace kvdrift::sweep {
+
+struct Point {
+  std::string id;
+  std::vector<std::string> values;  // canonical YAML, one per Manifest::keys entry
+};
+
+// The files of one point's run directory.
+struct PointFiles {
+  std::string dir, config, log, exit_status, running;
+  std::string output;  // run.h5
+};
+PointFiles point_files(const std::string& sweep_directory, const std::string& id);
+
+struct Manifest {
+  std::string name;
+  std::string sweep_file;
+  std::string sweep_sha256;       // of the sweep file's text when it was planned
+  std::string directory;          // ROOT/NAME
+  std::vector<std::string> keys;  // grid and zip keys, in sweep-file order
+  std::vector<bool> numeric;      // per key: every value of it in the sweep is a YAML number
+  std::vector<Point> points;      // in expansion order (the last axis fastest)
+
+  PointFiles files(const Point& point) const { return point_files(directory, point.id); }
+  // "k1=v1 k2=v2", for messages and status lines.
+  std::string describe(const Point& point) const;
+};
+
+// The points of the product of the sweep's axes, less the excluded ones, with their ids.
+Manifest expand(const SweepFile& sweep);
+
+struct PlanSummary {
+  size_t points = 0;
+  size_t written = 0;    // configs written (new or changed)
+  size_t unchanged = 0;  // configs already there with the same text
+  size_t reset = 0;      // changed points whose results --force deleted
+  double seconds = 0;
+};
+
+// Expands, validates every point (load_run_config with the point's values as --set overrides, and
+// each distinct quantizer built for the model's head dimension), then writes what changed. A point
+// whose config changed while its directory holds results is an error naming the point and the first
+// differing line, unless `force` (then its results are deleted). Nothing is written when any point
+// fails.
+PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out = nullptr);
+
+// The manifest written by write_plan; fails (suggesting `kvdrift sweep plan`) when there is none.
+// Warns when the sweep file changed since.
+Manifest read_manifest(const SweepFile& sweep);
+
+}  // namespace kvdrift::sweep

@@ -1,0 +1,31 @@
+#pragma once
+// `kvdrift sweep status`: the state of every planned point, from its run directory and, for points
+// submitted to Slurm, from squeue (rules: docs/sweep.md, "Status").
+#include <string>
+#include <vector>
+
+#include "sweep/plan.h"
+
+namespace kvdrift::sweep {
+
+enum class State { Done, Running, Failed, Pending };
+const char* state_name(State state);  // "done", "running", "failed", "pending"
+
+struct PointStatus {
+  State state = State::Pending;
+  std::string log;          // the log to show for a failed point: log.txt, else the Slurm task log
+  std::string exit_status;  // of the latest attempt, "" when none was recorded
+  std::string slurm;        // "job 12 task 3: PD" while queued, or sacct's state of a failed task
+};
+
+// Whether `run_h5` is a finished run log (root attribute complete = 1). Opens it read-only and
+// closes it at once; an unreadable or locked file counts as not finished.
+bool run_complete(const std::string& run_h5);
+
+// One status per manifest point, in manifest order.
+std::vector<PointStatus> point_statuses(const Manifest& manifest);
+
+// The last `count` lines of a text file (fewer if it is shorter; none if it cannot be read).
+std::vector<std::string> last_lines(const std::string& path, size_t count);
+
+}  // namespace kvdrift::sweep
