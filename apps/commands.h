@@ -11,6 +11,7 @@ void register_convert(CLI::App& app, std::function<void()>& command);
 void register_bench(CLI::App& app, std::function<void()>& command);
 void register_quantize(CLI::App& app, std::function<void()>& command);
 void register_run(CLI::App& app, std::function<void()>& command);
+void register_analysis(CLI::App& app, std::function<void()>& command);
 void register_sweep(CLI::App& app, std::function<void()>& command);
 
 }  // namespace kvdrift::cli

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   kvdrift::cli::register_convert(app, command);
   kvdrift::cli::register_bench(app, command);
   kvdrift::cli::register_quantize(app, command);
+  kvdrift::cli::register_analysis(app, command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,628 @@
+"""Reading kvdrift run logs (docs/hdf5-schema.md) for the analysis scripts.
+
+One place that opens and validates a run file, reads its resolved config, lists its finished samples
+and reduces the per-sample arrays the figures and the report need. Only h5py and numpy (Debian
+packages); the config YAML is read by a small reader for the block style kvdrift writes.
+"""
+import os
+import re
+import sys
+import time
+
+import h5py
+import numpy as np
+
+SUPPORTED_SCHEMA_VERSION = 1
+LANES = ("static", "teacher_forced", "free_running")
+TENSORS = ("key", "value")
+
+
+class LogError(Exception):
+    """A problem with an input file; the message is the whole one-line explanation."""
+
+
+class FileBusy(LogError):
+    """The run file stayed locked by its writer for longer than the caller wanted to wait."""
+
+
+def fail_cli(prog, error):
+    """Prints `prog: error: message` to stderr and exits 1 (the scripts' one error format)."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config YAML: kvdrift writes /config/yaml with yaml-cpp in block style (mappings and sequences by
+# indentation, flow {..}/[..] collections for short values, double-quoted strings with escapes).
+# PyYAML is not among the project's Debian packages, so this reads that subset and says where it
+# stops understanding.
+
+class _YamlError(Exception):
+    def __init__(self, line, why):
+        super().__init__(f"line {line}: {why}")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/", "0": "\0",
+            "a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "v": "\v", " ": " "}
+
+
+def _scalar(text):
+    """A plain scalar as YAML 1.2 core schema resolves it."""
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE"):
+        return True
+    if text in ("false", "False", "FALSE"):
+        return False
+    if re.fullmatch(r"[-+]?[0-9]+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", text):
+        return float(text)
+    return text
+
+
+class _FlowReader:
+    """Reads one value from `text` at `pos`: a quoted string, a flow collection or a plain scalar."""
+
+    def __init__(self, text, line):
+        self.text, self.pos, self.line = text, 0, line
+
+    def error(self, why):
+        return _YamlError(self.line, why)
+
+    def skip_space(self):
+        while self.pos < len(self.text) and self.text[self.pos] == " ":
+            self.pos += 1
+
+    def value(self, in_flow):
+        self.skip_space()
+        if self.pos >= len(self.text):
+            return None
+        c = self.text[self.pos]
+        if c == '"':
+            return self.double_quoted()
+        if c == "'":
+            return self.single_quoted()
+        if c == "{":
+            return self.flow_map()
+        if c == "[":
+            return self.flow_seq()
+        if c in "|>&*!":
+            raise self.error(f"unsupported YAML construct '{c}'")
+        stops = ",]}" if in_flow else ""
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in stops:
+            if in_flow and self.text.startswith(": ", self.pos):
+                break
+            self.pos += 1
+        return _scalar(self.text[start:self.pos].strip())
+
+    def double_quoted(self):
+        out, self.pos = [], self.pos + 1
+        while self.pos < len(self.text):
+            c = self.text[self.pos]
+            if c == '"':
+                self.pos += 1
+                return "".join(out)
+            if c == "\\":
+                esc = self.text[self.pos + 1:self.pos + 2]
+                if esc in _ESCAPES:
+                    out.append(_ESCAPES[esc])
+                    self.pos += 2
+                    continue
+                width = {"x": 2, "u": 4, "U": 8}.get(esc)
+                if width is None:
+                    raise self.error(f"unknown escape '\\{esc}'")
+                out.append(chr(int(self.text[self.pos + 2:self.pos + 2 + width], 16)))
+                self.pos += 2 + width
+                continue
+            out.append(c)
+            self.pos += 1
+        raise self.error("unterminated double-quoted string")
+
+    def single_quoted(self):
+        out, self.pos = [], self.pos + 1
+        while self.pos < len(self.text):
+            if self.text.startswith("''", self.pos):
+                out.append("'")
+                self.pos += 2
+            elif self.text[self.pos] == "'":
+                self.pos += 1
+                return "".join(out)
+            else:
+                out.append(self.text[self.pos])
+                self.pos += 1
+        raise self.error("unterminated single-quoted string")
+
+    def expect(self, chars):
+        self.skip_space()
+        if self.pos >= len(self.text) or self.text[self.pos] not in chars:
+            raise self.error(f"expected one of '{chars}' in flow collection")
+        self.pos += 1
+        return self.text[self.pos - 1]
+
+    def flow_seq(self):
+        self.pos += 1
+        items = []
+        self.skip_space()
+        if self.text.startswith("]", self.pos):
+            self.pos += 1
+            return items
+        while True:
+            items.append(self.value(in_flow=True))
+            if self.expect(",]") == "]":
+                return items
+
+    def flow_map(self):
+        self.pos += 1
+        items = {}
+        self.skip_space()
+        if self.text.startswith("}", self.pos):
+            self.pos += 1
+            return items
+        while True:
+            key = self.value(in_flow=True)
+            self.expect(":")
+            items[key] = self.value(in_flow=True)
+            if self.expect(",}") == "}":
+                return items
+
+    def whole(self, in_flow=False):
+        result = self.value(in_flow)
+        self.skip_space()
+        if self.pos != len(self.text):
+            raise self.error(f"unexpected text '{self.text[self.pos:]}'")
+        return result
+
+
+def _split_key(text, line):
+    """('key', 'rest') when `text` is a `key: value` / `key:` mapping entry, else None."""
+    if text[:1] in "\"'":
+        reader = _FlowReader(text, line)
+        key = reader.value(in_flow=True)
+        rest = text[reader.pos:]
+        if rest == ":" or rest.startswith(": "):
+            return key, rest[1:].strip()
+        return None
+    if text[:1] in "{[":
+        return None
+    match = re.match(r"([^:#]+?):(?: (.*)|$)", text)
+    if not match:
+        return None
+    return _scalar(match.group(1).strip()), (match.group(2) or "").strip()
+
+
+def _value(rest, line):
+    return _FlowReader(rest, line).whole()
+
+
+class _BlockReader:
+    def __init__(self, text):
+        self.lines = []  # (indent, content, line number)
+        for number, raw in enumerate(text.splitlines(), start=1):
+            stripped = raw.strip()
+            if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
+                continue
+            self.lines.append((len(raw) - len(raw.lstrip(" ")), stripped, number))
+        self.i = 0
+
+    def node(self, indent):
+        """The block node whose lines sit at exactly `indent`."""
+        _, text, _ = self.lines[self.i]
+        if text == "-" or text.startswith("- "):
+            return self.sequence(indent)
+        return self.mapping(indent)
+
+    def child(self, parent_indent, rest, line, is_sequence_item=False):
+        """The value of an entry: inline `rest`, or the indented block below it."""
+        if rest:
+            return _value(rest, line)
+        if self.i < len(self.lines):
+            indent, text, _ = self.lines[self.i]
+            if indent > parent_indent:
+                return self.node(indent)
+            # `key:` followed by a sequence at the key's own indentation (valid YAML).
+            if (not is_sequence_item and indent == parent_indent
+                    and (text == "-" or text.startswith("- "))):
+                return self.sequence(indent)
+        return None
+
+    def mapping(self, indent, first=None):
+        result = {}
+        if first is not None:
+            key, rest, line = first
+            result[key] = self.child(indent, rest, line)
+        while self.i < len(self.lines):
+            line_indent, text, line = self.lines[self.i]
+            if line_indent < indent or (line_indent == indent and text.startswith("- ")):
+                break
+            if line_indent > indent:
+                raise _YamlError(line, "unexpected indentation")
+            entry = _split_key(text, line)
+            if entry is None:
+                raise _YamlError(line, f"expected 'key: value', got '{text}'")
+            self.i += 1
+            if entry[0] in result:
+                raise _YamlError(line, f"duplicate key '{entry[0]}'")
+            result[entry[0]] = self.child(indent, entry[1], line)
+        return result
+
+    def sequence(self, indent):
+        items = []
+        while self.i < len(self.lines):
+            line_indent, text, line = self.lines[self.i]
+            if line_indent != indent or not (text == "-" or text.startswith("- ")):
+                if line_indent > indent:
+                    raise _YamlError(line, "unexpected indentation")
+                break
+            self.i += 1
+            rest = text[1:].strip()
+            item_indent = indent + (len(text) - len(text[1:].lstrip(" ")))
+            entry = _split_key(rest, line) if rest else None
+            if entry is not None:
+                items.append(self.mapping(item_indent, first=(entry[0], entry[1], line)))
+            else:
+                items.append(self.child(indent, rest, line, is_sequence_item=True))
+        return items
+
+
+def parse_config_yaml(text):
+    """The resolved run config as dicts/lists/scalars. Raises ValueError naming the line."""
+    reader = _BlockReader(text)
+    if not reader.lines:
+        return {}
+    try:
+        result = reader.node(reader.lines[0][0])
+        if reader.i != len(reader.lines):
+            raise _YamlError(reader.lines[reader.i][2], "unexpected text after the document")
+    except _YamlError as error:
+        raise ValueError(str(error)) from None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and validating a run file.
+
+# HDF5's message when another process holds the file's lock (a writer between flushes). "Already
+# open for write" is not among them: that is a file left by a killed writer, which waiting won't fix.
+_LOCK_HINTS = ("unable to lock file", "resource temporarily unavailable")
+
+
+def _is_lock_error(error):
+    message = str(error).lower()
+    return any(hint in message for hint in _LOCK_HINTS)
+
+
+def open_run_file(path, mode="r", wait_seconds=10.0):
+    """Opens a kvdrift run log, retrying while its writer holds the lock; validates the schema.
+
+    Read-only opens try SWMR first (allowed by files that a SWMR writer has open, and by closed
+    files), then a plain open.
+    """
+    if not os.path.exists(path):
+        raise LogError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise LogError(f"{path}: not an HDF5 file")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            if mode == "r":
+                try:
+                    handle = h5py.File(path, "r", swmr=True)
+                except OSError:
+                    handle = h5py.File(path, "r")
+            else:
+                handle = h5py.File(path, mode)
+            break
+        except OSError as error:
+            if not _is_lock_error(error):
+                raise LogError(f"{path}: cannot open: {error}") from None
+            if time.monotonic() >= deadline:
+                raise FileBusy(f"{path}: the file is held by another process (a running kvdrift "
+                               f"writing it?) and stayed locked for {wait_seconds:g} s") from None
+            time.sleep(0.2)
+    try:
+        check_schema(handle, path)
+    except LogError:
+        handle.close()
+        raise
+    return handle
+
+
+def check_schema(handle, path):
+    if "schema_version" not in handle.attrs:
+        raise LogError(f"{path}: not a kvdrift run log (no schema_version attribute)")
+    version = handle.attrs["schema_version"]
+    if np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.integer):
+        raise LogError(f"{path}: not a kvdrift run log (schema_version is not an integer)")
+    if int(version) != SUPPORTED_SCHEMA_VERSION:
+        raise LogError(f"{path}: schema_version {int(version)} is not supported (this analysis reads "
+                       f"version {SUPPORTED_SCHEMA_VERSION})")
+
+
+def attr_str(attrs, name, default=""):
+    value = attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def attr_int(attrs, name, default=0):
+    return int(attrs[name]) if name in attrs else default
+
+
+def read_config(handle, path):
+    if "config/yaml" not in handle:
+        raise LogError(f"{path}: not a kvdrift run log (no /config/yaml)")
+    text = handle["config/yaml"][()]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    try:
+        config = parse_config_yaml(text)
+    except ValueError as error:
+        raise LogError(f"{path}: cannot read /config/yaml {error}") from None
+    if not isinstance(config, dict):
+        raise LogError(f"{path}: /config/yaml is not a mapping")
+    return config
+
+
+def finished_samples(handle):
+    """Indices of finished samples (`complete` = 1), as integers in order, and the unfinished count."""
+    if "samples" not in handle:
+        return [], 0
+    finished, unfinished = [], 0
+    for name, group in handle["samples"].items():
+        if attr_int(group.attrs, "complete") == 1:
+            finished.append(int(name))
+        else:
+            unfinished += 1
+    return sorted(finished), unfinished
+
+
+class RunInfo:
+    """What the scripts need to know about a run besides its arrays."""
+
+    def __init__(self, handle, path):
+        self.path = path
+        self.config = read_config(handle, path)
+        self.complete = attr_int(handle.attrs, "complete") == 1
+        self.kvdrift_version = attr_str(handle.attrs, "kvdrift_version", "unknown")
+        self.samples, self.unfinished = finished_samples(handle)
+        self.model_path = attr_str(handle["model"].attrs, "path") if "model" in handle else ""
+        self.model_format = attr_str(handle["model"].attrs, "format") if "model" in handle else ""
+        self.quantizers = [q["name"] for q in self.config.get("quantizers") or []]
+        self.methods = {q["name"]: q.get("method", "") for q in self.config.get("quantizers") or []}
+        self.params = {q["name"]: q.get("params") or {} for q in self.config.get("quantizers") or []}
+        self.scores = read_scores(handle)
+
+    @property
+    def prompts(self):
+        return self.config.get("prompts") or {}
+
+    @property
+    def max_new_tokens(self):
+        return (self.config.get("decoding") or {}).get("max_new_tokens")
+
+    def quantizer_label(self, name):
+        """`name (method k=v ...)`: the quantizer's settings as written in the config."""
+        params = " ".join(f"{k}={_flow(v)}" for k, v in self.params.get(name, {}).items())
+        settings = " ".join(part for part in (self.methods.get(name, ""), params) if part)
+        return f"{name} ({settings})" if settings and settings != name else name
+
+    def data_description(self):
+        prompts = self.prompts
+        source = prompts.get("source", "?")
+        if source in ("jsonl", "text_file") and prompts.get("path"):
+            parts = str(prompts["path"]).replace("\\", "/").split("/")
+            return "/".join(parts[-2:])
+        return f"{source} prompts"
+
+    def caption(self):
+        model = os.path.basename(self.model_path) or "?"
+        fmt = f" ({self.model_format})" if self.model_format else ""
+        status = "" if self.complete else ", run not complete"
+        return (f"model {model}{fmt} · data {self.data_description()} · "
+                f"{len(self.samples)} samples{status} · max {self.max_new_tokens} new tokens")
+
+
+def read_scores(handle):
+    """/scores (written by score.py) as {'task', 'reference', 'free_running': {quantizer: ...}},
+    each lane's entry a dict of correct, scored, accuracy; None when the run is not scored."""
+    if "scores" not in handle:
+        return None
+    group = handle["scores"]
+
+    def lane(g):
+        return {"correct": int(g.attrs["correct"]), "scored": int(g.attrs["scored"]),
+                "accuracy": float(g.attrs["accuracy"])}
+
+    free_running = {name: lane(g["free_running"]) for name, g in group.items()
+                    if isinstance(g, h5py.Group) and "free_running" in g}
+    return {"task": attr_str(group.attrs, "task"),
+            "reference": lane(group["reference"]) if "reference" in group else None,
+            "free_running": free_running}
+
+
+def _flow(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_flow(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def load_run_info(path, wait_seconds=10.0):
+    with open_run_file(path, wait_seconds=wait_seconds) as handle:
+        return RunInfo(handle, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays.
+
+def stack_padded(arrays):
+    """Rows of unequal length stacked into one float64 matrix, NaN after each row's end."""
+    width = max((len(a) for a in arrays), default=0)
+    out = np.full((len(arrays), width), np.nan)
+    for row, values in enumerate(arrays):
+        out[row, :len(values)] = values
+    return out
+
+
+class MeanAccumulator:
+    """Running sum and count over samples of arrays that may differ in their leading length."""
+
+    def __init__(self):
+        self.total = None
+        self.count = None
+
+    def add(self, values):
+        values = np.asarray(values, dtype=np.float64)
+        if self.total is None:
+            self.total = np.zeros((0,) + values.shape[1:])
+            self.count = np.zeros((0,) + values.shape[1:], dtype=np.int64)
+        if values.shape[0] > self.total.shape[0]:
+            grow = values.shape[0] - self.total.shape[0]
+            self.total = np.concatenate([self.total, np.zeros((grow,) + self.total.shape[1:])])
+            self.count = np.concatenate([self.count, np.zeros((grow,) + self.count.shape[1:],
+                                                              dtype=np.int64)])
+        valid = ~np.isnan(values)
+        self.total[:values.shape[0]][valid] += values[valid]
+        self.count[:values.shape[0]] += valid
+
+    def mean(self):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+
+
+class LaneAttention:
+    """Attention-output relative L2 of one lane: per-sample layer means and a step x layer mean."""
+
+    def __init__(self):
+        self.per_sample = []  # (logged steps, mean over layers) per sample
+        self.heat = MeanAccumulator()  # over samples, of [step x layer] with NaN at unlogged steps
+
+    def add(self, steps, rel_l2):
+        steps = np.asarray(steps, dtype=np.int64)
+        rel_l2 = np.asarray(rel_l2, dtype=np.float64)
+        self.per_sample.append((steps, rel_l2.mean(axis=1)))
+        dense = np.full((int(steps.max()) + 1 if len(steps) else 0, rel_l2.shape[1]), np.nan)
+        dense[steps] = rel_l2
+        self.heat.add(dense)
+
+    def step_matrix(self):
+        """(steps, [samples x steps] layer-mean matrix with NaN where a sample has no value)."""
+        steps = np.unique(np.concatenate([s for s, _ in self.per_sample] or [np.zeros(0, np.int64)]))
+        matrix = np.full((len(self.per_sample), len(steps)), np.nan)
+        for row, (sample_steps, values) in enumerate(self.per_sample):
+            matrix[row, np.searchsorted(steps, sample_steps)] = values
+        return steps, matrix
+
+    def heatmap(self):
+        """(logged steps, [steps x layers] mean over samples, [steps] number of samples)."""
+        if self.heat.total is None:
+            return np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros(0, np.int64)
+        counts = self.heat.count[:, 0]
+        steps = np.nonzero(counts)[0]
+        return steps, self.heat.mean()[steps], counts[steps]
+
+
+class SeriesData:
+    """Everything the figures and the report use of one quantizer of one run."""
+
+    def __init__(self, run, quantizer, label):
+        self.run, self.quantizer, self.label = run, quantizer, label
+        self.method = run.methods.get(quantizer, "")
+        self.samples = []
+        self.kl = []             # teacher-forced KL per sample
+        self.top1_agree = []     # teacher-forced top-1 agreement per sample
+        self.attention = {lane: LaneAttention() for lane in ("static", "teacher_forced")}
+        self.token_scale = {t: {"E_M": MeanAccumulator(), "E_D": MeanAccumulator()} for t in TENSORS}
+        self.worst5_share = {t: [] for t in TENSORS}
+        self.first_divergence = []
+        self.outcome = []
+        self.free_running_steps = []  # max(len(lane tokens), len(reference tokens)) per sample
+        self.bits_per_element = []    # one per (sample, lane)
+
+
+def check_quantizers(runs, wanted):
+    """Every name in `wanted` must be a quantizer of at least one run."""
+    known = [q for run in runs for q in run.quantizers]
+    missing = [q for q in wanted if q not in known]
+    if missing:
+        where = runs[0].path if len(runs) == 1 else "none of the runs has it"
+        available = ", ".join(dict.fromkeys(known)) or "none"
+        raise LogError(f"{where}: no quantizer {', '.join(repr(q) for q in missing)} "
+                       f"(available: {available})")
+
+
+def read_runs(paths, quantizers, token_scale_lane, token_scale_kind, wait_seconds=10.0):
+    """RunInfo and SeriesData (one per selected quantizer of each run), each file opened once.
+
+    `quantizers` empty selects all. Series are labelled by the quantizer's settings, prefixed by
+    the file name when there are several runs.
+    """
+    check_quantizers([load_run_info(p, wait_seconds) for p in paths], quantizers)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    runs, series = [], []
+    for path, stem in zip(paths, stems):
+        prefix = "" if len(paths) == 1 else (stem if stems.count(stem) == 1 else path) + ": "
+        with open_run_file(path, wait_seconds=wait_seconds) as handle:
+            run = RunInfo(handle, path)
+            run_series = [SeriesData(run, q, prefix + run.quantizer_label(q))
+                          for q in run.quantizers if not quantizers or q in quantizers]
+            for index in run.samples:
+                sample = handle[f"samples/{index}"]
+                reference_length = len(sample["reference_tokens"]) if "reference_tokens" in sample else 0
+                logged_steps = sample["logged_steps"][:] if "logged_steps" in sample else np.zeros(0)
+                for data in run_series:
+                    if data.quantizer in sample:
+                        _read_sample(data, sample[data.quantizer], index, reference_length,
+                                     logged_steps, token_scale_lane, token_scale_kind)
+        runs.append(run)
+        series.extend(run_series)
+    return runs, series
+
+
+def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts_kind):
+    data.samples.append(index)
+    for lane in LANES:
+        if lane not in group:
+            continue
+        lane_group = group[lane]
+        if "bits_per_element" in lane_group.attrs:
+            data.bits_per_element.append(float(lane_group.attrs["bits_per_element"]))
+        if lane in data.attention and "attn_rel_l2" in lane_group:
+            rel_l2 = lane_group["attn_rel_l2"][:]
+            data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2)
+        if lane == "teacher_forced":
+            if "kl" in lane_group:
+                data.kl.append(lane_group["kl"][:].astype(np.float64))
+            if "top1_agree" in lane_group:
+                data.top1_agree.append(lane_group["top1_agree"][:].astype(np.float64))
+        if lane == "free_running" and "first_divergence" in lane_group.attrs:
+            data.first_divergence.append(int(lane_group.attrs["first_divergence"]))
+            data.outcome.append(attr_str(lane_group.attrs, "outcome"))
+            tokens = len(lane_group["tokens"]) if "tokens" in lane_group else 0
+            data.free_running_steps.append(max(tokens, reference_length))
+        if lane == ts_lane:
+            for tensor in TENSORS:
+                path = f"{tensor}/{ts_kind}"
+                if f"{path}/E_M" not in lane_group or f"{path}/E_D" not in lane_group:
+                    continue
+                for part in ("E_M", "E_D"):
+                    data.token_scale[tensor][part].add(
+                        lane_group[f"{path}/{part}"][:].astype(np.float64).mean(axis=1))
+                share = lane_group[path].attrs.get("worst5_magnitude_share")
+                if share is not None:
+                    data.worst5_share[tensor].append(float(share))
+
+
+def survival_curve(first_divergence, outcome, steps):
+    """Fraction of samples whose free-running tokens equal the reference's through step t.
+
+    A sample diverges at `first_divergence` when its outcome is `token_mismatch` or `length_only`;
+    `identical` and `censored` samples never diverge within the log.
+    """
+    diverged_at = np.array([d if o in ("token_mismatch", "length_only") else np.inf
+                            for d, o in zip(first_divergence, outcome)], dtype=np.float64)
+    t = np.arange(steps)
+    return (diverged_at[None, :] > t[:, None]).mean(axis=1)

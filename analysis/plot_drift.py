@@ -1,0 +1,516 @@
+#!/usr/bin/python3
+"""Drift figures and a one-page report from kvdrift run logs (docs/analysis.md).
+
+    plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--follow [--interval S]]
+
+Writes, per figure, NAME.png, NAME.pdf and NAME.csv (exactly the numbers drawn), plus report.md
+and summary_table.csv. Only finished samples (complete = 1) are used.
+"""
+import argparse
+import csv
+import math
+import textwrap
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kvdrift_log as log  # noqa: E402
+
+PROG = "plot_drift.py"
+LINESTYLES = ("-", "--", "-.", ":")
+# Log axes show at most this many decades below the largest value (colour maps clip beneath).
+LOG_DECADES_SHOWN = 4
+
+
+def series_style(i):
+    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+
+
+def write_csv(path, columns, rows):
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_cell(row[c]) for c in columns])
+
+
+def _csv_cell(value):
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def use_log_scale(values, yscale):
+    """--yscale: log, linear, or auto = log when the positive values span more than two decades
+    (never log without a positive value to show)."""
+    positive = np.asarray([v for v in values if v > 0 and np.isfinite(v)])
+    if yscale != "auto" or not len(positive):
+        return yscale == "log" and len(positive) > 0
+    return positive.max() / positive.min() > 100
+
+
+def log_floor(values):
+    """Lower display limit of a log axis: the smallest positive value, but at most
+    LOG_DECADES_SHOWN decades below the largest (float32 rounding noise would stretch it)."""
+    positive = np.asarray([v for v in values if v > 0 and np.isfinite(v)])
+    return max(positive.min(), positive.max() * 10.0 ** -LOG_DECADES_SHOWN)
+
+
+def quartile_rows(data, lane, metric, steps, matrix):
+    """One row per step with a value: median and interquartile range across samples."""
+    rows = []
+    for column, step in enumerate(steps):
+        values = matrix[:, column]
+        values = values[~np.isnan(values)]
+        if not len(values):
+            continue
+        q25, median, q75 = np.percentile(values, [25, 50, 75])
+        rows.append({"run": data.run.path, "quantizer": data.quantizer, "lane": lane,
+                     "metric": metric, "step": int(step), "samples": len(values),
+                     "center": median, "low": q25, "high": q75})
+    return rows
+
+
+def windowed_disagreement_rows(data, window):
+    """Fraction of (sample, step) pairs in the trailing window [t-window+1, t] where the
+    teacher-forced lane's top-1 token differs from the reference's."""
+    disagree = 1.0 - log.stack_padded(data.top1_agree)
+    rows = []
+    for step in range(disagree.shape[1]):
+        present = ~np.isnan(disagree[:, step])
+        if not present.any():
+            continue
+        block = disagree[:, max(0, step - window + 1):step + 1]
+        rows.append({"run": data.run.path, "quantizer": data.quantizer, "lane": "teacher_forced",
+                     "metric": "top1_disagreement", "step": step, "samples": int(present.sum()),
+                     "center": float(np.nanmean(block)), "low": float("nan"), "high": float("nan")})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Figures. Each returns (figure or None, {csv name: (columns, rows)}, note when not drawn).
+
+DRIFT_COLUMNS = ["run", "quantizer", "lane", "metric", "step", "samples", "center", "low", "high"]
+
+
+def drift_curves(series, args):
+    rows = {"kl": [], "top1_disagreement": [], "static": [], "teacher_forced": []}
+    for data in series:
+        if data.kl:
+            matrix = log.stack_padded(data.kl)
+            rows["kl"] += quartile_rows(data, "teacher_forced", "kl", np.arange(matrix.shape[1]), matrix)
+        if data.top1_agree:
+            rows["top1_disagreement"] += windowed_disagreement_rows(data, args.window)
+        for lane in ("static", "teacher_forced"):
+            if data.attention[lane].per_sample:
+                steps, matrix = data.attention[lane].step_matrix()
+                rows[lane] += quartile_rows(data, lane, "attn_rel_l2", steps, matrix)
+    all_rows = [r for part in rows.values() for r in part]
+    if not all_rows:
+        return None, {}, "no teacher-forced or static lane metrics in the selected runs"
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    (ax_kl, ax_top1), (ax_static, ax_tf) = axes
+    panels = [
+        (ax_kl, rows["kl"], "(a) teacher-forced: KL divergence per step",
+         "KL(p_ref ‖ p_lane) [nats]", True),
+        (ax_top1, rows["top1_disagreement"],
+         f"(b) teacher-forced: top-1 disagreement (trailing {args.window}-step mean)",
+         "top-1 disagreement [fraction of tokens]", False),
+        (ax_static, rows["static"], "(c) static: attention-output error (mean over layers)",
+         "‖a − a_ref‖ / ‖a_ref‖ [relative]", True),
+        (ax_tf, rows["teacher_forced"], "(d) teacher-forced: attention-output error (mean over layers)",
+         "‖a − a_ref‖ / ‖a_ref‖ [relative]", True),
+    ]
+    attention_values = [r["center"] for r in rows["static"] + rows["teacher_forced"]]
+    for ax, panel_rows, title, ylabel, has_band in panels:
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("decoding step [tokens]")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if not panel_rows:
+            ax.text(0.5, 0.5, "not logged in the selected runs", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+            continue
+        drawn = []  # (series, its rows in this panel)
+        for i, data in enumerate(series):
+            mine = [r for r in panel_rows if r["run"] == data.run.path and r["quantizer"] == data.quantizer]
+            if not mine:
+                continue
+            drawn.append((data, mine))
+            steps = [r["step"] for r in mine]
+            style = series_style(i)
+            ax.plot(steps, [r["center"] for r in mine], label=data.label, linewidth=1.4, **style)
+            if has_band:
+                ax.fill_between(steps, [r["low"] for r in mine], [r["high"] for r in mine],
+                                color=style["color"], alpha=0.15, linewidth=0)
+        if has_band:
+            values = attention_values if ax in (ax_static, ax_tf) else [r["center"] for r in panel_rows]
+            if use_log_scale(values, args.yscale):
+                bottom = log_floor(values) / 2
+                ax.set_yscale("log")
+                ax.set_ylim(bottom=bottom)
+                hidden = [data.quantizer for data, mine in drawn if all(r["center"] < bottom for r in mine)]
+                if hidden:
+                    ax.text(0.99, 0.98, f"below {bottom:.0e} throughout (not shown): {', '.join(hidden)}",
+                            transform=ax.transAxes, fontsize=8, color="dimgray", ha="right", va="top")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+    if rows["static"] and rows["teacher_forced"]:
+        low = min(ax_static.get_ylim()[0], ax_tf.get_ylim()[0])
+        high = max(ax_static.get_ylim()[1], ax_tf.get_ylim()[1])
+        ax_static.set_ylim(low, high)
+        ax_tf.set_ylim(low, high)
+    fig.suptitle("Drift against the full-precision reference: lines = median over samples, "
+                 "bands = interquartile range", fontsize=12)
+    finish_figure(fig, args.caption)
+    return fig, {"drift_curves.csv": (DRIFT_COLUMNS, all_rows)}, None
+
+
+TOKEN_SCALE_COLUMNS = ["run", "quantizer", "lane", "kind", "tensor", "position", "samples", "E_M", "E_D"]
+WORST5_COLUMNS = ["run", "quantizer", "lane", "kind", "tensor", "samples", "worst5_magnitude_share"]
+
+
+def token_scale(series, args):
+    lane, kind = args.token_scale_lane, args.token_scale_kind
+    drawn = [d for d in series if any(d.token_scale[t]["E_M"].total is not None for t in log.TENSORS)]
+    if not drawn:
+        return None, {}, f"no {lane} {kind} token-scale arrays (metrics.token_scale) in the selected runs"
+    rows, worst_rows = [], []
+    fig, axes = plt.subplots(2, len(drawn), figsize=(max(4.2 * len(drawn), 8), 7.5), squeeze=False)
+    for col, data in enumerate(drawn):
+        for row, tensor in enumerate(log.TENSORS):
+            ax = axes[row, col]
+            parts = data.token_scale[tensor]
+            if parts["E_M"].total is None:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+                continue
+            e_m, e_d = parts["E_M"].mean(), parts["E_D"].mean()
+            counts = parts["E_M"].count
+            positions = np.nonzero(counts > 0)[0]
+            for p in positions:
+                rows.append({"run": data.run.path, "quantizer": data.quantizer, "lane": lane,
+                             "kind": kind, "tensor": tensor, "position": int(p),
+                             "samples": int(counts[p]), "E_M": e_m[p], "E_D": e_d[p]})
+            ax.stackplot(positions, e_m[positions], e_d[positions],
+                         labels=["E_M (magnitude)", "E_D (direction)"],
+                         colors=["#d95f02", "#7570b3"], alpha=0.85)
+            shares = data.worst5_share[tensor]
+            if shares:
+                share = float(np.mean(shares))
+                worst_rows.append({"run": data.run.path, "quantizer": data.quantizer, "lane": lane,
+                                   "kind": kind, "tensor": tensor, "samples": len(shares),
+                                   "worst5_magnitude_share": share})
+                ax.text(0.02, 0.97, f"worst 5% rows: E_M share {share:.2f}", transform=ax.transAxes,
+                        va="top", fontsize=9, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+            ax.set_title(panel_title(data.label, f"{tensor}s") if row == 0 else f"{tensor}s", fontsize=9)
+            ax.set_xlabel("cache position [tokens]")
+            if col == 0:
+                symbol = "k" if tensor == "key" else "v"
+                ax.set_ylabel(f"{tensor} error per row [‖{symbol}‖² units]")
+            ax.grid(True, alpha=0.3)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.suptitle(f"Token-scale error of the {lane.replace('_', '-')} lane ({kind}): "
+                 "E_T = E_M + E_D stacked, mean over samples and layers", fontsize=12)
+    finish_figure(fig, args.caption, legend=(handles, labels))
+    return fig, {"token_scale.csv": (TOKEN_SCALE_COLUMNS, rows),
+                 "token_scale_worst5.csv": (WORST5_COLUMNS, worst_rows)}, None
+
+
+HEATMAP_COLUMNS = ["run", "quantizer", "lane", "step", "layer", "samples", "attn_rel_l2_mean"]
+
+
+def attention_heatmap(series, args):
+    lanes = [lane for lane in ("static", "teacher_forced")
+             if any(d.attention[lane].per_sample for d in series)]
+    drawn = [d for d in series if any(d.attention[lane].per_sample for lane in lanes)]
+    if not drawn:
+        return None, {}, "no attention-output errors (metrics.attention_error) in the selected runs"
+    maps, rows = {}, []
+    for data in drawn:
+        for lane in lanes:
+            steps, means, counts = data.attention[lane].heatmap()
+            maps[data.quantizer, data.run.path, lane] = (steps, means)
+            for i, step in enumerate(steps):
+                for layer in range(means.shape[1]):
+                    rows.append({"run": data.run.path, "quantizer": data.quantizer, "lane": lane,
+                                 "step": int(step), "layer": layer, "samples": int(counts[i]),
+                                 "attn_rel_l2_mean": means[i, layer]})
+    values = np.array([r["attn_rel_l2_mean"] for r in rows])
+    if use_log_scale(values, args.yscale):
+        norm = LogNorm(vmin=log_floor(values), vmax=np.nanmax(values))
+    else:
+        norm = Normalize(vmin=0.0, vmax=np.nanmax(values))
+    fig, axes = plt.subplots(len(lanes), len(drawn), figsize=(max(4.0 * len(drawn), 8), 3.4 * len(lanes) + 1.6),
+                             squeeze=False, sharex=True, sharey=True)
+    mesh = None
+    for col, data in enumerate(drawn):
+        for row, lane in enumerate(lanes):
+            ax = axes[row, col]
+            steps, means = maps.get((data.quantizer, data.run.path, lane), (np.zeros(0), None))
+            if not len(steps):
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+                continue
+            gaps = np.diff(steps)
+            x_edges = np.concatenate([steps, [steps[-1] + (gaps[-1] if len(gaps) else 1)]]) - 0.5
+            y_edges = np.arange(means.shape[1] + 1) - 0.5
+            shown = np.ma.masked_invalid(np.clip(means, norm.vmin, None) if isinstance(norm, LogNorm) else means)
+            mesh = ax.pcolormesh(x_edges, y_edges, shown.T, norm=norm, cmap="viridis", shading="flat")
+            lane_name = lane.replace("_", "-")
+            ax.set_title(panel_title(data.label, lane_name) if row == 0 else lane_name, fontsize=9)
+            if row == len(lanes) - 1:
+                ax.set_xlabel("decoding step [tokens]")
+            if col == 0:
+                ax.set_ylabel("layer")
+            ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle("Attention-output error ‖a − a_ref‖/‖a_ref‖ per layer and step (mean over samples)",
+                 fontsize=12)
+    finish_figure(fig, args.caption)
+    if mesh is not None:
+        bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9, pad=0.02)
+        bar.set_label("relative L2 error" + (" (log scale)" if isinstance(norm, LogNorm) else ""))
+    return fig, {"attention_heatmap.csv": (HEATMAP_COLUMNS, rows)}, None
+
+
+SURVIVAL_COLUMNS = ["run", "quantizer", "step", "samples", "identical_fraction"]
+
+
+def survival(series, args):
+    drawn = [d for d in series if d.first_divergence]
+    if not drawn:
+        return None, {}, "no free-running lane in the selected runs"
+    rows = []
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    for i, data in enumerate(series):
+        if not data.first_divergence:
+            continue
+        steps = max(data.free_running_steps)
+        curve = log.survival_curve(data.first_divergence, data.outcome, steps)
+        for step, value in enumerate(curve):
+            rows.append({"run": data.run.path, "quantizer": data.quantizer, "step": step,
+                         "samples": len(data.first_divergence), "identical_fraction": value})
+        ax.step(np.arange(steps), curve, where="post", label=data.label, linewidth=1.6, **series_style(i))
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("decoding step [tokens]")
+    ax.set_ylabel("samples still identical to the reference [fraction]")
+    ax.grid(True, alpha=0.3)
+    fig.suptitle("Free-running lanes: survival of the reference trajectory", fontsize=12)
+    finish_figure(fig, args.caption)
+    return fig, {"survival.csv": (SURVIVAL_COLUMNS, rows)}, None
+
+
+def finish_figure(fig, caption, legend=None):
+    """Shared legend under the panels (the axes' labelled artists unless `legend` is given) and
+    the caption line at the bottom."""
+    if legend is None:
+        handles, labels = [], []
+        for ax in fig.axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                if label not in labels:
+                    handles.append(handle)
+                    labels.append(label)
+    else:
+        handles, labels = legend
+    columns = 2 if max((len(label) for label in labels), default=0) > 40 else 4
+    legend_rows = math.ceil(len(labels) / columns)
+    height = fig.get_figheight()
+    caption_in, legend_in = 0.3, (0.12 + 0.2 * legend_rows if labels else 0.0)
+    fig.tight_layout(rect=(0, (caption_in + legend_in) / height, 1, 1 - 0.45 / height))
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.5, caption_in / height))
+    fig.text(0.5, 0.08 / height, caption, ha="center", va="bottom", fontsize=8.5, color="#333333")
+
+
+def panel_title(label, lane=None):
+    """Column title: the series label wrapped to the panel width, then the lane."""
+    return "\n".join(textwrap.wrap(label, 38) + ([lane] if lane else []))
+
+
+FIGURES = (
+    ("drift_curves", drift_curves, "Drift curves (KL, top-1 disagreement, attention error; static vs teacher-forced)"),
+    ("token_scale", token_scale, "Token-scale error vs position (E_M and E_D stacked)"),
+    ("attention_heatmap", attention_heatmap, "Attention-output error, layer x step"),
+    ("survival", survival, "Free-running survival"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+TABLE_COLUMNS = ["run", "quantizer", "method", "samples", "bits_per_element_mean", "kl_mean",
+                 "kl_median", "final_kl_mean", "first_divergence_median", "accuracy_free_running",
+                 "accuracy_reference"]
+
+
+def table_rows(series):
+    rows = []
+    for data in series:
+        kl = np.concatenate(data.kl) if data.kl else np.zeros(0)
+        final = [values[-1] for values in data.kl if len(values)]
+        scores = data.run.scores
+        free_running = (scores or {}).get("free_running", {}).get(data.quantizer)
+        reference = (scores or {}).get("reference")
+        rows.append({
+            "run": data.run.path, "quantizer": data.quantizer, "method": data.method,
+            "samples": len(data.samples),
+            "bits_per_element_mean": _mean(data.bits_per_element),
+            "kl_mean": _mean(kl), "kl_median": float(np.median(kl)) if len(kl) else float("nan"),
+            "final_kl_mean": _mean(final),
+            "first_divergence_median": (float(np.median(data.first_divergence))
+                                        if data.first_divergence else float("nan")),
+            "accuracy_free_running": free_running["accuracy"] if free_running else float("nan"),
+            "accuracy_reference": reference["accuracy"] if reference else float("nan"),
+        })
+    return rows
+
+
+def _mean(values):
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _fmt(value, spec):
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def write_report(out_dir, runs, series, produced, skipped):
+    rows = table_rows(series)
+    write_csv(os.path.join(out_dir, "summary_table.csv"), TABLE_COLUMNS, rows)
+    scored = any(run.scores for run in runs)
+    lines = ["# kvdrift drift report", ""]
+    for run in runs:
+        lines.append(f"- `{run.path}` (kvdrift {run.kvdrift_version}): {run.caption()}")
+        if run.unfinished:
+            lines.append(f"  - {run.unfinished} sample(s) not finished yet are left out")
+        if run.scores:
+            reference = run.scores["reference"]
+            if reference:
+                lines.append(f"  - task `{run.scores['task']}`, reference accuracy "
+                             f"{reference['accuracy']:.3f} ({reference['correct']}/{reference['scored']})")
+    lines += ["", "| quantizer | bits / element | mean KL [nats] | median KL [nats] | final-step KL [nats] "
+              "| first divergence, median [tokens] |" + (" accuracy (free-running) |" if scored else ""),
+              "|---|---:|---:|---:|---:|---:|" + ("---:|" if scored else "")]
+    for data, row in zip(series, rows):
+        cells = [data.label, _fmt(row["bits_per_element_mean"], ".3f"), _fmt(row["kl_mean"], ".3g"),
+                 _fmt(row["kl_median"], ".3g"), _fmt(row["final_kl_mean"], ".3g"),
+                 _fmt(row["first_divergence_median"], ".1f")]
+        if scored:
+            scores = (data.run.scores or {}).get("free_running", {}).get(data.quantizer)
+            cells.append(f"{scores['accuracy']:.3f} ({scores['correct']}/{scores['scored']})"
+                         if scores else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "KL is the teacher-forced lane's KL(p_ref ‖ p_lane), pooled over samples and steps; "
+              "final-step KL is the mean over samples of the KL at each sample's last step; bits per "
+              "element are averaged over samples and lanes; first divergence is the free-running lane's "
+              "common prefix with the reference. Numbers: `summary_table.csv`.", "", "## Figures", ""]
+    for name, _, title in FIGURES:
+        if name in produced:
+            lines += [f"### {title}", "", f"![{title}]({name}.png)", "",
+                      f"[PDF]({name}.pdf) · numbers: " + ", ".join(f"[{c}]({c})" for c in produced[name]), ""]
+    for name, note in skipped.items():
+        lines.append(f"- `{name}` not drawn: {note}")
+    lines += ["", f"Generated by analysis/plot_drift.py at "
+              f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}."]
+    with open(os.path.join(out_dir, "report.md"), "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def render(args, wait_seconds):
+    """Reads the runs and writes every figure, its CSVs and the report. Returns the runs."""
+    runs, series = log.read_runs(args.runs, args.quantizer, args.token_scale_lane,
+                                 args.token_scale_kind, wait_seconds)
+    args.caption = " | ".join(dict.fromkeys(run.caption() for run in runs))
+    empty = [run.path for run in runs if not run.samples]
+    if empty:
+        if args.follow:
+            return runs  # nothing to draw yet
+        raise log.LogError(f"{empty[0]}: no finished samples to plot")
+    os.makedirs(args.output_dir, exist_ok=True)
+    produced, skipped = {}, {}
+    for name, make, _ in FIGURES:
+        fig, tables, note = make(series, args)
+        if fig is None:
+            skipped[name] = note
+            continue
+        for csv_name, (columns, rows) in tables.items():
+            write_csv(os.path.join(args.output_dir, csv_name), columns, rows)
+        for ext in ("png", "pdf"):
+            fig.savefig(os.path.join(args.output_dir, f"{name}.{ext}"), dpi=130)
+        plt.close(fig)
+        produced[name] = list(tables)
+    write_report(args.output_dir, runs, series, produced, skipped)
+    return runs
+
+
+def follow(args):
+    """Re-renders every --interval seconds until every run's root `complete` is 1."""
+    while True:
+        try:
+            runs = render(args, wait_seconds=0.0)
+        except log.FileBusy:
+            runs = None  # the writer holds the file: try again next round
+        if runs is not None:
+            done = sum(len(run.samples) for run in runs)
+            stamp = datetime.now().strftime("%H:%M:%S")
+            print(f"{PROG}: {stamp} rendered {done} finished sample(s) into {args.output_dir}",
+                  file=sys.stderr, flush=True)
+            if all(run.complete for run in runs):
+                return
+        time.sleep(args.interval)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Drift figures (PNG, PDF, CSV) and report.md from kvdrift run logs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="kvdrift run log(s)")
+    parser.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
+    parser.add_argument("--quantizer", action="append", default=[], metavar="NAME",
+                        help="only this quantizer (repeatable; default: all)")
+    parser.add_argument("--yscale", choices=("auto", "log", "linear"), default="auto",
+                        help="KL, attention-error and heatmap scale; auto = log when values span "
+                             "more than two decades (default)")
+    parser.add_argument("--window", type=int, default=8,
+                        help="trailing window of the top-1 disagreement curve, in steps (default 8)")
+    parser.add_argument("--token-scale-lane", choices=log.LANES, default="teacher_forced",
+                        help="lane of the token-scale figure (default teacher_forced)")
+    parser.add_argument("--token-scale-kind", choices=("quant", "drift"), default="quant",
+                        help="quant: what attention reads vs what the lane wrote; drift: the lane's "
+                             "cache vs the reference's (default quant)")
+    parser.add_argument("--follow", action="store_true",
+                        help="re-render from a run still being written until it is complete")
+    parser.add_argument("--interval", type=float, default=10.0, metavar="S",
+                        help="seconds between renders with --follow (default 10)")
+    args = parser.parse_args(argv)
+    if args.window < 1:
+        parser.error(f"--window must be at least 1, got {args.window}")
+    if args.interval <= 0:
+        parser.error(f"--interval must be positive, got {args.interval:g}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.follow:
+            follow(args)
+        else:
+            render(args, wait_seconds=10.0)
+            print(os.path.join(args.output_dir, "report.md"))
+    except log.LogError as error:
+        log.fail_cli(PROG, error)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+#!/usr/bin/python3
+"""Task accuracy of a finished kvdrift run, written into the run file under /scores.
+
+    score.py RUN.h5 [--task math|aime|gsm8k|humaneval] [--timeout S] [--jobs N]
+
+Scores the reference continuation of every finished sample and each quantizer's free-running
+continuation (docs/analysis.md; the /scores layout is in docs/hdf5-schema.md).
+"""
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import answers  # noqa: E402
+import humaneval  # noqa: E402
+import kvdrift_log as log  # noqa: E402
+
+PROG = "score.py"
+TASKS = ("math", "aime", "gsm8k", "humaneval")
+# A directory name in prompts.path that identifies the task.
+TASK_DIRECTORIES = {"math500": "math", "aime24": "aime", "gsm8k": "gsm8k", "humaneval": "humaneval"}
+
+
+def infer_task(run):
+    path = str(run.prompts.get("path") or "")
+    parts = [p.lower() for p in path.replace("\\", "/").split("/")]
+    found = {TASK_DIRECTORIES[p] for p in parts if p in TASK_DIRECTORIES}
+    if len(found) != 1:
+        raise log.LogError(f"{run.path}: cannot tell the task from prompts.path '{path or '(none)'}' "
+                           f"(expected a directory named {', '.join(TASK_DIRECTORIES)}); pass --task")
+    return found.pop()
+
+
+class Lane:
+    """The texts of one scored lane: sample index -> continuation."""
+
+    def __init__(self, name, quantizer=None):
+        self.name, self.quantizer = name, quantizer
+        self.samples, self.texts = [], []
+
+
+def read_lanes(handle, run):
+    """Reference lane and one free-running lane per quantizer that has it, plus per-sample info."""
+    reference = Lane("reference")
+    free_running = {q: Lane("free_running", q) for q in run.quantizers}
+    info = {}
+    for index in run.samples:
+        sample = handle[f"samples/{index}"]
+        if "reference_continuation" not in sample.attrs:
+            raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index} has no "
+                               f"reference_continuation); re-run it with a kvdrift newer than "
+                               f"{run.kvdrift_version}")
+        info[index] = (log.attr_str(sample.attrs, "prompt_id"), log.attr_str(sample.attrs, "answer"))
+        reference.samples.append(index)
+        reference.texts.append(log.attr_str(sample.attrs, "reference_continuation"))
+        for quantizer, lane in free_running.items():
+            path = f"{quantizer}/free_running"
+            if path not in sample:
+                continue
+            if "continuation" not in sample[path].attrs:
+                raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index}/{path} has "
+                                   f"no continuation); re-run it with a kvdrift newer than {run.kvdrift_version}")
+            lane.samples.append(index)
+            lane.texts.append(log.attr_str(sample[path].attrs, "continuation"))
+    return [reference] + [lane for lane in free_running.values() if lane.samples], info
+
+
+def score_answers(task, lanes, info, run):
+    """(correct 0/1, extracted answer) per text of each lane, for math, aime and gsm8k."""
+    gold = {}
+    for index, (_, answer) in info.items():
+        if not answer:
+            raise log.LogError(f"{run.path}: samples/{index} has no reference answer (set prompts.answer_field)")
+        try:
+            gold[index] = (answers.gsm8k_reference_answer(answer) if task == "gsm8k"
+                           else answers.math_reference_answer(answer))
+        except ValueError as error:
+            raise log.LogError(f"{run.path}: samples/{index}: {error}") from None
+    results = []
+    for lane in lanes:
+        lane_results = []
+        for index, text in zip(lane.samples, lane.texts):
+            if task == "gsm8k":
+                number = answers.last_number(text)
+                lane_results.append((int(number is not None and answers.parse_number(number) == gold[index]),
+                                     number or ""))
+            else:
+                boxed = answers.last_boxed(text)
+                lane_results.append((int(answers.math_equal(boxed, gold[index])), boxed or ""))
+        results.append(lane_results)
+    return results
+
+
+def score_humaneval(lanes, info, run, timeout, jobs):
+    path = str(run.prompts.get("path") or "")
+    try:
+        records = humaneval.load_records(path)
+    except (OSError, ValueError) as error:
+        raise log.LogError(f"{run.path}: cannot read the HumanEval tasks of prompts.path: {error}") from None
+    programs, where = [], []
+    for lane_index, lane in enumerate(lanes):
+        for index, text in zip(lane.samples, lane.texts):
+            task_id = info[index][0]
+            if task_id not in records:
+                raise log.LogError(f"{run.path}: samples/{index} has prompt_id '{task_id}', which is not a "
+                                   f"task_id of {path}")
+            programs.append(humaneval.program_text(records[task_id], text))
+            where.append(lane_index)
+    outcomes = humaneval.run_programs(programs, timeout=timeout, jobs=jobs)
+    results = [[] for _ in lanes]
+    for lane_index, outcome in zip(where, outcomes):
+        detail = outcome.status + (f": {outcome.detail}" if outcome.detail else "")
+        results[lane_index].append((int(outcome.passed), detail))
+    return results
+
+
+def write_scores(path, task, lanes, results):
+    """Replaces /scores: built under a temporary name and moved into place once whole."""
+    with log.open_run_file(path, mode="r+") as handle:
+        for name in ("scores", "scores_incomplete"):
+            if name in handle:
+                del handle[name]
+        group = handle.create_group("scores_incomplete")
+        group.attrs["task"] = task
+        group.attrs["scored_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for lane, lane_results in zip(lanes, results):
+            name = "reference" if lane.quantizer is None else f"{lane.quantizer}/free_running"
+            target = group.create_group(name)
+            correct = np.array([c for c, _ in lane_results], dtype=np.int64)
+            target.attrs["correct"] = np.int64(correct.sum())
+            target.attrs["scored"] = np.int64(len(correct))
+            target.attrs["accuracy"] = np.float64(correct.mean()) if len(correct) else np.float64(np.nan)
+            target.create_dataset("sample", data=np.array(lane.samples, dtype=np.int64))
+            target.create_dataset("correct", data=correct)
+            target.create_dataset("extracted", data=[d for _, d in lane_results],
+                                  dtype=h5py.string_dtype("utf-8"))
+        handle.move("scores_incomplete", "scores")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Scores a finished kvdrift run's reference and free-running continuations "
+                               "(MATH500, AIME24, GSM8K, HumanEval) and writes /scores into the run file.")
+    parser.add_argument("run", metavar="RUN.h5")
+    parser.add_argument("--task", choices=TASKS,
+                        help="default: from the directory of prompts.path (math500, aime24, gsm8k, humaneval)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="HumanEval: wall-clock limit per program in seconds (default 10)")
+    parser.add_argument("--jobs", type=int, default=2, metavar="N",
+                        help="HumanEval: programs run at once (default 2)")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout:g}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        with log.open_run_file(args.run) as handle:
+            run = log.RunInfo(handle, args.run)
+            if not run.complete:
+                raise log.LogError(f"{args.run}: run is not complete (root attribute complete is not 1); "
+                                   "finish or resume it before scoring")
+            if not run.samples:
+                raise log.LogError(f"{args.run}: no finished samples to score")
+            task = args.task or infer_task(run)
+            lanes, info = read_lanes(handle, run)
+        if task == "humaneval":
+            results = score_humaneval(lanes, info, run, args.timeout, args.jobs)
+        else:
+            results = score_answers(task, lanes, info, run)
+        write_scores(args.run, task, lanes, results)
+    except log.LogError as error:
+        log.fail_cli(PROG, error)
+    print(f"task {task}: {args.run}")
+    print(f"{'lane':<40} {'correct':>8} {'scored':>7} {'accuracy':>9}")
+    for lane, lane_results in zip(lanes, results):
+        name = "reference" if lane.quantizer is None else f"{lane.quantizer} free-running"
+        correct = sum(c for c, _ in lane_results)
+        accuracy = correct / len(lane_results) if lane_results else float("nan")
+        print(f"{name:<40} {correct:>8} {len(lane_results):>7} {accuracy:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()

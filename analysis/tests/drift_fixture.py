@@ -1,0 +1,77 @@
+"""The run-log fixture shared by the plot_drift tests: two quantizers, three finished samples of
+unequal length and one cut short, with values chosen so that every statistic is easy by hand."""
+import numpy as np
+
+QUANTIZERS = [("alpha", "rtn", {"k_bits": 2}), ("beta", "kivi", {"k_bits": 4, "group_size": 8})]
+FIGURES = ("drift_curves", "token_scale", "attention_heatmap", "survival")
+
+# Per sample: teacher-forced KL and top-1 agreement, static attention error [logged step x layer],
+# teacher-forced key E_M / E_D [position x layer], worst-5% shares, free-running outcome.
+ALPHA = [
+    {"kl": [0.5, 1, 2, 4], "top1": [1, 0, 1, 0], "logged": [1, 2, 3],
+     "static": [[0.5, 1.5], [1, 1], [2, 2]], "tf_attn": [[1, 1], [2, 2], [4, 4]],
+     "E_M": [[1, 3], [2, 2], [0, 4]], "E_D": [[1, 1], [0, 0], [2, 2]], "share": 0.5,
+     "first_divergence": 2, "outcome": "token_mismatch", "tokens": 4, "bits": 2.0},
+    {"kl": [1, 2, 8], "top1": [0, 0, 1], "logged": [1, 2],
+     "static": [[1, 3], [0, 2]], "tf_attn": [[2, 2], [2, 2]],
+     "E_M": [[4, 4], [1, 1]], "E_D": [[3, 1], [1, 1]], "share": 0.25,
+     "first_divergence": 3, "outcome": "identical", "tokens": 3, "bits": 3.0},
+    {"kl": [0.25, 4, 4, 2], "top1": [1, 1, 1, 1], "logged": [1, 2, 3],
+     "static": [[0.5, 0.5], [4, 2], [1, 1]], "tf_attn": [[1, 3], [1, 3], [1, 3]],
+     "E_M": [[0, 0], [1, 1], [3, 1]], "E_D": [[0, 0], [0, 0], [0, 0]], "share": 0.75,
+     "first_divergence": 1, "outcome": "length_only", "tokens": 1, "bits": 4.0},
+]
+BETA_KL = [[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1], [0.125, 1, 0.5, 0.25]]
+
+
+def lane_content(values, quantizer_offset):
+    """Lane groups of one sample: alpha as tabled, beta with simple constant arrays."""
+    n_logged = len(values["logged"])
+    positions = len(values["E_M"])
+    # values are half the keys' numbers, drift twice the quantization error's
+    token_scale = {f"{t}/{kind}/{part}": np.asarray(values[part]) * (1 if t == "key" else 0.5)
+                   * (1 if kind == "quant" else 2)
+                   for t in ("key", "value") for kind in ("quant", "drift") for part in ("E_M", "E_D")}
+    shares = {f"{t}/{kind}": {"worst5_magnitude_share": values["share"] if t == "key" else 0.125}
+              for t in ("key", "value") for kind in ("quant", "drift")}
+    bits = {"bits_per_element": values["bits"], "fraction_quantized": 1.0}
+    alpha = {
+        ("alpha", "static"): {"attrs": bits, "data": {"attn_rel_l2": values["static"],
+                                                       "attn_cos": np.ones((n_logged, 2))}},
+        ("alpha", "teacher_forced"): {"attrs": bits, "data": {"kl": values["kl"], "top1_agree": values["top1"],
+                                                               "attn_rel_l2": values["tf_attn"], **token_scale},
+                                      "sub_attrs": shares},
+        ("alpha", "free_running"): {"attrs": dict(bits, first_divergence=values["first_divergence"],
+                                                  outcome=values["outcome"]),
+                                    "data": {"tokens": np.arange(values["tokens"]),
+                                             "match": np.ones(values["tokens"])}},
+    }
+    beta_kl = BETA_KL[quantizer_offset]
+    beta_bits = {"bits_per_element": 5.0, "fraction_quantized": 0.5}
+    beta = {
+        ("beta", "static"): {"attrs": beta_bits, "data": {"attn_rel_l2": np.full((n_logged, 2), 0.25)}},
+        ("beta", "teacher_forced"): {"attrs": beta_bits,
+                                     "data": {"kl": beta_kl, "top1_agree": np.ones(len(beta_kl)),
+                                              "attn_rel_l2": np.full((n_logged, 2), 0.5),
+                                              **{k: np.full((positions, 2), 1.0) for k in token_scale}},
+                                     "sub_attrs": shares},
+        ("beta", "free_running"): {"attrs": dict(beta_bits, first_divergence=len(beta_kl), outcome="censored"),
+                                   "data": {"tokens": np.arange(len(beta_kl))}},
+    }
+    return {**alpha, **beta}
+
+
+def fixture_samples():
+    samples = []
+    for index, values in enumerate(ALPHA):
+        samples.append({"index": index, "reference_tokens": np.arange(len(values["kl"])),
+                        "logged_steps": values["logged"], "lanes": lane_content(values, index)})
+    # Cut short (complete = 0): huge values that must not reach any figure.
+    broken = dict(ALPHA[0], kl=[1000.0] * 4, share=0.0, bits=1000.0)
+    samples.append({"index": 3, "complete": 0, "reference_tokens": np.arange(4), "logged_steps": [1, 2, 3],
+                    "lanes": lane_content(broken, 0)})
+    return samples
+
+
+def rows_of(rows, **where):
+    return [r for r in rows if all(r[k] == str(v) for k, v in where.items())]

@@ -1,0 +1,107 @@
+"""plot_drift.py options (quantizer selection, token-scale lane and kind, several runs, runs that
+lack lanes) and its errors for bad input."""
+import os
+import unittest
+
+import h5py
+
+from analysis.tests import support
+from analysis.tests.drift_fixture import QUANTIZERS, fixture_samples, rows_of
+from analysis.tests.support import num, read_csv
+
+
+class PlotDriftOptions(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = support.scratch_dir("plot_drift_options")
+        cls.run_path = support.write_run(os.path.join(cls.dir, "run.h5"), QUANTIZERS, fixture_samples())
+
+    def test_quantizer_selection_and_token_scale_kind(self):
+        out = os.path.join(self.dir, "only_alpha")
+        result = support.run_script("plot_drift.py", self.run_path, "-o", out, "--quantizer", "alpha",
+                                    "--token-scale-kind", "drift")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual({r["quantizer"] for r in read_csv(os.path.join(out, "drift_curves.csv"))}, {"alpha"})
+        self.assertEqual([r["quantizer"] for r in read_csv(os.path.join(out, "summary_table.csv"))], ["alpha"])
+        rows = rows_of(read_csv(os.path.join(out, "token_scale.csv")), tensor="key")
+        self.assertEqual({(r["quantizer"], r["lane"], r["kind"]) for r in rows},
+                         {("alpha", "teacher_forced", "drift")})
+        # drift arrays hold twice the quantization error: E_M at position 0 is 2 x 2
+        self.assertEqual([num(r["E_M"]) for r in rows], [4.0, 8 / 3, 4.0])
+
+    def test_two_runs_are_separate_series(self):
+        second = support.write_run(os.path.join(self.dir, "other.h5"), QUANTIZERS[:1], fixture_samples()[:1])
+        out = os.path.join(self.dir, "two")
+        result = support.run_script("plot_drift.py", self.run_path, second, "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        table = read_csv(os.path.join(out, "summary_table.csv"))
+        self.assertEqual([(r["run"], r["quantizer"], r["samples"]) for r in table],
+                         [(self.run_path, "alpha", "3"), (self.run_path, "beta", "3"), (second, "alpha", "1")])
+        with open(os.path.join(out, "report.md")) as f:
+            report = f.read()
+        self.assertIn("| run: alpha (rtn k_bits=2) |", report)
+        self.assertIn("| other: alpha (rtn k_bits=2) |", report)
+
+    def test_run_without_per_step_lanes_draws_what_it_has(self):
+        samples = fixture_samples()[:3]
+        for sample in samples:
+            sample["lanes"] = {k: v for k, v in sample["lanes"].items() if k[1] == "free_running"}
+        run = support.write_run(os.path.join(self.dir, "free_only.h5"), QUANTIZERS, samples)
+        out = os.path.join(self.dir, "free_only")
+        result = support.run_script("plot_drift.py", run, "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(os.path.isfile(os.path.join(out, "survival.png")))
+        for figure in ("drift_curves", "token_scale", "attention_heatmap"):
+            self.assertFalse(os.path.exists(os.path.join(out, f"{figure}.png")), figure)
+        with open(os.path.join(out, "report.md")) as f:
+            report = f.read()
+        self.assertIn("- `attention_heatmap` not drawn: no attention-output errors (metrics.attention_error) "
+                      "in the selected runs", report)
+
+
+class PlotDriftErrors(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = support.scratch_dir("plot_drift_errors")
+
+    def assert_error(self, args, message):
+        out = os.path.join(self.dir, "out")
+        result = support.run_script("plot_drift.py", *args, "-o", out)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, f"plot_drift.py: error: {message}\n")
+        self.assertFalse(os.path.exists(out), "nothing is written for bad input")
+
+    def test_not_hdf5(self):
+        path = os.path.join(self.dir, "notes.h5")
+        with open(path, "w") as f:
+            f.write("not hdf5\n")
+        self.assert_error([path], f"{path}: not an HDF5 file")
+
+    def test_missing_file(self):
+        path = os.path.join(self.dir, "absent.h5")
+        self.assert_error([path], f"{path}: no such file")
+
+    def test_hdf5_that_is_not_a_run_log(self):
+        path = os.path.join(self.dir, "other.h5")
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=[1, 2])
+        self.assert_error([path], f"{path}: not a kvdrift run log (no schema_version attribute)")
+
+    def test_unknown_schema_version(self):
+        path = support.write_run(os.path.join(self.dir, "v2.h5"), QUANTIZERS, fixture_samples()[:1],
+                                 schema_version=2)
+        self.assert_error([path], f"{path}: schema_version 2 is not supported (this analysis reads version 1)")
+
+    def test_quantizer_not_in_the_file(self):
+        path = support.write_run(os.path.join(self.dir, "run.h5"), QUANTIZERS, fixture_samples()[:1])
+        self.assert_error([path, "--quantizer", "gamma"],
+                          f"{path}: no quantizer 'gamma' (available: alpha, beta)")
+
+    def test_no_finished_samples(self):
+        samples = fixture_samples()[3:]
+        path = support.write_run(os.path.join(self.dir, "empty.h5"), QUANTIZERS, samples, complete=False)
+        self.assert_error([path], f"{path}: no finished samples to plot")
+
+
+if __name__ == "__main__":
+    unittest.main()
