@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <numeric>
+#include <set>
 
 #include "io/hdf5.h"
 #include "io/run_config.h"
@@ -157,6 +158,50 @@ TEST(Engine, WholePromptGoesThroughTheQuantizedCache) {
     EXPECT_DOUBLE_EQ(lane_of(result, "kvarn", lane).scalars.at("fraction_quantized"), kvarn_expected) << lane;
   }
   EXPECT_EQ(lane_of(result, "kivi", "teacher_forced").arrays.at("kl").shape, (std::vector<int64_t>{9}));
+}
+
+// Lanes that end leave the batch: a free-running lane at its end token, the reference and its
+// teacher-forced lanes at the reference's. The decode forwards then cost exactly the rows still
+// decoding, each lane's cache holds the prompt and the tokens it fed, and a lane's results do not
+// depend on which other lanes ran beside it (kivi alone gives the same tokens).
+TEST(Engine, EndedLanesLeaveTheBatch) {
+  const std::string dir = test::scratch_dir();
+  const std::string quantizers =
+      "  - {name: none, method: none}\n"
+      "  - {name: kivi, method: kivi, params: {group_size: 8, k_bits: 2, v_bits: 2}}\n"
+      "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}";
+  auto run = load(write_config(dir, quantizers, 400));
+  run.config.decoding.stop_at_eos = true;
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
+  const int64_t n = static_cast<int64_t>(run.inputs.prompts[0].tokens.size());
+  const int64_t reference_length = static_cast<int64_t>(result.reference_tokens.size());
+
+  std::set<int64_t> lengths = {reference_length};
+  int64_t expected_row_steps = 4 * (reference_length - 1);  // the reference and three teacher-forced rows
+  for (const std::string quantizer : {"none", "kivi", "quarot"}) {
+    const auto& free = lane_of(result, quantizer, "free_running");
+    const int64_t free_length = static_cast<int64_t>(free.tokens.size());
+    lengths.insert(free_length);
+    expected_row_steps += free_length - 1;
+    const auto& teacher = lane_of(result, quantizer, "teacher_forced");
+    EXPECT_EQ(teacher.arrays.at("key/quant/E_T").shape, (std::vector<int64_t>{n + reference_length - 1, 5}));
+    EXPECT_EQ(free.arrays.at("value/quant/E_T").shape, (std::vector<int64_t>{n + free_length - 1, 5}));
+    EXPECT_EQ(free.arrays.at("key/drift/E_T").shape,
+              (std::vector<int64_t>{n + std::min(free_length, reference_length) - 1, 5}));
+  }
+  ASSERT_GE(lengths.size(), 2u) << "every lane ran to the same length; the test needs one that ends early";
+  EXPECT_EQ(result.decode_row_steps, expected_row_steps);
+  EXPECT_LT(result.decode_row_steps, 7 * (*lengths.rbegin() - 1));  // what keeping every row would cost
+  EXPECT_EQ(lane_of(result, "none", "free_running").tokens, result.reference_tokens);
+
+  auto kivi_alone =
+      load(write_config(dir, "  - {name: kivi, method: kivi, params: {group_size: 8, k_bits: 2, v_bits: 2}}", 400));
+  kivi_alone.config.decoding.stop_at_eos = true;
+  const auto alone = Engine(*kivi_alone.inputs.model, kivi_alone.config, kivi_alone.inputs.tokenizer.get())
+                         .run(kivi_alone.inputs.prompts[0]);
+  EXPECT_EQ(lane_of(alone, "kivi", "free_running").tokens, lane_of(result, "kivi", "free_running").tokens);
+  EXPECT_EQ(alone.reference_tokens, result.reference_tokens);
 }
 
 // From BOS, the reference is stories260K's known-good greedy output (200 tokens after BOS, as run.c),

@@ -2,6 +2,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+
 #include "cache/quantized_kv_cache.h"
 #include "core/error.h"
 #include "metrics/token_scale.h"
@@ -45,8 +48,8 @@ std::string describe(const MethodCase& c) {
 torch::Tensor random_tiles(int64_t n, int64_t tokens, int64_t dim, uint64_t seed) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto x = torch::randn({n, tokens, dim}, generator, torch::kFloat32);
-  x.select(2, 3).mul_(20.0);   // an outlier channel
-  x.select(1, 1).mul_(8.0);    // an outlier token
+  x.select(2, 3).mul_(20.0);  // an outlier channel
+  x.select(1, 1).mul_(8.0);   // an outlier token
   return x;
 }
 
@@ -60,7 +63,8 @@ TEST(Hadamard, FastTransformIsTheOrthonormalSylvesterMatrix) {
     auto rotated = quant::hadamard_rotate(torch::eye(d));  // rows of I times H: H itself
     auto dense = torch::empty({d, d});
     for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j < d; ++j) dense[i][j] = (__builtin_popcountll(i & j) % 2 ? -1.0 : 1.0) / std::sqrt(double(d));
+      for (int64_t j = 0; j < d; ++j)
+        dense[i][j] = (__builtin_popcountll(i & j) % 2 ? -1.0 : 1.0) / std::sqrt(double(d));
     EXPECT_LE((rotated - dense).abs().max().item<double>(), 1e-6) << "d=" << d;
     EXPECT_LE((torch::matmul(rotated, rotated) - torch::eye(d)).abs().max().item<double>(), 1e-5) << "H.H = I, d=" << d;
   }
@@ -80,13 +84,12 @@ TEST(Quantizers, CodesStayInRangeAndConstantTilesStayFinite) {
     for (Role role : {Role::Key, Role::Value}) {
       const int64_t tokens = tile_tokens(*q, role);
       auto stored = q->quantize(random_tiles(4, tokens, 64, 1), role);
-      if (c.method != "none")
-        EXPECT_LE(stored.codes.max().item<int64_t>(), (1 << stored.bits) - 1) << describe(c);
+      if (c.method != "none") EXPECT_LE(stored.codes.max().item<int64_t>(), (1 << stored.bits) - 1) << describe(c);
       for (double constant : {0.0, 3.5}) {
         auto flat = torch::full({2, tokens, 64}, constant);
         auto restored = q->dequantize(q->quantize(flat, role), role);
-        EXPECT_TRUE(restored.isfinite().all().item<bool>()) << describe(c) << " " << role_name(role) << " constant "
-                                                           << constant;
+        EXPECT_TRUE(restored.isfinite().all().item<bool>())
+            << describe(c) << " " << role_name(role) << " constant " << constant;
         EXPECT_LE((restored - flat).abs().max().item<double>(), 0.05 * std::max(1.0, constant)) << describe(c);
       }
     }
@@ -201,6 +204,73 @@ TEST(QuantizedCache, PackedModeDequantizesBitIdenticallyToSimulation) {
     }
     EXPECT_DOUBLE_EQ(simulated.bits_per_element(), packed.bits_per_element());
   }
+}
+
+// Rows retired mid-decode leave the batch: the others go on exactly as if they had been alone, and a
+// retired row keeps what it held and cost when it ended. Oracle: one single-row cache per row, fed
+// that row's data up to its end. KIVI and RTN (no rotation), so every comparison is bitwise.
+TEST(QuantizedCache, RetiredRowsLeaveTheBatchAndKeepWhatTheyHeld) {
+  const int64_t n = 20, steps = 40, layers = 2, heads = 2, head_dim = 64;
+  std::vector<std::shared_ptr<const Quantizer>> quantizers = {
+      make_quantizer("none", {}, head_dim),
+      make_quantizer("kivi", {{"group_size", "16"}, {"residual_length", "16"}}, head_dim), nullptr,
+      make_quantizer("rtn", {{"axis", "per_token"}, {"group_size", "32"}, {"k_bits", "2"}, {"v_bits", "2"}}, head_dim)};
+  quantizers[2] = quantizers[1];  // rows 1 and 2 share one quantizer: one group
+  const int64_t rows = 4;
+  const std::map<int64_t, int64_t> retire_at = {{2, n + 10}, {0, n + 25}};  // row -> first position it skips
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(7);
+  const auto k = torch::randn({rows, heads, n + steps, head_dim}, generator, torch::kFloat32);
+  const auto v = torch::randn({rows, heads, n + steps, head_dim}, generator, torch::kFloat32);
+
+  QuantizedKVCache cache(quantizers, layers, heads, n + steps, head_dim, torch::kFloat32, torch::kCPU);
+  for (int64_t layer = 0; layer < layers; ++layer) cache.update(layer, 0, k.narrow(2, 0, n), v.narrow(2, 0, n));
+  std::vector<int64_t> active = {0, 1, 2, 3};
+  for (int64_t t = n; t < n + steps; ++t) {
+    for (const auto& [row, position] : retire_at) {
+      if (position != t) continue;
+      cache.retire(row);
+      active.erase(std::find(active.begin(), active.end(), row));
+    }
+    const auto index = torch::tensor(active, torch::kInt64);
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      auto [keys, values] =
+          cache.update(layer, t, k.index_select(0, index).narrow(2, t, 1), v.index_select(0, index).narrow(2, t, 1));
+      EXPECT_EQ(keys.sizes(), (c10::IntArrayRef{static_cast<int64_t>(active.size()), heads, t + 1, head_dim}));
+    }
+  }
+  EXPECT_EQ(cache.active_rows(), 2);
+  EXPECT_EQ(cache.slot(0), -1);
+  EXPECT_EQ(cache.slot(1), 0);
+  EXPECT_EQ(cache.slot(2), -1);
+  EXPECT_EQ(cache.slot(3), 1);
+
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t end = retire_at.count(row) ? retire_at.at(row) : n + steps;
+    QuantizedKVCache alone(quantizers[row], layers, 1, heads, n + steps, head_dim, torch::kFloat32, torch::kCPU);
+    for (int64_t layer = 0; layer < layers; ++layer)
+      alone.update(layer, 0, k.narrow(0, row, 1).narrow(2, 0, n), v.narrow(0, row, 1).narrow(2, 0, n));
+    for (int64_t t = n; t < end; ++t)
+      for (int64_t layer = 0; layer < layers; ++layer)
+        alone.update(layer, t, k.narrow(0, row, 1).narrow(2, t, 1), v.narrow(0, row, 1).narrow(2, t, 1));
+    EXPECT_EQ(cache.row_length(row), end) << "row " << row;
+    for (Role role : {Role::Key, Role::Value}) {
+      for (bool read : {false, true}) {
+        EXPECT_TRUE(cache.row_contents(role, row, read).equal(alone.row_contents(role, 0, read)))
+            << "row " << row << " " << role_name(role) << (read ? " read" : " written");
+      }
+      for (int64_t layer = 0; layer < layers; ++layer)
+        EXPECT_EQ(cache.quantized_positions(role, layer, row), alone.quantized_positions(role, layer, 0)) << row;
+    }
+    EXPECT_DOUBLE_EQ(cache.bits_per_element(row), alone.bits_per_element(0)) << "row " << row;
+    EXPECT_DOUBLE_EQ(cache.fraction_quantized(row), alone.fraction_quantized(0)) << "row " << row;
+  }
+  EXPECT_GT(cache.fraction_quantized(2), 0.0);  // the retired KIVI row had quantized blocks
+
+  EXPECT_EQ(test::error_message([&] { cache.retire(2); }), "KV cache row 2 is already retired");
+  EXPECT_EQ(test::error_message([&] { cache.written(Role::Key, 0); }), "KV cache rows were retired; read them by row");
+  const auto three_rows = torch::zeros({3, heads, 1, head_dim});
+  EXPECT_EQ(test::error_message([&] { cache.update(0, n + steps - 1, three_rows, three_rows); }),
+            "KV cache update of 3 rows; the cache has 2 active rows");
 }
 
 TEST(Packing, FollowsTheSpecLayout) {

@@ -149,6 +149,7 @@ SampleResult make_sample(int index) {
     sample.logged_steps = {0, 2};
     sample.prefill_seconds = 0.5;
     sample.decode_seconds = 1.25;
+    sample.decode_row_steps = 21;
     sample.metric_seconds = 0.125;
     add_lanes(
         sample, "int4", 5,
@@ -227,6 +228,7 @@ void expect_sample(const h5::Group& samples, int index) {
   EXPECT_EQ(sample.attribute<double>("prefill_seconds"), expected.prefill_seconds);
   EXPECT_EQ(sample.attribute<double>("decode_seconds"), expected.decode_seconds);
   EXPECT_EQ(sample.attribute<double>("metric_seconds"), expected.metric_seconds);
+  EXPECT_EQ(sample.attribute<int64_t>("decode_row_steps"), expected.decode_row_steps);
   EXPECT_EQ(sample.read<int64_t>("prompt_tokens"), expected.prompt.tokens);
   EXPECT_EQ(sample.read<int64_t>("reference_tokens"), expected.reference_tokens);
   EXPECT_EQ(sample.read<int64_t>("logged_steps"), expected.logged_steps);

@@ -1,5 +1,6 @@
 #include "cache/quantized_kv_cache.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "core/error.h"
@@ -37,32 +38,37 @@ QuantizedTiles unpack(const QuantizedTiles& packed, int64_t row_length) {
 QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers,
                                    int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
                                    torch::Device device, StorageMode mode)
-    : mode_(mode) {
-  const int64_t batch = static_cast<int64_t>(row_quantizers.size());
+    : active_rows_(static_cast<int64_t>(row_quantizers.size())), mode_(mode) {
+  const int64_t batch = active_rows_;
   const auto options = torch::TensorOptions().dtype(dtype).device(device);
   for (size_t r = 0; r < 2; ++r) {
     written_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
     read_[r] = torch::zeros({n_layers, batch, n_kv_heads, capacity, head_dim}, options);
   }
   for (int64_t row = 0; row < batch; ++row) {
-    if (!groups_.empty() && groups_.back().quantizer == row_quantizers[row]) {
-      ++groups_.back().rows;
-      continue;
+    slots_.push_back(row);
+    if (groups_.empty() || groups_.back().quantizer != row_quantizers[row]) {
+      RowGroup group;
+      group.quantizer = row_quantizers[row];
+      group.first_slot = row;
+      group.policies = {group.quantizer->policy(Role::Key), group.quantizer->policy(Role::Value)};
+      for (Role role : {Role::Key, Role::Value}) {
+        const RolePolicy& policy = group.policies[index(role)];
+        if (policy.sink % policy.block != 0)
+          fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}",
+               group.quantizer->method(), role_name(role), policy.sink, policy.block);
+      }
+      groups_.push_back(std::move(group));
     }
-    RowGroup group;
-    group.quantizer = row_quantizers[row];
-    group.first_row = row;
-    group.rows = 1;
-    group.policies = {group.quantizer->policy(Role::Key), group.quantizer->policy(Role::Value)};
+    RowGroup& group = groups_.back();
+    group.rows.push_back(row);
+    ++group.active;
+    RowAccount account;
     for (size_t r = 0; r < 2; ++r) {
-      const RolePolicy& policy = group.policies[r];
-      if (policy.sink % policy.block != 0)
-        fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}", group.quantizer->method(),
-             role_name(r == 0 ? Role::Key : Role::Value), policy.sink, policy.block);
-      group.flushed_end[r].assign(n_layers, policy.sink);
-      group.stored_bits[r].assign(n_layers, 0.0);
+      account.flushed_end[r].assign(n_layers, group.policies[r].sink);
+      account.stored_bits[r].assign(n_layers, 0.0);
     }
-    groups_.push_back(std::move(group));
+    accounts_.push_back(std::move(account));
   }
 }
 
@@ -77,31 +83,39 @@ std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, 
   const int64_t length = keys.size(2);
   if (pos + length > capacity())
     fail("KV cache capacity of {} positions exceeded (writing positions {}..{})", capacity(), pos, pos + length - 1);
+  if (keys.size(0) != active_rows_)
+    fail("KV cache update of {} rows; the cache has {} active rows", keys.size(0), active_rows_);
   for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
-    written_[index(role)][layer].narrow(2, pos, length).copy_(*source);
-    read_[index(role)][layer].narrow(2, pos, length).copy_(*source);
+    written_[index(role)][layer].narrow(0, 0, active_rows_).narrow(2, pos, length).copy_(*source);
+    read_[index(role)][layer].narrow(0, 0, active_rows_).narrow(2, pos, length).copy_(*source);
     if (length == 1)
-      for (auto& group : groups_) flush(group, role, layer, group.policies[index(role)].quantized_prefix(pos));
+      for (auto& group : groups_)
+        if (group.active > 0) flush(group, role, layer, group.policies[index(role)].quantized_prefix(pos));
   }
   length_ = std::max(length_, pos + length);
-  return {read_[0][layer].narrow(2, 0, pos + length), read_[1][layer].narrow(2, 0, pos + length)};
+  return {read_[0][layer].narrow(0, 0, active_rows_).narrow(2, 0, pos + length),
+          read_[1][layer].narrow(0, 0, active_rows_).narrow(2, 0, pos + length)};
 }
 
 void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, int64_t end) {
   const size_t r = index(role);
-  const int64_t begin = group.flushed_end[r][layer];
+  std::vector<RowAccount*> active;
+  for (int64_t row : group.rows)
+    if (accounts_[row].retired_length < 0) active.push_back(&accounts_[row]);
+  const int64_t begin = active.front()->flushed_end[r][layer];  // the same for every active row
   if (end <= begin) return;
   const auto start_time = std::chrono::steady_clock::now();
   const int64_t block = group.policies[r].block, count = end - begin;
-  auto rows = [&](const torch::Tensor& buffer) {  // [rows, kv_heads, count, head_dim]
-    return buffer[layer].narrow(0, group.first_row, group.rows).narrow(2, begin, count);
+  auto rows = [&](const torch::Tensor& buffer) {  // [active rows, kv_heads, count, head_dim]
+    return buffer[layer].narrow(0, group.first_slot, group.active).narrow(2, begin, count);
   };
   auto region = rows(read_[r]);
   const auto shape = region.sizes().vec();
   // Every (row, kv-head, block) is an independent tile.
   auto tiles = rows(written_[r]).to(torch::kFloat32).reshape({-1, block, shape[3]});
   auto stored = group.quantizer->quantize(tiles, role);
-  group.stored_bits[r][layer] += stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
+  const double bits_per_row =
+      stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel()) / group.active;
   torch::Tensor restored;
   if (mode_ == StorageMode::Packed) {
     group.packed[r].push_back(pack(stored));
@@ -110,59 +124,101 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, int64_t 
     restored = group.quantizer->dequantize(stored, role);
   }
   region.copy_(restored.reshape(shape));
-  group.flushed_end[r][layer] = end;
-  group.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  const double seconds_per_row =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count() / group.active;
+  for (RowAccount* account : active) {
+    account->flushed_end[r][layer] = end;
+    account->stored_bits[r][layer] += bits_per_row;
+    account->seconds += seconds_per_row;
+  }
+}
+
+void QuantizedKVCache::retire(int64_t row) {
+  const int64_t from = slot(row);
+  if (from < 0) fail("KV cache row {} is already retired", row);
+  // Rotate slots [from, active) left by one: the rows behind move forward, `row` goes last.
+  for (auto* buffers : {&written_, &read_}) {
+    for (auto& buffer : *buffers) {
+      const auto retired = buffer.select(1, from).clone();
+      for (int64_t s = from; s + 1 < active_rows_; ++s) buffer.select(1, s).copy_(buffer.select(1, s + 1));
+      buffer.select(1, active_rows_ - 1).copy_(retired);
+    }
+  }
+  for (int64_t& s : slots_)
+    if (s > from && s < active_rows_) --s;
+  slots_[row] = active_rows_ - 1;
+  --active_rows_;
+  accounts_[row].retired_length = length_;
+  for (auto& group : groups_) {
+    if (group.first_slot > from) --group.first_slot;
+    if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) --group.active;
+  }
+}
+
+int64_t QuantizedKVCache::slot(int64_t row) const {
+  if (row < 0 || row >= static_cast<int64_t>(slots_.size())) fail("KV cache has no row {}", row);
+  return accounts_[row].retired_length < 0 ? slots_[row] : -1;
+}
+
+int64_t QuantizedKVCache::row_length(int64_t row) const {
+  slot(row);  // checks the row exists
+  return accounts_[row].retired_length < 0 ? length_ : accounts_[row].retired_length;
 }
 
 const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const {
   for (const auto& group : groups_)
-    if (row >= group.first_row && row < group.first_row + group.rows) return group;
+    if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) return group;
   fail("KV cache has no row {}", row);
 }
 
 int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer, int64_t row) const {
-  const RowGroup& group = group_of(row);
-  return group.flushed_end[index(role)][layer] - group.policies[index(role)].sink;
+  return accounts_.at(row).flushed_end[index(role)][layer] - group_of(row).policies[index(role)].sink;
 }
 
 torch::Tensor QuantizedKVCache::written(Role role, int64_t layer) const {
+  if (active_rows_ != static_cast<int64_t>(slots_.size())) fail("KV cache rows were retired; read them by row");
   return written_[index(role)][layer].narrow(2, 0, length_);
 }
 
 torch::Tensor QuantizedKVCache::read(Role role, int64_t layer) const {
+  if (active_rows_ != static_cast<int64_t>(slots_.size())) fail("KV cache rows were retired; read them by row");
   return read_[index(role)][layer].narrow(2, 0, length_);
 }
 
+torch::Tensor QuantizedKVCache::row_contents(Role role, int64_t row, bool read) const {
+  const int64_t length = row_length(row);
+  return (read ? read_ : written_)[index(role)].select(1, slots_[row]).narrow(2, 0, length);
+}
+
 double QuantizedKVCache::bits_per_element(int64_t row) const {
-  if (length_ == 0) return kFullPrecisionBits;
-  const RowGroup& group = group_of(row);
-  const auto& shape = written_[0].sizes();  // [layers, batch, kv_heads, capacity, head_dim]
-  const double elements_per_position = static_cast<double>(group.rows * shape[2] * shape[4]);
+  const int64_t length = row_length(row);
+  if (length == 0) return kFullPrecisionBits;
+  const auto& shape = written_[0].sizes();  // [layers, slots, kv_heads, capacity, head_dim]
+  const double elements_per_position = static_cast<double>(shape[2] * shape[4]);
+  const RowAccount& account = accounts_[row];
   double bits = 0, elements = 0;
   for (Role role : {Role::Key, Role::Value}) {
     for (int64_t layer = 0; layer < shape[0]; ++layer) {
       const double quantized = static_cast<double>(quantized_positions(role, layer, row));
-      bits +=
-          group.stored_bits[index(role)][layer] + (length_ - quantized) * elements_per_position * kFullPrecisionBits;
-      elements += length_ * elements_per_position;
+      bits += account.stored_bits[index(role)][layer] +
+              (static_cast<double>(length) - quantized) * elements_per_position * kFullPrecisionBits;
+      elements += static_cast<double>(length) * elements_per_position;
     }
   }
   return bits / elements;
 }
 
-double QuantizedKVCache::quantize_seconds(int64_t row) const {
-  const RowGroup& group = group_of(row);
-  return group.seconds / static_cast<double>(group.rows);
-}
+double QuantizedKVCache::quantize_seconds(int64_t row) const { return accounts_.at(row).seconds; }
 
 double QuantizedKVCache::fraction_quantized(int64_t row) const {
-  if (length_ == 0) return 0.0;
+  const int64_t length = row_length(row);
+  if (length == 0) return 0.0;
   const int64_t layers = written_[0].size(0);
   double quantized = 0;
   for (Role role : {Role::Key, Role::Value})
     for (int64_t layer = 0; layer < layers; ++layer)
       quantized += static_cast<double>(quantized_positions(role, layer, row));
-  return quantized / (2.0 * length_ * layers);
+  return quantized / (2.0 * static_cast<double>(length) * static_cast<double>(layers));
 }
 
 }  // namespace kvdrift

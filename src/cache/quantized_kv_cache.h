@@ -20,29 +20,44 @@ enum class StorageMode {
 
 // Each batch row may have its own quantizer (the engine's lanes share one batch): rows are grouped by
 // quantizer, and a group's blocks are quantized together.
+//
+// Rows can be retired (a lane that has ended): they leave the batch that update() takes and returns,
+// so they stop costing compute, and keep their contents and accounting as of then. The batch that
+// update() sees is the active rows in their original order; retired rows sit behind them.
 class QuantizedKVCache final : public KVCache {
  public:
-  QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers,
-                   int64_t n_kv_heads, int64_t capacity, int64_t head_dim, torch::ScalarType dtype,
-                   torch::Device device, StorageMode mode = StorageMode::Simulated);
+  QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers, int64_t n_kv_heads,
+                   int64_t capacity, int64_t head_dim, torch::ScalarType dtype, torch::Device device,
+                   StorageMode mode = StorageMode::Simulated);
   // Every one of `batch` rows with the same quantizer.
   QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, int64_t n_layers, int64_t batch, int64_t n_kv_heads,
                    int64_t capacity, int64_t head_dim, torch::ScalarType dtype, torch::Device device,
                    StorageMode mode = StorageMode::Simulated);
 
-  // A write of T > 1 positions is a prefill: its attention reads full precision and nothing is
-  // flushed. A write of one position is a decode step: every block due at that position is
-  // quantized before attention reads.
+  // keys and values hold the active rows, in order. A write of T > 1 positions is a prefill: its
+  // attention reads full precision and nothing is flushed. A write of one position is a decode step:
+  // every block due at that position is quantized before attention reads.
   std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, int64_t pos, const torch::Tensor& keys,
                                                  const torch::Tensor& values) override;
   int64_t capacity() const override { return written_[0].size(3); }
 
   int64_t length() const { return length_; }
+  // Removes `row` from the batch update() works on. Moves the rows behind it forward by one (a copy of
+  // their contents, once per retirement, never per step).
+  void retire(int64_t row);
+  int64_t active_rows() const { return active_rows_; }
+  // Where `row` sits in update()'s batch; -1 once retired.
+  int64_t slot(int64_t row) const;
+  // Positions `row` holds: the cache length, or the length when it was retired.
+  int64_t row_length(int64_t row) const;
   // Positions of `role` in `layer` that `row` currently reads quantized.
   int64_t quantized_positions(Role role, int64_t layer, int64_t row = 0) const;
-  // [batch, kv_heads, length, head_dim] views: what the lanes wrote, and what their attention reads.
+  // [batch, kv_heads, length, head_dim] views of a cache that has retired no row: what the lanes
+  // wrote, and what their attention reads.
   torch::Tensor written(Role role, int64_t layer) const;
   torch::Tensor read(Role role, int64_t layer) const;
+  // [layers, kv_heads, row_length(row), head_dim] view of one row, retired or not.
+  torch::Tensor row_contents(Role role, int64_t row, bool read) const;
   // Storage `row` actually holds, over both roles and all layers: quantized blocks at their stored
   // cost, full-precision positions at 16 bits per element.
   double bits_per_element(int64_t row = 0) const;
@@ -53,24 +68,32 @@ class QuantizedKVCache final : public KVCache {
   double quantize_seconds(int64_t row = 0) const;
 
  private:
-  // Consecutive rows sharing one quantizer, with its bookkeeping.
+  // What one row holds and what it cost.
+  struct RowAccount {
+    std::array<std::vector<int64_t>, 2> flushed_end;  // per layer: positions [sink, end) are quantized
+    std::array<std::vector<double>, 2> stored_bits;   // per layer: bits held by the quantized blocks
+    double seconds = 0;                               // its share of flush() time
+    int64_t retired_length = -1;                      // positions held when retired; -1 while active
+  };
+  // Rows sharing one quantizer, consecutive in the batch; their active ones are flushed together.
   struct RowGroup {
     std::shared_ptr<const Quantizer> quantizer;
-    int64_t first_row = 0;
-    int64_t rows = 0;
+    std::vector<int64_t> rows;  // in batch order
+    int64_t first_slot = 0;     // the active rows occupy slots [first_slot, first_slot + active)
+    int64_t active = 0;
     std::array<RolePolicy, 2> policies;
-    std::array<std::vector<int64_t>, 2> flushed_end;    // per layer: positions [sink, end) are quantized
-    std::array<std::vector<double>, 2> stored_bits;     // per layer: bits held by the quantized blocks
     std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
-    double seconds = 0;                                 // spent in flush()
   };
   void flush(RowGroup& group, Role role, int64_t layer, int64_t end);
   const RowGroup& group_of(int64_t row) const;
 
   std::vector<RowGroup> groups_;
+  std::vector<RowAccount> accounts_;  // per row
+  std::vector<int64_t> slots_;        // per row: its slot in the batch (retired rows: behind the active)
+  int64_t active_rows_ = 0;
   StorageMode mode_;
   int64_t length_ = 0;
-  std::array<torch::Tensor, 2> written_;  // [n_layers, batch, kv_heads, capacity, head_dim]
+  std::array<torch::Tensor, 2> written_;  // [n_layers, slots, kv_heads, capacity, head_dim]
   std::array<torch::Tensor, 2> read_;
 };
 

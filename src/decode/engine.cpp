@@ -71,11 +71,13 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
 }
 
 // Per-layer work inside the forward pass: the static lanes' attention over the quantized copy of the
-// reference cache, and the attention-output error of the teacher-forced rows.
+// reference cache, and the attention-output error of the teacher-forced rows. Only in forwards
+// where the reference is batch row 0.
 class StepObserver final : public AttentionObserver {
  public:
-  StepObserver(QuantizedKVCache* static_cache, torch::Tensor teacher_rows, int64_t layers)
-      : static_cache_(static_cache), teacher_rows_(std::move(teacher_rows)), layers_(layers) {}
+  // `teacher_slots`: the teacher-forced rows' batch rows on the device, kept current by the engine.
+  StepObserver(QuantizedKVCache* static_cache, const torch::Tensor* teacher_slots, int64_t layers)
+      : static_cache_(static_cache), teacher_slots_(teacher_slots), layers_(layers) {}
 
   // Decode steps whose per-layer errors are recorded (the metrics' layer stride).
   bool recording = false;
@@ -90,7 +92,7 @@ class StepObserver final : public AttentionObserver {
     }
     auto reference_output = output.narrow(0, 0, 1);
     if (static_cache_) {
-      const int64_t rows = static_cache_->written(Role::Key, layer).size(0);
+      const int64_t rows = static_cache_->active_rows();
       auto [cached_keys, cached_values] =
           static_cache_->update(layer, start, keys.narrow(0, 0, 1).expand({rows, -1, -1, -1}),
                                 values.narrow(0, 0, 1).expand({rows, -1, -1, -1}));
@@ -100,8 +102,8 @@ class StepObserver final : public AttentionObserver {
         static_layers_.push_back(attention_error(static_output, reference_output));
       }
     }
-    if (decode && recording && teacher_rows_.numel() > 0)
-      teacher_layers_.push_back(attention_error(output.index_select(0, teacher_rows_), reference_output));
+    if (decode && recording && teacher_slots_->numel() > 0)
+      teacher_layers_.push_back(attention_error(output.index_select(0, *teacher_slots_), reference_output));
     if (layer == layers_ - 1 && decode && recording) {
       auto stack = [](const std::vector<std::pair<torch::Tensor, torch::Tensor>>& per_layer, bool second) {
         std::vector<torch::Tensor> parts;
@@ -121,7 +123,7 @@ class StepObserver final : public AttentionObserver {
 
  private:
   QuantizedKVCache* static_cache_;
-  torch::Tensor teacher_rows_;  // row indices on the device
+  const torch::Tensor* teacher_slots_;
   int64_t layers_;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> static_layers_, teacher_layers_;
 };
@@ -190,9 +192,16 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
   if (static_lane_)
     static_cache = std::make_unique<QuantizedKVCache>(quantizers_, layers, mc.n_kv_heads, n + max_new, mc.head_dim,
                                                       model_.dtype(), device);
-  // Built once: indexing the teacher-forced rows must not copy from the host at every step.
-  const auto teacher_index = torch::tensor(teacher_rows, torch::TensorOptions().dtype(torch::kInt64)).to(device);
-  StepObserver observer(static_cache.get(), teacher_index, layers);
+  // The teacher-forced rows' places in the batch, on the device: rebuilt only when lanes end, so
+  // indexing them does not copy from the host at every step.
+  torch::Tensor teacher_slots;
+  auto locate_teacher_rows = [&] {
+    std::vector<int64_t> slots;
+    for (int64_t row : teacher_rows) slots.push_back(cache.slot(row));
+    teacher_slots = torch::tensor(slots, torch::TensorOptions().dtype(torch::kInt64)).to(device);
+  };
+  locate_teacher_rows();
+  StepObserver observer(static_cache.get(), &teacher_slots, layers);
 
   // The lanes in log order (per quantizer: static, teacher-forced, free-running), with their per-step
   // arrays declared empty so that a partial sample already names every array it will hold.
@@ -276,21 +285,24 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
   auto last_report = std::chrono::steady_clock::now();
   bool reference_active = true;
   for (int64_t step = 0; step < max_new; ++step) {
-    auto step_logits = logits.select(1, 0).to(torch::kFloat32);  // [rows, vocab]
+    // [active rows, vocab]: the rows of lanes still decoding, in batch order; the reference first.
+    auto step_logits = logits.select(1, 0).to(torch::kFloat32);
     // One host read per step: the tokens decide what every lane feeds next and when it stops.
     std::vector<int64_t> next(rows, 0);
     if (sampling.temperature == 0.0) {
       auto host = step_logits.argmax(-1).to(torch::kCPU);
-      for (int64_t r = 0; r < rows; ++r) next[r] = host[r].item<int64_t>();
+      for (int64_t r = 0; r < rows; ++r)
+        if (cache.slot(r) >= 0) next[r] = host[cache.slot(r)].item<int64_t>();
     } else {
-      for (int64_t r = 0; r < rows; ++r) next[r] = samplers[r].next(step_logits[r]);
+      for (int64_t r = 0; r < rows; ++r)
+        if (cache.slot(r) >= 0) next[r] = samplers[r].next(step_logits[cache.slot(r)]);
     }
     if (reference_active) {
       const int64_t reference_token = next[0];
       if (!teacher_rows.empty()) {
         // In float64: KL of nearly equal distributions must not come out negative from rounding.
         auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1).to(torch::kFloat64), -1);
-        auto lane_logits = step_logits.index_select(0, teacher_index);
+        auto lane_logits = step_logits.index_select(0, teacher_slots);
         auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
         auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
         auto agree = (lane_logits.argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
@@ -301,12 +313,19 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
       if (is_stop(reference_token)) {
         result.reference_stopped = true;
         reference_active = false;
+        // Ended lanes leave the batch: the reference and the teacher-forced rows that follow it.
+        cache.retire(0);
+        for (int64_t row : teacher_rows) cache.retire(row);
       }
     }
     for (size_t q = 0; q < free_rows.size(); ++q) {
       if (free_stopped[q]) continue;
       result.lanes[free_lane[q]].tokens.push_back(next[free_rows[q]]);
-      if (is_stop(next[free_rows[q]])) free_stopped[q] = true;
+      if (is_stop(next[free_rows[q]])) {
+        free_stopped[q] = true;
+        cache.retire(free_rows[q]);
+        if (reference_active) locate_teacher_rows();
+      }
     }
     if (progress && std::chrono::steady_clock::now() - last_report >= report_every) {
       drain_metrics();
@@ -316,33 +335,38 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
     const bool any_free = std::find(free_stopped.begin(), free_stopped.end(), false) != free_stopped.end();
     if ((!reference_active && !any_free) || step + 1 == max_new) break;
     // Teacher-forced rows read the reference's token; free-running rows their own.
-    std::vector<int64_t> inputs(rows, next[0]);
-    for (int64_t row : free_rows) inputs[row] = next[row];
+    std::vector<int64_t> inputs(cache.active_rows());
+    for (int64_t r = 0; r < rows; ++r)
+      if (cache.slot(r) >= 0) inputs[cache.slot(r)] = next[r];
+    for (int64_t row : teacher_rows)
+      if (cache.slot(row) >= 0) inputs[cache.slot(row)] = next[0];
     const bool logged = step % config_.metrics.layer_stride == 0 && reference_active;
     observer.recording = logged && attention_error;
     if (logged) result.logged_steps.push_back(step + 1);
+    result.decode_row_steps += cache.active_rows();
+    // The observer needs the reference in the batch (row 0); the static lanes end with it.
     logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device), n + step, cache,
-                            /*last_only=*/true, &observer);
+                            /*last_only=*/true, reference_active ? &observer : nullptr);
   }
   synchronize(device);
   result.decode_seconds = seconds_since(start_time);
   start_time = std::chrono::steady_clock::now();
   drain_metrics();
 
-  // Token-scale errors, from the caches. One row of a cache, every layer: [layers, kv_heads, positions, head_dim].
-  auto row_of = [&](const QuantizedKVCache& c, Role role, int64_t row, bool read) {
-    std::vector<torch::Tensor> layers_of_row;
-    for (int64_t l = 0; l < layers; ++l) layers_of_row.push_back((read ? c.read(role, l) : c.written(role, l))[row]);
-    return torch::stack(layers_of_row);
-  };
+  // Token-scale errors, from the caches: each row over the positions it holds (a lane that ended
+  // holds those up to its end).
   auto account = [&](size_t lane_index, const QuantizedKVCache& c, int64_t row, bool drift) {
     LaneResult& lane = result.lanes[lane_index];
     if (config_.metrics.token_scale) {
       for (Role role : {Role::Key, Role::Value}) {
         const std::string name = role_name(role);
-        const auto written = row_of(c, role, row, false);
-        log_token_scale(lane, name + "/quant", written, row_of(c, role, row, true));
-        if (drift) log_token_scale(lane, name + "/drift", row_of(cache, role, 0, false), written);
+        const auto written = c.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
+        log_token_scale(lane, name + "/quant", written, c.row_contents(role, row, /*read=*/true));
+        if (drift) {  // over the positions both the lane and the reference hold
+          const auto reference = cache.row_contents(role, 0, /*read=*/false);
+          const int64_t common = std::min(reference.size(2), written.size(2));
+          log_token_scale(lane, name + "/drift", reference.narrow(2, 0, common), written.narrow(2, 0, common));
+        }
       }
     }
     lane.scalars["bits_per_element"] = c.bits_per_element(row);

@@ -52,6 +52,9 @@ struct SampleResult {
   double prefill_seconds = 0;
   double decode_seconds = 0;
   double metric_seconds = 0;
+  // Batch rows summed over the decode forwards: the compute the sample cost, in row-steps (ended
+  // lanes leave the batch).
+  int64_t decode_row_steps = 0;
 };
 
 // What a run loads from its config before the engine can start: the tokenizer (null when the config

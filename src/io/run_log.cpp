@@ -338,6 +338,7 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
   sample.set_attribute("prefill_seconds", result.prefill_seconds);
   sample.set_attribute("decode_seconds", result.decode_seconds);
   sample.set_attribute("metric_seconds", result.metric_seconds);
+  sample.set_attribute("decode_row_steps", result.decode_row_steps);
   for (const LaneResult& lane : result.lanes) {
     h5::Group group = lane_group(sample, lane);
     for (const auto& [name, array] : lane.arrays) {
