@@ -56,10 +56,10 @@ void run_quantize(const QuantizeOptions& options) {
   if (shape.size() != 3)
     fail("{}: dataset '{}' has rank {}, expected 3 ([heads, tokens, head_dim])", options.input, options.dataset,
          shape.size());
-  auto x = torch::from_blob(const_cast<float*>(values.data()),
-                            {static_cast<int64_t>(shape[0]), static_cast<int64_t>(shape[1]),
-                             static_cast<int64_t>(shape[2])},
-                            torch::kFloat32);
+  auto x =
+      torch::from_blob(const_cast<float*>(values.data()),
+                       {static_cast<int64_t>(shape[0]), static_cast<int64_t>(shape[1]), static_cast<int64_t>(shape[2])},
+                       torch::kFloat32);
   const auto quantizer = make_quantizer(options.method, parse_settings(options.settings), x.size(2));
   const auto policy = options.cache_policy == "full" ? InspectPolicy::Cache : InspectPolicy::Tiles;
   const auto result = inspect_quantizer(*quantizer, x, role, policy);
@@ -116,9 +116,10 @@ struct DumpOptions {
 class RecordingCache final : public KVCache {
  public:
   explicit RecordingCache(int64_t layers) : keys_(layers), values_(layers) {}
-  std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, int64_t pos, const torch::Tensor& keys,
+  using KVCache::update;
+  std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, const RowSpans& spans, const torch::Tensor& keys,
                                                  const torch::Tensor& values) override {
-    if (pos != 0) fail("dump-kv records a single prefill");
+    if (!spans.is_aligned() || spans.start(0) != 0) fail("dump-kv records a single prefill");
     keys_[layer] = keys;
     values_[layer] = values;
     return {keys, values};

@@ -5,7 +5,6 @@
 
 #include <chrono>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -85,32 +84,40 @@ void run_main_job(const RunOptions& options) {
   const auto& prompts = inputs.prompts;
   const Engine engine(model, config, inputs.tokenizer.get());
 
-  auto log = RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine),
-                          options.overwrite);
+  auto log =
+      RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine), options.overwrite);
   spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
                config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(model.device()),
                dtype_name(model.dtype()));
   Progress progress(prompts.size());
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    if (log.has_sample(static_cast<int64_t>(i))) {
-      progress.update(i + 1, 0);
-      continue;
-    }
-    // The sample's rows go to the file as it decodes (every output.flush_seconds), for live readers.
-    auto writer = log.begin_sample(static_cast<int64_t>(i), prompts[i]);
+  // The prompts still to run (a resumed run skips the finished ones), decoding.batch_prompts at a time.
+  std::vector<int64_t> pending;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (!log.has_sample(static_cast<int64_t>(i))) pending.push_back(static_cast<int64_t>(i));
+  size_t done = prompts.size() - pending.size();
+  progress.update(done, 0);
+  for (size_t first = 0; first < pending.size(); first += static_cast<size_t>(config.decoding.batch_prompts)) {
+    const size_t count = std::min(pending.size() - first, static_cast<size_t>(config.decoding.batch_prompts));
+    const std::vector<int64_t> indices(pending.begin() + first, pending.begin() + first + count);
+    std::vector<Prompt> batch;
+    for (int64_t i : indices) batch.push_back(prompts[i]);
+    // The samples' rows go to the file as they decode (every output.flush_seconds), for live readers.
+    auto writer = log.begin_samples(indices, batch);
     int64_t steps_reported = 0;
-    auto report = [&](const SampleResult& so_far, size_t done) {
-      const auto steps = static_cast<int64_t>(so_far.reference_tokens.size());
-      progress.update(done, steps - steps_reported);
+    auto report = [&](const std::vector<SampleResult>& so_far, size_t samples_done) {
+      int64_t steps = 0;
+      for (const auto& sample : so_far) steps += static_cast<int64_t>(sample.reference_tokens.size());
+      progress.update(samples_done, steps - steps_reported);
       steps_reported = steps;
     };
-    const auto result = engine.run(prompts[i], [&](const SampleResult& so_far) {
+    const auto results = engine.run(batch, [&](const std::vector<SampleResult>& so_far) {
       writer.append(so_far);
-      report(so_far, i);
+      report(so_far, done);
     });
-    writer.finish(result);
-    spdlog::debug("sample {} written", i);
-    report(result, i + 1);
+    writer.finish(results);
+    for (int64_t i : indices) spdlog::debug("sample {} written", i);
+    done += count;
+    report(results, done);
   }
   std::vector<std::string> names;
   for (const auto& q : config.quantizers) names.push_back(q.name);

@@ -32,9 +32,8 @@ torch::Tensor logits_of(const LlamaModel& model, const std::vector<int64_t>& tok
 
 std::string converted_hf_dir() {
   const std::string dir = test::scratch_dir() + "/hf";
-  write_hf_checkpoint(read_llama2c_checkpoint(test::stories260k_dir() + "/stories260K.bin", torch::kCPU,
-                                              torch::kFloat32),
-                      dir);
+  write_hf_checkpoint(
+      read_llama2c_checkpoint(test::stories260k_dir() + "/stories260K.bin", torch::kCPU, torch::kFloat32), dir);
   return dir;
 }
 
@@ -73,6 +72,47 @@ TEST(Model, IncrementalDecodeMatchesFullRecomputation) {
     auto step = model.forward(torch::tensor({tokens[t]}).unsqueeze(0), t, cache)[0][0];
     // float32 sums in another order for a one-row matmul: ~1e-6 of logits of magnitude ~10.
     EXPECT_LE((step - full[t]).abs().max().item<double>(), 5e-5) << "position " << t;
+  }
+}
+
+// Prompts of different lengths in one batch (decoding.batch_prompts): a padded prefill, then decode
+// steps with each row at its own position, against the Eigen double-precision reference run on each
+// sequence alone. A row that read another position's padding, or rotated at a wrong position, would
+// be off by far more than float32 rounding.
+TEST(Model, PromptsOfDifferentLengthsInOneBatchMatchTheReferenceAlone) {
+  const std::string path = test::stories260k_dir() + "/stories260K.bin";
+  const auto model = load_model(path, torch::kCPU, torch::kFloat32);
+  const reference::Llama2cReference oracle(path);
+  const std::vector<int64_t> prompt = {5, 17, 11};
+  const int64_t rows = 3, total = 30, longest = 17;
+  std::vector<std::vector<int64_t>> sequences;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> tokens = {1};
+    while (static_cast<int64_t>(tokens.size()) < total) tokens.push_back((tokens.back() * (89 + 2 * r) + 7 * r) % 512);
+    sequences.push_back(tokens);
+  }
+  auto cache = model.make_cache(rows, total);
+  auto padded = torch::full({rows, longest}, 3, torch::kInt64);  // padding: any token
+  for (int64_t r = 0; r < rows; ++r)
+    padded[r].narrow(0, 0, prompt[r]).copy_(torch::tensor(sequences[r]).narrow(0, 0, prompt[r]));
+  auto logits = model.forward(padded, RowSpans(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU), cache,
+                              /*last_only=*/true);
+  ASSERT_EQ(logits.sizes(), (c10::IntArrayRef{rows, 1, 512}));
+  std::vector<std::vector<Eigen::VectorXd>> expected;
+  for (const auto& tokens : sequences) expected.push_back(oracle.logits(tokens));
+  for (int64_t step = 0; prompt[1] + step < total; ++step) {
+    std::vector<int64_t> next, starts;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t position = prompt[r] + step - 1;  // the logits just computed are at this position
+      double max_diff = 0;
+      for (int64_t v = 0; v < 512; ++v)
+        max_diff = std::max(max_diff, std::abs(logits[r][0][v].item<double>() - expected[r][position](v)));
+      EXPECT_LE(max_diff, 1e-4) << "row " << r << " position " << position;
+      next.push_back(sequences[r][position + 1]);
+      starts.push_back(position + 1);
+    }
+    logits = model.forward(torch::tensor(next).unsqueeze(1), RowSpans(starts, {1, 1, 1}, 1, torch::kCPU), cache,
+                           /*last_only=*/true);
   }
 }
 
@@ -158,8 +198,9 @@ TEST(KVCache, WritesInPlaceAndRefusesOverflow) {
   EXPECT_EQ(keys2.size(2), 4);
   EXPECT_EQ(keys2[0][1][3][0].item<float>(), 3.0f);
   EXPECT_EQ(values2[0][0][2][5].item<float>(), 2.0f);
-  const std::string message =
-      test::error_message([&] { cache.update(0, 4, torch::ones({1, 2, 1, 8}), torch::ones({1, 2, 1, 8})); });
+  const std::string message = test::error_message([&] {
+    cache.update(0, 4, torch::ones({1, 2, 1, 8}), torch::ones({1, 2, 1, 8}));
+  });
   EXPECT_NE(message.find("capacity of 4 positions exceeded"), std::string::npos) << message;
 }
 
@@ -170,8 +211,8 @@ TEST(Rope, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {
   const auto scaled = ops::rope_inverse_frequencies(config);
   const auto plain = ops::rope_inverse_frequencies(unscaled);
   ASSERT_EQ(scaled.size(), 64u);
-  EXPECT_DOUBLE_EQ(scaled[0], 1.0);                     // wavelength 2*pi < 8192/4: untouched
-  EXPECT_DOUBLE_EQ(scaled[63], plain[63] / 8.0);        // wavelength > 8192: divided by factor
+  EXPECT_DOUBLE_EQ(scaled[0], 1.0);               // wavelength 2*pi < 8192/4: untouched
+  EXPECT_DOUBLE_EQ(scaled[63], plain[63] / 8.0);  // wavelength > 8192: divided by factor
   for (size_t i = 0; i < scaled.size(); ++i) {
     EXPECT_LE(scaled[i], plain[i] * (1 + 1e-15));
     EXPECT_GE(scaled[i], plain[i] / 8.0 * (1 - 1e-15));

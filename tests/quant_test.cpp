@@ -206,6 +206,33 @@ TEST(QuantizedCache, PackedModeDequantizesBitIdenticallyToSimulation) {
   }
 }
 
+// The oracle of the multi-row cache tests: a single-row cache with `row`'s quantizer fed that row's
+// keys/values (k, v [rows, heads, capacity, head_dim]): a prefill of `prompt` positions, then one
+// decode step per position up to `end`. `cache`'s row must hold and read exactly the same, at the
+// same cost.
+void expect_row_as_alone(const QuantizedKVCache& cache, int64_t row, std::shared_ptr<const Quantizer> quantizer,
+                         int64_t layers, const torch::Tensor& k, const torch::Tensor& v, int64_t prompt, int64_t end) {
+  SCOPED_TRACE("row " + std::to_string(row));
+  QuantizedKVCache alone(std::move(quantizer), layers, 1, k.size(1), k.size(2), k.size(3), torch::kFloat32,
+                         torch::kCPU);
+  for (int64_t layer = 0; layer < layers; ++layer)
+    alone.update(layer, 0, k.narrow(0, row, 1).narrow(2, 0, prompt), v.narrow(0, row, 1).narrow(2, 0, prompt));
+  for (int64_t t = prompt; t < end; ++t)
+    for (int64_t layer = 0; layer < layers; ++layer)
+      alone.update(layer, t, k.narrow(0, row, 1).narrow(2, t, 1), v.narrow(0, row, 1).narrow(2, t, 1));
+  EXPECT_EQ(cache.row_length(row), end);
+  for (Role role : {Role::Key, Role::Value}) {
+    for (bool read : {false, true}) {
+      EXPECT_TRUE(cache.row_contents(role, row, read).equal(alone.row_contents(role, 0, read)))
+          << role_name(role) << (read ? " read" : " written");
+    }
+    for (int64_t layer = 0; layer < layers; ++layer)
+      EXPECT_EQ(cache.quantized_positions(role, layer, row), alone.quantized_positions(role, layer, 0));
+  }
+  EXPECT_DOUBLE_EQ(cache.bits_per_element(row), alone.bits_per_element(0));
+  EXPECT_DOUBLE_EQ(cache.fraction_quantized(row), alone.fraction_quantized(0));
+}
+
 // Rows retired mid-decode leave the batch: the others go on exactly as if they had been alone, and a
 // retired row keeps what it held and cost when it ended. Oracle: one single-row cache per row, fed
 // that row's data up to its end. KIVI and RTN (no rotation), so every comparison is bitwise.
@@ -244,26 +271,9 @@ TEST(QuantizedCache, RetiredRowsLeaveTheBatchAndKeepWhatTheyHeld) {
   EXPECT_EQ(cache.slot(2), -1);
   EXPECT_EQ(cache.slot(3), 1);
 
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t end = retire_at.count(row) ? retire_at.at(row) : n + steps;
-    QuantizedKVCache alone(quantizers[row], layers, 1, heads, n + steps, head_dim, torch::kFloat32, torch::kCPU);
-    for (int64_t layer = 0; layer < layers; ++layer)
-      alone.update(layer, 0, k.narrow(0, row, 1).narrow(2, 0, n), v.narrow(0, row, 1).narrow(2, 0, n));
-    for (int64_t t = n; t < end; ++t)
-      for (int64_t layer = 0; layer < layers; ++layer)
-        alone.update(layer, t, k.narrow(0, row, 1).narrow(2, t, 1), v.narrow(0, row, 1).narrow(2, t, 1));
-    EXPECT_EQ(cache.row_length(row), end) << "row " << row;
-    for (Role role : {Role::Key, Role::Value}) {
-      for (bool read : {false, true}) {
-        EXPECT_TRUE(cache.row_contents(role, row, read).equal(alone.row_contents(role, 0, read)))
-            << "row " << row << " " << role_name(role) << (read ? " read" : " written");
-      }
-      for (int64_t layer = 0; layer < layers; ++layer)
-        EXPECT_EQ(cache.quantized_positions(role, layer, row), alone.quantized_positions(role, layer, 0)) << row;
-    }
-    EXPECT_DOUBLE_EQ(cache.bits_per_element(row), alone.bits_per_element(0)) << "row " << row;
-    EXPECT_DOUBLE_EQ(cache.fraction_quantized(row), alone.fraction_quantized(0)) << "row " << row;
-  }
+  for (int64_t row = 0; row < rows; ++row)
+    expect_row_as_alone(cache, row, quantizers[row], layers, k, v, n,
+                        retire_at.count(row) ? retire_at.at(row) : n + steps);
   EXPECT_GT(cache.fraction_quantized(2), 0.0);  // the retired KIVI row had quantized blocks
 
   EXPECT_EQ(test::error_message([&] { cache.retire(2); }), "KV cache row 2 is already retired");
@@ -271,6 +281,67 @@ TEST(QuantizedCache, RetiredRowsLeaveTheBatchAndKeepWhatTheyHeld) {
   const auto three_rows = torch::zeros({3, heads, 1, head_dim});
   EXPECT_EQ(test::error_message([&] { cache.update(0, n + steps - 1, three_rows, three_rows); }),
             "KV cache update of 3 rows; the cache has 2 active rows");
+}
+
+// Prompts of different lengths in one batch: each row at its own positions (a padded prefill, then
+// decode steps at per-row positions, one row retired on the way) holds and reads exactly what a
+// single-row cache fed only its real positions holds. The prefill's padding is garbage that a
+// correct cache never quantizes nor returns for a row's own positions.
+TEST(QuantizedCache, RowsAtDifferentPositionsMatchRowsAlone) {
+  const int64_t steps = 40, layers = 2, heads = 2, head_dim = 64;
+  const std::vector<int64_t> prompt = {7, 20, 13, 20, 9, 18};  // per row
+  const int64_t rows = 6, longest = 20, capacity = longest + steps;
+  std::vector<std::shared_ptr<const Quantizer>> quantizers = {
+      make_quantizer("none", {}, head_dim),
+      make_quantizer("kivi", {{"group_size", "16"}, {"residual_length", "16"}}, head_dim),
+      nullptr,
+      make_quantizer("rtn", {{"axis", "per_token"}, {"group_size", "32"}, {"k_bits", "2"}, {"v_bits", "2"}}, head_dim),
+      make_quantizer("kvarn", {{"preset", "k2v2"}, {"tile_size", "8"}, {"rotate", "false"}}, head_dim),
+      nullptr};
+  quantizers[2] = quantizers[1];                      // rows 1 and 2 share one quantizer at different positions
+  quantizers[5] = quantizers[4];                      // so do rows 4 and 5
+  const int64_t retired_row = 1, retired_after = 25;  // steps row 1 decodes before it leaves
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(11);
+  const auto k = torch::randn({rows, heads, capacity, head_dim}, generator, torch::kFloat32);
+  const auto v = torch::randn({rows, heads, capacity, head_dim}, generator, torch::kFloat32);
+  auto padded = [&](const torch::Tensor& x) {
+    auto prefill = x.narrow(2, 0, longest).clone();
+    for (int64_t r = 0; r < rows; ++r) prefill[r].narrow(1, prompt[r], longest - prompt[r]).fill_(1000.0);
+    return prefill;
+  };
+
+  QuantizedKVCache cache(quantizers, layers, heads, capacity, head_dim, torch::kFloat32, torch::kCPU);
+  const RowSpans prefill(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU);
+  for (int64_t layer = 0; layer < layers; ++layer) cache.update(layer, prefill, padded(k), padded(v));
+  for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(cache.row_length(r), prompt[r]);
+  EXPECT_EQ(test::error_message([&] { cache.written(Role::Key, 0); }),
+            "KV cache rows hold different lengths; read them by row");
+  std::vector<int64_t> active = {0, 1, 2, 3, 4, 5};
+  for (int64_t t = 0; t < steps; ++t) {
+    if (t == retired_after) {
+      cache.retire(retired_row);
+      active.erase(std::find(active.begin(), active.end(), retired_row));
+    }
+    std::vector<int64_t> starts;
+    std::vector<torch::Tensor> step_k, step_v;
+    for (int64_t r : active) {
+      starts.push_back(prompt[r] + t);
+      step_k.push_back(k[r].narrow(1, prompt[r] + t, 1));
+      step_v.push_back(v[r].narrow(1, prompt[r] + t, 1));
+    }
+    const RowSpans spans(starts, std::vector<int64_t>(starts.size(), 1), 1, torch::kCPU);
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      auto [keys, values] = cache.update(layer, spans, torch::stack(step_k), torch::stack(step_v));
+      EXPECT_EQ(keys.size(2), *std::max_element(starts.begin(), starts.end()) + 1);
+    }
+  }
+
+  for (int64_t row = 0; row < rows; ++row)
+    expect_row_as_alone(cache, row, quantizers[row], layers, k, v, prompt[row],
+                        prompt[row] + (row == retired_row ? retired_after : steps));
+  // Rows 1 and 2 share a quantizer but were quantized at different steps.
+  EXPECT_NE(cache.quantized_positions(Role::Key, 0, 1), cache.quantized_positions(Role::Key, 0, 2));
+  EXPECT_GT(cache.fraction_quantized(3), 0.0);
 }
 
 TEST(Packing, FollowsTheSpecLayout) {

@@ -575,10 +575,10 @@ TEST(RunLog, ASampleWrittenAsItDecodesIsReadLiveAndEndsWhole) {
   const std::string path = dir + "/run.h5";
   RunLog log = RunLog::open(path, kConfig, metadata(), false);
   const SampleResult whole = make_sample(0);  // 3 steps, 2 logged steps
-  SampleWriter writer = log.begin_sample(0, whole.prompt);
-  writer.append(prefix_of(whole, 1, 1));
-  writer.append(prefix_of(whole, 2, 1));
-  writer.append(prefix_of(whole, 2, 1));  // nothing new
+  SampleWriter writer = log.begin_samples({0}, {whole.prompt});
+  writer.append({prefix_of(whole, 1, 1)});
+  writer.append({prefix_of(whole, 2, 1)});
+  writer.append({prefix_of(whole, 2, 1)});  // nothing new
   // A reader in another process, as a live reader would be.
   std::string output;
   EXPECT_EQ(test::run_python(dir, "live", R"(import sys, h5py
@@ -593,7 +593,7 @@ with h5py.File(sys.argv[1], 'r', swmr=True) as f:
       << output;
   EXPECT_EQ(output, "0 [10, 11] [1.0, 2.0] (1, 2) [10, 11] False\n");
   EXPECT_FALSE(log.has_sample(0));
-  writer.finish(whole);
+  writer.finish({whole});
   EXPECT_TRUE(log.has_sample(0));
   log.write_sample(1, make_sample(1));
   const auto rows = log.finish(kQuantizers);

@@ -112,7 +112,8 @@ class SlurmCluster {
 
 // The sweep file: stories260K on one prompt, a `none` baseline and one quantizer per point. Three
 // methods (a zip axis) × three lengths, minus exclusions, leaves six points; one of them (kvarn at
-// kSlowTokens, ~6 s alone) decodes long enough to be caught running and cancelled. A long
+// kSlowTokens with 64 VarN iterations, ~7 s alone on a fast 2-core machine; 8 iterations took 2 s
+// there, too short to be caught reliably) decodes long enough to be caught running and cancelled. A long
 // output.flush_seconds keeps run.h5 closed while the sample decodes (it is written when the sample
 // starts and when it ends), so a cancel a second into decoding does not land in an HDF5 write and
 // the rerun resumes a readable file.
@@ -137,7 +138,7 @@ zip:
     quantizers.1.params:
       - {{group_size: 8, residual_length: 16}}
       - {{k_bits: 2, v_bits: 2}}
-      - {{preset: k2v2, tile_size: 8}}
+      - {{preset: k2v2, tile_size: 8, iters: 64}}
 exclude:
   - {{decoding.max_new_tokens: {slow}, quantizers.1.method: kivi}}
   - {{decoding.max_new_tokens: {slow}, quantizers.1.method: quarot}}

@@ -78,58 +78,86 @@ QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const Quantizer> quantizer, i
     : QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>(batch, std::move(quantizer)), n_layers, n_kv_heads,
                        capacity, head_dim, dtype, device, mode) {}
 
-std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, int64_t pos, const torch::Tensor& keys,
+std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, const RowSpans& spans,
+                                                                 const torch::Tensor& keys,
                                                                  const torch::Tensor& values) {
-  const int64_t length = keys.size(2);
-  if (pos + length > capacity())
-    fail("KV cache capacity of {} positions exceeded (writing positions {}..{})", capacity(), pos, pos + length - 1);
-  if (keys.size(0) != active_rows_)
+  if (spans.end() > capacity())
+    fail("KV cache capacity of {} positions exceeded (writing positions up to {})", capacity(), spans.end() - 1);
+  if (keys.size(0) != active_rows_ || spans.rows() != active_rows_)
     fail("KV cache update of {} rows; the cache has {} active rows", keys.size(0), active_rows_);
   for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
-    written_[index(role)][layer].narrow(0, 0, active_rows_).narrow(2, pos, length).copy_(*source);
-    read_[index(role)][layer].narrow(0, 0, active_rows_).narrow(2, pos, length).copy_(*source);
-    if (length == 1)
+    write_rows(written_[index(role)][layer], spans, *source);
+    write_rows(read_[index(role)][layer], spans, *source);
+    if (spans.width() == 1)
       for (auto& group : groups_)
-        if (group.active > 0) flush(group, role, layer, group.policies[index(role)].quantized_prefix(pos));
+        if (group.active > 0) flush(group, role, layer, spans);
   }
-  length_ = std::max(length_, pos + length);
-  return {read_[0][layer].narrow(0, 0, active_rows_).narrow(2, 0, pos + length),
-          read_[1][layer].narrow(0, 0, active_rows_).narrow(2, 0, pos + length)};
+  for (size_t row = 0; row < accounts_.size(); ++row) {
+    RowAccount& account = accounts_[row];
+    if (account.active) account.length = std::max(account.length, spans.start(slots_[row]) + spans.length(slots_[row]));
+  }
+  return {read_[0][layer].narrow(0, 0, active_rows_).narrow(2, 0, spans.end()),
+          read_[1][layer].narrow(0, 0, active_rows_).narrow(2, 0, spans.end())};
 }
 
-void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, int64_t end) {
+void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const RowSpans& spans) {
   const size_t r = index(role);
-  std::vector<RowAccount*> active;
-  for (int64_t row : group.rows)
-    if (accounts_[row].retired_length < 0) active.push_back(&accounts_[row]);
-  const int64_t begin = active.front()->flushed_end[r][layer];  // the same for every active row
-  if (end <= begin) return;
-  const auto start_time = std::chrono::steady_clock::now();
-  const int64_t block = group.policies[r].block, count = end - begin;
-  auto rows = [&](const torch::Tensor& buffer) {  // [active rows, kv_heads, count, head_dim]
-    return buffer[layer].narrow(0, group.first_slot, group.active).narrow(2, begin, count);
+  const RolePolicy& policy = group.policies[r];
+  // The group's active rows whose blocks are due, in runs of consecutive slots due over the same
+  // positions (one prompt's rows; every row when the batch holds one prompt): a run is one region.
+  struct Run {
+    int64_t first_slot, slots, begin, end;
+    std::vector<RowAccount*> accounts;
   };
-  auto region = rows(read_[r]);
-  const auto shape = region.sizes().vec();
-  // Every (row, kv-head, block) is an independent tile.
-  auto tiles = rows(written_[r]).to(torch::kFloat32).reshape({-1, block, shape[3]});
+  std::vector<Run> runs;
+  for (int64_t row : group.rows) {
+    RowAccount& account = accounts_[row];
+    if (!account.active) continue;
+    const int64_t slot = slots_[row];
+    const int64_t begin = account.flushed_end[r][layer], end = policy.quantized_prefix(spans.start(slot));
+    if (end <= begin) continue;
+    if (runs.empty() || runs.back().first_slot + runs.back().slots != slot || runs.back().begin != begin ||
+        runs.back().end != end)
+      runs.push_back({slot, 0, begin, end, {}});
+    ++runs.back().slots;
+    runs.back().accounts.push_back(&account);
+  }
+  if (runs.empty()) return;
+  const auto start_time = std::chrono::steady_clock::now();
+  const int64_t head_dim = written_[r].size(4);
+  auto region = [&](const torch::Tensor& buffer, const Run& run) {  // [slots, kv_heads, end - begin, head_dim]
+    return buffer[layer].narrow(0, run.first_slot, run.slots).narrow(2, run.begin, run.end - run.begin);
+  };
+  // Every (row, kv-head, block) is an independent tile; the group's due tiles are quantized together.
+  std::vector<torch::Tensor> parts;
+  for (const Run& run : runs)
+    parts.push_back(region(written_[r], run).to(torch::kFloat32).reshape({-1, policy.block, head_dim}));
+  const auto tiles = parts.size() == 1 ? parts[0] : torch::cat(parts);
   auto stored = group.quantizer->quantize(tiles, role);
-  const double bits_per_row =
-      stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel()) / group.active;
+  const double total_tiles = static_cast<double>(tiles.size(0));
+  const double total_bits = stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
   torch::Tensor restored;
   if (mode_ == StorageMode::Packed) {
     group.packed[r].push_back(pack(stored));
-    restored = group.quantizer->dequantize(unpack(group.packed[r].back(), shape[3]), role);
+    restored = group.quantizer->dequantize(unpack(group.packed[r].back(), head_dim), role);
   } else {
     restored = group.quantizer->dequantize(stored, role);
   }
-  region.copy_(restored.reshape(shape));
-  const double seconds_per_row =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count() / group.active;
-  for (RowAccount* account : active) {
-    account->flushed_end[r][layer] = end;
-    account->stored_bits[r][layer] += bits_per_row;
-    account->seconds += seconds_per_row;
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  int64_t offset = 0;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const Run& run = runs[i];
+    auto target = region(read_[r], run);
+    const int64_t run_tiles = parts[i].size(0);
+    target.copy_(restored.narrow(0, offset, run_tiles).reshape(target.sizes()));
+    offset += run_tiles;
+    // Bits and time are shared by tiles: every tile of a method costs the same.
+    const double share = static_cast<double>(run_tiles) / static_cast<double>(run.slots) / total_tiles;
+    for (RowAccount* account : run.accounts) {
+      account->flushed_end[r][layer] = run.end;
+      account->stored_bits[r][layer] += total_bits * share;
+      account->seconds += seconds * share;
+    }
   }
 }
 
@@ -148,7 +176,7 @@ void QuantizedKVCache::retire(int64_t row) {
     if (s > from && s < active_rows_) --s;
   slots_[row] = active_rows_ - 1;
   --active_rows_;
-  accounts_[row].retired_length = length_;
+  accounts_[row].active = false;
   for (auto& group : groups_) {
     if (group.first_slot > from) --group.first_slot;
     if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) --group.active;
@@ -157,12 +185,18 @@ void QuantizedKVCache::retire(int64_t row) {
 
 int64_t QuantizedKVCache::slot(int64_t row) const {
   if (row < 0 || row >= static_cast<int64_t>(slots_.size())) fail("KV cache has no row {}", row);
-  return accounts_[row].retired_length < 0 ? slots_[row] : -1;
+  return accounts_[row].active ? slots_[row] : -1;
 }
 
 int64_t QuantizedKVCache::row_length(int64_t row) const {
   slot(row);  // checks the row exists
-  return accounts_[row].retired_length < 0 ? length_ : accounts_[row].retired_length;
+  return accounts_[row].length;
+}
+
+int64_t QuantizedKVCache::length() const {
+  int64_t longest = 0;
+  for (const RowAccount& account : accounts_) longest = std::max(longest, account.length);
+  return longest;
 }
 
 const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const {
@@ -175,15 +209,17 @@ int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer, int64_t 
   return accounts_.at(row).flushed_end[index(role)][layer] - group_of(row).policies[index(role)].sink;
 }
 
-torch::Tensor QuantizedKVCache::written(Role role, int64_t layer) const {
+torch::Tensor QuantizedKVCache::whole_batch(const std::array<torch::Tensor, 2>& buffers, Role role,
+                                            int64_t layer) const {
   if (active_rows_ != static_cast<int64_t>(slots_.size())) fail("KV cache rows were retired; read them by row");
-  return written_[index(role)][layer].narrow(2, 0, length_);
+  for (const RowAccount& account : accounts_)
+    if (account.length != accounts_[0].length) fail("KV cache rows hold different lengths; read them by row");
+  return buffers[index(role)][layer].narrow(2, 0, length());
 }
 
-torch::Tensor QuantizedKVCache::read(Role role, int64_t layer) const {
-  if (active_rows_ != static_cast<int64_t>(slots_.size())) fail("KV cache rows were retired; read them by row");
-  return read_[index(role)][layer].narrow(2, 0, length_);
-}
+torch::Tensor QuantizedKVCache::written(Role role, int64_t layer) const { return whole_batch(written_, role, layer); }
+
+torch::Tensor QuantizedKVCache::read(Role role, int64_t layer) const { return whole_batch(read_, role, layer); }
 
 torch::Tensor QuantizedKVCache::row_contents(Role role, int64_t row, bool read) const {
   const int64_t length = row_length(row);

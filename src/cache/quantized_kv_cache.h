@@ -21,6 +21,9 @@ enum class StorageMode {
 // Each batch row may have its own quantizer (the engine's lanes share one batch): rows are grouped by
 // quantizer, and a group's blocks are quantized together.
 //
+// Rows may sit at different positions (prompts of different lengths in one batch, RowSpans): each
+// row has its own length, and its blocks fall due at its own positions.
+//
 // Rows can be retired (a lane that has ended): they leave the batch that update() takes and returns,
 // so they stop costing compute, and keep their contents and accounting as of then. The batch that
 // update() sees is the active rows in their original order; retired rows sit behind them.
@@ -36,24 +39,27 @@ class QuantizedKVCache final : public KVCache {
 
   // keys and values hold the active rows, in order. A write of T > 1 positions is a prefill: its
   // attention reads full precision and nothing is flushed. A write of one position is a decode step:
-  // every block due at that position is quantized before attention reads.
-  std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, int64_t pos, const torch::Tensor& keys,
+  // every block due at each row's position is quantized before attention reads (the blocks of one
+  // quantizer in one call).
+  using KVCache::update;
+  std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, const RowSpans& spans, const torch::Tensor& keys,
                                                  const torch::Tensor& values) override;
   int64_t capacity() const override { return written_[0].size(3); }
 
-  int64_t length() const { return length_; }
+  // Positions held by the longest row.
+  int64_t length() const;
   // Removes `row` from the batch update() works on. Moves the rows behind it forward by one (a copy of
   // their contents, once per retirement, never per step).
   void retire(int64_t row);
   int64_t active_rows() const { return active_rows_; }
   // Where `row` sits in update()'s batch; -1 once retired.
   int64_t slot(int64_t row) const;
-  // Positions `row` holds: the cache length, or the length when it was retired.
+  // Positions `row` holds (its real tokens written so far; kept as of its retirement).
   int64_t row_length(int64_t row) const;
   // Positions of `role` in `layer` that `row` currently reads quantized.
   int64_t quantized_positions(Role role, int64_t layer, int64_t row = 0) const;
-  // [batch, kv_heads, length, head_dim] views of a cache that has retired no row: what the lanes
-  // wrote, and what their attention reads.
+  // [batch, kv_heads, length, head_dim] views of a cache whose rows are all active and equally long:
+  // what the lanes wrote, and what their attention reads.
   torch::Tensor written(Role role, int64_t layer) const;
   torch::Tensor read(Role role, int64_t layer) const;
   // [layers, kv_heads, row_length(row), head_dim] view of one row, retired or not.
@@ -73,7 +79,8 @@ class QuantizedKVCache final : public KVCache {
     std::array<std::vector<int64_t>, 2> flushed_end;  // per layer: positions [sink, end) are quantized
     std::array<std::vector<double>, 2> stored_bits;   // per layer: bits held by the quantized blocks
     double seconds = 0;                               // its share of flush() time
-    int64_t retired_length = -1;                      // positions held when retired; -1 while active
+    int64_t length = 0;                               // positions held
+    bool active = true;                               // false once retired
   };
   // Rows sharing one quantizer, consecutive in the batch; their active ones are flushed together.
   struct RowGroup {
@@ -84,15 +91,15 @@ class QuantizedKVCache final : public KVCache {
     std::array<RolePolicy, 2> policies;
     std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
   };
-  void flush(RowGroup& group, Role role, int64_t layer, int64_t end);
+  void flush(RowGroup& group, Role role, int64_t layer, const RowSpans& spans);
   const RowGroup& group_of(int64_t row) const;
+  torch::Tensor whole_batch(const std::array<torch::Tensor, 2>& buffers, Role role, int64_t layer) const;
 
   std::vector<RowGroup> groups_;
   std::vector<RowAccount> accounts_;  // per row
   std::vector<int64_t> slots_;        // per row: its slot in the batch (retired rows: behind the active)
   int64_t active_rows_ = 0;
   StorageMode mode_;
-  int64_t length_ = 0;
   std::array<torch::Tensor, 2> written_;  // [n_layers, slots, kv_heads, capacity, head_dim]
   std::array<torch::Tensor, 2> read_;
 };

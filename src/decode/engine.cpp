@@ -31,8 +31,8 @@ void append_rows(HostArray& array, const torch::Tensor& rows) {
   array.shape[0] += more.shape[0];
 }
 
-// Relative L2 error and cosine of attention outputs [rows, heads, 1, head_dim] against the reference
-// output [1, heads, 1, head_dim], one value per row.
+// Relative L2 error and cosine of attention outputs [rows, heads, 1, head_dim] against their
+// reference outputs (same shape), one value per row.
 std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& outputs, const torch::Tensor& reference) {
   auto a = outputs.to(torch::kFloat32).flatten(1);
   auto r = reference.to(torch::kFloat32).flatten(1);
@@ -70,41 +70,51 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
     lane.outcome = "censored";  // no difference before the step limit
 }
 
-// Per-layer work inside the forward pass: the static lanes' attention over the quantized copy of the
-// reference cache, and the attention-output error of the teacher-forced rows. Only in forwards
-// where the reference is batch row 0.
+// Where the lanes that compare with a reference sit in the batch, on the device, so that indexing
+// them costs no copy from the host at every step; rebuilt when lanes end. Entries of one list pair
+// up: the i-th teacher-forced row compares with the reference at teacher_reference_slots[i].
+struct BatchIndex {
+  torch::Tensor teacher_slots, teacher_reference_slots;
+  // Per active row of the static cache, in its order: the batch slot of the reference it copies.
+  std::vector<int64_t> static_reference_slot_list;
+  torch::Tensor static_reference_slots;
+};
+
+// Per-layer work inside the forward pass: the static lanes' attention over the quantized copy of
+// their reference's cache, and the attention-output error of the teacher-forced rows. Only in
+// forwards where some reference is still in the batch.
 class StepObserver final : public AttentionObserver {
  public:
-  // `teacher_slots`: the teacher-forced rows' batch rows on the device, kept current by the engine.
-  StepObserver(QuantizedKVCache* static_cache, const torch::Tensor* teacher_slots, int64_t layers)
-      : static_cache_(static_cache), teacher_slots_(teacher_slots), layers_(layers) {}
+  StepObserver(QuantizedKVCache* static_cache, const BatchIndex* index, int64_t layers)
+      : static_cache_(static_cache), index_(index), layers_(layers) {}
 
   // Decode steps whose per-layer errors are recorded (the metrics' layer stride).
   bool recording = false;
   std::vector<torch::Tensor> static_rel_l2, static_cos, teacher_rel_l2, teacher_cos;  // per logged step: [rows, layers]
 
-  void observe(int64_t layer, int64_t start, const torch::Tensor& q, const torch::Tensor& keys,
-               const torch::Tensor& values, const torch::Tensor& output) override {
-    const bool decode = q.size(2) == 1;
-    if (layer == 0 && decode && recording) {
+  void observe(const LayerAttention& a) override {
+    const bool decode = a.q.size(2) == 1;
+    const bool record = decode && recording;
+    if (a.layer == 0 && record) {
       static_layers_.clear();
       teacher_layers_.clear();
     }
-    auto reference_output = output.narrow(0, 0, 1);
-    if (static_cache_) {
-      const int64_t rows = static_cache_->active_rows();
+    if (static_cache_ && static_cache_->active_rows() > 0) {
+      const auto& slots = index_->static_reference_slots;
+      const auto spans = a.spans.select(index_->static_reference_slot_list, slots);
       auto [cached_keys, cached_values] =
-          static_cache_->update(layer, start, keys.narrow(0, 0, 1).expand({rows, -1, -1, -1}),
-                                values.narrow(0, 0, 1).expand({rows, -1, -1, -1}));
-      if (decode && recording) {
-        auto static_output =
-            ops::attention(q.narrow(0, 0, 1).expand({rows, -1, -1, -1}), cached_keys, cached_values, start);
-        static_layers_.push_back(attention_error(static_output, reference_output));
+          static_cache_->update(a.layer, spans, a.keys.index_select(0, slots), a.values.index_select(0, slots));
+      if (record) {
+        auto positions = a.query_positions;
+        if (positions.defined() && positions.size(0) > 1) positions = positions.index_select(0, slots);
+        auto static_output = ops::attention(a.q.index_select(0, slots), cached_keys, cached_values, positions);
+        static_layers_.push_back(attention_error(static_output, a.output.index_select(0, slots)));
       }
     }
-    if (decode && recording && teacher_slots_->numel() > 0)
-      teacher_layers_.push_back(attention_error(output.index_select(0, *teacher_slots_), reference_output));
-    if (layer == layers_ - 1 && decode && recording) {
+    if (record && index_->teacher_slots.numel() > 0)
+      teacher_layers_.push_back(attention_error(a.output.index_select(0, index_->teacher_slots),
+                                                a.output.index_select(0, index_->teacher_reference_slots)));
+    if (a.layer == layers_ - 1 && record) {
       auto stack = [](const std::vector<std::pair<torch::Tensor, torch::Tensor>>& per_layer, bool second) {
         std::vector<torch::Tensor> parts;
         for (const auto& p : per_layer) parts.push_back(second ? p.second : p.first);
@@ -123,9 +133,20 @@ class StepObserver final : public AttentionObserver {
 
  private:
   QuantizedKVCache* static_cache_;
-  const torch::Tensor* teacher_slots_;
+  const BatchIndex* index_;
   int64_t layers_;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> static_layers_, teacher_layers_;
+};
+
+// One prompt of a batch: its rows in the caches, its lanes' places in its result, and whether they
+// are still decoding.
+struct BatchSample {
+  int64_t reference_row = 0;                                 // in the main cache
+  std::vector<int64_t> teacher_rows, free_rows;              // main cache, per quantizer (when the lane runs)
+  std::vector<int64_t> static_rows;                          // static cache, per quantizer
+  std::vector<size_t> static_lane, teacher_lane, free_lane;  // per quantizer: index into result.lanes
+  std::vector<bool> free_stopped;
+  bool reference_active = true;
 };
 
 }  // namespace
@@ -150,9 +171,6 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
            e.what());
     }
   }
-  if (config_.decoding.batch_prompts != 1)
-    fail("{}: decoding.batch_prompts = {}: several prompts per batch are not implemented yet (use 1)",
-         config_.source_path, config_.decoding.batch_prompts);
   for (const auto& lane : config_.lanes) {
     static_lane_ = static_lane_ || lane == "static";
     teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
@@ -161,131 +179,192 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
   if (config_.decoding.stop_at_eos) stop_ids_ = stop_tokens(model_, tokenizer_);
 }
 
-SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
+std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
   const ModelConfig& mc = model_.config();
-  const int64_t n = static_cast<int64_t>(prompt.tokens.size());
   const int64_t max_new = config_.decoding.max_new_tokens;
-  if (n == 0) fail("prompt '{}' has no tokens", prompt.id);
-  if (n + max_new > mc.max_seq_len)
-    fail("prompt '{}' ({} tokens) + max_new_tokens ({}) exceed the model's context of {} positions", prompt.id, n,
-         max_new, mc.max_seq_len);
+  if (prompts.empty()) fail("no prompts to run");
+  int64_t longest = 0;
+  for (const Prompt& prompt : prompts) {
+    const int64_t n = static_cast<int64_t>(prompt.tokens.size());
+    if (n == 0) fail("prompt '{}' has no tokens", prompt.id);
+    if (n + max_new > mc.max_seq_len)
+      fail("prompt '{}' ({} tokens) + max_new_tokens ({}) exceed the model's context of {} positions", prompt.id, n,
+           max_new, mc.max_seq_len);
+    longest = std::max(longest, n);
+  }
   const torch::Device device = model_.device();
   const int64_t layers = mc.n_layers;
   const size_t quantizer_count = quantizers_.size();
+  const int64_t prompt_count = static_cast<int64_t>(prompts.size());
+  std::vector<BatchSample> samples(prompts.size());
+  std::vector<SampleResult> results(prompts.size());  // in the same order
 
-  // Batch rows: 0 = reference, then per quantizer its teacher-forced and free-running rows.
-  std::vector<std::shared_ptr<const Quantizer>> row_quantizers = {make_quantizer("none", {}, mc.head_dim)};
-  std::vector<int64_t> teacher_rows, free_rows;
-  for (const auto& q : quantizers_) {
-    if (teacher_forced_) {
-      teacher_rows.push_back(static_cast<int64_t>(row_quantizers.size()));
-      row_quantizers.push_back(q);
-    }
-    if (free_running_) {
-      free_rows.push_back(static_cast<int64_t>(row_quantizers.size()));
-      row_quantizers.push_back(q);
+  // Batch rows: the references first, then per quantizer, per prompt, its teacher-forced and
+  // free-running rows (a quantizer's rows are consecutive: its blocks are quantized in one call).
+  // Static cache rows: per quantizer, per prompt.
+  std::vector<std::shared_ptr<const Quantizer>> row_quantizers(prompts.size(), make_quantizer("none", {}, mc.head_dim));
+  std::vector<size_t> row_prompt(prompts.size());  // per row: its prompt
+  for (int64_t p = 0; p < prompt_count; ++p) {
+    row_prompt[p] = static_cast<size_t>(p);
+    results[p].prompt = prompts[p];
+    results[p].batch_prompts = prompt_count;
+    samples[p].reference_row = p;
+    samples[p].free_stopped.assign(quantizer_count, false);
+  }
+  auto add_row = [&](size_t q, size_t p) {
+    row_quantizers.push_back(quantizers_[q]);
+    row_prompt.push_back(p);
+    return static_cast<int64_t>(row_quantizers.size()) - 1;
+  };
+  for (size_t q = 0; q < quantizer_count; ++q) {
+    for (size_t p = 0; p < samples.size(); ++p) {
+      if (teacher_forced_) samples[p].teacher_rows.push_back(add_row(q, p));
+      if (free_running_) samples[p].free_rows.push_back(add_row(q, p));
+      if (static_lane_) samples[p].static_rows.push_back(static_cast<int64_t>(q * samples.size() + p));
     }
   }
   const int64_t rows = static_cast<int64_t>(row_quantizers.size());
-  QuantizedKVCache cache(row_quantizers, layers, mc.n_kv_heads, n + max_new, mc.head_dim, model_.dtype(), device);
+  QuantizedKVCache cache(row_quantizers, layers, mc.n_kv_heads, longest + max_new, mc.head_dim, model_.dtype(), device);
   std::unique_ptr<QuantizedKVCache> static_cache;
-  if (static_lane_)
-    static_cache = std::make_unique<QuantizedKVCache>(quantizers_, layers, mc.n_kv_heads, n + max_new, mc.head_dim,
-                                                      model_.dtype(), device);
-  // The teacher-forced rows' places in the batch, on the device: rebuilt only when lanes end, so
-  // indexing them does not copy from the host at every step.
-  torch::Tensor teacher_slots;
-  auto locate_teacher_rows = [&] {
-    std::vector<int64_t> slots;
-    for (int64_t row : teacher_rows) slots.push_back(cache.slot(row));
-    teacher_slots = torch::tensor(slots, torch::TensorOptions().dtype(torch::kInt64)).to(device);
+  if (static_lane_) {
+    std::vector<std::shared_ptr<const Quantizer>> static_quantizers;
+    for (const auto& q : quantizers_) static_quantizers.insert(static_quantizers.end(), prompts.size(), q);
+    static_cache = std::make_unique<QuantizedKVCache>(static_quantizers, layers, mc.n_kv_heads, longest + max_new,
+                                                      mc.head_dim, model_.dtype(), device);
+  }
+  // The lanes compared with a reference, as BatchIndex holds them, and which (prompt, quantizer) each
+  // entry is: rebuilt when lanes end.
+  BatchIndex index;
+  std::vector<std::pair<size_t, size_t>> teacher_order, static_order;
+  auto to_device = [&](const std::vector<int64_t>& values) {
+    return torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device);
   };
-  locate_teacher_rows();
-  StepObserver observer(static_cache.get(), &teacher_slots, layers);
+  auto locate_lanes = [&] {
+    std::vector<int64_t> teacher_slots, teacher_reference_slots;
+    teacher_order.clear();
+    static_order.clear();
+    index.static_reference_slot_list.clear();
+    for (size_t q = 0; q < quantizer_count; ++q) {  // in row order, so static entries follow its cache's slots
+      for (size_t p = 0; p < samples.size(); ++p) {
+        const BatchSample& sample = samples[p];
+        if (!sample.reference_active) continue;
+        const int64_t reference_slot = cache.slot(sample.reference_row);
+        if (teacher_forced_) {
+          teacher_slots.push_back(cache.slot(sample.teacher_rows[q]));
+          teacher_reference_slots.push_back(reference_slot);
+          teacher_order.emplace_back(p, q);
+        }
+        if (static_lane_) {
+          index.static_reference_slot_list.push_back(reference_slot);
+          static_order.emplace_back(p, q);
+        }
+      }
+    }
+    index.teacher_slots = to_device(teacher_slots);
+    index.teacher_reference_slots = to_device(teacher_reference_slots);
+    index.static_reference_slots = to_device(index.static_reference_slot_list);
+  };
+  locate_lanes();
+  StepObserver observer(static_cache.get(), &index, layers);
 
-  // The lanes in log order (per quantizer: static, teacher-forced, free-running), with their per-step
-  // arrays declared empty so that a partial sample already names every array it will hold.
-  SampleResult result;
-  result.prompt = prompt;
-  std::vector<size_t> static_lane(quantizer_count), teacher_lane(quantizer_count), free_lane(quantizer_count);
+  // Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
+  // per-step arrays declared empty so that a partial sample already names every array it will hold.
   const bool attention_error = config_.metrics.attention_error;
-  auto add_lane = [&](size_t q, const char* kind, std::vector<std::string> step_arrays, bool attention) {
-    LaneResult lane;
-    lane.quantizer = config_.quantizers[q].name;
-    lane.lane = kind;
-    for (const auto& name : step_arrays) lane.arrays[name] = {{}, {0}};
-    if (attention && attention_error)
-      for (const char* name : {"attn_rel_l2", "attn_cos"}) lane.arrays[name] = {{}, {0, layers}};
-    result.lanes.push_back(std::move(lane));
-    return result.lanes.size() - 1;
-  };
-  for (size_t q = 0; q < quantizer_count; ++q) {
-    if (static_lane_) static_lane[q] = add_lane(q, "static", {}, true);
-    if (teacher_forced_) teacher_lane[q] = add_lane(q, "teacher_forced", {"kl", "top1_agree", "logp_delta"}, true);
-    if (free_running_) free_lane[q] = add_lane(q, "free_running", {"match"}, false);
+  for (size_t p = 0; p < samples.size(); ++p) {
+    BatchSample& sample = samples[p];
+    auto add_lane = [&](size_t q, const char* kind, std::vector<std::string> step_arrays, bool attention) {
+      LaneResult lane;
+      lane.quantizer = config_.quantizers[q].name;
+      lane.lane = kind;
+      for (const auto& name : step_arrays) lane.arrays[name] = {{}, {0}};
+      if (attention && attention_error)
+        for (const char* name : {"attn_rel_l2", "attn_cos"}) lane.arrays[name] = {{}, {0, layers}};
+      results[p].lanes.push_back(std::move(lane));
+      return results[p].lanes.size() - 1;
+    };
+    for (size_t q = 0; q < quantizer_count; ++q) {
+      if (static_lane_) sample.static_lane.push_back(add_lane(q, "static", {}, true));
+      if (teacher_forced_)
+        sample.teacher_lane.push_back(add_lane(q, "teacher_forced", {"kl", "top1_agree", "logp_delta"}, true));
+      if (free_running_) sample.free_lane.push_back(add_lane(q, "free_running", {"match"}, false));
+    }
   }
 
+  // Prefill: every row's prompt, shorter prompts padded to the longest (no real query reads the padding).
   auto start_time = std::chrono::steady_clock::now();
-  auto prompt_tokens = torch::tensor(prompt.tokens, torch::kInt64).unsqueeze(0).expand({rows, n}).contiguous();
-  auto logits = model_.forward(prompt_tokens.to(device), 0, cache, /*last_only=*/true, &observer);
+  auto prompt_tokens = torch::zeros({rows, longest}, torch::kInt64);
+  std::vector<int64_t> prompt_lengths(rows);
+  for (int64_t row = 0; row < rows; ++row) {
+    const Prompt& prompt = prompts[row_prompt[row]];
+    prompt_lengths[row] = static_cast<int64_t>(prompt.tokens.size());
+    prompt_tokens[row].narrow(0, 0, prompt_lengths[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
+  }
+  auto logits = model_.forward(prompt_tokens.to(device),
+                               RowSpans(std::vector<int64_t>(rows, 0), prompt_lengths, longest, device), cache,
+                               /*last_only=*/true, &observer);
   synchronize(device);
-  result.prefill_seconds = seconds_since(start_time);
+  const double prefill_seconds = seconds_since(start_time);
   start_time = std::chrono::steady_clock::now();
 
   // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
   SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
                           config_.decoding.seed};
   std::vector<Sampler> samplers(rows, Sampler(sampling));
-  std::vector<bool> free_stopped(quantizer_count, false);
   std::vector<torch::Tensor> teacher_step_metrics;  // per step: [teacher rows, 3] = kl, top1 agree, logp delta
 
   // Moves the metrics computed on the device since the last call into the lanes' host arrays, one
-  // copy per kind of metric, and extends the free-running match flags.
+  // copy per kind of metric, and extends the free-running match flags. The device arrays hold the
+  // rows of teacher_order / static_order: called before those change.
   auto drain_metrics = [&] {
     if (!teacher_step_metrics.empty()) {
       const auto metrics = torch::stack(teacher_step_metrics, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
       teacher_step_metrics.clear();
-      for (size_t q = 0; q < quantizer_count; ++q) {
-        auto& arrays = result.lanes[teacher_lane[q]].arrays;
-        const auto own = metrics.select(1, static_cast<int64_t>(q));
+      for (size_t i = 0; i < teacher_order.size(); ++i) {
+        const auto [p, q] = teacher_order[i];
+        auto& arrays = results[p].lanes[samples[p].teacher_lane[q]].arrays;
+        const auto own = metrics.select(1, static_cast<int64_t>(i));
         append_rows(arrays["kl"], own.select(1, 0));
         append_rows(arrays["top1_agree"], own.select(1, 1));
         append_rows(arrays["logp_delta"], own.select(1, 2));
       }
     }
     auto drain_attention = [&](std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
-                               const std::vector<size_t>& lane_of) {
+                               const std::vector<std::pair<size_t, size_t>>& order,
+                               std::vector<size_t> BatchSample::*lane_of) {
       if (rel_l2.empty()) return;
       const auto rel_l2_host = torch::stack(rel_l2, 0).to(torch::kCPU);  // [logged steps, rows, layers]
       const auto cosine_host = torch::stack(cosine, 0).to(torch::kCPU);
       rel_l2.clear();
       cosine.clear();
-      for (size_t q = 0; q < quantizer_count; ++q) {
-        auto& arrays = result.lanes[lane_of[q]].arrays;
-        append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(q)));
-        append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(q)));
+      for (size_t i = 0; i < order.size(); ++i) {
+        const auto [p, q] = order[i];
+        auto& arrays = results[p].lanes[(samples[p].*lane_of)[q]].arrays;
+        append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(i)));
+        append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(i)));
       }
     };
-    drain_attention(observer.static_rel_l2, observer.static_cos, static_lane);
-    drain_attention(observer.teacher_rel_l2, observer.teacher_cos, teacher_lane);
-    if (free_running_) {
-      for (size_t q = 0; q < quantizer_count; ++q) {
-        LaneResult& lane = result.lanes[free_lane[q]];
+    drain_attention(observer.static_rel_l2, observer.static_cos, static_order, &BatchSample::static_lane);
+    drain_attention(observer.teacher_rel_l2, observer.teacher_cos, teacher_order, &BatchSample::teacher_lane);
+    for (size_t p = 0; p < samples.size(); ++p) {
+      for (size_t lane_index : samples[p].free_lane) {
+        LaneResult& lane = results[p].lanes[lane_index];
         HostArray& match = lane.arrays["match"];
-        const size_t steps = std::min(lane.tokens.size(), result.reference_tokens.size());
+        const auto& reference = results[p].reference_tokens;
+        const size_t steps = std::min(lane.tokens.size(), reference.size());
         for (size_t s = match.values.size(); s < steps; ++s)
-          match.values.push_back(lane.tokens[s] == result.reference_tokens[s] ? 1.0f : 0.0f);
+          match.values.push_back(lane.tokens[s] == reference[s] ? 1.0f : 0.0f);
         match.shape[0] = static_cast<int64_t>(match.values.size());
       }
     }
   };
-
   auto is_stop = [&](int64_t token) { return std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end(); };
+  auto any_reference_active = [&] {
+    return std::any_of(samples.begin(), samples.end(), [](const BatchSample& s) { return s.reference_active; });
+  };
   const std::chrono::duration<double> report_every(config_.output.flush_seconds);
   auto last_report = std::chrono::steady_clock::now();
-  bool reference_active = true;
   for (int64_t step = 0; step < max_new; ++step) {
-    // [active rows, vocab]: the rows of lanes still decoding, in batch order; the reference first.
+    // [active rows, vocab]: the rows of lanes still decoding, in batch order.
     auto step_logits = logits.select(1, 0).to(torch::kFloat32);
     // One host read per step: the tokens decide what every lane feeds next and when it stops.
     std::vector<int64_t> next(rows, 0);
@@ -297,73 +376,98 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
       for (int64_t r = 0; r < rows; ++r)
         if (cache.slot(r) >= 0) next[r] = samplers[r].next(step_logits[cache.slot(r)]);
     }
-    if (reference_active) {
-      const int64_t reference_token = next[0];
-      if (!teacher_rows.empty()) {
-        // In float64: KL of nearly equal distributions must not come out negative from rounding.
-        auto log_ref = torch::log_softmax(step_logits.narrow(0, 0, 1).to(torch::kFloat64), -1);
-        auto lane_logits = step_logits.index_select(0, teacher_slots);
-        auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
-        auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
-        auto agree = (lane_logits.argmax(-1) == step_logits[0].argmax()).to(torch::kFloat32);
-        auto delta = log_ref.select(1, reference_token) - log_lane.select(1, reference_token);
-        teacher_step_metrics.push_back(torch::stack({kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)}, 1));
+    if (!teacher_order.empty()) {
+      // In float64: KL of nearly equal distributions must not come out negative from rounding.
+      std::vector<int64_t> reference_tokens;
+      for (const auto& [p, q] : teacher_order) reference_tokens.push_back(next[samples[p].reference_row]);
+      const auto reference_token = to_device(reference_tokens).unsqueeze(1);
+      auto reference_logits = step_logits.index_select(0, index.teacher_reference_slots);
+      auto lane_logits = step_logits.index_select(0, index.teacher_slots);
+      auto log_ref = torch::log_softmax(reference_logits.to(torch::kFloat64), -1);
+      auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
+      auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
+      auto agree = (lane_logits.argmax(-1) == reference_logits.argmax(-1)).to(torch::kFloat32);
+      auto delta = (log_ref.gather(1, reference_token) - log_lane.gather(1, reference_token)).squeeze(1);
+      teacher_step_metrics.push_back(torch::stack({kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)}, 1));
+    }
+    // Lanes that end leave the batch: a reference with its teacher-forced rows (and static lanes),
+    // a free-running row alone.
+    std::vector<int64_t> ended_rows, ended_static_rows;
+    for (size_t p = 0; p < samples.size(); ++p) {
+      BatchSample& sample = samples[p];
+      SampleResult& result = results[p];
+      if (sample.reference_active) {
+        const int64_t token = next[sample.reference_row];
+        result.reference_tokens.push_back(token);
+        if (is_stop(token)) {
+          result.reference_stopped = true;
+          sample.reference_active = false;
+          ended_rows.push_back(sample.reference_row);
+          ended_rows.insert(ended_rows.end(), sample.teacher_rows.begin(), sample.teacher_rows.end());
+          ended_static_rows.insert(ended_static_rows.end(), sample.static_rows.begin(), sample.static_rows.end());
+        }
       }
-      result.reference_tokens.push_back(reference_token);
-      if (is_stop(reference_token)) {
-        result.reference_stopped = true;
-        reference_active = false;
-        // Ended lanes leave the batch: the reference and the teacher-forced rows that follow it.
-        cache.retire(0);
-        for (int64_t row : teacher_rows) cache.retire(row);
+      for (size_t q = 0; q < sample.free_rows.size(); ++q) {
+        if (sample.free_stopped[q]) continue;
+        const int64_t token = next[sample.free_rows[q]];
+        result.lanes[sample.free_lane[q]].tokens.push_back(token);
+        if (is_stop(token)) {
+          sample.free_stopped[q] = true;
+          ended_rows.push_back(sample.free_rows[q]);
+        }
       }
     }
-    for (size_t q = 0; q < free_rows.size(); ++q) {
-      if (free_stopped[q]) continue;
-      result.lanes[free_lane[q]].tokens.push_back(next[free_rows[q]]);
-      if (is_stop(next[free_rows[q]])) {
-        free_stopped[q] = true;
-        cache.retire(free_rows[q]);
-        if (reference_active) locate_teacher_rows();
-      }
+    if (!ended_rows.empty()) {
+      drain_metrics();
+      for (int64_t row : ended_rows) cache.retire(row);
+      for (int64_t row : ended_static_rows) static_cache->retire(row);
+      locate_lanes();
     }
     if (progress && std::chrono::steady_clock::now() - last_report >= report_every) {
       drain_metrics();
-      progress(result);
+      progress(results);
       last_report = std::chrono::steady_clock::now();
     }
-    const bool any_free = std::find(free_stopped.begin(), free_stopped.end(), false) != free_stopped.end();
-    if ((!reference_active && !any_free) || step + 1 == max_new) break;
-    // Teacher-forced rows read the reference's token; free-running rows their own.
-    std::vector<int64_t> inputs(cache.active_rows());
-    for (int64_t r = 0; r < rows; ++r)
-      if (cache.slot(r) >= 0) inputs[cache.slot(r)] = next[r];
-    for (int64_t row : teacher_rows)
-      if (cache.slot(row) >= 0) inputs[cache.slot(row)] = next[0];
-    const bool logged = step % config_.metrics.layer_stride == 0 && reference_active;
+    if (cache.active_rows() == 0 || step + 1 == max_new) break;
+    // Teacher-forced rows read their reference's token; free-running rows their own. Each row
+    // writes the position after its prompt's last one.
+    std::vector<int64_t> inputs(cache.active_rows()), starts(cache.active_rows());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t slot = cache.slot(r);
+      if (slot < 0) continue;
+      inputs[slot] = next[r];
+      starts[slot] = prompt_lengths[r] + step;
+    }
+    for (const BatchSample& sample : samples)
+      for (int64_t row : sample.teacher_rows)
+        if (cache.slot(row) >= 0) inputs[cache.slot(row)] = next[sample.reference_row];
+    const bool references = any_reference_active();
+    const bool logged = step % config_.metrics.layer_stride == 0 && references;
     observer.recording = logged && attention_error;
-    if (logged) result.logged_steps.push_back(step + 1);
-    result.decode_row_steps += cache.active_rows();
-    // The observer needs the reference in the batch (row 0); the static lanes end with it.
-    logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device), n + step, cache,
-                            /*last_only=*/true, reference_active ? &observer : nullptr);
+    for (size_t p = 0; p < samples.size(); ++p)
+      if (logged && samples[p].reference_active) results[p].logged_steps.push_back(step + 1);
+    for (int64_t r = 0; r < rows; ++r)
+      if (cache.slot(r) >= 0) ++results[row_prompt[r]].decode_row_steps;
+    // The observer needs some reference in the batch; the static lanes end with theirs.
+    logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device),
+                            RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device), cache,
+                            /*last_only=*/true, references ? &observer : nullptr);
   }
   synchronize(device);
-  result.decode_seconds = seconds_since(start_time);
+  const double decode_seconds = seconds_since(start_time);
   start_time = std::chrono::steady_clock::now();
   drain_metrics();
 
   // Token-scale errors, from the caches: each row over the positions it holds (a lane that ended
   // holds those up to its end).
-  auto account = [&](size_t lane_index, const QuantizedKVCache& c, int64_t row, bool drift) {
-    LaneResult& lane = result.lanes[lane_index];
+  auto account = [&](LaneResult& lane, const QuantizedKVCache& c, int64_t row, int64_t reference_row, bool drift) {
     if (config_.metrics.token_scale) {
       for (Role role : {Role::Key, Role::Value}) {
         const std::string name = role_name(role);
         const auto written = c.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
         log_token_scale(lane, name + "/quant", written, c.row_contents(role, row, /*read=*/true));
         if (drift) {  // over the positions both the lane and the reference hold
-          const auto reference = cache.row_contents(role, 0, /*read=*/false);
+          const auto reference = cache.row_contents(role, reference_row, /*read=*/false);
           const int64_t common = std::min(reference.size(2), written.size(2));
           log_token_scale(lane, name + "/drift", reference.narrow(2, 0, common), written.narrow(2, 0, common));
         }
@@ -377,24 +481,35 @@ SampleResult Engine::run(const Prompt& prompt, const Progress& progress) const {
   auto decode = [&](const std::vector<int64_t>& tokens, bool stopped) {
     return tokenizer_->decode({tokens.begin(), tokens.end() - (stopped ? 1 : 0)});
   };
-  for (size_t q = 0; q < quantizer_count; ++q) {
-    if (static_lane_) account(static_lane[q], *static_cache, static_cast<int64_t>(q), false);
-    if (teacher_forced_) account(teacher_lane[q], cache, teacher_rows[q], true);
-    if (free_running_) {
-      LaneResult& lane = result.lanes[free_lane[q]];
-      classify(lane, result.reference_tokens, result.reference_stopped, free_stopped[q]);
-      account(free_lane[q], cache, free_rows[q], true);
-      if (tokenizer_) lane.text = decode(lane.tokens, free_stopped[q]);
+  for (size_t p = 0; p < samples.size(); ++p) {
+    const BatchSample& sample = samples[p];
+    SampleResult& result = results[p];
+    for (size_t q = 0; q < quantizer_count; ++q) {
+      if (static_lane_)
+        account(result.lanes[sample.static_lane[q]], *static_cache, sample.static_rows[q], sample.reference_row, false);
+      if (teacher_forced_)
+        account(result.lanes[sample.teacher_lane[q]], cache, sample.teacher_rows[q], sample.reference_row, true);
+      if (free_running_) {
+        LaneResult& lane = result.lanes[sample.free_lane[q]];
+        classify(lane, result.reference_tokens, result.reference_stopped, sample.free_stopped[q]);
+        account(lane, cache, sample.free_rows[q], sample.reference_row, true);
+        if (tokenizer_) lane.text = decode(lane.tokens, sample.free_stopped[q]);
+      }
+    }
+    if (tokenizer_) {
+      result.reference_continuation = decode(result.reference_tokens, result.reference_stopped);
+      std::vector<int64_t> all = result.prompt.tokens;
+      all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
+      result.reference_text = decode(all, result.reference_stopped);
     }
   }
-  if (tokenizer_) {
-    result.reference_continuation = decode(result.reference_tokens, result.reference_stopped);
-    std::vector<int64_t> all = prompt.tokens;
-    all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
-    result.reference_text = decode(all, result.reference_stopped);
+  const double metric_seconds = seconds_since(start_time);
+  for (SampleResult& result : results) {
+    result.prefill_seconds = prefill_seconds;
+    result.decode_seconds = decode_seconds;
+    result.metric_seconds = metric_seconds;
   }
-  result.metric_seconds = seconds_since(start_time);
-  return result;
+  return results;
 }
 
 }  // namespace kvdrift

@@ -339,6 +339,7 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
   sample.set_attribute("decode_seconds", result.decode_seconds);
   sample.set_attribute("metric_seconds", result.metric_seconds);
   sample.set_attribute("decode_row_steps", result.decode_row_steps);
+  sample.set_attribute("batch_prompts", result.batch_prompts);
   for (const LaneResult& lane : result.lanes) {
     h5::Group group = lane_group(sample, lane);
     for (const auto& [name, array] : lane.arrays) {
@@ -530,65 +531,77 @@ RunLog RunLog::open(const std::string& path, const std::string& resolved_config_
   return RunLog(path, std::move(finished));
 }
 
-SampleWriter RunLog::begin_sample(int64_t index, const Prompt& prompt) {
-  if (index < 0) fail("{}: sample index {} is negative", path_, index);
+SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const std::vector<Prompt>& prompts) {
+  if (indices.size() != prompts.size())
+    fail("{}: {} sample indices for {} prompts", path_, indices.size(), prompts.size());
   h5::File file = open_for_writing(path_);
   {
     h5::Group samples = file.open_group("samples");
-    const std::string name = std::to_string(index);
-    if (samples.exists(name)) {
-      if (is_complete(samples.open_group(name))) {
-        fail("{}: sample {} is already written (is another kvdrift run writing this file?)", path_, index);
+    for (size_t i = 0; i < indices.size(); ++i) {
+      if (indices[i] < 0) fail("{}: sample index {} is negative", path_, indices[i]);
+      const std::string name = std::to_string(indices[i]);
+      if (samples.exists(name)) {
+        if (is_complete(samples.open_group(name))) {
+          fail("{}: sample {} is already written (is another kvdrift run writing this file?)", path_, indices[i]);
+        }
+        remove_link(samples, name);
       }
-      remove_link(samples, name);
+      const Prompt& prompt = prompts[i];
+      h5::Group sample = samples.create_group(name);
+      sample.set_attribute("complete", 0);
+      sample.set_attribute("prompt_id", prompt.id);
+      sample.set_attribute("prompt_text", prompt.text);
+      sample.set_attribute("answer", prompt.answer);
+      write_array(sample, "prompt_tokens", prompt.tokens, {static_cast<int64_t>(prompt.tokens.size())}, "position");
     }
-    h5::Group sample = samples.create_group(name);
-    sample.set_attribute("complete", 0);
-    sample.set_attribute("prompt_id", prompt.id);
-    sample.set_attribute("prompt_text", prompt.text);
-    sample.set_attribute("answer", prompt.answer);
-    write_array(sample, "prompt_tokens", prompt.tokens, {static_cast<int64_t>(prompt.tokens.size())}, "position");
   }
   file.close();
-  return SampleWriter(*this, index);
+  return SampleWriter(*this, indices);
 }
 
 void RunLog::write_sample(int64_t index, const SampleResult& result) {
-  begin_sample(index, result.prompt).finish(result);
+  begin_samples({index}, {result.prompt}).finish({result});
 }
 
-void SampleWriter::append(const SampleResult& so_far) {
+void SampleWriter::check_count(size_t results) const {
+  if (results != indices_.size())
+    fail("{}: {} sample results for the {} samples begun", log_.path_, results, indices_.size());
+}
+
+void SampleWriter::append(const std::vector<SampleResult>& so_far) {
+  check_count(so_far.size());
   const bool first = !live_;
   if (first) live_ = open_for_writing(log_.path_);
-  {
-    h5::Group sample = live_->open_group("samples/" + std::to_string(index_));
-    append_step_arrays(sample, so_far);
+  for (size_t i = 0; i < indices_.size(); ++i) {
+    h5::Group sample = live_->open_group("samples/" + std::to_string(indices_[i]));
+    append_step_arrays(sample, so_far[i]);
   }
   // From here on SWMR readers see every flushed row; no object may be created until finish.
   if (first) live_->start_swmr_write();
   live_->flush();
 }
 
-void SampleWriter::finish(const SampleResult& result) {
-  const std::string name = "samples/" + std::to_string(index_);
+void SampleWriter::finish(const std::vector<SampleResult>& results) {
+  check_count(results.size());
+  auto name = [&](size_t i) { return "samples/" + std::to_string(indices_[i]); };
   if (live_) {
-    {
-      h5::Group sample = live_->open_group(name);
-      append_step_arrays(sample, result);
+    for (size_t i = 0; i < indices_.size(); ++i) {
+      h5::Group sample = live_->open_group(name(i));
+      append_step_arrays(sample, results[i]);
     }
     live_->close();
     live_.reset();
   }
   h5::File file = open_for_writing(log_.path_);
-  {
-    h5::Group sample = file.open_group(name);
-    append_step_arrays(sample, result);  // creates them when the sample had no append
-    write_final_contents(sample, result);
+  for (size_t i = 0; i < indices_.size(); ++i) {
+    h5::Group sample = file.open_group(name(i));
+    append_step_arrays(sample, results[i]);  // creates them when the sample had no append
+    write_final_contents(sample, results[i]);
     file.flush();  // every array is in the file before the mark that says so
     sample.set_attribute("complete", 1);
+    log_.finished_.insert(indices_[i]);
   }
   file.close();
-  log_.finished_.insert(index_);
 }
 
 std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names) {

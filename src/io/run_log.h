@@ -50,23 +50,24 @@ struct RunSummaryRow {
   double bits_per_element;         // mean over samples and lanes
 };
 
-// Writes one sample of a run log while it decodes (RunLog::begin_sample).
+// Writes the samples of one batch of a run log while they decode (RunLog::begin_samples).
 class SampleWriter {
  public:
-  // The sample so far (decode/engine.h's progress): appends the per-step rows the file does not hold
-  // yet and flushes them. The first call creates the sample's arrays and switches the file to SWMR
-  // mode; later calls must carry the same arrays.
-  void append(const SampleResult& so_far);
-  // The finished sample: its remaining rows, every other array and attribute, then its completion
-  // mark. The file is closed afterwards.
-  void finish(const SampleResult& result);
+  // The samples so far (decode/engine.h's progress), in the order they were begun: appends the
+  // per-step rows the file does not hold yet and flushes them. The first call creates the samples'
+  // arrays and switches the file to SWMR mode; later calls must carry the same arrays.
+  void append(const std::vector<SampleResult>& so_far);
+  // The finished samples: their remaining rows, every other array and attribute, then each one's
+  // completion mark. The file is closed afterwards.
+  void finish(const std::vector<SampleResult>& results);
 
  private:
   friend class RunLog;
-  SampleWriter(RunLog& log, int64_t index) : log_(log), index_(index) {}
+  SampleWriter(RunLog& log, std::vector<int64_t> indices) : log_(log), indices_(std::move(indices)) {}
+  void check_count(size_t results) const;
 
   RunLog& log_;
-  int64_t index_;
+  std::vector<int64_t> indices_;
   std::optional<h5::File> live_;  // open in SWMR mode between the first append and finish
 };
 
@@ -82,12 +83,12 @@ class RunLog {
   const std::string& path() const { return path_; }
   bool has_sample(int64_t index) const { return finished_.count(index) > 0; }
 
-  // Starts sample `index` (prompt order, from 0): its group, marked incomplete, with the prompt. An
-  // incomplete group of that index (a write that failed earlier) is replaced; a complete one is an
-  // error. Arrays must fit their shapes and, for the names the schema knows, its axes; a failed write
-  // leaves the sample incomplete, to be replaced.
-  SampleWriter begin_sample(int64_t index, const Prompt& prompt);
-  // A whole sample at once: begin_sample, then finish.
+  // Starts samples `indices` (prompt order, from 0) that decode together: each one's group, marked
+  // incomplete, with its prompt. An incomplete group of such an index (a write that failed earlier)
+  // is replaced; a complete one is an error. Arrays must fit their shapes and, for the names the
+  // schema knows, its axes; a failed write leaves the sample incomplete, to be replaced.
+  SampleWriter begin_samples(const std::vector<int64_t>& indices, const std::vector<Prompt>& prompts);
+  // A whole sample at once: begin_samples, then finish.
   void write_sample(int64_t index, const SampleResult& result);
 
   // Summarizes the finished samples per quantizer, read back from the file, writes /summary and marks

@@ -1,7 +1,7 @@
 #include "model/llama.h"
 
-#include "core/error.h"
 #include "core/device.h"
+#include "core/error.h"
 
 namespace kvdrift {
 
@@ -23,8 +23,8 @@ void check_weights(const ModelConfig& config, const WeightMap& weights, const st
     for (const auto& [name, tensor] : weights) {
       bool known = false;
       for (const auto& e : expected) known = known || e.first == name;
-      if (!known) fail("{}: unexpected tensor '{}' (not part of a {} model with this config)", where, name,
-                       config.architecture);
+      if (!known)
+        fail("{}: unexpected tensor '{}' (not part of a {} model with this config)", where, name, config.architecture);
     }
   }
 }
@@ -46,8 +46,8 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource
     layer.wqkv = torch::cat({take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
                              take(p + "self_attn.v_proj.weight")});
     if (config_.attention_bias)
-      layer.bqkv = torch::cat({take(p + "self_attn.q_proj.bias"), take(p + "self_attn.k_proj.bias"),
-                               take(p + "self_attn.v_proj.bias")});
+      layer.bqkv = torch::cat(
+          {take(p + "self_attn.q_proj.bias"), take(p + "self_attn.k_proj.bias"), take(p + "self_attn.v_proj.bias")});
     if (config_.qk_norm) {
       layer.q_norm = take(p + "self_attn.q_norm.weight");
       layer.k_norm = take(p + "self_attn.k_norm.weight");
@@ -80,12 +80,19 @@ int64_t LlamaModel::weight_bytes() const {
   return total * static_cast<int64_t>(c10::elementSize(dtype_));
 }
 
-torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only,
+torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& spans, KVCache& cache, bool last_only,
                                   AttentionObserver* observer) const {
   const ModelConfig& c = config_;
   const int64_t batch = tokens.size(0), length = tokens.size(1);
-  if (start + length > c.max_seq_len)
-    fail("{}: position {} is beyond the model's context of {}", source_.path, start + length - 1, c.max_seq_len);
+  if (spans.rows() != batch || spans.width() != length)
+    fail("{}: forward of {} rows x {} tokens given positions for {} rows x {}", source_.path, batch, length,
+         spans.rows(), spans.width());
+  if (spans.end() > c.max_seq_len)
+    fail("{}: position {} is beyond the model's context of {}", source_.path, spans.end() - 1, c.max_seq_len);
+  // Computed once for every layer: each token's position, and the queries' positions for the causal
+  // mask unless every query reads every key (one decode step of aligned rows).
+  const auto positions = spans.positions(device_);
+  const auto query_positions = length > 1 || !spans.is_aligned() ? positions : torch::Tensor();
   auto x = embedding_.index_select(0, tokens.to(device_).reshape(-1)).view({batch, length, c.dim});
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& layer = layers_[l];
@@ -99,12 +106,12 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KV
       q = ops::rms_norm(q, layer.q_norm, c.norm_eps);
       k = ops::rms_norm(k, layer.k_norm, c.norm_eps);
     }
-    q = ops::apply_rope(q, rope_, start, c.rope_style).transpose(1, 2);
-    k = ops::apply_rope(k, rope_, start, c.rope_style).transpose(1, 2);
+    q = ops::apply_rope(q, rope_, positions, c.rope_style).transpose(1, 2);
+    k = ops::apply_rope(k, rope_, positions, c.rope_style).transpose(1, 2);
     v = v.transpose(1, 2);
-    auto [keys, values] = cache.update(static_cast<int64_t>(l), start, k, v);
-    auto heads = ops::attention(q, keys, values, start);
-    if (observer) observer->observe(static_cast<int64_t>(l), start, q, k, v, heads);
+    auto [keys, values] = cache.update(static_cast<int64_t>(l), spans, k, v);
+    auto heads = ops::attention(q, keys, values, query_positions);
+    if (observer) observer->observe({static_cast<int64_t>(l), spans, query_positions, q, k, v, heads});
     auto attended = heads.transpose(1, 2).reshape({batch, length, c.q_dim()});
     x = x + torch::linear(attended, layer.wo);
     // Feed-forward block (SwiGLU).
@@ -114,7 +121,20 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, int64_t start, KV
     auto up = gate_up.narrow(-1, c.hidden_dim, c.hidden_dim);
     x = x + torch::linear(torch::silu(gate) * up, layer.w_down);
   }
-  if (last_only) x = x.narrow(1, length - 1, 1);
+  if (last_only) {
+    bool full_width = true;
+    std::vector<int64_t> last(batch);
+    for (int64_t r = 0; r < batch; ++r) {
+      last[r] = spans.length(r) - 1;
+      full_width = full_width && spans.length(r) == length;
+    }
+    if (full_width) {
+      x = x.narrow(1, length - 1, 1);
+    } else {  // a padded batch: each row's last real token
+      auto index = torch::tensor(last, torch::kInt64).to(device_).view({batch, 1, 1}).expand({batch, 1, c.dim});
+      x = x.gather(1, index);
+    }
+  }
   x = ops::rms_norm(x, final_norm_, c.norm_eps);
   return torch::linear(x, classifier_).to(torch::kFloat32);
 }

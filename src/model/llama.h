@@ -20,15 +20,26 @@ struct ModelSource {
   std::string format;  // llama2c | hf | synthetic
 };
 
-// Sees each layer's attention during forward: q [batch, heads, T, head_dim] after RoPE, the step's
-// new keys/values [batch, kv_heads, T, head_dim], and the attention output [batch, heads, T,
-// head_dim] (before the output projection). The engine's static lanes and per-layer metrics hang
+// What a forward's layer hands its observer: the rows' positions (`spans`, and `query_positions` as
+// ops::attention takes them), q [batch, heads, T, head_dim] after RoPE, the step's new keys/values
+// [batch, kv_heads, T, head_dim], and the attention output [batch, heads, T, head_dim] (before the
+// output projection).
+struct LayerAttention {
+  int64_t layer;
+  const RowSpans& spans;
+  const torch::Tensor& query_positions;
+  const torch::Tensor& q;
+  const torch::Tensor& keys;
+  const torch::Tensor& values;
+  const torch::Tensor& output;
+};
+
+// Sees each layer's attention during forward. The engine's static lanes and per-layer metrics hang
 // here; an observer must not modify what it sees.
 class AttentionObserver {
  public:
   virtual ~AttentionObserver() = default;
-  virtual void observe(int64_t layer, int64_t start, const torch::Tensor& q, const torch::Tensor& keys,
-                       const torch::Tensor& values, const torch::Tensor& output) = 0;
+  virtual void observe(const LayerAttention& attention) = 0;
 };
 
 class LlamaModel {
@@ -39,10 +50,16 @@ class LlamaModel {
   LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource source, torch::Device device,
              torch::ScalarType dtype);
 
-  // tokens [batch, T] (int64): runs positions [start, start+T), writing their keys/values into
-  // `cache`. Returns float32 logits [batch, T, vocab] (only the last position when last_only).
-  torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false,
+  // tokens [batch, T] (int64): runs each row's positions of `spans`, writing their keys/values into
+  // `cache`. Returns float32 logits [batch, T, vocab]; with last_only, [batch, 1, vocab] at each row's
+  // last real token.
+  torch::Tensor forward(const torch::Tensor& tokens, const RowSpans& spans, KVCache& cache, bool last_only = false,
                         AttentionObserver* observer = nullptr) const;
+  // Every row at positions [start, start+T).
+  torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false,
+                        AttentionObserver* observer = nullptr) const {
+    return forward(tokens, RowSpans::aligned(tokens.size(0), start, tokens.size(1)), cache, last_only, observer);
+  }
 
   StaticKVCache make_cache(int64_t batch, int64_t capacity) const;
 
@@ -55,8 +72,8 @@ class LlamaModel {
  private:
   struct Layer {
     torch::Tensor attn_norm;
-    torch::Tensor wqkv;  // q, k and v projections stacked: one matmul per step
-    torch::Tensor bqkv;  // undefined unless attention_bias
+    torch::Tensor wqkv;            // q, k and v projections stacked: one matmul per step
+    torch::Tensor bqkv;            // undefined unless attention_bias
     torch::Tensor q_norm, k_norm;  // undefined unless qk_norm
     torch::Tensor wo;
     torch::Tensor ffn_norm;

@@ -1,6 +1,7 @@
 #include "model/ops.h"
 
 #include <cmath>
+#include <limits>
 
 namespace kvdrift::ops {
 
@@ -46,12 +47,15 @@ RopeTables rope_tables(const ModelConfig& config, int64_t positions, torch::Devi
   return {angles.cos().to(torch::kFloat32).to(device), angles.sin().to(torch::kFloat32).to(device)};
 }
 
-torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables, int64_t start, RopeStyle style) {
-  const int64_t length = x.size(1);
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables, const torch::Tensor& positions,
+                         RopeStyle style) {
   const int64_t half = x.size(-1) / 2;
-  // [T, half] -> [1, T, 1, half] to broadcast over batch and heads.
-  auto cos = tables.cos.narrow(0, start, length).unsqueeze(0).unsqueeze(2);
-  auto sin = tables.sin.narrow(0, start, length).unsqueeze(0).unsqueeze(2);
+  // [rows, T] positions -> [rows, T, 1, half] tables, to broadcast over heads (and batch when rows = 1).
+  auto gather = [&](const torch::Tensor& table) {
+    return table.index_select(0, positions.flatten()).view({positions.size(0), positions.size(1), 1, half});
+  };
+  auto cos = gather(tables.cos);
+  auto sin = gather(tables.sin);
   auto x32 = x.to(torch::kFloat32);
   torch::Tensor rotated;
   if (style == RopeStyle::Interleaved) {
@@ -68,7 +72,7 @@ torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables, int64
 }
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                        int64_t start) {
+                        const torch::Tensor& query_positions) {
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), head_dim = q.size(3);
   const int64_t kv_heads = keys.size(1), span = keys.size(2);
   const int64_t group = heads / kv_heads;
@@ -76,12 +80,12 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const
   auto grouped = q.reshape({batch, kv_heads, group * length, head_dim});
   auto scores = torch::matmul(grouped, keys.transpose(-1, -2)).to(torch::kFloat32);
   scores.mul_(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  if (length > 1) {
-    // Query row t (at position start + t) sees keys at positions <= start + t.
-    auto query_pos = torch::arange(start, start + length, torch::TensorOptions().device(q.device())).repeat({group});
-    auto key_pos = torch::arange(span, torch::TensorOptions().device(q.device()));
-    auto future = key_pos.unsqueeze(0) > query_pos.unsqueeze(1);  // [group*T, S]
-    scores.masked_fill_(future, -std::numeric_limits<float>::infinity());
+  if (query_positions.defined()) {
+    // Grouped row g*T + t holds the query at query_positions[., t]; it sees keys at positions <= that.
+    auto query_pos = query_positions.repeat({1, group});  // [batch or 1, group*T]
+    auto key_pos = torch::arange(span, query_positions.options());
+    auto future = key_pos.view({1, 1, span}) > query_pos.unsqueeze(2);  // [batch or 1, group*T, S]
+    scores.masked_fill_(future.unsqueeze(1), -std::numeric_limits<float>::infinity());
   }
   auto probs = torch::softmax(scores, -1).to(values.scalar_type());
   return torch::matmul(probs, values).view({batch, heads, length, head_dim});

@@ -19,13 +19,18 @@ struct RopeTables {
 };
 RopeTables rope_tables(const ModelConfig& config, int64_t positions, torch::Device device);
 
-// Rotates x [batch, T, heads, head_dim] at positions [start, start+T) in the given pairing style.
-torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables, int64_t start, RopeStyle style);
+// Rotates x [batch, T, heads, head_dim] at `positions` [batch or 1, T] (int64, on x's device) in the
+// given pairing style.
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables, const torch::Tensor& positions,
+                         RopeStyle style);
 
-// Causal grouped-query attention of queries q [batch, heads, T, head_dim] at positions
-// [start, start+T) over keys/values [batch, kv_heads, S, head_dim] at positions [0, S).
+// Causal grouped-query attention of queries q [batch, heads, T, head_dim] over keys/values
+// [batch, kv_heads, S, head_dim] at positions [0, S). A query at position p reads keys at positions
+// <= p; `query_positions` [batch or 1, T] (int64, on q's device) gives them, and may be undefined when
+// every query reads every key it is given (one decode step of rows at the same position).
 // Query head h reads kv head h / (heads / kv_heads); no copy of the cache is made for the groups.
 // Scores are softmaxed in float32. Returns [batch, heads, T, head_dim].
-torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values, int64_t start);
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                        const torch::Tensor& query_positions);
 
 }  // namespace kvdrift::ops
