@@ -6,11 +6,11 @@
 #include "commands.h"
 #include "core/device.h"
 #include "decode/bench_decode.h"
-#include "model/checkpoint.h"
-#include "quant/bench_quant.h"
 #include "decode/engine.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
+#include "model/checkpoint.h"
+#include "quant/bench_quant.h"
 
 namespace kvdrift::cli {
 
@@ -64,7 +64,8 @@ void run_bench_quant(const BenchQuantOptions& options) {
   for (int64_t head_dim : options.head_dims) {
     std::map<std::string, double> rtn_ms;  // bits -> rtn's quantize + dequantize time, the baseline
     for (const auto& bench_case : default_quant_bench_cases()) {
-      const auto row = bench_quantizer(bench_case, options.heads, options.tokens, head_dim, device, options.min_seconds);
+      const auto row =
+          bench_quantizer(bench_case, options.heads, options.tokens, head_dim, device, options.min_seconds);
       const double total_ms = row.quantize_ms + row.dequantize_ms;
       if (bench_case.method == "rtn") rtn_ms[bench_case.bits] = total_ms;
       std::cout << fmt::format("{:<22} {:>8} {:>12.3f} {:>14.3f} {:>12.1f} {:>10.3f} {:>11.2f}x\n", bench_case.label,
@@ -80,7 +81,8 @@ struct BenchRunOptions {
 };
 
 // Side-by-side cost, measured in one process on the config's first prompt: reference-only decoding
-// (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included).
+// (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included); with
+// decoding.batch_prompts > 1, also that many prompts in one batch.
 void run_bench_run(const BenchRunOptions& options) {
   const RunConfig config = load_run_config(options.config, options.overrides);
   const auto inputs = load_run_inputs(config);
@@ -95,16 +97,35 @@ void run_bench_run(const BenchRunOptions& options) {
   const double reference_ms =
       bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), std::max<int64_t>(forwards, 1), 2).ms_per_step;
   const double full_ms = 1000.0 * side_by_side.decode_seconds / static_cast<double>(std::max<int64_t>(forwards, 1));
-  std::cout << fmt::format("side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n",
-                           config.model.path, describe_device(model.device()), dtype_name(model.dtype()),
-                           prompt.tokens.size(), steps,
-                           config.quantizers.size(), fmt::join(config.lanes, ","));
+  std::cout << fmt::format(
+      "side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n", config.model.path,
+      describe_device(model.device()), dtype_name(model.dtype()), prompt.tokens.size(), steps, config.quantizers.size(),
+      fmt::join(config.lanes, ","));
   std::cout << fmt::format("{:<36} {:>10}\n", "", "ms/step");
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "reference only (batch 1)", reference_ms);
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "side by side (all lanes + metrics)", full_ms);
   std::cout << fmt::format("{:<36} {:>9.2f}x\n", "ratio", full_ms / reference_ms);
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "metrics after decoding (ms/step)",
                            1000.0 * side_by_side.metric_seconds / static_cast<double>(std::max<int64_t>(forwards, 1)));
+  // decoding.batch_prompts > 1: the same side-by-side step for that many prompts in one batch (the
+  // config's prompts, repeated when it has fewer), per prompt, against one prompt at a time.
+  const int64_t batch = config.decoding.batch_prompts;
+  if (batch < 2) return;
+  std::vector<Prompt> prompts;
+  for (int64_t i = 0; i < batch; ++i) prompts.push_back(inputs.prompts[i % inputs.prompts.size()]);
+  engine.run(prompts);  // warm-up
+  const auto together = engine.run(prompts);
+  int64_t batch_forwards = 1;
+  for (const auto& sample : together) {
+    batch_forwards = std::max(batch_forwards, static_cast<int64_t>(sample.reference_tokens.size()) - 1);
+    for (const auto& lane : sample.lanes)
+      batch_forwards = std::max(batch_forwards, static_cast<int64_t>(lane.tokens.size()) - 1);
+  }
+  const double batch_ms = 1000.0 * together.front().decode_seconds / static_cast<double>(batch_forwards);
+  std::cout << fmt::format("{:<36} {:>10.3f}\n", fmt::format("side by side, {} prompts in one batch", batch), batch_ms);
+  std::cout << fmt::format("{:<36} {:>10.3f}\n", "  per prompt", batch_ms / static_cast<double>(batch));
+  std::cout << fmt::format("{:<36} {:>9.2f}x\n", "  speed-up vs one prompt at a time",
+                           full_ms / (batch_ms / static_cast<double>(batch)));
 }
 
 }  // namespace
@@ -114,8 +135,11 @@ void register_bench(CLI::App& app, std::function<void()>& command) {
   bench->require_subcommand(1);
   auto options = std::make_shared<BenchDecodeOptions>();
   auto* decode = bench->add_subcommand("decode", "reference decode speed and memory-bandwidth roofline fraction");
-  decode->add_option("--model", options->model, "llama2.c .bin, HF directory, or synthetic:NAME")->capture_default_str();
-  decode->add_option("--batch", options->batches, "batch sizes (comma-separated)")->delimiter(',')->capture_default_str();
+  decode->add_option("--model", options->model, "llama2.c .bin, HF directory, or synthetic:NAME")
+      ->capture_default_str();
+  decode->add_option("--batch", options->batches, "batch sizes (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
   decode->add_option("--context", options->context, "positions in the cache before timing")->capture_default_str();
   decode->add_option("--steps", options->steps, "timed decode steps")->capture_default_str();
   decode->add_option("--warmup", options->warmup, "untimed decode steps first")->capture_default_str();

@@ -2,6 +2,7 @@
 // value, a non-zero exit, and nothing on stdout.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -129,6 +130,26 @@ TEST(Cli, BenchDecodePrintsOneTable) {
   ASSERT_EQ(rows.size(), 5u) << result.out;
   EXPECT_EQ(rows[3].substr(0, 6), "     1");
   EXPECT_EQ(rows[4].substr(0, 6), "     2");
+}
+
+// `bench run` prints the side-by-side cost against reference-only decoding and, with batch_prompts,
+// the cost of a batch of prompts per prompt; every figure a positive number (no speed is asserted).
+TEST(Cli, BenchRunPrintsRatiosForOnePromptAndABatch) {
+  const std::string model = test::stories260k_dir();
+  auto result =
+      test::run_cli({"bench", "run", std::string(KVDRIFT_SOURCE_DIR) + "/configs/demo.yaml", "--set",
+                     "decoding.max_new_tokens=8", "--set", "decoding.batch_prompts=3", "--set",
+                     "model.path=" + model + "/stories260K.bin", "--set", "model.tokenizer=" + model + "/tok512.bin"});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  for (const std::string label :
+       {"reference only (batch 1)", "side by side (all lanes + metrics)", "ratio",
+        "side by side, 3 prompts in one batch", "  per prompt", "  speed-up vs one prompt at a time"}) {
+    const auto at = result.out.find("\n" + label + " ");
+    ASSERT_NE(at, std::string::npos) << label << " in\n" << result.out;
+    const double value = std::stod(result.out.substr(at + 1 + label.size()));
+    EXPECT_GT(value, 0.0) << label;
+    EXPECT_TRUE(std::isfinite(value)) << label;
+  }
 }
 
 }  // namespace

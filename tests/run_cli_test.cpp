@@ -244,19 +244,21 @@ TEST(RunCli, BatchedPromptsMatchOneAtATimeAndResume) {
 }
 
 // A reader in SWMR mode watches a sample's arrays grow while it decodes; the run is then killed in the
-// middle of a later sample (in SWMR mode), and the resumed file equals an uninterrupted run.
-TEST(RunCli, LiveRunIsReadWithSwmrAndAKillMidSampleResumes) {
+// middle of sample 1 (in SWMR mode), and the resumed file equals an uninterrupted run. `settings`: more
+// command-line arguments for every run.
+void expect_live_run_read_killed_and_resumed(const std::vector<std::string>& settings) {
   const std::string dir = test::scratch_dir();
   const std::string config = small_config(dir, "  flush_seconds: 0.05\n", 300);
   const std::string live = dir + "/live.h5", whole = dir + "/whole.h5";
-  // Starts the run, polls the file with swmr=True, and kills the run once it has seen sample 1 with
-  // rows but not complete; prints what it saw as JSON.
+  // Starts the run, polls the file with swmr=True, and kills the run once it has seen sample 0 at two
+  // partial lengths and sample 1 with rows but not complete; prints what it saw as JSON.
   const std::string watcher = R"(
 import json, signal, subprocess, sys, time
 import h5py
 cli, config, path = sys.argv[1:4]
-run = subprocess.Popen([cli, "run", config, "--output", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-seen, killed = [], False
+run = subprocess.Popen([cli, "run", config, "--output", path] + sys.argv[4:], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+seen, killed, partial_0 = [], False, set()
 deadline = time.time() + 240
 while run.poll() is None and time.time() < deadline:
     try:
@@ -268,7 +270,9 @@ while run.poll() is None and time.time() < deadline:
                 tokens = sample["kivi-2bit/free_running/tokens"]
                 seen.append([int(name), int(sample.attrs["complete"]), kl.shape[0], tokens.shape[0],
                              sample["reference_tokens"].shape[0], "key" in sample["kvarn-k2v2/teacher_forced"]])
-                if int(name) == 1 and sample.attrs["complete"] == 0 and kl.shape[0] > 0:
+                if int(name) == 0 and sample.attrs["complete"] == 0:
+                    partial_0.add(kl.shape[0])
+                if int(name) == 1 and sample.attrs["complete"] == 0 and kl.shape[0] > 0 and len(partial_0) >= 2:
                     run.send_signal(signal.SIGKILL)
                     killed = True
     except (OSError, KeyError):
@@ -280,7 +284,9 @@ run.wait()
 print(json.dumps({"killed": killed, "seen": seen}))
 )";
   std::string output;
-  ASSERT_EQ(test::run_python(dir, "watch", watcher, {KVDRIFT_CLI, config, live}, &output), 0) << output;
+  std::vector<std::string> watcher_args = {KVDRIFT_CLI, config, live};
+  watcher_args.insert(watcher_args.end(), settings.begin(), settings.end());
+  ASSERT_EQ(test::run_python(dir, "watch", watcher, watcher_args, &output), 0) << output;
   ASSERT_NE(output.find("\"killed\": true"), std::string::npos) << output;
   // Rows of sample 0 were seen growing before it was complete: at least two partial lengths, lengths
   // never shrink, no position arrays before the end, and arrays read one after another differ by at
@@ -303,9 +309,14 @@ print(json.dumps({"killed": killed, "seen": seen}))
   EXPECT_GE(partial_lengths.size(), 2u) << output;
   EXPECT_LE(largest_skew, largest_growth) << output;
   EXPECT_FALSE(complete(live));
-  const auto resumed = test::run_cli({"run", config, "--output", live});
+  auto run_to = [&](const std::string& path) {
+    std::vector<std::string> args = {"run", config, "--output", path};
+    args.insert(args.end(), settings.begin(), settings.end());
+    return test::run_cli(args);
+  };
+  const auto resumed = run_to(live);
   ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
-  const auto uninterrupted = test::run_cli({"run", config, "--output", whole});
+  const auto uninterrupted = run_to(whole);
   ASSERT_EQ(uninterrupted.exit_code, 0) << uninterrupted.err;
   const auto a = h5::File::open_read(live), b = h5::File::open_read(whole);
   for (int i = 0; i < 3; ++i) {
@@ -317,6 +328,14 @@ print(json.dumps({"killed": killed, "seen": seen}))
     EXPECT_EQ(a.open_group(sample + "kivi-2bit/free_running").attribute<std::string>("continuation"),
               b.open_group(sample + "kivi-2bit/free_running").attribute<std::string>("continuation"));
   }
+}
+
+TEST(RunCli, LiveRunIsReadWithSwmrAndAKillMidSampleResumes) { expect_live_run_read_killed_and_resumed({}); }
+
+// The same with samples 0 and 1 decoding in one batch: both are written live together, the kill
+// lands in the middle of both, and the resumed run redoes the pair.
+TEST(RunCli, LiveBatchOfTwoIsReadWithSwmrAndAKillMidBatchResumes) {
+  expect_live_run_read_killed_and_resumed({"--set", "decoding.batch_prompts=2"});
 }
 
 }  // namespace
