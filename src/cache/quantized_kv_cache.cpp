@@ -50,7 +50,6 @@ QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>
     if (groups_.empty() || groups_.back().quantizer != row_quantizers[row]) {
       RowGroup group;
       group.quantizer = row_quantizers[row];
-      group.first_slot = row;
       group.policies = {group.quantizer->policy(Role::Key), group.quantizer->policy(Role::Value)};
       for (Role role : {Role::Key, Role::Value}) {
         const RolePolicy& policy = group.policies[index(role)];
@@ -178,7 +177,6 @@ void QuantizedKVCache::retire(int64_t row) {
   --active_rows_;
   accounts_[row].active = false;
   for (auto& group : groups_) {
-    if (group.first_slot > from) --group.first_slot;
     if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) --group.active;
   }
 }

@@ -86,8 +86,7 @@ class QuantizedKVCache final : public KVCache {
   struct RowGroup {
     std::shared_ptr<const Quantizer> quantizer;
     std::vector<int64_t> rows;  // in batch order
-    int64_t first_slot = 0;     // the active rows occupy slots [first_slot, first_slot + active)
-    int64_t active = 0;
+    int64_t active = 0;         // rows not retired
     std::array<RolePolicy, 2> policies;
     std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
   };
