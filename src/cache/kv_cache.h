@@ -29,8 +29,6 @@ class RowSpans {
   int64_t length(int64_t row) const { return lengths_[row]; }
   bool is_aligned() const { return !device_starts_.defined(); }
   int64_t end() const { return end_; }  // one past the last position any row writes
-  // The starts on the device [rows] (int64); undefined when every row starts alike.
-  const torch::Tensor& device_starts() const { return device_starts_; }
   // Positions of the new tokens [rows, width], or [1, width] when aligned, on `device`.
   torch::Tensor positions(torch::Device device) const;
   // The spans of some rows, in the order given: host indices and the same on the device.
@@ -40,7 +38,7 @@ class RowSpans {
   RowSpans() = default;
   std::vector<int64_t> starts_, lengths_;
   int64_t width_ = 0, end_ = 0;
-  torch::Tensor device_starts_;
+  torch::Tensor device_starts_;  // [rows] int64 on the device; undefined when every row starts alike
 };
 
 // Writes `source` [rows, kv_heads, width, head_dim] into `buffer` [rows+, kv_heads, capacity,

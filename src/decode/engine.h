@@ -2,9 +2,9 @@
 // The side-by-side decoding engine (SPEC §1): for each prompt, the full-precision reference and, for
 // every quantizer, its teacher-forced and free-running lanes run as rows of one batch, one forward
 // pass per step; the static lanes attend over a quantized copy of the reference cache inside the
-// same step. Several prompts may share the batch (decoding.batch_prompts), each at its own positions. Metrics (SPEC §3)
-// are kept on the device and copied to the host in chunks: when the caller asks for progress (every
-// output.flush_seconds) and once at the end of the sample.
+// same step. Several prompts may share the batch (decoding.batch_prompts), each at its own
+// positions. Metrics (SPEC §3) are kept on the device and copied to the host in chunks: when the
+// caller asks for progress (every output.flush_seconds) and once at the end of the batch.
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -50,8 +50,8 @@ struct SampleResult {
   bool reference_stopped = false;         // the reference generated an end token
   std::vector<LaneResult> lanes;
   std::vector<int64_t> logged_steps;  // the steps the per-layer arrays were logged at
+  int64_t batch_prompts = 1;          // prompts decoded together in this sample's batch
   // Wall time of the batch's phases (shared by the batch_prompts samples decoded together).
-  int64_t batch_prompts = 1;
   double prefill_seconds = 0;
   double decode_seconds = 0;
   double metric_seconds = 0;
