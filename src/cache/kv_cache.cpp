@@ -11,7 +11,7 @@ RowSpans RowSpans::aligned(int64_t rows, int64_t start, int64_t width) {
   spans.starts_.assign(rows, start);
   spans.lengths_.assign(rows, width);
   spans.width_ = width;
-  spans.end_ = start + width;
+  spans.end_ = start + width;  // also for zero rows
   return spans;
 }
 
@@ -22,9 +22,13 @@ RowSpans::RowSpans(std::vector<int64_t> starts, std::vector<int64_t> lengths, in
   for (size_t r = 0; r < starts_.size(); ++r)
     if (starts_[r] < 0 || lengths_[r] < 1 || lengths_[r] > width_)
       fail("row spans: row {} starts at {} with {} real tokens of {}", r, starts_[r], lengths_[r], width_);
+  if (!set_end()) device_starts_ = torch::tensor(starts_, torch::kInt64).to(device);
+}
+
+bool RowSpans::set_end() {
   const auto [lowest, highest] = std::minmax_element(starts_.begin(), starts_.end());
   end_ = *highest + width_;
-  if (*lowest != *highest) device_starts_ = torch::tensor(starts_, torch::kInt64).to(device);
+  return *lowest == *highest;
 }
 
 torch::Tensor RowSpans::positions(torch::Device device) const {
@@ -40,9 +44,7 @@ RowSpans RowSpans::select(const std::vector<int64_t>& rows, const torch::Tensor&
     spans.lengths_.push_back(lengths_.at(row));
   }
   spans.width_ = width_;
-  const auto [lowest, highest] = std::minmax_element(spans.starts_.begin(), spans.starts_.end());
-  spans.end_ = *highest + width_;
-  if (*lowest != *highest) spans.device_starts_ = device_starts_.index_select(0, device_rows);
+  if (!spans.set_end()) spans.device_starts_ = device_starts_.index_select(0, device_rows);
   return spans;
 }
 

@@ -36,6 +36,7 @@ class RowSpans {
 
  private:
   RowSpans() = default;
+  bool set_end();  // end_ from the starts; true when every row starts alike
   std::vector<int64_t> starts_, lengths_;
   int64_t width_ = 0, end_ = 0;
   torch::Tensor device_starts_;  // [rows] int64 on the device; undefined when every row starts alike

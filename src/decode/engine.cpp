@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 
 #include "cache/quantized_kv_cache.h"
 #include "core/device.h"
@@ -101,13 +102,17 @@ class StepObserver final : public AttentionObserver {
     }
     if (static_cache_ && static_cache_->active_rows() > 0) {
       const auto& slots = index_->static_reference_slots;
-      const auto spans = a.spans.select(index_->static_reference_slot_list, slots);
-      auto [cached_keys, cached_values] =
-          static_cache_->update(a.layer, spans, a.keys.index_select(0, slots), a.values.index_select(0, slots));
+      if (a.layer == 0) {  // the static rows' positions: the same for every layer of this forward
+        static_spans_ = a.spans.select(index_->static_reference_slot_list, slots);
+        static_query_positions_ = a.query_positions;
+        if (a.query_positions.defined() && a.query_positions.size(0) > 1)
+          static_query_positions_ = a.query_positions.index_select(0, slots);
+      }
+      auto [cached_keys, cached_values] = static_cache_->update(a.layer, *static_spans_, a.keys.index_select(0, slots),
+                                                                a.values.index_select(0, slots));
       if (record) {
-        auto positions = a.query_positions;
-        if (positions.defined() && positions.size(0) > 1) positions = positions.index_select(0, slots);
-        auto static_output = ops::attention(a.q.index_select(0, slots), cached_keys, cached_values, positions);
+        auto static_output =
+            ops::attention(a.q.index_select(0, slots), cached_keys, cached_values, static_query_positions_);
         static_layers_.push_back(attention_error(static_output, a.output.index_select(0, slots)));
       }
     }
@@ -136,6 +141,8 @@ class StepObserver final : public AttentionObserver {
   const BatchIndex* index_;
   int64_t layers_;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> static_layers_, teacher_layers_;
+  std::optional<RowSpans> static_spans_;  // set at layer 0 of each forward
+  torch::Tensor static_query_positions_;
 };
 
 // One prompt of a batch: its rows in the caches, its lanes' places in its result, and whether they
