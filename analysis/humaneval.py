@@ -1,6 +1,6 @@
 """HumanEval scoring: each program runs in its own sandboxed Python process (docs/analysis.md).
 
-The child is `/usr/bin/python3 -I -B sandbox_guard.py program.py` in a fresh temporary directory
+The child is `python3 -I -B sandbox_guard.py program.py` in a fresh temporary directory
 (its cwd), with an empty environment, stdin carrying only the pass token, stdout/stderr in files of
 that directory, its own session (so a timeout kills the whole process group), resource limits set
 before exec (CPU time, address space, file size, processes, open files, no core dumps) and, where
@@ -17,10 +17,11 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
-PYTHON = "/usr/bin/python3"
+PYTHON = sys.executable  # stdlib only is needed; -I keeps the venv's site-packages out
 GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_guard.py")
 # Codex paper (Chen et al. 2021): a completion ends where the model starts a new top-level block.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Drift figures and a one-page report from kvdrift run logs (docs/analysis.md).
 
     plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--follow [--interval S]]

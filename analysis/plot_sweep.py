@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """A metric against a grid key, one line per method, from a sweep's summary.h5 (docs/analysis.md).
 
     plot_sweep.py summary.h5 -o OUTDIR [--x KEY] [--metric COLUMN] [--group KEY] [--over KEY]

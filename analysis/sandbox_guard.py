@@ -1,6 +1,6 @@
 """Runs inside the HumanEval sandbox child (started by humaneval.py, never imported by it).
 
-    /usr/bin/python3 -I -B sandbox_guard.py PROGRAM.py   (cwd: the run's temporary directory)
+    python3 -I -B sandbox_guard.py PROGRAM.py   (cwd: the run's temporary directory)
 
 Reads the pass token from stdin, installs an audit hook that refuses network, process creation,
 signals to other processes, ctypes and any write outside the current directory, then executes the

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Task accuracy of a finished kvdrift run, written into the run file under /scores.
 
     score.py RUN.h5 [--task math|aime|gsm8k|humaneval] [--timeout S] [--jobs N]

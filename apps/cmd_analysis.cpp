@@ -1,5 +1,5 @@
-// `kvdrift plot`, `kvdrift plot-sweep` and `kvdrift score`: the analysis scripts under analysis/ (Python,
-// Debian's h5py and matplotlib), reached from the one command line. The script replaces this process,
+// `kvdrift plot`, `kvdrift plot-sweep` and `kvdrift score`: the analysis scripts under analysis/ (Python
+// of the project's .venv, with h5py and matplotlib), reached from the one command line. The script replaces this process,
 // so its arguments, output and exit status are the script's own; task scoring runs model-generated
 // code only in the sandboxed children that analysis/score.py starts, never in a kvdrift process.
 #include <unistd.h>
@@ -16,8 +16,12 @@ namespace kvdrift::cli {
 
 namespace {
 
-// Debian's interpreter: the one that has python3-h5py and python3-matplotlib.
-constexpr const char* kPython = "/usr/bin/python3";
+// $KVDRIFT_PYTHON when set, else the project's virtual environment (scripts/setup.sh), which has h5py
+// and matplotlib.
+std::string python() {
+  const char* python = std::getenv("KVDRIFT_PYTHON");
+  return python && *python ? python : KVDRIFT_PYTHON;
+}
 
 // $KVDRIFT_ANALYSIS_DIR when set (an installed copy), else the checkout this binary was built from.
 std::string analysis_dir() {
@@ -29,12 +33,13 @@ std::string analysis_dir() {
   const std::string path = analysis_dir() + "/" + script;
   if (!std::filesystem::exists(path))
     fail("{} not found (set KVDRIFT_ANALYSIS_DIR to the analysis/ folder of a kvdrift checkout)", path);
-  std::vector<char*> argv = {const_cast<char*>(kPython), const_cast<char*>(path.c_str())};
+  const std::string interpreter = python();
+  std::vector<char*> argv = {const_cast<char*>(interpreter.c_str()), const_cast<char*>(path.c_str())};
   for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);
   ::setenv("MPLBACKEND", "Agg", /*overwrite=*/0);  // figures to files; no display on cluster nodes
-  ::execv(kPython, argv.data());
-  fail("cannot run {}: {} (install Debian's python3, python3-h5py and python3-matplotlib)", kPython,
+  ::execv(interpreter.c_str(), argv.data());
+  fail("cannot run {}: {} (run scripts/setup.sh to make the project's .venv, or set KVDRIFT_PYTHON)", interpreter,
        std::strerror(errno));
 }
 

@@ -1,16 +1,28 @@
 #include <spdlog/spdlog.h>
 
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "core/device.h"
+#include "core/error.h"
 #include "decode/bench_decode.h"
 #include "decode/engine.h"
+#include "decode/generate.h"
+#include "decode/sampler.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
 #include "model/checkpoint.h"
 #include "quant/bench_quant.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kvdrift::cli {
 
@@ -128,6 +140,75 @@ void run_bench_run(const BenchRunOptions& options) {
                            full_ms / (batch_ms / static_cast<double>(batch)));
 }
 
+struct BenchTransformersOptions {
+  std::string model;
+  std::string prompt = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                       "How many clips did Natalia sell altogether in April and May?";
+  int64_t steps = 256;
+  int64_t repeats = 3;
+};
+
+// The command's output, parsed: one JSON line from scripts/bench_transformers.py.
+nlohmann::json run_transformers_side(const BenchTransformersOptions& options, const std::vector<int64_t>& prompt) {
+  const char* env_python = std::getenv("KVDRIFT_PYTHON");
+  const std::string python = env_python && *env_python ? env_python : KVDRIFT_PYTHON;
+  std::string ids;
+  for (int64_t id : prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  const std::string command = fmt::format("'{}' '{}/bench_transformers.py' --model '{}' --ids {} --steps {} --repeats {} "
+                                          "--threads {}",
+                                          python, KVDRIFT_SCRIPTS_DIR, options.model, ids, options.steps,
+                                          options.repeats, at::get_num_threads());
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) fail("cannot start {}", python);
+  std::string output;
+  char buffer[4096];
+  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
+  const int status = ::pclose(pipe);
+  if (status != 0) fail("the transformers side failed (exit status {}): {}", status, command);
+  const auto result = nlohmann::json::parse(output, nullptr, /*allow_exceptions=*/false);
+  if (result.is_discarded()) fail("the transformers side printed no JSON: {}", output);
+  return result;
+}
+
+void run_bench_transformers(const BenchTransformersOptions& options) {
+  if (options.steps < 1 || options.repeats < 1) fail("--steps and --repeats must be at least 1");
+  const torch::Device cpu(torch::kCPU);
+  auto tokenizer = tokenizer_for_model("", options.model);
+  if (!tokenizer) fail("{} has no tokenizer.json (a Hugging Face model directory is needed)", options.model);
+  const auto prompt = tokenizer->encode(
+      chat_template_for_model("", options.model).render(options.prompt, std::nullopt), /*add_bos=*/false);
+  const auto model = load_model(options.model, cpu, torch::kFloat32);
+  SamplingConfig greedy;
+  std::vector<double> kvdrift_seconds;
+  GenerateResult result;
+  {
+    Sampler sampler(greedy);
+    generate(model, prompt, 8, sampler, {});  // warm-up, as on the transformers side
+  }
+  for (int64_t r = 0; r < options.repeats; ++r) {
+    Sampler sampler(greedy);
+    const auto start = std::chrono::steady_clock::now();
+    result = generate(model, prompt, options.steps, sampler, /*stop_ids=*/{});  // all steps, like min_new_tokens
+    kvdrift_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  const auto theirs = run_transformers_side(options, prompt);
+  const auto their_seconds = theirs.at("seconds").get<std::vector<double>>();
+  const std::vector<int64_t> ours(result.tokens.end() - result.generated, result.tokens.end());
+  const double best_ours = *std::min_element(kvdrift_seconds.begin(), kvdrift_seconds.end());
+  const double best_theirs = *std::min_element(their_seconds.begin(), their_seconds.end());
+  const auto steps = static_cast<double>(options.steps);
+  std::cout << fmt::format("greedy generate, {}, batch 1, float32 on {}, {}-token prompt + {} new tokens, best of {}\n",
+                           options.model, describe_device(cpu), prompt.size(), options.steps, options.repeats);
+  std::cout << fmt::format("{:<34} {:>10} {:>10}\n", "", "seconds", "tokens/s");
+  std::cout << fmt::format("{:<34} {:>10.3f} {:>10.1f}\n", fmt::format("kvdrift (LibTorch {})", TORCH_VERSION),
+                           best_ours, steps / best_ours);
+  std::cout << fmt::format("{:<34} {:>10.3f} {:>10.1f}\n",
+                           fmt::format("transformers {} eager", theirs.at("transformers").get<std::string>()),
+                           best_theirs, steps / best_theirs);
+  std::cout << fmt::format("{:<34} {:>9.2f}x\n", "kvdrift speed / transformers speed", best_theirs / best_ours);
+  std::cout << fmt::format("same tokens: {}\n", theirs.at("ids").get<std::vector<int64_t>>() == ours ? "yes" : "no");
+}
+
 }  // namespace
 
 void register_bench(CLI::App& app, std::function<void()>& command) {
@@ -165,6 +246,18 @@ void register_bench(CLI::App& app, std::function<void()>& command) {
   run->add_option("config", run_options->config, "YAML run config")->required();
   run->add_option("--set", run_options->overrides, "override a config key: a.b=value (repeatable)");
   run->callback([run_options, &command] { command = [run_options] { run_bench_run(*run_options); }; });
+
+  auto hf_options = std::make_shared<BenchTransformersOptions>();
+  auto* hf = bench->add_subcommand(
+      "transformers", "reference decode tokens/s of kvdrift vs transformers' eager generate, side by side (CPU)");
+  hf->add_option("--model", hf_options->model, "Hugging Face model directory (with tokenizer and chat template)")
+      ->required();
+  hf->add_option("--prompt", hf_options->prompt, "user turn, wrapped in the chat template")->capture_default_str();
+  hf->add_option("--steps", hf_options->steps, "new tokens per generation (end tokens do not stop it)")
+      ->capture_default_str();
+  hf->add_option("--repeats", hf_options->repeats, "timed generations per side; the best counts")
+      ->capture_default_str();
+  hf->callback([hf_options, &command] { command = [hf_options] { run_bench_transformers(*hf_options); }; });
 }
 
 }  // namespace kvdrift::cli

@@ -1,12 +1,17 @@
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
 #include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "decode/generate.h"
+#include "io/hdf5.h"
 #include "model/checkpoint.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvdrift::cli {
@@ -21,6 +26,10 @@ struct GenerateOptions {
   SamplingConfig sampling;
   std::string device = "cpu";
   std::string dtype = "float32";
+  bool chat = false;                  // wrap --prompt as a user turn in the model's chat template
+  std::optional<std::string> system;  // its system turn (default: the template's)
+  bool json = false;                  // one JSON object (ids and text) instead of the text
+  std::string logits_path;            // HDF5 file for every step's logits
 };
 
 void run_generate(const GenerateOptions& options) {
@@ -34,16 +43,44 @@ void run_generate(const GenerateOptions& options) {
   if (tokenizer->vocab_size() > model.config().vocab_size)
     fail("tokenizer has {} tokens but the model's vocabulary has only {}", tokenizer->vocab_size(),
          model.config().vocab_size);
-  const bool add_bos = tokenizer->bos_id().has_value();
-  auto prompt = tokenizer->encode(options.prompt, add_bos);
+  if (options.system && !options.chat) fail("--system needs --chat");
+  std::error_code error;
+  if (!options.logits_path.empty() && std::filesystem::exists(options.logits_path, error))
+    fail("--logits {}: the file exists (kvdrift never replaces it; remove it or name another)", options.logits_path);
+  std::string prompt_text = options.prompt;
+  if (options.chat) prompt_text = chat_template_for_model(options.tokenizer, options.model).render(prompt_text, options.system);
+  // A chat template writes the model's own special tokens; a plain prompt gets BOS when there is one.
+  const bool add_bos = !options.chat && tokenizer->bos_id().has_value();
+  auto prompt = tokenizer->encode(prompt_text, add_bos);
   if (prompt.empty()) fail("the prompt encodes to no tokens and the tokenizer has no BOS token");
   const auto stop_ids = stop_tokens(model, tokenizer.get());
   spdlog::info("model {} ({}, {} layers, dim {}), {} prompt tokens, {} steps on {} in {}", options.model,
                model.source().format, model.config().n_layers, model.config().dim, prompt.size(), options.steps,
                describe_device(device), dtype_name(dtype));
   Sampler sampler(options.sampling);
-  const auto result = generate(model, prompt, options.steps, sampler, stop_ids);
-  std::cout << tokenizer->decode(result.tokens) << std::endl;
+  std::vector<float> logits;  // step-major [steps, vocab], float32
+  std::function<void(const torch::Tensor&)> keep_logits;
+  if (!options.logits_path.empty()) {
+    keep_logits = [&logits](const torch::Tensor& step) {
+      const auto values = step.to(torch::kCPU, torch::kFloat32).contiguous();
+      logits.insert(logits.end(), values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
+    };
+  }
+  const auto result = generate(model, prompt, options.steps, sampler, stop_ids, keep_logits);
+  if (!options.logits_path.empty()) {
+    const auto vocab = static_cast<hsize_t>(model.config().vocab_size);
+    auto file = h5::File::create(options.logits_path, /*truncate=*/false);
+    file.write("logits", logits, {logits.size() / vocab, vocab});
+  }
+  if (options.json) {
+    const std::vector<int64_t> generated(result.tokens.end() - result.generated, result.tokens.end());
+    std::cout << nlohmann::json{{"prompt_ids", prompt}, {"ids", generated}, {"text", tokenizer->decode(generated)},
+                                {"stopped", result.stopped}}
+                     .dump()
+              << std::endl;
+  } else {
+    std::cout << tokenizer->decode(result.tokens) << std::endl;
+  }
   spdlog::info("generated {} tokens{}", result.generated, result.stopped ? " (stopped at an end token)" : "");
 }
 
@@ -62,6 +99,12 @@ void register_generate(CLI::App& app, std::function<void()>& command) {
   sub->add_option("--seed", options->sampling.seed, "sampling and synthetic-weight seed")->capture_default_str();
   sub->add_option("--device", options->device, "cpu, cuda or cuda:N")->capture_default_str();
   sub->add_option("--dtype", options->dtype, "float32, float16 or bfloat16")->capture_default_str();
+  sub->add_flag("--chat", options->chat, "wrap the prompt as a user turn in the model's chat template");
+  sub->add_option("--system", options->system, "with --chat: the system turn (default: the template's own)");
+  sub->add_option("--logits", options->logits_path,
+                  "write each step's logits (float32 [steps, vocab], dataset 'logits') to this new HDF5 file");
+  sub->add_flag("--json", options->json,
+                "print {prompt_ids, ids, text, stopped} of the generated tokens as one JSON line instead of the text");
   sub->callback([options, &command] { command = [options] { run_generate(*options); }; });
 }
 

@@ -13,5 +13,6 @@ void register_quantize(CLI::App& app, std::function<void()>& command);
 void register_run(CLI::App& app, std::function<void()>& command);
 void register_analysis(CLI::App& app, std::function<void()>& command);
 void register_sweep(CLI::App& app, std::function<void()>& command);
+void register_tokenize(CLI::App& app, std::function<void()>& command);
 
 }  // namespace kvdrift::cli

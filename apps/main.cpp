@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "core/device.h"
 #include "core/error.h"
 
 int main(int argc, char** argv) {
@@ -14,8 +15,12 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
 
   CLI::App app{"kvdrift: simulate how KV-cache quantization errors accumulate during decoding"};
-  app.set_version_flag("--version", std::string("kvdrift ") + KVDRIFT_VERSION + " (" + KVDRIFT_GIT_REVISION + ")");
-  app.require_subcommand(1);
+  bool show_version = false;
+  app.add_flag("--version", show_version, "print kvdrift, LibTorch, CUDA and HDF5 versions and exit");
+  int threads = 0;
+  app.add_option("--threads", threads, "CPU intra-op threads (default: $KVDRIFT_THREADS, else every core)")
+      ->check(CLI::PositiveNumber);
+  app.require_subcommand(0, 1);
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->check(
       CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
@@ -27,6 +32,7 @@ int main(int argc, char** argv) {
   kvdrift::cli::register_bench(app, command);
   kvdrift::cli::register_quantize(app, command);
   kvdrift::cli::register_analysis(app, command);
+  kvdrift::cli::register_tokenize(app, command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -34,7 +40,15 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
+    kvdrift::configure_threads(threads);
+    if (show_version) {
+      std::cout << kvdrift::version_report();
+      return 0;
+    }
+    if (!command) throw CLI::CallForHelp();
     command();
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
   } catch (const kvdrift::Error& e) {
     std::cerr << "kvdrift: error: " << e.what() << std::endl;
     return 1;

@@ -9,13 +9,13 @@ kvdrift="$root/$build/kvdrift"
 model_dir="$(bash "$root/scripts/find-model.sh")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-story="$(/usr/bin/python3 -c "
+story="$(.venv/bin/python -c "
 import sys
 text = open('$root/../shared/data/tinystories/tinystories_sample_cs336.txt').read()
 print(text.split('<|endoftext|>')[0].strip())")"
 "$kvdrift" --log-level warn dump-kv --model "$model_dir/stories260K.bin" --tokenizer "$model_dir/tok512.bin" \
   --prompt "$story" --output "$work/kv.h5"
-/usr/bin/python3 - "$work/kv.h5" "$work/cut.h5" <<'PY'
+.venv/bin/python - "$work/kv.h5" "$work/cut.h5" <<'PY'
 import sys, h5py
 src, dst = h5py.File(sys.argv[1], "r"), h5py.File(sys.argv[2], "w")
 n = src["tokens"].shape[0] // 32 * 32
@@ -43,7 +43,7 @@ for name in rtn-2bit kivi-2bit quarot-2bit kvarn-k2v2-noVarN kvarn-k2v2-norot kv
         --method "$method" $rest --output "$work/$name-$role-$layer.h5"
     done
   done
-  /usr/bin/python3 - "$work" "$name" <<'PY'
+  .venv/bin/python - "$work" "$name" <<'PY'
 import sys, h5py
 work, name = sys.argv[1], sys.argv[2]
 out = {}

@@ -66,7 +66,8 @@ double mean_of(const HostArray& a) {
 
 // `none` lanes see exactly the reference's inputs. Their values differ from row 0 only by float32
 // rounding: BLAS rounds a GEMM's rows differently by their position in the batch (measured: KL
-// ~1e-12, attention rel. L2 2.3e-6), so the checks allow that much and require identical tokens.
+// ~1e-12, attention rel. L2 2.3e-6), so the checks allow that much (with room for other CPUs'
+// kernels) and require identical tokens.
 TEST(Engine, NoneLanesEqualTheReference) {
   const std::string dir = test::scratch_dir();
   auto run = load(write_config(dir, "  - {name: none, method: none}", 48));
@@ -82,7 +83,7 @@ TEST(Engine, NoneLanesEqualTheReference) {
   EXPECT_EQ(free.first_divergence, 48);
   EXPECT_EQ(free.outcome, "censored");  // equal up to the step limit
   const auto& fixed = lane_of(result, "none", "static");
-  EXPECT_LE(max_of(fixed.arrays.at("attn_rel_l2")), 1e-6);
+  EXPECT_LE(max_of(fixed.arrays.at("attn_rel_l2")), 1e-5);
   EXPECT_EQ(max_of(fixed.arrays.at("key/quant/E_T")), 0.0);
   EXPECT_EQ(fixed.scalars.at("bits_per_element"), 16.0);
   // The reference's text is the known-good greedy continuation's prefix style: prompt + 48 tokens.
@@ -257,19 +258,29 @@ TEST(Engine, PromptsOfOneBatchGiveWhatEachGivesAlone) {
       for (const auto& [name, expected] : a.arrays) {
         const HostArray& got = b.arrays.at(name);
         ASSERT_EQ(got.shape, expected.shape) << name;
-        // Every element to rounding for `none`; for kivi all but the few whose 2-bit code a rounding
-        // difference flips.
+        // `none` lanes hold float32 rounding noise around 0 (attention error ~1e-7, log-prob deltas
+        // ~1e-6) whose value depends on which BLAS kernel ran and on the batch's padded span: every
+        // element is held to an absolute bound. Quantized lanes: a rounding difference can flip a
+        // 2-bit code, and a flipped code shifts every later step's metrics a little (LibTorch 2.12 on
+        // an Intel CPU: 78% of KIVI's KL elements within 0.1%, the mean within 1%), so most elements
+        // are held to 5% and the mean to 2%.
+        const bool noise = a.quantizer == "none";
+        const double absolute = noise ? 1e-4 : 1e-6;
+        const double relative = noise ? 1e-3 : 5e-2;
         size_t close = 0;
         double mean_alone = 0, mean_together = 0;
         for (size_t i = 0; i < expected.values.size(); ++i) {
-          close += std::abs(got.values[i] - expected.values[i]) <= 1e-3 * (1e-3 + std::abs(expected.values[i]));
+          close += std::abs(got.values[i] - expected.values[i]) <= absolute + relative * std::abs(expected.values[i]);
           mean_alone += expected.values[i] / static_cast<double>(expected.values.size());
           mean_together += got.values[i] / static_cast<double>(expected.values.size());
         }
         const double total = static_cast<double>(expected.values.size());
-        if (a.quantizer == "none") EXPECT_EQ(close, expected.values.size()) << name;
-        EXPECT_GE(static_cast<double>(close), 0.97 * total) << name;
-        EXPECT_NEAR(mean_together, mean_alone, 0.01 * std::abs(mean_alone) + 1e-6) << name;
+        if (noise) {
+          EXPECT_EQ(close, expected.values.size()) << name;
+          continue;
+        }
+        EXPECT_GE(static_cast<double>(close), 0.9 * total) << name;
+        EXPECT_NEAR(mean_together, mean_alone, 0.02 * std::abs(mean_alone) + 1e-6) << name;
       }
     }
   }

@@ -4,27 +4,53 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "core/device.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
 
+namespace {
+// ctest runs tests side by side (one per core) with KVDRIFT_THREADS=1: the tests' own LibTorch follows
+// it as every kvdrift they start does.
+const int kTestThreads = kvdrift::configure_threads(0);
+}  // namespace
+
 namespace kvdrift::test {
 
-std::string stories260k_dir() {
-  std::vector<fs::path> candidates = {fs::path(KVDRIFT_SOURCE_DIR) / ".." / "shared" / "models" / "stories260K",
-                                      fs::path(KVDRIFT_SOURCE_DIR) / "models" / "stories260K"};
-  if (const char* env = std::getenv("KVDRIFT_MODELS_DIR")) candidates.push_back(fs::path(env) / "stories260K");
-  for (const auto& dir : candidates) {
-    if (fs::exists(dir / "stories260K.bin") && fs::exists(dir / "tok512.bin")) return fs::canonical(dir).string();
+namespace {
+
+// scripts/find-model.sh NAME: the one place that knows where models are looked for.
+std::string find_model(const std::string& name) {
+  const std::string command = "bash '" + std::string(KVDRIFT_SOURCE_DIR) + "/scripts/find-model.sh' " + name + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  std::string output;
+  char buffer[1024];
+  while (pipe && std::fgets(buffer, sizeof buffer, pipe)) output += buffer;
+  const int status = pipe ? ::pclose(pipe) : -1;
+  while (!output.empty() && output.back() == '\n') output.pop_back();
+  if (status != 0) {
+    ADD_FAILURE() << output;  // names where it looked and the fetch-model.sh command to run
+    throw std::runtime_error(name + " model missing");
   }
-  ADD_FAILURE() << "stories260K model not found (looked in ../shared/models/stories260K, models/stories260K and "
-                   "$KVDRIFT_MODELS_DIR/stories260K); run scripts/fetch-model.sh to download it";
-  throw std::runtime_error("stories260K model missing");
+  return output;
+}
+
+}  // namespace
+
+std::string stories260k_dir() {
+  static const std::string dir = find_model("stories260K");
+  return dir;
+}
+
+std::string smollm2_dir() {
+  static const std::string dir = find_model("smollm2-135m");
+  return dir;
 }
 
 std::string scratch_dir() {
@@ -66,7 +92,7 @@ int run_python(const std::string& dir, const std::string& name, const std::strin
   const std::string script_path = dir + "/" + name + ".py";
   const std::string output_path = dir + "/" + name + ".out";
   write_file(script_path, script);
-  std::string command = "/usr/bin/python3 '" + script_path + "'";
+  std::string command = std::string(KVDRIFT_PYTHON) + " '" + script_path + "'";
   for (const std::string& arg : args) command += " '" + arg + "'";
   const int status = std::system((command + " > '" + output_path + "' 2>&1").c_str());
   *output = read_file(output_path);

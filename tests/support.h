@@ -12,6 +12,8 @@ namespace kvdrift::test {
 // ../shared/models/stories260K beside the checkout, else models/stories260K (scripts/fetch-model.sh),
 // else $KVDRIFT_MODELS_DIR/stories260K. Fails the calling test (never skips) when none exists.
 std::string stories260k_dir();
+// The converted SmolLM2-135M-Instruct directory (scripts/fetch-model.sh smollm2-135m), or a failure.
+std::string smollm2_dir();
 
 // A fresh, empty directory under the build tree, unique to the running test.
 std::string scratch_dir();
@@ -32,7 +34,7 @@ void expect_one_error_line(const CliResult& result, const std::string& fragment,
 // The message of the kvdrift::Error that `action` throws; a test failure (and "") if it throws none.
 std::string error_message(const std::function<void()>& action);
 
-// Runs `script` (written into `dir` as NAME.py) with /usr/bin/python3 (Debian's, which has h5py)
+// Runs `script` (written into `dir` as NAME.py) with the project's .venv Python (which has h5py)
 // and `args`; returns the exit status and leaves stdout and stderr together in *output.
 int run_python(const std::string& dir, const std::string& name, const std::string& script,
                const std::vector<std::string>& args, std::string* output);

@@ -7,6 +7,7 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import h5py
@@ -15,7 +16,7 @@ import numpy as np
 SOURCE_DIR = os.environ.get("KVDRIFT_SOURCE_DIR") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANALYSIS_DIR = os.path.join(SOURCE_DIR, "analysis")
-PYTHON = "/usr/bin/python3"
+PYTHON = sys.executable  # the project's .venv (ctest runs these tests with it)
 CLI = os.environ.get("KVDRIFT_CLI") or "/tmp/kvdrift-snap/kvdrift"
 SHARED_DATA = os.path.join(os.path.dirname(SOURCE_DIR), "shared", "data")
 
@@ -33,7 +34,7 @@ def scratch_dir(name):
 
 
 def run_script(script, *args, timeout=120, **kwargs):
-    """Runs analysis/SCRIPT with Debian's python; returns the CompletedProcess (text output)."""
+    """Runs analysis/SCRIPT with this interpreter (the project's .venv); returns the CompletedProcess (text output)."""
     env = dict(os.environ, MPLBACKEND="Agg")
     return subprocess.run([PYTHON, os.path.join(ANALYSIS_DIR, script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, **kwargs)

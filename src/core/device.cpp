@@ -1,11 +1,19 @@
 #include "core/device.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <H5public.h>
+#include <sched.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include <cstdlib>
+#include <thread>
+#ifdef KVDRIFT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
 #include "core/error.h"
-#include "core/torch_compat.h"
 
 namespace kvdrift {
 
@@ -44,19 +52,65 @@ std::string dtype_name(torch::ScalarType dtype) {
   }
 }
 
-void require_supported(const torch::Device& device, torch::ScalarType dtype) {
-  if (dtype == torch::kFloat16 && !compat::has_half_matmul(device))
-    fail("dtype float16 is not supported on {} by this LibTorch {} build (no half-precision matmul); use "
-         "bfloat16 or float32, or run on CUDA",
-         device.str(), TORCH_VERSION);
+namespace {
+
+std::string cuda_device_name([[maybe_unused]] c10::DeviceIndex index) {
+#ifdef KVDRIFT_WITH_CUDA
+  return at::cuda::getDeviceProperties(index)->name;
+#else
+  return "unknown GPU";
+#endif
 }
+
+}  // namespace
 
 std::string describe_device(const torch::Device& device) {
   if (device.is_cuda()) {
-    return fmt::format("cuda:{} ({} CUDA device(s) visible)", device.has_index() ? device.index() : 0,
+    const c10::DeviceIndex index = device.has_index() ? device.index() : 0;
+    return fmt::format("cuda:{} {} ({} CUDA device(s) visible)", index, cuda_device_name(index),
                        torch::cuda::device_count());
   }
   return fmt::format("cpu ({} intra-op threads)", at::get_num_threads());
+}
+
+int configure_threads(int requested) {
+  int threads = requested;
+  if (threads <= 0) {
+    if (const char* env = std::getenv("KVDRIFT_THREADS"); env && *env) {
+      char* end = nullptr;
+      const long value = std::strtol(env, &end, 10);
+      if (*end != '\0' || value <= 0 || value > 4096)
+        fail("KVDRIFT_THREADS='{}' is not a positive number of threads", env);
+      threads = static_cast<int>(value);
+    }
+  }
+  if (threads <= 0) {
+    cpu_set_t allowed;
+    threads = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
+                  ? CPU_COUNT(&allowed)
+                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
+  at::set_num_threads(threads);
+  return threads;
+}
+
+std::string version_report() {
+  const auto& cuda = at::detail::getCUDAHooks();
+  std::string cuda_compiled = "no";
+  if (cuda.hasCUDART()) {
+    const long runtime = cuda.versionCUDART();
+    cuda_compiled = fmt::format("yes, CUDA {}.{}", runtime / 1000, runtime % 1000 / 10);
+  }
+  std::string cuda_available = "no";
+  if (torch::cuda::is_available()) {
+    cuda_available = fmt::format("yes, {} device(s)", torch::cuda::device_count());
+    for (size_t i = 0; i < torch::cuda::device_count(); ++i)
+      cuda_available += fmt::format("; cuda:{} {}", i, cuda_device_name(static_cast<c10::DeviceIndex>(i)));
+  }
+  return fmt::format(
+      "kvdrift {} (git {})\nLibTorch {}\nCUDA compiled: {}\nCUDA available: {}\nHDF5 {}.{}.{}\nCPU threads: {}\n",
+      KVDRIFT_VERSION, KVDRIFT_GIT_REVISION, TORCH_VERSION, cuda_compiled, cuda_available, H5_VERS_MAJOR,
+      H5_VERS_MINOR, H5_VERS_RELEASE, at::get_num_threads());
 }
 
 void synchronize(const torch::Device& device) {

@@ -11,10 +11,13 @@ torch::Device parse_device(const std::string& name);
 // "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16".
 torch::ScalarType parse_dtype(const std::string& name);
 std::string dtype_name(torch::ScalarType dtype);  // canonical name: float32, float16, bfloat16
-// Fails when `dtype` cannot run on `device` with this LibTorch build.
-void require_supported(const torch::Device& device, torch::ScalarType dtype);
 // A human-readable device description for logs and outputs (GPU model name on CUDA).
 std::string describe_device(const torch::Device& device);
+// Intra-op threads on CPU: `requested` when > 0, else $KVDRIFT_THREADS when set, else every core this
+// process may run on. Fails on a value that is not a positive integer. Returns the count set.
+int configure_threads(int requested);
+// kvdrift, LibTorch, CUDA (compiled / available / devices) and HDF5 versions, one per line.
+std::string version_report();
 // Waits for queued device work, so host timers measure it.
 void synchronize(const torch::Device& device);
 

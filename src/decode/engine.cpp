@@ -164,7 +164,15 @@ RunInputs load_run_inputs(const RunConfig& config) {
   const auto dtype = parse_dtype(config.model.dtype);
   inputs.tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
   inputs.model = std::make_unique<LlamaModel>(load_model(config.model.path, device, dtype, config.model.seed));
-  inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get());
+  std::optional<ChatTemplate> chat;
+  if (config.prompts.chat_template) {
+    try {
+      chat = chat_template_for_model(config.model.tokenizer, config.model.path);
+    } catch (const Error& e) {
+      fail("{}: prompts.chat_template: {}", config.source_path, e.what());
+    }
+  }
+  inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get(), chat ? &*chat : nullptr);
   return inputs;
 }
 

@@ -7,14 +7,21 @@
 namespace kvdrift {
 
 std::vector<int64_t> stop_tokens(const LlamaModel& model, const Tokenizer* tokenizer) {
-  std::vector<int64_t> stops = tokenizer ? tokenizer->eos_ids() : model.config().eos_token_ids;
+  std::vector<int64_t> stops = model.config().eos_token_ids;
+  if (tokenizer) {
+    const auto tokenizer_stops = tokenizer->eos_ids();
+    stops.insert(stops.end(), tokenizer_stops.begin(), tokenizer_stops.end());
+  }
   if (model.source().format == "llama2c" && model.config().bos_token_id >= 0)
     stops.push_back(model.config().bos_token_id);
+  std::sort(stops.begin(), stops.end());
+  stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
   return stops;
 }
 
 GenerateResult generate(const LlamaModel& model, const std::vector<int64_t>& prompt, int64_t steps, Sampler& sampler,
-                        const std::vector<int64_t>& stop_ids) {
+                        const std::vector<int64_t>& stop_ids,
+                        const std::function<void(const torch::Tensor&)>& on_logits) {
   if (prompt.empty()) fail("the prompt has no tokens");
   if (steps < 0) fail("steps = {} must be >= 0", steps);
   const int64_t capacity = static_cast<int64_t>(prompt.size()) + steps;
@@ -28,6 +35,7 @@ GenerateResult generate(const LlamaModel& model, const std::vector<int64_t>& pro
   while (result.generated < steps) {
     auto logits = model.forward(input, position, cache, /*last_only=*/true);
     position += input.size(1);
+    if (on_logits) on_logits(logits[0][0]);
     const int64_t token = sampler.next(logits[0][0]);
     if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
       result.stopped = true;

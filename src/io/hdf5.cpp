@@ -731,6 +731,13 @@ File File::open(const std::string& path, unsigned flags, hid_t access_plist, con
 
 File File::create(const std::string& path, bool truncate) {
   silence_error_printing();
+  // An output's missing folders are made, as a user expects from `--output out/run.h5`.
+  const auto parent = std::filesystem::path(path).parent_path();
+  std::error_code error;
+  if (!parent.empty() && !std::filesystem::is_directory(parent, error)) {
+    std::filesystem::create_directories(parent, error);
+    if (error) fail("cannot create HDF5 file {}: cannot create its folder {}: {}", path, parent.string(), error.message());
+  }
   const Handle access_plist = latest_format_access();
   const hid_t file =
       check(H5Fcreate(path.c_str(), truncate ? H5F_ACC_TRUNC : H5F_ACC_EXCL, H5P_DEFAULT, access_plist.get()),

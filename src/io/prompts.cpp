@@ -262,13 +262,15 @@ std::vector<Prompt> token_id_prompts(const std::vector<std::vector<TokenId>>& id
 
 }  // namespace
 
-std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* tokenizer) {
+std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* tokenizer, const ChatTemplate* chat) {
   const std::string& kind = source.kind;
   const bool has_texts = kind == "inline" || kind == "text_file" || kind == "jsonl";
   if (!has_texts && kind != "token_ids") {
     fail("unknown prompt source kind '{}' (expected inline, text_file, jsonl or token_ids)", kind);
   }
   if (has_texts && !tokenizer) fail("prompt source '{}' needs a tokenizer to encode its texts", kind);
+  if (source.chat_template && !has_texts) fail("prompt source '{}' has no texts to wrap in a chat template", kind);
+  if (source.chat_template && !chat) fail("chat_template is set but the model has no chat template");
   if (source.offset < 0 || source.limit < 0) {
     fail("prompt offset and limit must be >= 0, got offset {} and limit {}", source.offset, source.limit);
   }
@@ -289,10 +291,12 @@ std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* to
   prompts.erase(prompts.begin(), prompts.begin() + source.offset);
 
   if (has_texts) {
+    const bool add_bos = source.add_bos && !source.chat_template;  // a template writes its own specials
     for (auto& prompt : prompts) {
-      prompt.tokens = tokenizer->encode(prompt.text, source.add_bos);
+      if (source.chat_template) prompt.text = chat->render(prompt.text, source.system_prompt);
+      prompt.tokens = tokenizer->encode(prompt.text, add_bos);
       if (prompt.tokens.empty()) {
-        fail("prompt {} encodes to no tokens (text \"{}\", add_bos {})", prompt.id, prompt.text, source.add_bos);
+        fail("prompt {} encodes to no tokens (text \"{}\", add_bos {})", prompt.id, prompt.text, add_bos);
       }
     }
   }

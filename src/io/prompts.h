@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvdrift {
@@ -26,6 +27,11 @@ struct PromptSource {
   int64_t offset = 0;                    // skip this many prompts,
   int64_t limit = 0;                     // then keep at most this many (0 = all)
   bool add_bos = true;                   // text kinds only; token_ids are used as given
+  // Text kinds: wrap each text as a user turn in the model's chat template (then no BOS is added:
+  // the template writes its own special tokens), after `system_prompt` when given (else the
+  // template's default system turn, if it has one).
+  bool chat_template = false;
+  std::optional<std::string> system_prompt;
 };
 
 struct Prompt {
@@ -33,17 +39,19 @@ struct Prompt {
   // jsonl the record's task_id, unique_id or id field (first present), else "<file stem>:<record>".
   // The stem drops ".gz" too: HumanEval.jsonl.gz -> "HumanEval". Indices count from 0.
   std::string id;
-  std::string text;             // empty for token_ids
+  std::string text;             // as encoded (chat template applied); empty for token_ids
   std::vector<TokenId> tokens;  // text encoded with add_bos, or the given ids
   std::string answer;           // jsonl answer_field (a string, or a number as in the file), else empty
 };
 
 // Reads, renders and encodes the prompts of `source`; `tokenizer` may be null only for token_ids
-// (when given, ids are checked against its vocabulary). Texts of text_file prompts are trimmed of
+// (when given, ids are checked against its vocabulary); `chat` is required when
+// source.chat_template is set. Texts of text_file prompts are trimmed of
 // surrounding whitespace and empty ones skipped; inline and jsonl texts are kept verbatim. Every
 // record of a file is validated, only the selected prompts are encoded. Throws Error naming the
 // file, line and field (or the template, prompt id or token) on any problem, and when offset/limit
 // leave no prompt.
-std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* tokenizer);
+std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* tokenizer,
+                                 const ChatTemplate* chat = nullptr);
 
 }  // namespace kvdrift

@@ -321,12 +321,14 @@ const std::vector<std::pair<std::string, std::vector<std::string>>> kSourceOnlyK
     {"answer_field", {"jsonl"}},
     {"ids", {"token_ids"}},
     {"add_bos", {"inline", "text_file", "jsonl"}},
+    {"chat_template", {"inline", "text_file", "jsonl"}},
+    {"system_prompt", {"inline", "text_file", "jsonl"}},
 };
 
 PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, const ModelSettings& model) {
   const Mapping prompts = root.at("prompts").mapping(
       {"source", "texts", "path", "separator", "field", "template", "answer_field", "ids", "offset", "limit",
-       "add_bos"});
+       "add_bos", "chat_template", "system_prompt"});
   PromptSettings settings;
   settings.kind = prompts.required("source").one_of(kPromptSources, "prompt source");
   for (const auto& [key, sources] : kSourceOnlyKeys) {
@@ -370,6 +372,18 @@ PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, con
   settings.offset = prompts.at("offset").as_or<int64_t>(settings.offset, kNonNegative);
   settings.limit = prompts.at("limit").as_or<int64_t>(settings.limit, kNonNegative);
   settings.add_bos = prompts.at("add_bos").as_or<bool>(settings.add_bos);
+  settings.chat_template = prompts.at("chat_template").as_or<bool>(settings.chat_template);
+  if (prompts.has("system_prompt")) {
+    if (!settings.chat_template)
+      prompts.reject_key("system_prompt", "prompts.system_prompt needs prompts.chat_template: true");
+    settings.system_prompt = prompts.at("system_prompt").as<std::string>();
+  }
+  if (settings.chat_template) {
+    if (prompts.has("add_bos") && settings.add_bos)
+      prompts.reject_key("add_bos", "prompts.add_bos: true cannot be used with prompts.chat_template: true (the "
+                                    "template writes the model's own special tokens)");
+    settings.add_bos = false;
+  }
   return settings;
 }
 
@@ -580,6 +594,8 @@ std::string RunConfig::resolved_yaml() const {
   key("offset") << prompts.offset;
   key("limit") << prompts.limit;
   if (prompts.kind != "token_ids") key("add_bos") << prompts.add_bos;
+  if (prompts.chat_template) key("chat_template") << true;
+  if (prompts.system_prompt) key("system_prompt") << *prompts.system_prompt;
   out << YAML::EndMap;
 
   key("decoding") << YAML::BeginMap;
@@ -648,7 +664,7 @@ bool operator==(const RunConfig& a, const RunConfig& b) {
   // PromptSource belongs to io/prompts.h, so its comparison stays here rather than as its operator==.
   const auto prompt_fields = [](const PromptSettings& p) {
     return std::tie(p.kind, p.texts, p.path, p.separator, p.field, p.template_text, p.answer_field, p.ids, p.offset,
-                    p.limit, p.add_bos);
+                    p.limit, p.add_bos, p.chat_template, p.system_prompt);
   };
   return prompt_fields(a.prompts) == prompt_fields(b.prompts) &&
          std::tie(a.model, a.decoding, a.quantizers, a.lanes, a.metrics, a.output) ==

@@ -109,7 +109,13 @@ ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& w
   if (c.n_heads <= 0) fail("{}: impossible num_attention_heads = {}", where, c.n_heads);
   c.head_dim = optional<int64_t>(json, "head_dim", c.dim / c.n_heads, where);
   c.max_seq_len = optional<int64_t>(json, "max_position_embeddings", 2048, where);
-  c.rope_theta = optional<double>(json, "rope_theta", 10000.0, where);
+  // transformers >= 5 writes RoPE settings as one `rope_parameters` object (rope_theta and the
+  // scaling fields); earlier checkpoints have a top-level rope_theta and an optional `rope_scaling`.
+  const bool has_rope_parameters = json.contains("rope_parameters") && !json.at("rope_parameters").is_null();
+  const std::string rope_key = has_rope_parameters ? "rope_parameters" : "rope_scaling";
+  c.rope_theta = has_rope_parameters
+                     ? optional<double>(json.at(rope_key), "rope_theta", 10000.0, where + " rope_parameters")
+                     : optional<double>(json, "rope_theta", 10000.0, where);
   c.norm_eps = optional<double>(json, "rms_norm_eps", 1e-6, where);
   c.tie_embeddings = optional<bool>(json, "tie_word_embeddings", false, where);
   c.attention_bias = optional<bool>(json, "attention_bias", c.architecture == "qwen2", where);
@@ -117,9 +123,9 @@ ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& w
   c.rope_style = RopeStyle::HalfSplit;
   c.bos_token_id = optional<int64_t>(json, "bos_token_id", -1, where);
   c.eos_token_ids = token_id_list(json, "eos_token_id", where);
-  if (json.contains("rope_scaling") && !json.at("rope_scaling").is_null()) {
-    const auto& rs = json.at("rope_scaling");
-    const std::string rs_where = where + " rope_scaling";
+  if (json.contains(rope_key) && !json.at(rope_key).is_null()) {
+    const auto& rs = json.at(rope_key);
+    const std::string rs_where = where + " " + rope_key;
     c.rope_scaling.type = rs.contains("rope_type") ? required<std::string>(rs, "rope_type", rs_where)
                                                    : required<std::string>(rs, "type", rs_where);
     if (c.rope_scaling.type == "default") c.rope_scaling.type = "none";

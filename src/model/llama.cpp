@@ -35,7 +35,6 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource
                        torch::ScalarType dtype)
     : config_(std::move(config)), source_(std::move(source)), device_(device), dtype_(dtype) {
   config_.validate(source_.path);
-  require_supported(device_, dtype_);
   check_weights(config_, weights, source_.path);
   auto take = [&](const std::string& name) { return weights.at(name).to(device_, dtype_); };
   embedding_ = take("model.embed_tokens.weight");

@@ -1,0 +1,113 @@
+#include "tokenizer/chat_template.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+#include "core/error.h"
+#include "core/sha256.h"
+
+namespace kvdrift {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct KnownTemplate {
+  const char* sha256;  // of the template text exactly as the model ships it
+  const char* model;   // who ships it, for messages
+  const char* family;
+  const char* default_system;
+};
+
+// To support another model: add its template's digest here, with a family this file renders (or a
+// new family in ChatTemplate::render), and a case to tests/oracle/test_transformers.py.
+const std::vector<KnownTemplate> kKnownTemplates = {
+    {"872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788", "SmolLM2-Instruct", "chatml",
+     "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+};
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot read {}", path.string());
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// tokenizer_config.json's chat_template is a string, or a list of {name, template} of which
+// "default" is the one apply_chat_template uses.
+std::optional<std::string> template_in_tokenizer_config(const fs::path& path) {
+  std::error_code error;
+  if (!fs::is_regular_file(path, error)) return std::nullopt;
+  const auto config = nlohmann::json::parse(read_file(path), nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded() || !config.is_object()) fail("{} is not a JSON object", path.string());
+  if (!config.contains("chat_template") || config.at("chat_template").is_null()) return std::nullopt;
+  const auto& value = config.at("chat_template");
+  if (value.is_string()) return value.get<std::string>();
+  if (value.is_array()) {
+    for (const auto& entry : value) {
+      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+          entry.at("template").is_string())
+        return entry.at("template").get<std::string>();
+    }
+  }
+  fail("{}: chat_template is neither a string nor a list holding a \"default\" template", path.string());
+}
+
+}  // namespace
+
+ChatTemplate::ChatTemplate(std::string family, std::string default_system, std::string source)
+    : family_(std::move(family)), default_system_(std::move(default_system)), source_(std::move(source)) {}
+
+std::string ChatTemplate::render(const std::string& user, const std::optional<std::string>& system) const {
+  // ChatML: every turn is "<|im_start|>ROLE\nCONTENT<|im_end|>\n"; the template adds its default
+  // system turn when the conversation does not start with one.
+  const auto turn = [](const std::string& role, const std::string& content) {
+    return "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
+  };
+  std::string text;
+  if (system) {
+    text += turn("system", *system);
+  } else if (!default_system_.empty()) {
+    text += turn("system", default_system_);
+  }
+  return text + turn("user", user) + "<|im_start|>assistant\n";
+}
+
+ChatTemplate load_chat_template(const std::string& tokenizer_json) {
+  const fs::path dir = fs::path(tokenizer_json).parent_path();
+  const fs::path config_path = dir / "tokenizer_config.json";
+  const fs::path jinja_path = dir / "chat_template.jinja";
+  std::optional<std::string> text = template_in_tokenizer_config(config_path);
+  fs::path source = config_path;
+  std::error_code error;
+  if (!text && fs::is_regular_file(jinja_path, error)) {
+    text = read_file(jinja_path);
+    source = jinja_path;
+  }
+  if (!text)
+    fail("no chat template for {}: neither {} (key chat_template) nor {} exists; set prompts.chat_template: false, "
+         "or use a model directory that ships its template",
+         tokenizer_json, config_path.string(), jinja_path.string());
+  const std::string digest = sha256_hex(*text);
+  for (const auto& known : kKnownTemplates) {
+    if (digest == known.sha256) return ChatTemplate(known.family, known.default_system, source.string());
+  }
+  std::string supported;
+  for (const auto& known : kKnownTemplates) supported += fmt::format("{}{}", supported.empty() ? "" : ", ", known.model);
+  fail("{}: unsupported chat template (sha256 {}); kvdrift renders only the templates it knows exactly ({}) "
+       "and never guesses; see src/tokenizer/chat_template.cpp to add one",
+       source.string(), digest, supported);
+}
+
+ChatTemplate chat_template_for_model(const std::string& tokenizer_path, const std::string& model_path) {
+  std::error_code error;
+  fs::path tokenizer = tokenizer_path.empty() ? fs::path(model_path) / "tokenizer.json" : fs::path(tokenizer_path);
+  if (fs::is_directory(tokenizer, error)) tokenizer /= "tokenizer.json";
+  return load_chat_template(tokenizer.string());
+}
+
+}  // namespace kvdrift
