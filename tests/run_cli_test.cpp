@@ -84,6 +84,9 @@ TEST(RunCli, BadConfigsGetOneClearErrorAndNoCompleteOutput) {
       {{"decoding.max_new_tokens=500"}, "exceed the model's context of 512 positions"},
       {{"lanes=[]"}, "lanes"},
       {{"quantizers.1.params.tile_size=7"}, "tile_size"},
+      {{"model.tokenizer=", "prompts.source=token_ids", "prompts.texts=", "prompts.ids=[[1, 511, 512]]"},
+       "prompt ids:0 has token id 512 at position 2, outside the model's vocabulary of 512 ids"},
+      {{"prompts.chat_template=true"}, "prompts.chat_template: no chat template for "},
   };
   for (const auto& c : cases) {
     fs::remove(dir + "/run.h5");

@@ -517,3 +517,41 @@ TEST(RunConfig, MissingConfigFile) {
 
 }  // namespace
 }  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+const std::string kChat = R"(model: {path: m.bin}
+quantizers: [{name: none, method: none}]
+output: {path: out.h5}
+prompts:
+  source: inline
+  texts: [hello]
+  chat_template: true
+)";
+
+TEST(RunConfig, ChatTemplateSettings) {
+  const RunConfig chat = load(kChat);
+  EXPECT_TRUE(chat.prompts.chat_template);
+  EXPECT_FALSE(chat.prompts.add_bos);  // the template writes the model's own special tokens
+  EXPECT_FALSE(chat.prompts.system_prompt.has_value());
+  const RunConfig system = load(kChat + "  system_prompt: Be brief.\n");
+  EXPECT_EQ(system.prompts.system_prompt, std::optional<std::string>("Be brief."));
+  // The resolved YAML reloads to the same settings (resume compares them).
+  const std::string dir = test::scratch_dir();
+  test::write_file(dir + "/resolved.yaml", system.resolved_yaml());
+  EXPECT_TRUE(load_run_config(dir + "/resolved.yaml", {}) == system);
+  EXPECT_FALSE(load(kChat) == system);
+
+  EXPECT_EQ(load_error(kChat + "  add_bos: true\n"),
+            "demo.yaml:8: prompts.add_bos: true cannot be used with prompts.chat_template: true (the template writes "
+            "the model's own special tokens)");
+  EXPECT_EQ(load_error(kChat, {"prompts.chat_template=false", "prompts.system_prompt=hi"}),
+            "--set prompts.system_prompt=hi: prompts.system_prompt needs prompts.chat_template: true");
+  EXPECT_EQ(load_error(kMinimal, {"prompts.chat_template=true"}),
+            "--set prompts.chat_template=true: prompts.chat_template is only valid with source inline, text_file or "
+            "jsonl");
+}
+
+}  // namespace
+}  // namespace kvdrift

@@ -520,7 +520,7 @@ TEST(RunLog, ReadersOpenTheFileBetweenSamplesAndTheWriterWaitsForThem) {
   std::string output;
   EXPECT_EQ(test::run_python(dir, "check", R"(import sys, h5py
 with h5py.File(sys.argv[1], 'r') as f:
-    print(f.attrs['complete'], [(k, g.attrs['complete']) for k, g in f['samples'].items()])
+    print(f.attrs['complete'], [(k, int(g.attrs['complete'])) for k, g in f['samples'].items()])
 )",
                              {path}, &output),
             0)
@@ -584,8 +584,8 @@ TEST(RunLog, ASampleWrittenAsItDecodesIsReadLiveAndEndsWhole) {
   EXPECT_EQ(test::run_python(dir, "live", R"(import sys, h5py
 with h5py.File(sys.argv[1], 'r', swmr=True) as f:
     s = f['samples/0']
-    print(s.attrs['complete'], list(s['reference_tokens']), list(s['int2/teacher_forced/kl']),
-          s['int4/static/attn_rel_l2'].shape, list(s['int4/free_running/tokens']),
+    print(s.attrs['complete'], s['reference_tokens'][()].tolist(), s['int2/teacher_forced/kl'][()].tolist(),
+          s['int4/static/attn_rel_l2'].shape, s['int4/free_running/tokens'][()].tolist(),
           'int4/teacher_forced/key/quant/E_T' in s)
 )",
                              {path}, &output),

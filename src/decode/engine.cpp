@@ -173,6 +173,18 @@ RunInputs load_run_inputs(const RunConfig& config) {
     }
   }
   inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get(), chat ? &*chat : nullptr);
+  // An id the model has no embedding for would fail deep inside LibTorch ("index out of range").
+  const int64_t vocab = inputs.model->config().vocab_size;
+  if (inputs.tokenizer && inputs.tokenizer->vocab_size() > vocab)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", config.source_path,
+         inputs.tokenizer->vocab_size(), vocab);
+  for (const auto& prompt : inputs.prompts) {
+    for (size_t i = 0; i < prompt.tokens.size(); ++i) {
+      if (prompt.tokens[i] < 0 || prompt.tokens[i] >= vocab)
+        fail("{}: prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids",
+             config.source_path, prompt.id, prompt.tokens[i], i, vocab);
+    }
+  }
   return inputs;
 }
 

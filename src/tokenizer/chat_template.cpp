@@ -27,6 +27,9 @@ struct KnownTemplate {
 const std::vector<KnownTemplate> kKnownTemplates = {
     {"872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788", "SmolLM2-Instruct", "chatml",
      "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+    // Qwen2.5-Coder-1.5B-Instruct's (tool-calling branches unused: kvdrift renders no tools).
+    {"d5495a1e5db0611132a97e46a65dbb64a642a499421228b9c8b93229097fa9a4", "Qwen2.5-Coder-Instruct", "chatml",
+     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
 };
 
 std::string read_file(const fs::path& path) {

@@ -10,7 +10,7 @@ namespace kvdrift {
 
 class ChatTemplate {
  public:
-  // `family` names a supported template: "chatml" (ChatML, e.g. SmolLM2-Instruct's), whose
+  // `family` names a supported template: "chatml" (ChatML: SmolLM2-Instruct's, Qwen2.5's), whose
   // default system prompt (used when the conversation has none) is `default_system`.
   ChatTemplate(std::string family, std::string default_system, std::string source);
   // One user turn, an optional system turn before it, and the assistant's opening.
