@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -40,6 +41,8 @@ struct BenchDecodeOptions {
 };
 
 void run_bench_decode(const BenchDecodeOptions& options) {
+  if (!std::isfinite(options.peak_gbps) || options.peak_gbps < 0)
+    fail("--peak-gbps {} must be a positive bandwidth in GB/s (leave it out to measure it)", options.peak_gbps);
   const auto device = parse_device(options.device);
   const auto dtype = parse_dtype(options.dtype);
   auto model = load_model(options.model, device, dtype);
@@ -68,6 +71,15 @@ struct BenchQuantOptions {
 };
 
 void run_bench_quant(const BenchQuantOptions& options) {
+  // The cases include 128-token KVarN tiles; sizes of 0 would divide by zero deep inside.
+  if (options.heads < 1) fail("--heads {} must be at least 1", options.heads);
+  if (options.tokens < 128 || options.tokens % 128 != 0)
+    fail("--tokens {} must be a positive multiple of 128 (the largest tile of the benchmarked methods)",
+         options.tokens);
+  for (int64_t head_dim : options.head_dims)
+    if (head_dim < 1 || head_dim > 4096) fail("--head-dims {}: a head dim must be in [1, 4096]", head_dim);
+  if (!std::isfinite(options.min_seconds) || options.min_seconds <= 0 || options.min_seconds > 600)
+    fail("--min-seconds {} must be a number of seconds in (0, 600]", options.min_seconds);
   const auto device = parse_device(options.device);
   std::cout << fmt::format("quantize + dequantize of K and V tile sets [{}, {}, head_dim] on {}\n", options.heads,
                            options.tokens, describe_device(device));

@@ -1,5 +1,7 @@
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
 #include "commands.h"
 #include "core/error.h"
 #include "model/checkpoint.h"
@@ -13,11 +15,20 @@ struct ConvertOptions {
   std::string input;
   std::string to_format;
   std::string output;
+  bool overwrite = false;
 };
 
 void run_convert(const ConvertOptions& options) {
   if (options.from_format != "llama2c") fail("convert: unsupported source format '{}' (supported: llama2c)", options.from_format);
   if (options.to_format != "hf") fail("convert: unsupported target format '{}' (supported: hf)", options.to_format);
+  // Never write into someone's folder unasked: its config.json would be replaced.
+  std::error_code error;
+  if (std::filesystem::exists(options.output, error)) {
+    if (!std::filesystem::is_directory(options.output, error))
+      fail("convert: {} exists and is not a directory", options.output);
+    if (!std::filesystem::is_empty(options.output, error) && !options.overwrite)
+      fail("convert: {} is not empty; pass --overwrite to write into it", options.output);
+  }
   const auto checkpoint = read_llama2c_checkpoint(options.input, torch::kCPU, torch::kFloat32);
   write_hf_checkpoint(checkpoint, options.output);
   spdlog::info("wrote {}/config.json and {}/model.safetensors ({} parameters)", options.output, options.output,
@@ -32,7 +43,8 @@ void register_convert(CLI::App& app, std::function<void()>& command) {
   sub->add_option("--from", options->from_format, "source format (llama2c)")->required();
   sub->add_option("input", options->input, "source checkpoint file")->required();
   sub->add_option("--to", options->to_format, "target format (hf)")->required();
-  sub->add_option("output", options->output, "target directory")->required();
+  sub->add_option("output", options->output, "target directory (absent or empty)")->required();
+  sub->add_flag("--overwrite", options->overwrite, "write into a non-empty target directory");
   sub->callback([options, &command] { command = [options] { run_convert(*options); }; });
 }
 

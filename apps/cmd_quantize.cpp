@@ -2,11 +2,14 @@
 // values a prompt produces, the natural input of `quantize`.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/output_path.h"
 #include "io/hdf5.h"
 #include "metrics/token_scale.h"
 #include "model/checkpoint.h"
@@ -25,6 +28,7 @@ struct QuantizeOptions {
   std::vector<std::string> settings;  // key=value
   std::string cache_policy = "tiles";
   std::string output;
+  bool overwrite = false;
 };
 
 ParamMap parse_settings(const std::vector<std::string>& settings) {
@@ -49,6 +53,7 @@ std::vector<hsize_t> shape_of(const torch::Tensor& t) {
 }
 
 void run_quantize(const QuantizeOptions& options) {
+  check_output_path("--output", options.output, {options.input}, options.overwrite);
   const Role role = options.role == "key" ? Role::Key : Role::Value;
   const auto input = h5::File::open_read(options.input);
   std::vector<hsize_t> shape;
@@ -56,6 +61,13 @@ void run_quantize(const QuantizeOptions& options) {
   if (shape.size() != 3)
     fail("{}: dataset '{}' has rank {}, expected 3 ([heads, tokens, head_dim])", options.input, options.dataset,
          shape.size());
+  if (shape[0] == 0 || shape[1] == 0 || shape[2] == 0)
+    fail("{}: dataset '{}' has shape [{}, {}, {}]; every dimension must be at least 1", options.input,
+         options.dataset, shape[0], shape[1], shape[2]);
+  const auto non_finite = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+  if (non_finite != values.end())
+    fail("{}: dataset '{}' holds a non-finite value ({} at flat index {}); quantizers need finite input",
+         options.input, options.dataset, *non_finite, non_finite - values.begin());
   auto x =
       torch::from_blob(const_cast<float*>(values.data()),
                        {static_cast<int64_t>(shape[0]), static_cast<int64_t>(shape[1]), static_cast<int64_t>(shape[2])},
@@ -110,6 +122,7 @@ struct DumpOptions {
   std::string tokenizer;
   std::string prompt;
   std::string output;
+  bool overwrite = false;
 };
 
 // Records the keys and values of each layer as the model writes them.
@@ -129,6 +142,7 @@ class RecordingCache final : public KVCache {
 };
 
 void run_dump(const DumpOptions& options) {
+  check_output_path("--output", options.output, {options.model, options.tokenizer}, options.overwrite);
   auto tokenizer = load_tokenizer(options.tokenizer);
   auto model = load_model(options.model, torch::kCPU, torch::kFloat32);
   auto tokens = tokenizer->encode(options.prompt, tokenizer->bos_id().has_value());
@@ -168,6 +182,7 @@ void register_quantize(CLI::App& app, std::function<void()>& command) {
       ->check(CLI::IsMember({"tiles", "full"}))
       ->capture_default_str();
   sub->add_option("--output", options->output, "output HDF5 file")->required();
+  sub->add_flag("--overwrite", options->overwrite, "replace the output file if it exists");
   sub->callback([options, &command] { command = [options] { run_quantize(*options); }; });
 
   auto dump = std::make_shared<DumpOptions>();
@@ -176,6 +191,7 @@ void register_quantize(CLI::App& app, std::function<void()>& command) {
   dump_sub->add_option("--tokenizer", dump->tokenizer, "tokenizer")->required();
   dump_sub->add_option("--prompt", dump->prompt, "prompt text")->required();
   dump_sub->add_option("--output", dump->output, "output HDF5 file")->required();
+  dump_sub->add_flag("--overwrite", dump->overwrite, "replace the output file if it exists");
   dump_sub->callback([dump, &command] { command = [dump] { run_dump(*dump); }; });
 }
 

@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/sha256.h"
 #include "decode/engine.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
@@ -27,13 +28,21 @@ struct RunOptions {
   bool overwrite = false;
 };
 
-RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const Engine& engine) {
+std::string prompts_sha256(const std::vector<Prompt>& prompts) {
+  std::string all;
+  for (const auto& prompt : prompts) all += fmt::format("{}\n{}\n", prompt.id, fmt::join(prompt.tokens, " "));
+  return sha256_hex(all);
+}
+
+RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const Engine& engine,
+                         const std::vector<Prompt>& prompts) {
   RunMetadata metadata;
   metadata.tool_version = KVDRIFT_VERSION;
   metadata.git_revision = KVDRIFT_GIT_REVISION;
   metadata.model_path = model.source().path;
   metadata.model_format = model.source().format;
   metadata.model_sha256 = checkpoint_sha256(model.source());
+  metadata.prompts_sha256 = prompts_sha256(prompts);
   metadata.device = describe_device(model.device());
   metadata.dtype = dtype_name(model.dtype());
   metadata.model_shapes = expected_weight_shapes(model.config());
@@ -85,7 +94,8 @@ void run_main_job(const RunOptions& options) {
   const Engine engine(model, config, inputs.tokenizer.get());
 
   auto log =
-      RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine), options.overwrite);
+      RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine, prompts),
+                   options.overwrite);
   spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
                config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(model.device()),
                dtype_name(model.dtype()));

@@ -9,6 +9,12 @@
 #include "core/device.h"
 #include "core/error.h"
 
+namespace {
+// Exit statuses: 0 success, 1 a failure of the command (kvdrift::Error and LibTorch errors), 2 a usage
+// error (unknown command or option, a missing or malformed argument).
+constexpr int kUsageError = 2;
+}  // namespace
+
 int main(int argc, char** argv) {
   // stdout carries results only (generated text, tables); logs go to stderr.
   spdlog::set_default_logger(spdlog::stderr_color_mt("kvdrift"));
@@ -36,7 +42,10 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help prints the help (exit 0); every other usage error is one line and exit status 2.
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    std::cerr << "kvdrift: error: " << e.what() << " (kvdrift --help lists the commands and options)" << std::endl;
+    return kUsageError;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
@@ -45,10 +54,11 @@ int main(int argc, char** argv) {
       std::cout << kvdrift::version_report();
       return 0;
     }
-    if (!command) throw CLI::CallForHelp();
+    if (!command) {
+      std::cerr << "kvdrift: error: no command given (kvdrift --help lists the commands and options)" << std::endl;
+      return kUsageError;
+    }
     command();
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
   } catch (const kvdrift::Error& e) {
     std::cerr << "kvdrift: error: " << e.what() << std::endl;
     return 1;

@@ -113,6 +113,37 @@ TEST(Cli, UnknownDtypeAndDevice) {
   test::expect_one_error_line(generate_with("synthetic:tiny", {"--device", "tpu"}), "unknown device 'tpu'");
 }
 
+// Sizes that would divide by zero or never finish are refused by name before anything runs.
+TEST(Cli, BenchSettingsOutOfRangeAreRefused) {
+  auto quant = [](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"bench", "quant"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return test::run_cli(args);
+  };
+  test::expect_one_error_line(quant({"--head-dims", "0"}), "--head-dims 0: a head dim must be in [1, 4096]");
+  test::expect_one_error_line(quant({"--heads", "0"}), "--heads 0 must be at least 1");
+  test::expect_one_error_line(
+      quant({"--tokens", "64"}),
+      "--tokens 64 must be a positive multiple of 128 (the largest tile of the benchmarked methods)");
+  test::expect_one_error_line(quant({"--min-seconds", "inf"}), "--min-seconds inf must be a number of seconds");
+  test::expect_one_error_line(quant({"--min-seconds", "-1"}), "--min-seconds -1 must be a number of seconds");
+  test::expect_one_error_line(test::run_cli({"bench", "decode", "--peak-gbps", "-3"}),
+                              "--peak-gbps -3 must be a positive bandwidth in GB/s");
+}
+
+TEST(Cli, ConvertNeverWritesIntoAFolderUnasked) {
+  const std::string dir = test::scratch_dir();
+  test::write_file(dir + "/config.json", "mine");
+  const std::string model = test::stories260k_dir() + "/stories260K.bin";
+  test::expect_one_error_line(test::run_cli({"convert", "--from", "llama2c", model, "--to", "hf", dir}),
+                              "convert: " + dir + " is not empty; pass --overwrite to write into it");
+  EXPECT_EQ(test::read_file(dir + "/config.json"), "mine");
+  test::expect_one_error_line(test::run_cli({"convert", "--from", "llama2c", model, "--to", "hf", dir + "/config.json"}),
+                              "convert: " + dir + "/config.json exists and is not a directory");
+  EXPECT_EQ(test::run_cli({"convert", "--from", "llama2c", model, "--to", "hf", dir, "--overwrite"}).exit_code, 0);
+  EXPECT_NE(test::read_file(dir + "/config.json"), "mine");
+}
+
 TEST(Cli, ConvertRefusesUnknownFormats) {
   auto result = test::run_cli({"convert", "--from", "gguf", "x.gguf", "--to", "hf", test::scratch_dir()});
   test::expect_one_error_line(result, "unsupported source format 'gguf'");
@@ -179,6 +210,30 @@ TEST(Cli, VersionNamesLibrariesAndThreadsAreSettable) {
   const auto bad = test::run_cli({"--version"});
   ::setenv("KVDRIFT_THREADS", "1", 1);
   test::expect_one_error_line(bad, "KVDRIFT_THREADS='two' is not a positive number of threads");
+}
+
+}  // namespace
+}  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+// Usage errors are one line and exit status 2 (failures of a command exit 1); --help exits 0.
+TEST(Cli, UsageErrorsExitTwoWithOneLineNamingTheWord) {
+  for (const auto& [args, fragment] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"frobnicate"}, "frobnicate"},
+           {{"generate", "--model", "x", "--stpes", "3"}, "--stpes"},
+           {{"generate", "--steps", "many", "--model", "x"}, "many"},
+           {{"generate"}, "--model is required"},
+           {{}, "no command given"},
+       }) {
+    const auto result = test::run_cli(args);
+    EXPECT_EQ(result.exit_code, 2) << fragment << "\n" << result.err;
+    test::expect_one_error_line(result, fragment);
+  }
+  const auto help = test::run_cli({"--help"});
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.out.find("generate"), std::string::npos);
 }
 
 }  // namespace

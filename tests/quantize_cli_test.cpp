@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "io/hdf5.h"
 #include "support.h"
@@ -19,6 +20,9 @@ std::string write_input(const std::string& dir) {
   auto file = h5::File::create(path, true);
   file.write("kv/keys", x.data_ptr<float>(), {4, 64, 64});
   file.write("flat", x.data_ptr<float>(), {4 * 64 * 64});
+  file.write("empty", x.data_ptr<float>(), {4, 32, 0});
+  x[1][2][3] = std::numeric_limits<float>::quiet_NaN();
+  file.write("nan", x.data_ptr<float>(), {4, 64, 64});
   file.close();
   return path;
 }
@@ -121,6 +125,10 @@ TEST(QuantizeCli, BadInputGetsOneClearError) {
   };
   expect_error(quantize({"--method", "kivi"}, "kv/missing"), "dataset '/kv/missing' does not exist");
   expect_error(quantize({"--method", "kivi"}, "flat"), "dataset 'flat' has rank 1, expected 3");
+  expect_error(quantize({"--method", "kivi"}, "empty"),
+               "dataset 'empty' has shape [4, 32, 0]; every dimension must be at least 1");
+  expect_error(quantize({"--method", "kivi"}, "nan"),
+               "dataset 'nan' holds a non-finite value (nan at flat index 4227); quantizers need finite input");
   expect_error(quantize({"--method", "kivy"}), "unknown quantizer method 'kivy'");
   expect_error(quantize({"--method", "kivi", "--set", "k_bit=2"}), "unknown parameter 'k_bit'");
   expect_error(quantize({"--method", "rtn", "--set", "k_bits=12"}), "k_bits = 12 is out of range [1, 8]");
@@ -128,6 +136,48 @@ TEST(QuantizeCli, BadInputGetsOneClearError) {
   expect_error(quantize({"--method", "kvarn"}), "128");  // 64 tokens are not a tile of 128
   expect_error(quantize({"--method", "rtn", "--set", "k_bits"}), "--set 'k_bits' is not of the form key=value");
   EXPECT_FALSE(std::filesystem::exists(dir + "/out.h5"));
+}
+
+}  // namespace
+}  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+// An output is a regular file or absent, never one of the inputs, and replaced only when asked; a
+// refused output leaves every file as it was.
+TEST(QuantizeCli, OutputsAreNeverDestroyed) {
+  const std::string dir = test::scratch_dir();
+  const std::string input = write_input(dir);
+  const std::string before = test::read_file(input);
+  auto quantize = [&](const std::string& output, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"quantize", "--input", input, "--dataset", "kv/keys", "--role", "key",
+                                     "--method", "rtn", "--output", output};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return test::run_cli(args);
+  };
+  test::expect_one_error_line(quantize(input, {"--overwrite"}), "--output " + input + " is the same file as the input " +
+                                                                   input + "; name another output");
+  std::filesystem::create_symlink(input, dir + "/link.h5");
+  test::expect_one_error_line(quantize(dir + "/link.h5", {"--overwrite"}), "is the same file as the input");
+  test::expect_one_error_line(quantize("/dev/null", {"--overwrite"}),
+                              "--output /dev/null exists and is not a regular file; name a file");
+  test::expect_one_error_line(quantize(dir, {"--overwrite"}), "--output " + dir + " exists and is not a regular file");
+  test::expect_one_error_line(quantize(""), "--output must name a file");
+  EXPECT_EQ(test::read_file(input), before);
+
+  ASSERT_EQ(quantize(dir + "/out/new.h5").exit_code, 0);  // a missing folder is made
+  test::write_file(dir + "/mine.h5", "keep me");
+  test::expect_one_error_line(quantize(dir + "/mine.h5"), "--output " + dir + "/mine.h5 exists; pass --overwrite to "
+                                                          "replace it");
+  EXPECT_EQ(test::read_file(dir + "/mine.h5"), "keep me");
+  EXPECT_EQ(quantize(dir + "/mine.h5", {"--overwrite"}).exit_code, 0);
+  EXPECT_NE(test::read_file(dir + "/mine.h5"), "keep me");
+
+  const std::string model = test::stories260k_dir();
+  const auto dump = test::run_cli({"dump-kv", "--model", model + "/stories260K.bin", "--tokenizer",
+                                   model + "/tok512.bin", "--prompt", "Hi", "--output", dir + "/mine.h5"});
+  test::expect_one_error_line(dump, "--output " + dir + "/mine.h5 exists; pass --overwrite to replace it");
 }
 
 }  // namespace

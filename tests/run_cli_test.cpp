@@ -193,6 +193,21 @@ TEST(RunCli, ResumeAfterSigkillGivesTheSameArrays) {
   const auto changed = test::run_cli({"run", config, "--output", killed, "--set", "decoding.max_new_tokens=8"});
   EXPECT_NE(changed.exit_code, 0);
   EXPECT_NE(changed.err.find("different config"), std::string::npos) << changed.err;
+  // --overwrite with a config that cannot run (a prompt beyond the context, an id beyond the
+  // vocabulary) is refused before the finished log is touched.
+  const std::string before = test::read_file(killed);
+  for (const std::vector<std::string>& sets :
+       {std::vector<std::string>{"decoding.max_new_tokens=600"},
+        std::vector<std::string>{"model.tokenizer=", "prompts.source=token_ids", "prompts.texts=", "prompts.ids=[[600]]"}}) {
+    std::vector<std::string> args = {"run", config, "--output", killed, "--overwrite"};
+    for (const auto& set : sets) args.insert(args.end(), {"--set", set});
+    const auto refused = test::run_cli(args);
+    EXPECT_EQ(refused.exit_code, 1) << sets[0];
+    EXPECT_NE(refused.err.find(sets.size() == 1 ? "exceed the model's context of 512 positions" : "token id 600"),
+              std::string::npos)
+        << refused.err;
+    EXPECT_EQ(test::read_file(killed), before) << sets[0];
+  }
 }
 
 // decoding.batch_prompts = 2 over three prompts of different lengths: batches {0, 1} and {2}. Each
@@ -346,6 +361,31 @@ TEST(RunCli, LiveRunIsReadWithSwmrAndAKillMidSampleResumes) { expect_live_run_re
 // lands in the middle of both, and the resumed run redoes the pair.
 TEST(RunCli, LiveBatchOfTwoIsReadWithSwmrAndAKillMidBatchResumes) {
   expect_live_run_read_killed_and_resumed({"--set", "decoding.batch_prompts=2"});
+}
+
+}  // namespace
+}  // namespace kvdrift
+
+namespace kvdrift {
+namespace {
+
+// A prompt file changed between a run and its resume: the log would mix both versions, so it is refused.
+TEST(RunCli, ResumeRefusesChangedPrompts) {
+  const std::string dir = test::scratch_dir();
+  const std::string model = test::stories260k_dir();
+  test::write_file(dir + "/prompts.txt", "Once upon a time\nThe dog ran\n");
+  test::write_file(dir + "/run.yaml", "model: {path: " + model + "/stories260K.bin, tokenizer: " + model +
+                                          "/tok512.bin}\nprompts: {source: text_file, path: prompts.txt}\n"
+                                          "decoding: {max_new_tokens: 2}\nquantizers: [{name: none, method: none}]\n"
+                                          "output: {path: " + dir + "/run.h5}\n");
+  ASSERT_EQ(test::run_cli({"run", dir + "/run.yaml"}).exit_code, 0);
+  EXPECT_EQ(test::run_cli({"run", dir + "/run.yaml"}).exit_code, 0);  // same prompts: nothing to do
+  const std::string finished = test::read_file(dir + "/run.h5");
+  test::write_file(dir + "/prompts.txt", "The dog ran\nOnce upon a time\n");
+  const auto refused = test::run_cli({"run", dir + "/run.yaml"});
+  test::expect_one_error_line(refused, "was written with different prompts (sha256 '", /*empty_stdout=*/false);
+  EXPECT_NE(refused.err.find("did a prompt file change?); pass --overwrite to replace it"), std::string::npos);
+  EXPECT_EQ(test::read_file(dir + "/run.h5"), finished);
 }
 
 }  // namespace

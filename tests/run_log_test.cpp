@@ -52,6 +52,7 @@ RunMetadata metadata() {
   metadata.model_path = "/models/tiny.bin";
   metadata.model_format = "llama2c";
   metadata.model_sha256 = "5e1f";
+  metadata.prompts_sha256 = "a1a1";
   metadata.device = "cpu";
   metadata.dtype = "float32";
   metadata.model_shapes = {{"tok_embeddings", {512, 64}}, {"n_layers", {2}}};
@@ -467,6 +468,11 @@ TEST(RunLog, RefusesAnotherConfigOrModelUnlessOverwriting) {
   other_model.model_sha256 = "77aa";
   EXPECT_EQ(error_message([&] { RunLog::open(path, kConfig, other_model, false); }),
             path + " was written with a different model (sha256 '5e1f', now '77aa'); pass --overwrite to replace it");
+  RunMetadata other_prompts = metadata();
+  other_prompts.prompts_sha256 = "b0b0";
+  EXPECT_EQ(error_message([&] { RunLog::open(path, kConfig, other_prompts, false); }),
+            path + " was written with different prompts (sha256 'a1a1', now 'b0b0': did a prompt file change?); pass "
+                   "--overwrite to replace it");
 
   RunLog log = RunLog::open(path, other_config, metadata(), true);
   EXPECT_FALSE(log.has_sample(0));

@@ -173,8 +173,10 @@ RunInputs load_run_inputs(const RunConfig& config) {
     }
   }
   inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get(), chat ? &*chat : nullptr);
-  // An id the model has no embedding for would fail deep inside LibTorch ("index out of range").
+  // Checked here, before a run touches its log: an id the model has no embedding for would fail deep
+  // inside LibTorch ("index out of range"), and a prompt too long only when its batch starts.
   const int64_t vocab = inputs.model->config().vocab_size;
+  const int64_t context = inputs.model->config().max_seq_len;
   if (inputs.tokenizer && inputs.tokenizer->vocab_size() > vocab)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", config.source_path,
          inputs.tokenizer->vocab_size(), vocab);
@@ -184,6 +186,10 @@ RunInputs load_run_inputs(const RunConfig& config) {
         fail("{}: prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids",
              config.source_path, prompt.id, prompt.tokens[i], i, vocab);
     }
+    const auto length = static_cast<int64_t>(prompt.tokens.size());
+    if (length + config.decoding.max_new_tokens > context)
+      fail("{}: prompt '{}' ({} tokens) + decoding.max_new_tokens ({}) exceed the model's context of {} positions",
+           config.source_path, prompt.id, length, config.decoding.max_new_tokens, context);
   }
   return inputs;
 }

@@ -209,6 +209,7 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
   file.set_attribute("dtype", metadata.dtype);
   set_uint64_attribute(file, "decoding_seed", metadata.decoding_seed);
   set_uint64_attribute(file, "weights_seed", metadata.weights_seed);
+  file.set_attribute("prompts_sha256", metadata.prompts_sha256);
   file.set_attribute("complete", 0);
   file.write_string("config/yaml", resolved_config_yaml);
 
@@ -269,6 +270,14 @@ void check_resumable(const h5::File& file, const std::string& resolved_config_ya
   if (stored_sha256 != metadata.model_sha256) {
     fail("{} was written with a different model (sha256 '{}', now '{}'); pass --overwrite to replace it", path,
          stored_sha256, metadata.model_sha256);
+  }
+  // The config names a prompt file; the digest tells whether it still gives the same prompts.
+  const std::string stored_prompts =
+      file.has_attribute("prompts_sha256") ? file.attribute<std::string>("prompts_sha256") : "";
+  if (stored_prompts != metadata.prompts_sha256) {
+    fail("{} was written with different prompts (sha256 '{}', now '{}': did a prompt file change?); pass --overwrite "
+         "to replace it",
+         path, stored_prompts, metadata.prompts_sha256);
   }
 }
 

@@ -32,6 +32,7 @@ struct RunMetadata {
   std::string model_path;
   std::string model_format;
   std::string model_sha256;  // empty for synthetic models
+  std::string prompts_sha256;  // of every prompt's id and token ids, in order: a resume must see the same
   std::string device;
   std::string dtype;
   std::vector<std::pair<std::string, std::vector<int64_t>>> model_shapes;  // name -> shape

@@ -1,0 +1,15 @@
+#pragma once
+// The rule every command that writes a file follows before it starts: the output is absent or a regular
+// file, it is not one of the command's inputs, and an existing one is replaced only when asked.
+#include <string>
+#include <vector>
+
+namespace kvdrift {
+
+// Throws Error naming `option` and the path: an empty path, an output that exists but is not a regular
+// file (a device, a FIFO, a folder), one that is the same file as an input (also through links), and
+// an existing one without `overwrite`.
+void check_output_path(const std::string& option, const std::string& output, const std::vector<std::string>& inputs,
+                       bool overwrite);
+
+}  // namespace kvdrift
