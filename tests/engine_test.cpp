@@ -262,7 +262,7 @@ TEST(Engine, PromptsOfOneBatchGiveWhatEachGivesAlone) {
         // ~1e-6) whose value depends on which BLAS kernel ran and on the batch's padded span: every
         // element is held to an absolute bound. Quantized lanes: a rounding difference can flip a
         // 2-bit code, and a flipped code shifts every later step's metrics a little (LibTorch 2.12 on
-        // an Intel CPU: 78% of KIVI's KL elements within 0.1%, the mean within 1%), so most elements
+        // an AMD EPYC: 78% of KIVI's KL elements within 0.1%, the mean within 1%), so most elements
         // are held to 5% and the mean to 2%.
         const bool noise = a.quantizer == "none";
         const double absolute = noise ? 1e-4 : 1e-6;

@@ -15,7 +15,8 @@ from tests.oracle import support
 NEW_TOKENS = 256
 STOP_IDS = [0, 2]  # <|endoftext|> and <|im_end|>: what kvdrift stops at (model EOS + tokenizer end tokens)
 # Largest |kvdrift logit - transformers logit| allowed at any step and vocabulary entry. Measured on
-# two CPUs (AMD and Intel, float32, 2 threads): at most 2e-4 over 512 steps, on logits of magnitude ~30.
+# the project's machine (AMD EPYC, LibTorch 2.12, float32, 1 and 2 threads): 1.0e-4 over two 256-step
+# generations, on logits of magnitude ~30. The bound leaves 20x room for other CPUs' kernels.
 LOGIT_TOLERANCE = 2e-3
 
 
@@ -104,7 +105,7 @@ class GenerationAgreesWithTransformers(unittest.TestCase):
             difference = float(np.abs(ours - theirs).max())
             worst = max(worst, difference)
             self.assertLess(difference, LOGIT_TOLERANCE, f"prompt {index}")
-        print(f"largest |logit difference| over {NEW_TOKENS}-step generations: {worst:.3g}")
+        print(f"largest |logit difference| over {NEW_TOKENS}-step generations: {worst:.2e}")
 
 
 if __name__ == "__main__":
