@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "reference/llama2c_pieces.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -70,6 +71,17 @@ TEST(TokenizerLlama2c, EncodesLikeLlama2cRunC) {
   EXPECT_EQ(tokenizer->encode("Tom said, \"Hi!\"\n", true), (Ids{1, 274, 287, 336, 432, 313, 440, 417, 443, 436, 13}));
   // The curly quotes are pieces of their own (465, 466), the dummy prefix " " stays alone.
   EXPECT_EQ(tokenizer->encode("\u201cHi\u201d", true), (Ids{1, 410, 465, 440, 417, 466}));
+}
+
+// kvdrift merges through a priority queue; run.c rescans the sequence per merge. Same tokens on
+// every TinyStories sample story, a byte-fallback-heavy text, and ties (runs of one repeated piece).
+TEST(TokenizerLlama2c, PriorityQueueMergesGiveRunCTokens) {
+  auto tokenizer = load_tokenizer(tok512_path());
+  const reference::Llama2cPieces run_c(tok512_path());
+  std::vector<std::string> texts = tinystories_sample();
+  texts.push_back("aaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbbbbbb   ...... the the the the");
+  texts.push_back("Zoë ate 3 crêpes — 🙂 and said “¡hola!” \t\x01\x7f");
+  for (const auto& text : texts) EXPECT_EQ(tokenizer->encode(text, true), run_c.encode(text)) << text;
 }
 
 TEST(TokenizerLlama2c, ByteFallback) {

@@ -41,6 +41,7 @@ Llama2cPieces::Llama2cPieces(const std::string& tokenizer_path) : path_(tokenize
       throw std::runtime_error("truncated piece for id " + std::to_string(pieces_.size()) + " in " + tokenizer_path);
     }
     pieces_.push_back(std::move(piece));
+    scores_.push_back(score);
   }
   if (in.gcount() != 0) throw std::runtime_error("trailing partial entry in " + tokenizer_path);
   if (pieces_.empty()) throw std::runtime_error("tokenizer has no pieces: " + tokenizer_path);
@@ -55,6 +56,44 @@ std::string Llama2cPieces::decode(int64_t previous_token, int64_t token) const {
   char byte = 0;
   if (parse_byte_piece(piece, byte)) return std::string(1, byte);
   return piece;
+}
+
+int64_t Llama2cPieces::id_of(const std::string& piece) const {
+  for (size_t id = 0; id < pieces_.size(); ++id)
+    if (pieces_[id] == piece) return static_cast<int64_t>(id);
+  return -1;
+}
+
+std::vector<int64_t> Llama2cPieces::encode(const std::string& text) const {
+  std::vector<int64_t> tokens = {kBosToken};
+  if (!text.empty()) tokens.push_back(id_of(" "));
+  for (size_t start = 0; start < text.size();) {
+    size_t end = start + 1;
+    while (end < text.size() && end - start < 4 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) ++end;
+    const int64_t id = id_of(text.substr(start, end - start));
+    if (id >= 0) {
+      tokens.push_back(id);
+    } else {
+      for (size_t i = start; i < end; ++i) tokens.push_back(static_cast<unsigned char>(text[i]) + 3);
+    }
+    start = end;
+  }
+  while (true) {
+    float best_score = -1e10f;
+    int64_t best_id = -1, best_index = -1;
+    for (size_t i = 0; i + 1 < tokens.size(); ++i) {
+      const int64_t id = id_of(pieces_[tokens[i]] + pieces_[tokens[i + 1]]);
+      if (id != -1 && scores_[id] > best_score) {
+        best_score = scores_[id];
+        best_id = id;
+        best_index = static_cast<int64_t>(i);
+      }
+    }
+    if (best_index == -1) break;
+    tokens[best_index] = best_id;
+    tokens.erase(tokens.begin() + best_index + 1);
+  }
+  return tokens;
 }
 
 std::string Llama2cPieces::decode_all(int64_t first_token, const std::vector<int64_t>& tokens) const {
