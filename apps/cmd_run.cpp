@@ -6,6 +6,7 @@
 #include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "core/device.h"
@@ -24,7 +25,7 @@ namespace {
 struct RunOptions {
   std::string config;
   std::vector<std::string> overrides;
-  std::string output;
+  std::optional<std::string> output;  // given: replaces output.path
   bool overwrite = false;
 };
 
@@ -86,7 +87,10 @@ class Progress {
 
 void run_main_job(const RunOptions& options) {
   auto overrides = options.overrides;
-  if (!options.output.empty()) overrides.push_back("output.path=" + options.output);
+  if (options.output) {
+    if (options.output->empty()) fail("--output must name a file (leave it out to use the config's output.path)");
+    overrides.push_back("output.path=" + *options.output);
+  }
   const RunConfig config = load_run_config(options.config, overrides);
   const auto inputs = load_run_inputs(config);
   const LlamaModel& model = *inputs.model;

@@ -96,6 +96,18 @@ TEST(Cli, ConfigJsonMissingRequiredKey) {
   test::expect_one_error_line(generate_with(dir), dir + "/config.json: missing required key 'hidden_size'");
 }
 
+// A shard index may only name files in the model directory.
+TEST(Cli, ShardIndexCannotReachOutOfTheModelDirectory) {
+  const std::string dir = converted_copy(test::scratch_dir() + "/hf");
+  for (const std::string shard : {"../model.safetensors", "/etc/passwd", "sub/model.safetensors"}) {
+    test::write_file(dir + "/model.safetensors.index.json",
+                     nlohmann::json{{"weight_map", {{"model.embed_tokens.weight", shard}}}}.dump());
+    test::expect_one_error_line(generate_with(dir), dir + "/model.safetensors.index.json: weight_map entry "
+                                                          "'model.embed_tokens.weight' names '" + shard +
+                                                          "', which is not a file name in the model directory");
+  }
+}
+
 TEST(Cli, HfTensorWithWrongShape) {
   const std::string dir = converted_copy(test::scratch_dir() + "/hf");
   auto config = nlohmann::json::parse(test::read_file(dir + "/config.json"));

@@ -88,6 +88,8 @@ TEST(RunCli, BadConfigsGetOneClearErrorAndNoCompleteOutput) {
        "prompt ids:0 has token id 512 at position 2, outside the model's vocabulary of 512 ids"},
       {{"prompts.chat_template=true"}, "prompts.chat_template: no chat template for "},
   };
+  test::expect_one_error_line(test::run_cli({"run", small_config(dir), "--output", ""}),
+                              "--output must name a file (leave it out to use the config's output.path)");
   for (const auto& c : cases) {
     fs::remove(dir + "/run.h5");
     std::vector<std::string> args = {"run", small_config(dir)};

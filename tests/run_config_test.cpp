@@ -513,6 +513,9 @@ TEST(RunConfig, KeyGivenTwice) {
 TEST(RunConfig, MissingConfigFile) {
   const std::string path = test::scratch_dir() + "/absent.yaml";
   EXPECT_EQ(test::error_message([&] { load_run_config(path, {}); }), "config file not found: " + path);
+  for (const std::string& not_a_file : {std::string("/dev/zero"), test::scratch_dir()})
+    EXPECT_EQ(test::error_message([&] { load_run_config(not_a_file, {}); }),
+              "config " + not_a_file + " is not a regular file (a device, a FIFO or a folder)");
 }
 
 }  // namespace

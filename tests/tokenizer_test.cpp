@@ -285,6 +285,11 @@ TEST(TokenizerErrors, MalformedLlama2cFile) {
   const std::string truncated = dir + "/truncated.bin";
   test::write_file(truncated, tok512.substr(0, tok512.size() - 3));
   expect_error_mentions(error_message([&] { load_tokenizer(truncated); }), {truncated, "truncated"});
+  const std::string trailing = dir + "/trailing.bin";
+  test::write_file(trailing, tok512 + "xy");
+  EXPECT_EQ(error_message([&] { load_tokenizer(trailing); }),
+            trailing + ": llama2.c tokenizer ends inside token 512 (the score of it is cut off at byte " +
+                std::to_string(tok512.size() + 2) + "): the file is truncated or has 2 trailing bytes");
 
   // Header (max_token_length 7), then token 0 with score 0 and byte length -1.
   const std::string negative = dir + "/negative.bin";

@@ -539,7 +539,8 @@ std::string number_text(double value) { return fmt::format("{}", value); }
 
 RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
   std::error_code error;
-  if (!fs::is_regular_file(path, error)) fail("config file not found: {}", path);
+  if (!fs::exists(path, error)) fail("config file not found: {}", path);
+  if (!fs::is_regular_file(path, error)) fail("config {} is not a regular file (a device, a FIFO or a folder)", path);
   std::vector<YAML::Node> documents;
   try {
     documents = YAML::LoadAll(read_text(path));

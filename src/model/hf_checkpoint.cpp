@@ -68,6 +68,11 @@ Checkpoint read_hf_checkpoint(const std::string& dir, torch::Device device, torc
       fail("{}: missing 'weight_map' object", index_path.string());
     for (const auto& [name, file] : index.at("weight_map").items()) {
       if (!file.is_string()) fail("{}: weight_map entry '{}' is not a file name", index_path.string(), name);
+      // Shards live in the model directory: a path out of it ("../x", "/etc/x") is refused.
+      const fs::path shard = file.get<std::string>();
+      if (shard.has_parent_path() || shard.is_absolute() || shard == "." || shard == "..")
+        fail("{}: weight_map entry '{}' names '{}', which is not a file name in the model directory",
+             index_path.string(), name, shard.string());
       shards[file.get<std::string>()].insert(name);
     }
   } else if (fs::exists(fs::path(dir) / "model.safetensors")) {

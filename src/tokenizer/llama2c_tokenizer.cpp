@@ -34,9 +34,11 @@ class Llama2cTokenizer final : public Tokenizer {
     const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     size_t offset = 0;
     auto read_field = [&](auto& value, const char* field) {
+      // The format has no token count: a partial entry at the end is a cut-off file or stray bytes.
       if (bytes.size() - offset < sizeof value) {
-        fail("{}: truncated llama2.c tokenizer: {} of token {} is cut off at byte {}", path, field, pieces_.size(),
-             bytes.size());
+        fail("{}: llama2.c tokenizer ends inside token {} ({} of it is cut off at byte {}): the file is truncated or "
+             "has {} trailing bytes",
+             path, pieces_.size(), field, bytes.size(), bytes.size() - offset);
       }
       std::memcpy(&value, bytes.data() + offset, sizeof value);
       offset += sizeof value;
@@ -54,8 +56,9 @@ class Llama2cTokenizer final : public Tokenizer {
              length, max_token_length);
       }
       if (bytes.size() - offset < static_cast<size_t>(length)) {
-        fail("{}: truncated llama2.c tokenizer: token {} needs {} bytes, {} left", path, pieces_.size(), length,
-             bytes.size() - offset);
+        fail("{}: llama2.c tokenizer ends inside token {} (it needs {} bytes, {} left): the file is truncated or has "
+             "trailing bytes",
+             path, pieces_.size(), length, bytes.size() - offset);
       }
       pieces_.emplace_back(bytes, offset, length);
       scores_.push_back(score);
