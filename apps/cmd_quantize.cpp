@@ -145,6 +145,9 @@ void run_dump(const DumpOptions& options) {
   check_output_path("--output", options.output, {options.model, options.tokenizer}, options.overwrite);
   auto tokenizer = load_tokenizer(options.tokenizer);
   auto model = load_model(options.model, torch::kCPU, torch::kFloat32);
+  if (tokenizer->vocab_size() > model.config().vocab_size)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", options.tokenizer,
+         tokenizer->vocab_size(), model.config().vocab_size);
   auto tokens = tokenizer->encode(options.prompt, tokenizer->bos_id().has_value());
   RecordingCache cache(model.config().n_layers);
   model.forward(torch::tensor(tokens).unsqueeze(0), 0, cache);

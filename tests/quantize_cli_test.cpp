@@ -178,6 +178,13 @@ TEST(QuantizeCli, OutputsAreNeverDestroyed) {
   const auto dump = test::run_cli({"dump-kv", "--model", model + "/stories260K.bin", "--tokenizer",
                                    model + "/tok512.bin", "--prompt", "Hi", "--output", dir + "/mine.h5"});
   test::expect_one_error_line(dump, "--output " + dir + "/mine.h5 exists; pass --overwrite to replace it");
+  // A tokenizer whose ids the model has no embeddings for (SmolLM2's 49,152 vs stories260K's 512).
+  const auto mismatched = test::run_cli({"dump-kv", "--model", model + "/stories260K.bin", "--tokenizer",
+                                         test::smollm2_dir(), "--prompt", "Hi", "--output", dir + "/kv.h5"});
+  test::expect_one_error_line(mismatched, test::smollm2_dir() +
+                                              ": the tokenizer has 49152 tokens but the model's vocabulary has only "
+                                              "512 ids");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/kv.h5"));
 }
 
 }  // namespace
