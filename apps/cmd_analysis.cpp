@@ -14,14 +14,12 @@
 
 namespace kvdrift::cli {
 
-namespace {
-
-// $KVDRIFT_PYTHON when set, else the project's virtual environment (scripts/setup.sh), which has h5py
-// and matplotlib.
-std::string python() {
+std::string project_python() {
   const char* python = std::getenv("KVDRIFT_PYTHON");
-  return python && *python ? python : KVDRIFT_PYTHON;
+  return python && *python ? python : KVDRIFT_PYTHON;  // the .venv scripts/setup.sh made (h5py, matplotlib)
 }
+
+namespace {
 
 // $KVDRIFT_ANALYSIS_DIR when set (an installed copy), else the checkout this binary was built from.
 std::string analysis_dir() {
@@ -33,7 +31,7 @@ std::string analysis_dir() {
   const std::string path = analysis_dir() + "/" + script;
   if (!std::filesystem::exists(path))
     fail("{} not found (set KVDRIFT_ANALYSIS_DIR to the analysis/ folder of a kvdrift checkout)", path);
-  const std::string interpreter = python();
+  const std::string interpreter = project_python();
   std::vector<char*> argv = {const_cast<char*>(interpreter.c_str()), const_cast<char*>(path.c_str())};
   for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);

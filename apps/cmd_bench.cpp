@@ -7,7 +7,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -162,8 +161,7 @@ struct BenchTransformersOptions {
 
 // The command's output, parsed: one JSON line from scripts/bench_transformers.py.
 nlohmann::json run_transformers_side(const BenchTransformersOptions& options, const std::vector<int64_t>& prompt) {
-  const char* env_python = std::getenv("KVDRIFT_PYTHON");
-  const std::string python = env_python && *env_python ? env_python : KVDRIFT_PYTHON;
+  const std::string python = project_python();
   std::string ids;
   for (int64_t id : prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);
   const std::string command = fmt::format("'{}' '{}/bench_transformers.py' --model '{}' --ids {} --steps {} --repeats {} "

@@ -40,9 +40,7 @@ void run_generate(const GenerateOptions& options) {
   if (!tokenizer)
     fail("no tokenizer: pass --tokenizer FILE (the model '{}' has no tokenizer.json beside it)", options.model);
   auto model = load_model(options.model, device, dtype, options.sampling.seed);
-  if (tokenizer->vocab_size() > model.config().vocab_size)
-    fail("tokenizer has {} tokens but the model's vocabulary has only {}", tokenizer->vocab_size(),
-         model.config().vocab_size);
+  require_tokenizer_fits(model, *tokenizer, options.tokenizer.empty() ? options.model : options.tokenizer);
   if (options.system && !options.chat) fail("--system needs --chat");
   std::error_code error;
   if (!options.logits_path.empty() && std::filesystem::exists(options.logits_path, error))

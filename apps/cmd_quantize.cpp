@@ -10,6 +10,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/output_path.h"
+#include "decode/generate.h"
 #include "io/hdf5.h"
 #include "metrics/token_scale.h"
 #include "model/checkpoint.h"
@@ -145,9 +146,7 @@ void run_dump(const DumpOptions& options) {
   check_output_path("--output", options.output, {options.model, options.tokenizer}, options.overwrite);
   auto tokenizer = load_tokenizer(options.tokenizer);
   auto model = load_model(options.model, torch::kCPU, torch::kFloat32);
-  if (tokenizer->vocab_size() > model.config().vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", options.tokenizer,
-         tokenizer->vocab_size(), model.config().vocab_size);
+  require_tokenizer_fits(model, *tokenizer, options.tokenizer);
   auto tokens = tokenizer->encode(options.prompt, tokenizer->bos_id().has_value());
   RecordingCache cache(model.config().n_layers);
   model.forward(torch::tensor(tokens).unsqueeze(0), 0, cache);

@@ -16,6 +16,20 @@ namespace kvdrift {
 
 namespace {
 
+// A prompt the model can run: some tokens, ids it has embeddings for, and room for max_new_tokens.
+void check_prompt_fits(const Prompt& prompt, const ModelConfig& mc, int64_t max_new_tokens) {
+  const auto length = static_cast<int64_t>(prompt.tokens.size());
+  if (length == 0) fail("prompt '{}' has no tokens", prompt.id);
+  for (int64_t i = 0; i < length; ++i) {
+    if (prompt.tokens[i] < 0 || prompt.tokens[i] >= mc.vocab_size)
+      fail("prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids", prompt.id,
+           prompt.tokens[i], i, mc.vocab_size);
+  }
+  if (length + max_new_tokens > mc.max_seq_len)
+    fail("prompt '{}' ({} tokens) + decoding.max_new_tokens ({}) exceed the model's context of {} positions",
+         prompt.id, length, max_new_tokens, mc.max_seq_len);
+}
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -175,21 +189,13 @@ RunInputs load_run_inputs(const RunConfig& config) {
   inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get(), chat ? &*chat : nullptr);
   // Checked here, before a run touches its log: an id the model has no embedding for would fail deep
   // inside LibTorch ("index out of range"), and a prompt too long only when its batch starts.
-  const int64_t vocab = inputs.model->config().vocab_size;
-  const int64_t context = inputs.model->config().max_seq_len;
-  if (inputs.tokenizer && inputs.tokenizer->vocab_size() > vocab)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", config.source_path,
-         inputs.tokenizer->vocab_size(), vocab);
+  if (inputs.tokenizer) require_tokenizer_fits(*inputs.model, *inputs.tokenizer, config.source_path);
   for (const auto& prompt : inputs.prompts) {
-    for (size_t i = 0; i < prompt.tokens.size(); ++i) {
-      if (prompt.tokens[i] < 0 || prompt.tokens[i] >= vocab)
-        fail("{}: prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids",
-             config.source_path, prompt.id, prompt.tokens[i], i, vocab);
+    try {
+      check_prompt_fits(prompt, inputs.model->config(), config.decoding.max_new_tokens);
+    } catch (const Error& e) {
+      fail("{}: {}", config.source_path, e.what());
     }
-    const auto length = static_cast<int64_t>(prompt.tokens.size());
-    if (length + config.decoding.max_new_tokens > context)
-      fail("{}: prompt '{}' ({} tokens) + decoding.max_new_tokens ({}) exceed the model's context of {} positions",
-           config.source_path, prompt.id, length, config.decoding.max_new_tokens, context);
   }
   return inputs;
 }
@@ -218,12 +224,8 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
   if (prompts.empty()) fail("no prompts to run");
   int64_t longest = 0;
   for (const Prompt& prompt : prompts) {
-    const int64_t n = static_cast<int64_t>(prompt.tokens.size());
-    if (n == 0) fail("prompt '{}' has no tokens", prompt.id);
-    if (n + max_new > mc.max_seq_len)
-      fail("prompt '{}' ({} tokens) + max_new_tokens ({}) exceed the model's context of {} positions", prompt.id, n,
-           max_new, mc.max_seq_len);
-    longest = std::max(longest, n);
+    check_prompt_fits(prompt, mc, max_new);
+    longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
   }
   const torch::Device device = model_.device();
   const int64_t layers = mc.n_layers;

@@ -19,6 +19,12 @@ std::vector<int64_t> stop_tokens(const LlamaModel& model, const Tokenizer* token
   return stops;
 }
 
+void require_tokenizer_fits(const LlamaModel& model, const Tokenizer& tokenizer, const std::string& tokenizer_name) {
+  if (tokenizer.vocab_size() > model.config().vocab_size)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary has only {} ids", tokenizer_name,
+         tokenizer.vocab_size(), model.config().vocab_size);
+}
+
 GenerateResult generate(const LlamaModel& model, const std::vector<int64_t>& prompt, int64_t steps, Sampler& sampler,
                         const std::vector<int64_t>& stop_ids,
                         const std::function<void(const torch::Tensor&)>& on_logits) {

@@ -22,6 +22,9 @@ struct GenerateResult {
 // their training documents are separated by BOS (as run.c stops). Sorted, without repeats.
 std::vector<int64_t> stop_tokens(const LlamaModel& model, const Tokenizer* tokenizer);
 
+// Fails, naming `tokenizer_name`, when the tokenizer can produce ids the model has no embedding for.
+void require_tokenizer_fits(const LlamaModel& model, const Tokenizer& tokenizer, const std::string& tokenizer_name);
+
 // Generates up to `steps` tokens after `prompt` (non-empty). A generated token in `stop_ids` ends the
 // generation and is not part of the result. `on_logits`, when given, sees each step's logits [vocab]
 // before its token is drawn (the step that draws a stop token included).
