@@ -391,6 +391,8 @@ class RunInfo:
         self.methods = {q["name"]: q.get("method", "") for q in self.config.get("quantizers") or []}
         self.params = {q["name"]: q.get("params") or {} for q in self.config.get("quantizers") or []}
         self.scores = read_scores(handle)
+        # /summary is only final once the root `complete` is 1 (written just before that mark).
+        self.summary = read_summary(handle) if self.complete else {}
 
     @property
     def prompts(self):
@@ -422,16 +424,32 @@ class RunInfo:
                 f"{len(self.samples)} samples{status} · max {self.max_new_tokens} new tokens")
 
 
+def read_summary(handle):
+    """/summary as {quantizer: {"": its attributes, lane: the lane subgroup's attributes}}, values
+    as Python int/float/str."""
+    def attrs(group):
+        return {k: (attr_str(group.attrs, k) if isinstance(v, (bytes, str)) else v.item())
+                for k, v in group.attrs.items() if np.ndim(v) == 0}
+
+    if "summary" not in handle:
+        return {}
+    return {name: {"": attrs(group), **{lane: attrs(sub) for lane, sub in group.items()
+                                         if isinstance(sub, h5py.Group)}}
+            for name, group in handle["summary"].items() if isinstance(group, h5py.Group)}
+
+
 def read_scores(handle):
     """/scores (written by score.py) as {'task', 'reference', 'free_running': {quantizer: ...}},
-    each lane's entry a dict of correct, scored, accuracy; None when the run is not scored."""
+    each lane's entry a dict of correct, scored, accuracy, accuracy_ci_low, accuracy_ci_high (NaN
+    when the scores predate the interval); None when the run is not scored."""
     if "scores" not in handle:
         return None
     group = handle["scores"]
 
     def lane(g):
         return {"correct": int(g.attrs["correct"]), "scored": int(g.attrs["scored"]),
-                "accuracy": float(g.attrs["accuracy"])}
+                **{k: float(g.attrs.get(k, np.nan))
+                   for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")}}
 
     free_running = {name: lane(g["free_running"]) for name, g in group.items()
                     if isinstance(g, h5py.Group) and "free_running" in g}
@@ -540,7 +558,6 @@ class SeriesData:
         self.first_divergence = []
         self.outcome = []
         self.free_running_steps = []  # max(len(lane tokens), len(reference tokens)) per sample
-        self.bits_per_element = []    # one per (sample, lane)
 
 
 def check_quantizers(runs, wanted):
@@ -588,8 +605,6 @@ def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts
         if lane not in group:
             continue
         lane_group = group[lane]
-        if "bits_per_element" in lane_group.attrs:
-            data.bits_per_element.append(float(lane_group.attrs["bits_per_element"]))
         if lane in data.attention and "attn_rel_l2" in lane_group:
             rel_l2 = lane_group["attn_rel_l2"][:]
             data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2)
@@ -616,13 +631,23 @@ def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts
                     data.worst5_share[tensor].append(float(share))
 
 
-def survival_curve(first_divergence, outcome, steps):
-    """Fraction of samples whose free-running tokens equal the reference's through step t.
+EVENT_OUTCOMES = ("token_mismatch", "length_only")
 
-    A sample diverges at `first_divergence` when its outcome is `token_mismatch` or `length_only`;
-    `identical` and `censored` samples never diverge within the log.
+
+def survival_curve(first_divergence, outcome, steps):
+    """Kaplan–Meier survival S(t), t = 0..steps-1, of "free-running tokens equal the reference's
+    through step t", and the number of samples at risk at each t (arrays of length `steps`).
+
+    Each sample's time is its `first_divergence`. Outcome `token_mismatch` or `length_only` is an
+    event at d (steps 0..d-1 matched, step d differed); `identical` and `censored` samples are
+    censored there: a sample censored at c is at risk at steps t < c and not at t = c.
+    S(t) = prod over event steps d <= t of (1 - events(d) / at_risk(d)); the median is the first
+    event step with S <= 0.5 (the engine's `first_divergence_km_median`, +inf if none).
     """
-    diverged_at = np.array([d if o in ("token_mismatch", "length_only") else np.inf
-                            for d, o in zip(first_divergence, outcome)], dtype=np.float64)
-    t = np.arange(steps)
-    return (diverged_at[None, :] > t[:, None]).mean(axis=1)
+    times = np.asarray(first_divergence, dtype=np.int64)
+    event = np.array([o in EVENT_OUTCOMES for o in outcome], dtype=bool)
+    width = max(steps, int(times.max(initial=-1)) + 1)
+    events = np.bincount(times[event], minlength=width)[:steps]
+    # at risk at t: time > t, or an event at t (a sample censored at t is not)
+    at_risk = len(times) - np.cumsum(np.bincount(times, minlength=width))[:steps] + events
+    return np.cumprod(1.0 - events / np.maximum(at_risk, 1)), at_risk

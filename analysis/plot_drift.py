@@ -4,7 +4,8 @@
     plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--follow [--interval S]]
 
 Writes, per figure, NAME.png, NAME.pdf and NAME.csv (exactly the numbers drawn), plus report.md
-and summary_table.csv. Only finished samples (complete = 1) are used.
+and summary_table.csv. The figures use the finished samples (complete = 1); the report's summary
+figures come from the engine's /summary of a finished run (root complete = 1).
 """
 import argparse
 import csv
@@ -284,7 +285,7 @@ def attention_heatmap(series, args):
     return fig, {"attention_heatmap.csv": (HEATMAP_COLUMNS, rows)}, None
 
 
-SURVIVAL_COLUMNS = ["run", "quantizer", "step", "samples", "identical_fraction"]
+SURVIVAL_COLUMNS = ["run", "quantizer", "step", "samples", "at_risk", "survival"]
 
 
 def survival(series, args):
@@ -297,16 +298,19 @@ def survival(series, args):
         if not data.first_divergence:
             continue
         steps = max(data.free_running_steps)
-        curve = log.survival_curve(data.first_divergence, data.outcome, steps)
-        for step, value in enumerate(curve):
+        curve, at_risk = log.survival_curve(data.first_divergence, data.outcome, steps)
+        for step, (value, risk) in enumerate(zip(curve, at_risk)):
             rows.append({"run": data.run.path, "quantizer": data.quantizer, "step": step,
-                         "samples": len(data.first_divergence), "identical_fraction": value})
+                         "samples": len(data.first_divergence), "at_risk": risk, "survival": value})
         ax.step(np.arange(steps), curve, where="post", label=data.label, linewidth=1.6, **series_style(i))
+    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("decoding step [tokens]")
-    ax.set_ylabel("samples still identical to the reference [fraction]")
+    ax.set_ylabel("P(still identical to the reference through step t)")
     ax.grid(True, alpha=0.3)
-    fig.suptitle("Free-running lanes: survival of the reference trajectory", fontsize=12)
+    fig.suptitle("Free-running lanes: Kaplan–Meier survival of the reference trajectory (identical and "
+                 "censored samples\ncensored at their first divergence; the median is where a curve "
+                 "first reaches 0.5)", fontsize=11)
     finish_figure(fig, args.caption)
     return fig, {"survival.csv": (SURVIVAL_COLUMNS, rows)}, None
 
@@ -343,46 +347,82 @@ FIGURES = (
     ("drift_curves", drift_curves, "Drift curves (KL, top-1 disagreement, attention error; static vs teacher-forced)"),
     ("token_scale", token_scale, "Token-scale error vs position (E_M and E_D stacked)"),
     ("attention_heatmap", attention_heatmap, "Attention-output error, layer x step"),
-    ("survival", survival, "Free-running survival"),
+    ("survival", survival, "Free-running survival (Kaplan–Meier)"),
 )
 
 
 # --------------------------------------------------------------------------------------------
 # Report.
 
-TABLE_COLUMNS = ["run", "quantizer", "method", "samples", "bits_per_element_mean", "kl_mean",
-                 "kl_median", "final_kl_mean", "first_divergence_median", "accuracy_free_running",
-                 "accuracy_reference"]
+# Summary figures as the engine writes them in /summary/<q> (one definition, docs/hdf5-schema.md):
+# (column = attribute name, subgroup of /summary/<q> ("" = the group itself), has a 95% interval).
+SUMMARY_FIELDS = [
+    ("first_step", "", False), ("bits_per_element_mean", "", False),
+    ("kl_mean", "teacher_forced", True), ("final_kl_mean", "teacher_forced", True),
+    ("kl_slope", "teacher_forced", True), ("top1_disagreement_mean", "teacher_forced", True),
+    ("first_divergence_km_median", "free_running", True), ("first_divergence_at_risk", "free_running", False),
+    ("first_divergence_censored", "free_running", False), ("outcome_identical", "free_running", False),
+    ("key_quant_worst5_magnitude_share_mean", "teacher_forced", True),
+    ("attn_gap_mean", "", True), ("attn_gap_slope", "", True),
+]
+INTERVAL = ("", "_ci_low", "_ci_high")
+TABLE_COLUMNS = (["run", "quantizer", "method", "samples"]
+                 + [name + end for name, _, ci in SUMMARY_FIELDS for end in (INTERVAL if ci else ("",))]
+                 + [f"accuracy_{lane}{end}" for lane in ("free_running", "reference") for end in INTERVAL])
+NAN = float("nan")
 
 
 def table_rows(series):
+    """Per series: the finished samples, the run's /summary/<q> figures (NaN until the run is
+    complete) and the task accuracy from /scores."""
     rows = []
     for data in series:
-        kl = np.concatenate(data.kl) if data.kl else np.zeros(0)
-        final = [values[-1] for values in data.kl if len(values)]
-        scores = data.run.scores
-        free_running = (scores or {}).get("free_running", {}).get(data.quantizer)
-        reference = (scores or {}).get("reference")
-        rows.append({
-            "run": data.run.path, "quantizer": data.quantizer, "method": data.method,
-            "samples": len(data.samples),
-            "bits_per_element_mean": _mean(data.bits_per_element),
-            "kl_mean": _mean(kl), "kl_median": float(np.median(kl)) if len(kl) else float("nan"),
-            "final_kl_mean": _mean(final),
-            "first_divergence_median": (float(np.median(data.first_divergence))
-                                        if data.first_divergence else float("nan")),
-            "accuracy_free_running": free_running["accuracy"] if free_running else float("nan"),
-            "accuracy_reference": reference["accuracy"] if reference else float("nan"),
-        })
+        summary = data.run.summary.get(data.quantizer, {})
+        row = {"run": data.run.path, "quantizer": data.quantizer, "method": data.method,
+               "samples": len(data.samples)}
+        for name, group, ci in SUMMARY_FIELDS:
+            for end in INTERVAL if ci else ("",):
+                row[name + end] = summary.get(group, {}).get(name + end, NAN)
+        scores = data.run.scores or {}
+        for lane, entry in (("free_running", scores.get("free_running", {}).get(data.quantizer)),
+                            ("reference", scores.get("reference"))):
+            for end in INTERVAL:
+                row[f"accuracy_{lane}{end}"] = entry[f"accuracy{end}"] if entry else NAN
+        rows.append(row)
     return rows
 
 
-def _mean(values):
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
 def _fmt(value, spec):
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return "not reached" if value == math.inf else format(value, spec)
+
+
+def _interval(value, low, high, spec):
+    """`value [low, high]` (the 95% interval), or the value alone where there is none."""
+    value, low, high = (_fmt(v, spec) for v in (value, low, high))
+    if value == "–" or low == high == "–" or value == low == high == "not reached":
+        return value
+    return f"{value} [{low}, {high}]"
+
+
+def _cell(row, name, spec):
+    return _interval(*(row[name + end] for end in INTERVAL), spec)
+
+
+def _summary_note(run):
+    """The report line on where a run's summary figures come from."""
+    if not run.complete:
+        return ("  - run not finished: its summary columns stay empty (–) until kvdrift writes "
+                "`/summary` when the run finishes")
+    if not run.summary:
+        return "  - no `/summary` in the file: its summary columns are empty (–)"
+    settings = dict.fromkeys((s[""].get("first_step"), s[""].get("bootstrap_level"),
+                              s[""].get("bootstrap_resamples"), s[""].get("bootstrap_seed"))
+                             for s in run.summary.values())
+    return "\n".join(f"  - summary (`/summary`): means over decode steps from step {first} on; intervals: "
+                     f"{_fmt(level, '.0%')} percentile bootstrap over samples ({resamples} resamples, "
+                     f"seed {seed})" for first, level, resamples, seed in settings)
 
 
 def write_report(out_dir, runs, series, produced, skipped):
@@ -394,27 +434,47 @@ def write_report(out_dir, runs, series, produced, skipped):
         lines.append(f"- `{run.path}` (kvdrift {run.kvdrift_version}): {run.caption()}")
         if run.unfinished:
             lines.append(f"  - {run.unfinished} sample(s) not finished yet are left out")
+        lines.append(_summary_note(run))
         if run.scores:
             reference = run.scores["reference"]
             if reference:
                 lines.append(f"  - task `{run.scores['task']}`, reference accuracy "
-                             f"{reference['accuracy']:.3f} ({reference['correct']}/{reference['scored']})")
-    lines += ["", "| quantizer | bits / element | mean KL [nats] | median KL [nats] | final-step KL [nats] "
-              "| first divergence, median [tokens] |" + (" accuracy (free-running) |" if scored else ""),
-              "|---|---:|---:|---:|---:|---:|" + ("---:|" if scored else "")]
+                             f"{_interval(*(reference['accuracy' + e] for e in INTERVAL), '.3f')} "
+                             f"({reference['correct']}/{reference['scored']})")
+    lines += ["", "| quantizer | bits / element | mean KL [nats] | final-step KL [nats] | KL slope [nats/step] "
+              "| top-1 disagreement | first divergence, KM median [step] | at risk / censored / identical "
+              "| key worst-5% E_M share | attention gap (TF − static) | attention-gap slope [1/step] |"
+              + (" accuracy (free-running) |" if scored else ""),
+              "|---|" + "---:|" * (10 + scored)]
     for data, row in zip(series, rows):
-        cells = [data.label, _fmt(row["bits_per_element_mean"], ".3f"), _fmt(row["kl_mean"], ".3g"),
-                 _fmt(row["kl_median"], ".3g"), _fmt(row["final_kl_mean"], ".3g"),
-                 _fmt(row["first_divergence_median"], ".1f")]
+        counts = [row[c] for c in ("first_divergence_at_risk", "first_divergence_censored", "outcome_identical")]
+        cells = [data.label, _fmt(row["bits_per_element_mean"], ".3f"), _cell(row, "kl_mean", ".3g"),
+                 _cell(row, "final_kl_mean", ".3g"), _cell(row, "kl_slope", ".3g"),
+                 _cell(row, "top1_disagreement_mean", ".3f"), _cell(row, "first_divergence_km_median", "g"),
+                 " / ".join(_fmt(c, "g") for c in counts) if any(_fmt(c, "g") != "–" for c in counts) else "–",
+                 _cell(row, "key_quant_worst5_magnitude_share_mean", ".3f"), _cell(row, "attn_gap_mean", ".3g"),
+                 _cell(row, "attn_gap_slope", ".3g")]
         if scored:
             scores = (data.run.scores or {}).get("free_running", {}).get(data.quantizer)
-            cells.append(f"{scores['accuracy']:.3f} ({scores['correct']}/{scores['scored']})"
+            cells.append(f"{_cell(row, 'accuracy_free_running', '.3f')} ({scores['correct']}/{scores['scored']})"
                          if scores else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "KL is the teacher-forced lane's KL(p_ref ‖ p_lane), pooled over samples and steps; "
-              "final-step KL is the mean over samples of the KL at each sample's last step; bits per "
-              "element are averaged over samples and lanes; first divergence is the free-running lane's "
-              "common prefix with the reference. Numbers: `summary_table.csv`.", "", "## Figures", ""]
+    lines += ["", "The summary figures are the engine's `/summary/<quantizer>` of each finished run, not recomputed "
+              "here. Means run over the decode steps from the summary's `first_step` on (1 when the prompt "
+              "was prefilled in full precision: step 0's logits come from that shared prefill); brackets "
+              "are 95% percentile-bootstrap intervals over samples. Bits per element: mean over samples "
+              "and lanes. KL: the teacher-forced lane's KL(p_ref ‖ p_lane) pooled over samples and steps; "
+              "final-step KL at each sample's last step, mean over samples; KL slope: least-squares slope "
+              "against the step within samples (each prompt's own level removed); top-1 disagreement: fraction of teacher-forced steps whose argmax differs "
+              "from the reference's. First divergence: Kaplan–Meier median of the free-running lane's "
+              "first differing step (the survival figure; samples identical to the end or cut at the step "
+              "limit are censored; *not reached*: survival never fell to 0.5), with the samples at risk at "
+              "that step, the censored ones and those identical throughout. Key worst-5% E_M share: "
+              "teacher-forced key quantization error (`key/quant`) as the ratio of sums ΣE_M / ΣE_T over "
+              "the worst 5% of rows by E_T, mean over samples. Attention gap: teacher-forced minus static "
+              "attention-output error ‖a − a_ref‖/‖a_ref‖ (mean over layers) per logged step, its mean "
+              "and its least-squares slope. Accuracy: `/scores` (score.py), 95% percentile bootstrap "
+              "over the scored samples. Numbers: `summary_table.csv`.", "", "## Figures", ""]
     for name, _, title in FIGURES:
         if name in produced:
             lines += [f"### {title}", "", f"![{title}]({name}.png)", "",

@@ -23,6 +23,7 @@ PROG = "score.py"
 TASKS = ("math", "aime", "gsm8k", "humaneval")
 # A directory name in prompts.path that identifies the task.
 TASK_DIRECTORIES = {"math500": "math", "aime24": "aime", "gsm8k": "gsm8k", "humaneval": "humaneval"}
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 1000, 0
 
 
 def infer_task(run):
@@ -118,6 +119,18 @@ def score_humaneval(lanes, info, run, timeout, jobs):
     return results
 
 
+def accuracy_summary(correct):
+    """(correct, scored, accuracy, ci_low, ci_high) of 0/1 flags: the interval is the 95% percentile
+    bootstrap over the scored samples (1000 resamples, numpy default_rng(0)); NaN when none."""
+    correct = np.asarray(correct, dtype=np.int64)
+    if not len(correct):
+        return 0, 0, float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = correct[rng.integers(len(correct), size=(BOOTSTRAP_RESAMPLES, len(correct)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return int(correct.sum()), len(correct), float(correct.mean()), float(low), float(high)
+
+
 def write_scores(path, task, lanes, results):
     """Replaces /scores: built under a temporary name and moved into place once whole."""
     with log.open_run_file(path, mode="r+") as handle:
@@ -131,9 +144,11 @@ def write_scores(path, task, lanes, results):
             name = "reference" if lane.quantizer is None else f"{lane.quantizer}/free_running"
             target = group.create_group(name)
             correct = np.array([c for c, _ in lane_results], dtype=np.int64)
-            target.attrs["correct"] = np.int64(correct.sum())
-            target.attrs["scored"] = np.int64(len(correct))
-            target.attrs["accuracy"] = np.float64(correct.mean()) if len(correct) else np.float64(np.nan)
+            summary = accuracy_summary(correct)
+            for key, value in zip(("correct", "scored"), summary[:2]):
+                target.attrs[key] = np.int64(value)
+            for key, value in zip(("accuracy", "accuracy_ci_low", "accuracy_ci_high"), summary[2:]):
+                target.attrs[key] = np.float64(value)
             target.create_dataset("sample", data=np.array(lane.samples, dtype=np.int64))
             target.create_dataset("correct", data=correct)
             target.create_dataset("extracted", data=[d for _, d in lane_results],
@@ -175,12 +190,11 @@ def main(argv=None):
     except log.LogError as error:
         log.fail_cli(PROG, error)
     print(f"task {task}: {args.run}")
-    print(f"{'lane':<40} {'correct':>8} {'scored':>7} {'accuracy':>9}")
+    print(f"{'lane':<40} {'correct':>8} {'scored':>7} {'accuracy':>9}  95% CI (bootstrap)")
     for lane, lane_results in zip(lanes, results):
         name = "reference" if lane.quantizer is None else f"{lane.quantizer} free-running"
-        correct = sum(c for c, _ in lane_results)
-        accuracy = correct / len(lane_results) if lane_results else float("nan")
-        print(f"{name:<40} {correct:>8} {len(lane_results):>7} {accuracy:>9.3f}")
+        correct, scored, accuracy, low, high = accuracy_summary([c for c, _ in lane_results])
+        print(f"{name:<40} {correct:>8} {scored:>7} {accuracy:>9.3f}  [{low:.3f}, {high:.3f}]")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -52,6 +53,8 @@ RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const
     metadata.model_config[key] = value.is_string() ? value.get<std::string>() : value.dump();
   metadata.decoding_seed = config.decoding.seed;
   metadata.weights_seed = config.model.seed;
+  metadata.prefill = config.decoding.prefill;
+  metadata.prefill_chunk = config.decoding.prefill == "chunked" ? config.decoding.prefill_chunk : 0;
   for (size_t i = 0; i < config.quantizers.size(); ++i) {
     metadata.quantizer_names.push_back(config.quantizers[i].name);
     metadata.quantizer_params[config.quantizers[i].name] = engine.quantizers()[i]->resolved_params();
@@ -136,11 +139,16 @@ void run_main_job(const RunOptions& options) {
   std::vector<std::string> names;
   for (const auto& q : config.quantizers) names.push_back(q.name);
   const auto summary = log.finish(names);
-  std::cout << fmt::format("{:<24} {:>14} {:>22} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (med)",
+  // Confidence intervals, slopes and counts: the log's /summary (docs/hdf5-schema.md).
+  std::cout << fmt::format("{:<24} {:>14} {:>25} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (KM med)",
                            "bits/elem");
-  for (const auto& row : summary)
-    std::cout << fmt::format("{:<24} {:>14.4e} {:>22.1f} {:>10.3f}\n", row.quantizer, row.mean_kl,
-                             row.first_divergence_median, row.bits_per_element);
+  for (const auto& row : summary) {
+    const std::string divergence = std::isinf(row.first_divergence_median)
+                                       ? std::string("not reached")
+                                       : fmt::format("{:.1f}", row.first_divergence_median);
+    std::cout << fmt::format("{:<24} {:>14.4e} {:>25} {:>10.3f}\n", row.quantizer, row.mean_kl, divergence,
+                             row.bits_per_element);
+  }
   std::cout << "output: " << config.output.path << "\n";
 }
 

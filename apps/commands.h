@@ -15,6 +15,7 @@ void register_run(CLI::App& app, std::function<void()>& command);
 void register_analysis(CLI::App& app, std::function<void()>& command);
 void register_sweep(CLI::App& app, std::function<void()>& command);
 void register_tokenize(CLI::App& app, std::function<void()>& command);
+void register_bits(CLI::App& app, std::function<void()>& command);
 
 // The Python that runs analysis/ and scripts/: $KVDRIFT_PYTHON when set, else the project's .venv.
 std::string project_python();

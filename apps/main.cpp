@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
   kvdrift::cli::register_quantize(app, command);
   kvdrift::cli::register_analysis(app, command);
   kvdrift::cli::register_tokenize(app, command);
+  kvdrift::cli::register_bits(app, command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -13,6 +13,7 @@
 
 #include "io/hdf5.h"
 #include "io/run_config.h"
+#include "decode/sampler.h"
 #include "model/checkpoint.h"
 #include "support.h"
 
@@ -332,6 +333,144 @@ TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
       EXPECT_EQ(partial.arrays.count("key/quant/E_T"), 0u);  // token-scale arrays come with the result
     }
   }
+}
+
+// --- The decoding protocol: chunked prefill, one-token prompts, KL under sampling (docs/engine.md) ---
+
+const char* kLongPrompt =
+    "\"Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she "
+    "saw a big, red ball. She wanted to play with it, but it was too high.\"";
+
+TEST(Protocol, ChunkedPrefillWithoutQuantizationEqualsTheFullPrefill) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir, "  - {name: none, method: none}", 24,
+                               fmt::format("[{}, \"The cat\"]", kLongPrompt)));
+  ASSERT_GT(run.inputs.prompts[0].tokens.size(), 48u);
+  const Engine full(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto full_results = full.run(run.inputs.prompts);
+  RunConfig chunked_config = run.config;
+  chunked_config.decoding.prefill = "chunked";
+  chunked_config.decoding.prefill_chunk = 16;
+  const Engine chunked(*run.inputs.model, chunked_config, run.inputs.tokenizer.get());
+  const auto chunked_results = chunked.run(run.inputs.prompts);  // the short prompt ends in the first chunk
+  for (size_t p = 0; p < 2; ++p) {
+    SCOPED_TRACE("prompt " + std::to_string(p));
+    EXPECT_EQ(chunked_results[p].reference_tokens, full_results[p].reference_tokens);
+    const auto& kl = lane_of(chunked_results[p], "none", "teacher_forced").arrays.at("kl");
+    EXPECT_LE(max_of(kl), 1e-9);
+    EXPECT_EQ(lane_of(chunked_results[p], "none", "free_running").tokens, full_results[p].reference_tokens);
+    EXPECT_EQ(lane_of(chunked_results[p], "none", "teacher_forced").arrays.count("kl_sampled"), 0u);  // greedy
+  }
+}
+
+// In chunked mode the prompt's later chunks read the earlier ones quantized, so the first generated
+// token's distribution already differs; the full prefill reads the prompt in full precision.
+TEST(Protocol, ChunkedPrefillCarriesQuantizationErrorIntoStepZero) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir,
+                               "  - {name: kvarn, method: kvarn, params: {preset: k2v2, tile_size: 16}}\n"
+                               "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}",
+                               8, fmt::format("[{}, \"Lily and Ben were playing in the park\"]", kLongPrompt)));
+  const Engine full(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  RunConfig chunked_config = run.config;
+  chunked_config.decoding.prefill = "chunked";
+  chunked_config.decoding.prefill_chunk = 16;
+  const Engine chunked(*run.inputs.model, chunked_config, run.inputs.tokenizer.get());
+  const auto full_results = full.run(run.inputs.prompts);
+  const auto chunked_results = chunked.run(run.inputs.prompts);
+  const auto alone = chunked.run(run.inputs.prompts[0]);
+  for (const std::string quantizer : {"kvarn", "quarot"}) {
+    SCOPED_TRACE(quantizer);
+    const double full_step0 = lane_of(full_results[0], quantizer, "teacher_forced").arrays.at("kl").values[0];
+    const double chunked_step0 = lane_of(chunked_results[0], quantizer, "teacher_forced").arrays.at("kl").values[0];
+    EXPECT_LE(full_step0, 1e-9);
+    EXPECT_GT(chunked_step0, 1e-4);
+    // Both modes end with the same blocks quantized.
+    for (const std::string lane : {"static", "teacher_forced", "free_running"})
+      EXPECT_DOUBLE_EQ(lane_of(chunked_results[0], quantizer, lane).scalars.at("fraction_quantized"),
+                       lane_of(full_results[0], quantizer, lane).scalars.at("fraction_quantized"))
+          << lane;
+    // A prompt that ended in an earlier chunk of the batch does not change the long one.
+    const double alone_step0 = lane_of(alone, quantizer, "teacher_forced").arrays.at("kl").values[0];
+    EXPECT_NEAR(chunked_step0, alone_step0, 1e-3 * alone_step0);
+  }
+  EXPECT_EQ(chunked_results[0].reference_tokens, full_results[0].reference_tokens);
+}
+
+// A prompt of one token (BOS only) is a prefill like any other: QuaRot does not quantize it before
+// the first token's logits.
+TEST(Protocol, AOneTokenPromptIsAPrefill) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir, "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}", 4, "[\"\"]"));
+  ASSERT_EQ(run.inputs.prompts[0].tokens.size(), 1u);
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
+  const auto& kl = lane_of(result, "quarot", "teacher_forced").arrays.at("kl").values;
+  EXPECT_LE(kl[0], 1e-9);  // before the fix: 0.0045, the prompt quantized as a decode step
+  EXPECT_GT(kl[1], 1e-4);  // the first decode step quantizes, its own token included
+}
+
+TEST(Protocol, SamplingDistributionAndItsKL) {
+  // Logits (2 ln 3, 0) at T = 2: softmax(ln 3, 0) = (3/4, 1/4). Uniform against it:
+  // KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
+  const SamplingConfig tempered{2.0, 1.0, 0, 0};
+  const auto q = sampling_distribution(torch::tensor({2 * std::log(3.0f), 0.0f}), tempered);
+  EXPECT_EQ(q.ids, (std::vector<int64_t>{0, 1}));
+  EXPECT_NEAR(q.probs[0], 0.75, 1e-6);
+  const auto p = sampling_distribution(torch::tensor({1.0f, 1.0f}), tempered);
+  EXPECT_EQ(p.ids, (std::vector<int64_t>{0, 1}));  // ties by increasing id
+  EXPECT_NEAR(kl_divergence(p, q, 2), 0.5 * std::log(4.0 / 3.0), 1e-6);
+  EXPECT_EQ(kl_divergence(p, p, 2), 0.0);
+  // top_p 0.7 keeps only the 3/4 token of q; p = (1/2, 1/2) needs both, so p keeps a token q cuts.
+  const SamplingConfig nucleus{2.0, 0.7, 0, 0};
+  const auto cut = sampling_distribution(torch::tensor({2 * std::log(3.0f), 0.0f}), nucleus);
+  EXPECT_EQ(cut.ids, (std::vector<int64_t>{0}));
+  EXPECT_EQ(cut.probs, (std::vector<double>{1.0}));
+  EXPECT_TRUE(std::isinf(kl_divergence(p, cut, 2)));
+  EXPECT_NEAR(kl_divergence(cut, p, 2), std::log(2.0), 1e-12);
+  EXPECT_TRUE(tempered.reshapes_distribution());
+  EXPECT_FALSE((SamplingConfig{1.0, 1.0, 0, 0}.reshapes_distribution()));
+  EXPECT_FALSE((SamplingConfig{0.0, 1.0, 0, 0}.reshapes_distribution()));
+}
+
+TEST(Protocol, SampledRunsLogTheKLOfTheDistributionsSampledFrom) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(
+      dir, "  - {name: none, method: none}\n  - {name: kvarn, method: kvarn, params: {preset: k2v2, tile_size: 8}}", 32));
+  run.config.decoding.temperature = 0.7;
+  run.config.decoding.seed = 3;
+  const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto result = engine.run(run.inputs.prompts[0]);
+  const auto& none = lane_of(result, "none", "teacher_forced").arrays;
+  const auto& kvarn = lane_of(result, "kvarn", "teacher_forced").arrays;
+  ASSERT_EQ(kvarn.at("kl_sampled").shape, kvarn.at("kl").shape);
+  EXPECT_LE(max_of(none.at("kl_sampled")), 1e-6);
+  // Sharper distributions (T < 1) diverge more where the lanes disagree: the tempered KL is not the KL.
+  double differs = 0;
+  for (size_t i = 0; i < kvarn.at("kl").values.size(); ++i) {
+    EXPECT_TRUE(std::isfinite(kvarn.at("kl_sampled").values[i])) << i;  // no cut: every token kept
+    differs += std::abs(kvarn.at("kl_sampled").values[i] - kvarn.at("kl").values[i]);
+  }
+  EXPECT_GT(differs, 1e-3);
+}
+
+TEST(Protocol, BadPrefillAndSinkSettingsNameTheKey) {
+  const std::string dir = test::scratch_dir();
+  const std::string path =
+      write_config(dir, "  - {name: k, method: kivi, params: {group_size: 8, sink_tokens: 100000}}", 4);
+  EXPECT_EQ(test::error_message([&] { load_run_config(path, {"decoding.prefill_chunk=0"}); }),
+            "--set decoding.prefill_chunk=0: decoding.prefill_chunk must be >= 1");
+  const std::string unknown = test::error_message([&] { load_run_config(path, {"decoding.prefill=partial"}); });
+  EXPECT_NE(unknown.find("unknown prefill mode 'partial' (known: full, chunked)"), std::string::npos) << unknown;
+  auto run = load(path);
+  EXPECT_EQ(test::error_message([&] { Engine(*run.inputs.model, run.config, run.inputs.tokenizer.get()); }),
+            path + ":11: quantizers 'k': its full-precision sink of 100000 tokens is larger than the model's context "
+                   "of 512 positions");
+  run.config.quantizers[0].params.erase("sink_tokens");
+  run.config.decoding.prefill = "chunked";
+  run.config.decoding.prefill_chunk = 513;
+  EXPECT_EQ(test::error_message([&] { Engine(*run.inputs.model, run.config, run.inputs.tokenizer.get()); }),
+            path + ": decoding.prefill_chunk = 513 is larger than the model's context of 512 positions");
 }
 
 }  // namespace

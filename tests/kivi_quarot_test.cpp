@@ -139,10 +139,34 @@ TEST(Kivi, ValueCodesPerTokenMatchHandComputed) {
   EXPECT_TRUE(torch::equal(kivi->dequantize(tiles, Role::Value)[0], expected));
 }
 
+TEST(Kivi, KVarNPaperPresetSinkAndValueGroups) {
+  auto paper = build(make_kivi, "kivi", {{"preset", "kvarn-paper"}}, 128);
+  const ParamMap expected = {{"preset", "kvarn-paper"}, {"k_bits", "2"},             {"v_bits", "2"},
+                             {"group_size", "128"},     {"value_group_size", "128"}, {"residual_length", "128"},
+                             {"sink_tokens", "128"},    {"scale_dtype", "float16"},  {"zero_dtype", "float16"}};
+  EXPECT_EQ(paper->resolved_params(), expected);
+  for (Role role : {Role::Key, Role::Value}) EXPECT_EQ(paper->policy(role).sink, 128);
+  // Keys flush R = 128 at a time counted from the sink: at token 255 nothing, at 256 [128, 256).
+  EXPECT_EQ(paper->policy(Role::Key).quantized_prefix(255), 128);
+  EXPECT_EQ(paper->policy(Role::Key).quantized_prefix(256), 256);
+  // Values: the window of 128 full-precision values behind the sink.
+  EXPECT_EQ(paper->policy(Role::Value).quantized_prefix(200), 128);
+  EXPECT_EQ(paper->policy(Role::Value).quantized_prefix(300), 172);
+  // A 64-wide head cannot hold a 128-channel value group: the preset takes the whole head.
+  EXPECT_EQ(build(make_kivi, "kivi", {{"preset", "kvarn-paper"}}, 64)->resolved_params().at("value_group_size"), "64");
+  // A sink not a multiple of the residual: blocks still start at the sink.
+  auto odd = build(make_kivi, "kivi", {{"sink_tokens", "4"}, {"residual_length", "32"}}, 64);
+  EXPECT_EQ(odd->policy(Role::Key).quantized_prefix(35), 4);
+  EXPECT_EQ(odd->policy(Role::Key).quantized_prefix(36), 36);
+  const std::string bad = test::error_message([] { build(make_kivi, "kivi", {{"value_group_size", "48"}}, 64); });
+  EXPECT_NE(bad.find("value_group_size 48 does not divide head_dim 64"), std::string::npos) << bad;
+}
+
 TEST(Kivi, DefaultsShapesAndPolicy) {
   auto kivi = build(make_kivi, "kivi", {}, 64);
-  const ParamMap expected = {{"k_bits", "2"},           {"v_bits", "2"},           {"group_size", "32"},
-                             {"residual_length", "128"}, {"scale_dtype", "float16"}};
+  const ParamMap expected = {{"preset", "kivi"},         {"k_bits", "2"},           {"v_bits", "2"},
+                             {"group_size", "32"},       {"value_group_size", "32"}, {"residual_length", "128"},
+                             {"sink_tokens", "0"},       {"scale_dtype", "float16"}, {"zero_dtype", "float16"}};
   EXPECT_EQ(kivi->resolved_params(), expected);
   auto keys = kivi->quantize(torch::randn({3, 128, 64}), Role::Key);
   EXPECT_EQ(keys.codes.sizes(), (std::vector<int64_t>{3, 128, 64}));
@@ -231,18 +255,49 @@ TEST(QuaRot, ValueCodesAndPerRoleClipDefaults) {
   auto keys = quarot->quantize(x, Role::Key);
   EXPECT_FLOAT_EQ(keys.params.at("scale").values.item<float>(), 4.5f / 255);
   auto values = quarot->quantize(x, Role::Value);
-  // [min c, max c] = [-1.425, 2.85], s = 1.425: (y + 1.425) / s = 3.1, 1, -0.05, 2.05 -> 3, 1, 0, 2.
+  // [min c, max c] = [-1.425, 2.85], s = 1.425, z = round(1.425 / s) = 1: round(y / s) + z =
+  // round(2.1, 0, -1.05, 1.05) + 1 = 3, 1, 0, 2.
   EXPECT_FLOAT_EQ(values.params.at("scale").values.item<float>(), 1.425f);
-  EXPECT_FLOAT_EQ(values.params.at("minimum").values.item<float>(), -1.425f);
+  EXPECT_EQ(values.params.at("zero").values.item<float>(), 1.0f);
+  EXPECT_EQ(values.params.at("zero").dtype, "float32");  // zero_dtype follows scale_dtype
   EXPECT_TRUE(torch::equal(values.codes.flatten(), torch::tensor({3, 1, 0, 2}).to(torch::kUInt8)));
   auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value)).flatten();
   EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({2.85f, 0.0f, -1.425f, 1.425f}), 1e-5, 1e-6));
 }
 
+TEST(QuaRot, ValueZeroPointIsQuaRotsIntegerOneOutsideTheCodesWhenTheRangeExcludesZero) {
+  auto quarot = build(make_quarot, "quarot", {{"v_bits", "2"}, {"clip_ratio", "1"}}, 4);
+  auto x = unrotated_row({1.0f, 2.5f, 3.0f, 4.0f});
+  auto values = quarot->quantize(x, Role::Value);
+  // [1, 4], s = 1, z = round(-1) = -1 (stored in float16): q = round(y) - 1 = 0, 1 (2.5 -> 2), 2, 3;
+  // x_hat = s (q - z) = 1, 2, 3, 4.
+  EXPECT_EQ(values.params.at("zero").values.item<float>(), -1.0f);
+  EXPECT_EQ(values.params.at("zero").dtype, "float16");
+  EXPECT_TRUE(torch::equal(values.codes.flatten(), torch::tensor({0, 1, 2, 3}).to(torch::kUInt8)));
+  auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value)).flatten();
+  EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}), 0, 1e-6));
+  // The float-minimum variant: q = round(y - 1) = 0, 2 (1.5 -> 2), 2, 3, x_hat = q + 1 = 1, 3, 3, 4.
+  auto float_minimum = build(make_quarot, "quarot",
+                             {{"v_bits", "2"}, {"clip_ratio", "1"}, {"value_zero_point", "float_minimum"}}, 4);
+  auto minimum_values = float_minimum->quantize(x, Role::Value);
+  EXPECT_EQ(minimum_values.params.count("zero"), 0u);
+  EXPECT_EQ(minimum_values.params.at("minimum").values.item<float>(), 1.0f);
+  rotated_back = quant::hadamard_rotate(float_minimum->dequantize(minimum_values, Role::Value)).flatten();
+  EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({1.0f, 3.0f, 3.0f, 4.0f}), 0, 1e-6));
+  // A constant group is widened to contain 0 and comes back exactly: [0, 2], s = 2/3, z = 0, q = 3.
+  auto constant = quarot->quantize(unrotated_row({2.0f, 2.0f, 2.0f, 2.0f}), Role::Value);
+  EXPECT_EQ(constant.params.at("zero").values.item<float>(), 0.0f);
+  EXPECT_TRUE(torch::equal(constant.codes.flatten(), torch::tensor({3, 3, 3, 3}).to(torch::kUInt8)));
+  const std::string unknown =
+      test::error_message([] { build(make_quarot, "quarot", {{"value_zero_point", "float"}}, 4); });
+  EXPECT_NE(unknown.find("value_zero_point"), std::string::npos) << unknown;
+}
+
 TEST(QuaRot, DefaultsAndGivenClipRatioApplyToBothRoles) {
   auto defaults = build(make_quarot, "quarot", {}, 128);
-  const ParamMap expected = {{"k_bits", "4"},       {"v_bits", "4"},           {"group_size", "128"},
-                             {"clip_ratio", "0.95"}, {"scale_dtype", "float16"}};
+  const ParamMap expected = {{"k_bits", "4"},           {"v_bits", "4"},          {"group_size", "128"},
+                             {"clip_ratio", "0.95"},     {"scale_dtype", "float16"}, {"zero_dtype", "float16"},
+                             {"value_zero_point", "integer"}};
   EXPECT_EQ(defaults->resolved_params(), expected);
   auto given = build(make_quarot, "quarot", {{"k_bits", "8"}, {"clip_ratio", "0.9"}}, 128);
   EXPECT_EQ(given->resolved_params().at("clip_ratio"), "0.9");

@@ -235,10 +235,35 @@ TEST(KVarN, LayoutCodeRangeAndStorageCost) {
   EXPECT_DOUBLE_EQ((stored_bits_per_element(keys, elements) + stored_bits_per_element(values, elements)) / 2, 3.375);
 }
 
+TEST(KVarN, Float8ScalesKeepFloat16ZeroPointsThePapersLayout) {
+  // k2v2, D = G = 128. Keys: codes 2 + kS, kZ per channel and kT per token over 128 x 128 elements;
+  // values alike. fp8 scales with fp16 zero points (the default): (8 + 16 + 8) * 128 / 128^2 = 0.25,
+  // so 2.25 bits per element; all in fp8 (zero_dtype: float8_e4m3): 24 * 128 / 128^2 -> 2.1875.
+  const auto x = torch::randn({1, 128, 128});
+  auto bits = [&](const ParamMap& params) {
+    auto q = kvarn(params, 128);
+    const int64_t elements = x.numel();
+    return (stored_bits_per_element(q->quantize(x, Role::Key), elements) +
+            stored_bits_per_element(q->quantize(x, Role::Value), elements)) /
+           2;
+  };
+  EXPECT_DOUBLE_EQ(bits({{"preset", "k2v2"}}), 2.375);
+  EXPECT_DOUBLE_EQ(bits({{"preset", "k2v2"}, {"scale_dtype", "float8_e4m3"}}), 2.25);
+  EXPECT_DOUBLE_EQ(bits({{"preset", "k2v2"}, {"scale_dtype", "float8_e4m3"}, {"zero_dtype", "float8_e4m3"}}), 2.1875);
+  auto fp8 = kvarn({{"preset", "k2v2"}, {"scale_dtype", "float8_e4m3"}}, 128);
+  EXPECT_EQ(fp8->resolved_params().at("zero_dtype"), "float16");
+  const auto keys = fp8->quantize(x, Role::Key);
+  EXPECT_EQ(keys.params.at("kS").dtype, "float8_e4m3");
+  EXPECT_EQ(keys.params.at("kZ").dtype, "float16");
+  const std::string bad = test::error_message([&] { kvarn({{"zero_dtype", "uint8"}}, 128); });
+  EXPECT_NE(bad.find("zero_dtype"), std::string::npos) << bad;
+}
+
 TEST(KVarN, ParametersPolicyAndChecks) {
   auto q = kvarn({{"preset", "k2v2"}, {"tile_size", "64"}, {"sink", "false"}}, 128);
   const ParamMap expected = {{"preset", "k2v2"}, {"k_bits", "2"},    {"v_bits", "2"},   {"tile_size", "64"},
-                             {"iters", "8"},     {"rotate", "true"}, {"sink", "false"}, {"scale_dtype", "float16"}};
+                             {"iters", "8"},     {"rotate", "true"}, {"sink", "false"}, {"scale_dtype", "float16"},
+                             {"zero_dtype", "float16"}};
   EXPECT_EQ(q->resolved_params(), expected);
   for (Role role : {Role::Key, Role::Value}) {
     EXPECT_EQ(q->policy(role).sink, 0);

@@ -95,7 +95,7 @@ TEST(Model, PromptsOfDifferentLengthsInOneBatchMatchTheReferenceAlone) {
   auto padded = torch::full({rows, longest}, 3, torch::kInt64);  // padding: any token
   for (int64_t r = 0; r < rows; ++r)
     padded[r].narrow(0, 0, prompt[r]).copy_(torch::tensor(sequences[r]).narrow(0, 0, prompt[r]));
-  auto logits = model.forward(padded, RowSpans(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU), cache,
+  auto logits = model.forward(padded, RowSpans(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU, Phase::Prefill), cache,
                               /*last_only=*/true);
   ASSERT_EQ(logits.sizes(), (c10::IntArrayRef{rows, 1, 512}));
   std::vector<std::vector<Eigen::VectorXd>> expected;
@@ -111,7 +111,7 @@ TEST(Model, PromptsOfDifferentLengthsInOneBatchMatchTheReferenceAlone) {
       next.push_back(sequences[r][position + 1]);
       starts.push_back(position + 1);
     }
-    logits = model.forward(torch::tensor(next).unsqueeze(1), RowSpans(starts, {1, 1, 1}, 1, torch::kCPU), cache,
+    logits = model.forward(torch::tensor(next).unsqueeze(1), RowSpans(starts, {1, 1, 1}, 1, torch::kCPU, Phase::Decode), cache,
                            /*last_only=*/true);
   }
 }

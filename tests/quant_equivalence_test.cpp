@@ -48,6 +48,7 @@ reference::ReferenceSettings settings_of(const Quantizer& q, Role role) {
   s.key = role == Role::Key;
   s.bits = std::stoi(p.at(role == Role::Key ? "k_bits" : "v_bits"));
   s.scale_dtype = p.at("scale_dtype");
+  s.zero_dtype = p.at("zero_dtype");
   if (s.method == "kvarn") {
     s.group_size = std::stoi(p.at("tile_size"));
     s.iters = std::stoi(p.at("iters"));

@@ -11,6 +11,7 @@
 #include "quant/affine.h"
 #include "quant/hadamard.h"
 #include "quant/quantizer.h"
+#include "quant/storage.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -132,6 +133,49 @@ QuantizedKVCache prefill_then_step(std::shared_ptr<const Quantizer> q, int64_t n
   for (int64_t t = n; t < n + extra_steps; ++t)
     for (int64_t layer = 0; layer < 2; ++layer) cache.update(layer, t, k.narrow(2, t, 1), v.narrow(2, t, 1));
   return cache;
+}
+
+// `kvdrift bits` predicts from the policy alone what the cache holds after decoding: the same bits
+// per element as the cache's own accounting, for every method and region layout.
+TEST(Storage, MatchesTheCachesOwnAccountingAfterDecoding) {
+  const std::vector<std::pair<std::string, ParamMap>> methods = {
+      {"none", {}},
+      {"kivi", {}},
+      {"kivi", {{"preset", "kvarn-paper"}}},
+      {"kivi", {{"sink_tokens", "4"}, {"residual_length", "32"}}},
+      {"quarot", {{"k_bits", "2"}, {"v_bits", "2"}}},
+      {"kvarn", {{"preset", "k2v2"}, {"tile_size", "16"}}},
+      {"kvarn", {{"scale_dtype", "float8_e4m3"}, {"tile_size", "32"}, {"sink", "false"}}},
+      {"rtn", {{"axis", "per_channel"}, {"group_size", "16"}, {"residual_length", "32"}, {"sink", "16"}}},
+  };
+  for (const auto& [method, params] : methods) {
+    std::shared_ptr<const Quantizer> q = make_quantizer(method, params, 64);
+    for (const auto& [prefill, steps] : {std::pair<int64_t, int64_t>{40, 60}, {200, 101}, {1, 1}}) {
+      SCOPED_TRACE(fmt::format("{} ({} params) prefill {} steps {}", method, params.size(), prefill, steps));
+      const auto cache = prefill_then_step(q, prefill, StorageMode::Simulated, 64, steps);
+      const StorageCost cost = storage_cost(*q, 64, prefill + steps);
+      EXPECT_NEAR(cost.bits_per_element, cache.bits_per_element(0), 1e-12);
+      EXPECT_NEAR(cost.quantized_fraction, cache.fraction_quantized(0), 1e-12);
+    }
+  }
+}
+
+TEST(Storage, HandComputedCosts) {
+  // KVarN k2v2, D = G = 128: codes 2, parameters 0.375 (kS, kZ per channel and kT per token, fp16).
+  // At 1024 positions the last decode step (position 1023) reads [128, 896) quantized: 768 positions
+  // at 2.375 bits and 256 at 16, (768 * 2.375 + 256 * 16) / 1024 = 5.78125, for keys and values alike.
+  auto kvarn = make_quantizer("kvarn", {{"preset", "k2v2"}}, 128);
+  EXPECT_DOUBLE_EQ(storage_cost(*kvarn, 128, 1024).bits_per_element, 5.78125);
+  EXPECT_DOUBLE_EQ(storage_cost(*kvarn, 128, 1).codes, 2.0);
+  EXPECT_DOUBLE_EQ(storage_cost(*kvarn, 128, 1).parameters, 0.375);
+  EXPECT_DOUBLE_EQ(storage_cost(*kvarn, 128, 1).bits_per_element, 16.0);
+  // KIVI as the KVarN paper ran it, D = 128: 2.25 bits quantized (scale and minimum in fp16 per
+  // 128-element group). Keys at 1024: [128, 896) quantized -> (768 * 2.25 + 256 * 16) / 1024 = 5.6875;
+  // values: a window of 128 behind position 1023 -> [128, 895): (767 * 2.25 + 257 * 16) / 1024.
+  auto kivi = make_quantizer("kivi", {{"preset", "kvarn-paper"}}, 128);
+  EXPECT_DOUBLE_EQ(storage_cost(*kivi, 128, 1).parameters, 0.25);
+  EXPECT_DOUBLE_EQ(storage_cost(*kivi, 128, 1024).bits_per_element, (5.6875 + (767 * 2.25 + 257 * 16) / 1024.0) / 2);
+  EXPECT_EQ(test::error_message([&] { storage_cost(*kivi, 128, 0); }), "a sequence length must be at least 1, got 0");
 }
 
 // Positions read quantized are exactly those that differ from what was written (random data never
@@ -311,7 +355,7 @@ TEST(QuantizedCache, RowsAtDifferentPositionsMatchRowsAlone) {
   };
 
   QuantizedKVCache cache(quantizers, layers, heads, capacity, head_dim, torch::kFloat32, torch::kCPU);
-  const RowSpans prefill(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU);
+  const RowSpans prefill(std::vector<int64_t>(rows, 0), prompt, longest, torch::kCPU, Phase::Prefill);
   for (int64_t layer = 0; layer < layers; ++layer) cache.update(layer, prefill, padded(k), padded(v));
   for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(cache.row_length(r), prompt[r]);
   EXPECT_EQ(test::error_message([&] { cache.written(Role::Key, 0); }),
@@ -329,7 +373,7 @@ TEST(QuantizedCache, RowsAtDifferentPositionsMatchRowsAlone) {
       step_k.push_back(k[r].narrow(1, prompt[r] + t, 1));
       step_v.push_back(v[r].narrow(1, prompt[r] + t, 1));
     }
-    const RowSpans spans(starts, std::vector<int64_t>(starts.size(), 1), 1, torch::kCPU);
+    const RowSpans spans(starts, std::vector<int64_t>(starts.size(), 1), 1, torch::kCPU, Phase::Decode);
     for (int64_t layer = 0; layer < layers; ++layer) {
       auto [keys, values] = cache.update(layer, spans, torch::stack(step_k), torch::stack(step_v));
       EXPECT_EQ(keys.size(2), *std::max_element(starts.begin(), starts.end()) + 1);

@@ -102,6 +102,71 @@ TEST(RunCli, BadConfigsGetOneClearErrorAndNoCompleteOutput) {
   }
 }
 
+// The paper's protocol end to end: the prompt pseudo-decoded in chunks over the quantized caches, and
+// sampling; every summary figure of docs/hdf5-schema.md reads back with h5py, with its interval.
+TEST(RunCli, ChunkedSampledRunWritesEverySummaryField) {
+  const std::string dir = test::scratch_dir();
+  const auto result =
+      test::run_cli({"run", small_config(dir, "", 16), "--set", "decoding.prefill=chunked", "--set",
+                     "decoding.prefill_chunk=4", "--set", "decoding.temperature=0.8", "--set", "decoding.top_p=0.95"});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  std::string output;
+  const int status = test::run_python(dir, "check_summary", R"(import sys, math, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r")
+assert f.attrs["prefill"] == "chunked" and f.attrs["prefill_chunk"] == 4, dict(f.attrs)
+assert "prefill: chunked" in f["config/yaml"].asstr()[()]
+intervals = {
+    "": ["attn_gap_mean", "attn_gap_slope"],
+    "teacher_forced": ["kl_mean", "final_kl_mean", "top1_disagreement_mean", "kl_slope", "attn_rel_l2_mean",
+                       "attn_rel_l2_slope", "key_quant_worst5_magnitude_share_mean",
+                       "value_quant_worst5_magnitude_share_mean", "kl_sampled_mean"],
+    "static": ["attn_rel_l2_mean", "attn_rel_l2_slope", "key_quant_worst5_magnitude_share_mean"],
+    "free_running": ["first_divergence_km_median"],
+}
+for q in ("kivi-2bit", "kvarn-k2v2"):
+    s = f["summary"][q]
+    assert s.attrs["first_step"] == 0 and s.attrs["samples"] == 3
+    assert s.attrs["bootstrap_resamples"] == 1000 and s.attrs["bootstrap_level"] == 0.95
+    for lane, names in intervals.items():
+        a = s[lane].attrs if lane else s.attrs
+        for name in names:
+            value, low, high = a[name], a[name + "_ci_low"], a[name + "_ci_high"]
+            assert low <= high, (q, lane, name, low, high)
+            if math.isfinite(value) and name != "first_divergence_km_median":
+                assert low - 1e-12 <= value <= high + 1e-12, (q, lane, name, low, value, high)
+    tf = s["teacher_forced"].attrs
+    assert 0 <= tf["kl_sampled_infinite_fraction"] <= 1
+    assert "key_quant_worst5_magnitude_share_mean_of_ratios_mean" in tf
+    fr = s["free_running"].attrs
+    assert fr["first_divergence_events"] + fr["first_divergence_censored"] == 3
+    # Step 0 is compared in chunked mode: the mean pools every step of every sample.
+    kl = np.concatenate([f[f"samples/{i}/{q}/teacher_forced/kl"][()] for i in range(3)]).astype(np.float64)
+    assert np.isclose(tf["kl_mean"], kl.mean(), rtol=1e-9), (tf["kl_mean"], kl.mean())
+    sampled = f[f"samples/0/{q}/teacher_forced/kl_sampled"]
+    assert sampled.shape == (16,) and sampled.attrs["axes"] == "step"
+    worst = f[f"samples/0/{q}/teacher_forced/key/quant"].attrs
+    assert 0 <= worst["worst5_magnitude_share_mean_of_ratios"] <= 1 and 0 <= worst["worst5_magnitude_share"] <= 1
+print("ok")
+)",
+                                      {dir + "/run.h5"}, &output);
+  EXPECT_EQ(status, 0) << output;
+  EXPECT_EQ(output, "ok\n");
+}
+
+// stories260K (head_dim 8): KIVI with groups of 8 stores a scale and a minimum (fp16) per 8
+// elements, 4 bits; at 64 positions its keys hold [0, 48) quantized (2 + 4 bits) and 16 in full
+// precision, its values [0, 47): ((48 * 6 + 16 * 16) + (47 * 6 + 17 * 16)) / 128 = 8.578125.
+TEST(RunCli, BitsPrintsEachQuantizerAtTheLengths) {
+  const std::string dir = test::scratch_dir();
+  const auto result = test::run_cli({"bits", small_config(dir), "--length", "16", "--length", "64"});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  EXPECT_NE(result.out.find("kivi-2bit                kivi      2.000  4.0000   16.0000    8.5781\n"), std::string::npos)
+      << result.out;
+  EXPECT_NE(result.out.find("head_dim 8"), std::string::npos) << result.out;
+  test::expect_one_error_line(test::run_cli({"bits", small_config(dir), "--length", "0"}),
+                              "--length 0: a sequence length must be at least 1");
+}
+
 TEST(RunCli, LogReadsBackWithH5py) {
   const std::string dir = test::scratch_dir();
   const auto result = test::run_cli({"run", small_config(dir)});
@@ -133,7 +198,7 @@ for i in range(3):
         assert fr["tokens"].dtype == np.int64
         assert fr.attrs["outcome"] in ("identical", "token_mismatch", "length_only", "censored")
         if q == "kivi-2bit":
-            kls.append(tf["kl"][...].astype(np.float64))
+            kls.append(tf["kl"][1:].astype(np.float64))  # step 0 is the shared prefill's
 mean = np.concatenate(kls).mean()
 got = f["summary/kivi-2bit/teacher_forced"].attrs["kl_mean"]
 assert abs(got - mean) <= 1e-6 * max(1.0, abs(mean)), (got, mean)

@@ -105,6 +105,7 @@ void add_token_scale(LaneResult& lane, int64_t positions, const LaneNumbers& num
       lane.arrays[prefix + "/norm_ratio"] = ramp({positions, kLayers}, start += 10);
     }
     lane.scalars[role + "/quant/worst5_magnitude_share"] = role == "key" ? 0.625 : 0.375;
+    lane.scalars[role + "/quant/worst5_magnitude_share_mean_of_ratios"] = role == "key" ? 0.5 : 0.25;
   }
   lane.scalars["bits_per_element"] = numbers.bits_per_element;
   lane.scalars["fraction_quantized"] = 0.5;
@@ -173,24 +174,29 @@ SampleResult make_sample(int index) {
   return sample;
 }
 
-// The summary of the two samples, worked out by hand from the numbers above.
+// The summary of the two samples, worked out by hand from the numbers above. Step 0 (the shared
+// prefill's logits) is left out of the teacher-forced means, percentiles and slopes.
 struct ExpectedSummary {
   std::string quantizer;
-  double kl_mean, kl_median, kl_p90, kl_p99, final_kl_mean, top1_disagreement_mean, logp_delta_mean;
+  double kl_mean, kl_median, kl_p90, kl_p99, final_kl_mean, top1_disagreement_mean, logp_delta_mean, kl_slope;
   double teacher_forced_attn_rel_l2_mean, static_attn_rel_l2_mean;
-  double first_divergence_mean, first_divergence_median;
+  double first_divergence_km_median, first_divergence_at_risk, first_divergence_events, first_divergence_censored;
   int64_t identical, token_mismatch, length_only, censored;
   double identical_fraction, bits_per_element_mean, key_quant_E_T_mean, value_quant_E_T_mean;
 };
 
 const std::vector<ExpectedSummary> kExpectedSummaries = {
-    // kl {0.1, 0.2, 0.4, 0.3, 0.5}: p90 = 0.4 + 0.6 * 0.1; attention errors over 2x2 and 1x2 entries;
-    // E_T over 3 lanes x (5x2 and 3x2) entries: (30 * 0.25 + 18 * 0.75) / 48.
-    {"int4", 0.3, 0.3, 0.46, 0.496, 0.45, 0.4,       0.6,      (4 * 0.2 + 2 * 0.6) / 6, (4 * 0.1 + 2 * 0.5) / 6, 2, 2,
-     1,      1,   0,   0,    0.5,   4.25, 21.0 / 48, 33.0 / 48},
-    // kl {1, 2, 4, 3, 5}; top-1 agreement {1, 0, 0, 0, 0}; first divergence {0, 1}.
-    {"int2", 3, 3, 4.6, 4.96, 4.5, 0.8,       1.8,       (4 * 0.4 + 2 * 0.8) / 6, (4 * 0.3 + 2 * 0.7) / 6, 0.5, 0.5,
-     0,      1, 1, 0,   0,    2.5, 84.0 / 48, 132.0 / 48},
+    // kl from step 1 {0.2, 0.4 | 0.5}: p90 = 0.4 + 0.8 * 0.1; top-1 agreement {1, 0 | 0}; logp delta
+    // {-0.5, 1 | 0}; the slope within sample 0: 0.2 per step (sample 1 has one step). Attention errors
+    // over 2x2 and 1x2 entries; E_T over 3 lanes x (5x2 and 3x2) entries: (30 * 0.25 + 18 * 0.75) / 48.
+    // Free running: a mismatch at step 2 and an identical lane seen for 2 steps, censored there and so
+    // not at risk at step 2: S(2) = 1 - 1/1 = 0, the median is 2 with one sample at risk.
+    {"int4", 1.1 / 3, 0.4, 0.48, 0.498, 0.45, 2.0 / 3, 0.5 / 3, 0.2, (4 * 0.2 + 2 * 0.6) / 6, (4 * 0.1 + 2 * 0.5) / 6,
+     2, 1, 1, 1, 1, 1, 0, 0, 0.5, 4.25, 21.0 / 48, 33.0 / 48},
+    // kl from step 1 {2, 4 | 5}; top-1 agreement {0, 0 | 0}; logp delta {1, 1 | 3}; slope 2. First
+    // divergence: events at 0 and 1, S(0) = 1/2: the median is step 0, both at risk.
+    {"int2", 11.0 / 3, 4, 4.8, 4.98, 4.5, 1, 5.0 / 3, 2, (4 * 0.4 + 2 * 0.8) / 6, (4 * 0.3 + 2 * 0.7) / 6, 0, 2, 2, 0,
+     0, 1, 1, 0, 0, 2.5, 84.0 / 48, 132.0 / 48},
 };
 
 // Creates `path` holding the two samples, finished.
@@ -279,7 +285,7 @@ void expect_summary(const h5::File& file, const std::vector<RunSummaryRow>& rows
     SCOPED_TRACE(expected.quantizer);
     EXPECT_EQ(rows[i].quantizer, expected.quantizer);
     EXPECT_NEAR(rows[i].mean_kl, expected.kl_mean, kTolerance);
-    EXPECT_NEAR(rows[i].first_divergence_median, expected.first_divergence_median, kTolerance);
+    EXPECT_NEAR(rows[i].first_divergence_median, expected.first_divergence_km_median, kTolerance);
     EXPECT_NEAR(rows[i].bits_per_element, expected.bits_per_element_mean, kTolerance);
 
     const h5::Group summary = file.open_group("summary/" + expected.quantizer);
@@ -287,6 +293,11 @@ void expect_summary(const h5::File& file, const std::vector<RunSummaryRow>& rows
     EXPECT_NEAR(summary.attribute<double>("bits_per_element_mean"), expected.bits_per_element_mean, kTolerance);
     EXPECT_NEAR(summary.attribute<double>("key_quant_E_T_mean"), expected.key_quant_E_T_mean, kTolerance);
     EXPECT_NEAR(summary.attribute<double>("value_quant_E_T_mean"), expected.value_quant_E_T_mean, kTolerance);
+    EXPECT_EQ(summary.attribute<int64_t>("first_step"), 1);
+    EXPECT_EQ(summary.attribute<int64_t>("bootstrap_resamples"), 1000);
+    // Teacher-forced minus static attention error: 0.1 at every logged step of both samples.
+    EXPECT_NEAR(summary.attribute<double>("attn_gap_mean"), 0.1, kTolerance);
+    EXPECT_NEAR(summary.attribute<double>("attn_gap_slope"), 0.0, kTolerance);
 
     const h5::Group teacher_forced = summary.open_group("teacher_forced");
     EXPECT_EQ(teacher_forced.attribute<int64_t>("samples"), 2);
@@ -300,6 +311,23 @@ void expect_summary(const h5::File& file, const std::vector<RunSummaryRow>& rows
     EXPECT_NEAR(teacher_forced.attribute<double>("logp_delta_mean"), expected.logp_delta_mean, kTolerance);
     EXPECT_NEAR(teacher_forced.attribute<double>("attn_rel_l2_mean"), expected.teacher_forced_attn_rel_l2_mean,
                 kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("kl_slope"), expected.kl_slope, kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("attn_rel_l2_slope"), 0.0, kTolerance);  // constant per sample
+    EXPECT_FALSE(teacher_forced.has_attribute("kl_sampled_mean"));  // greedy decoding
+    // Intervals: resampling two prompts, each figure's interval spans the per-sample extremes.
+    EXPECT_LE(teacher_forced.attribute<double>("kl_mean_ci_low"), expected.kl_mean);
+    EXPECT_GE(teacher_forced.attribute<double>("kl_mean_ci_high"), expected.kl_mean);
+    EXPECT_NEAR(teacher_forced.attribute<double>("final_kl_mean_ci_low"), expected.quantizer == "int4" ? 0.4 : 4,
+                kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("final_kl_mean_ci_high"), expected.quantizer == "int4" ? 0.5 : 5,
+                kTolerance);
+    // Worst-5% shares in both definitions, the same in every lane here.
+    EXPECT_NEAR(teacher_forced.attribute<double>("key_quant_worst5_magnitude_share_mean"), 0.625, kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("key_quant_worst5_magnitude_share_mean_ci_low"), 0.625, kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("key_quant_worst5_magnitude_share_mean_of_ratios_mean"), 0.5,
+                kTolerance);
+    EXPECT_NEAR(teacher_forced.attribute<double>("value_quant_worst5_magnitude_share_mean_of_ratios_mean"), 0.25,
+                kTolerance);
 
     const h5::Group static_lane = summary.open_group("static");
     EXPECT_EQ(static_lane.attribute<int64_t>("samples"), 2);
@@ -307,8 +335,11 @@ void expect_summary(const h5::File& file, const std::vector<RunSummaryRow>& rows
 
     const h5::Group free_running = summary.open_group("free_running");
     EXPECT_EQ(free_running.attribute<int64_t>("samples"), 2);
-    EXPECT_EQ(free_running.attribute<double>("first_divergence_mean"), expected.first_divergence_mean);
-    EXPECT_EQ(free_running.attribute<double>("first_divergence_median"), expected.first_divergence_median);
+    EXPECT_EQ(free_running.attribute<double>("first_divergence_km_median"), expected.first_divergence_km_median);
+    EXPECT_EQ(free_running.attribute<double>("first_divergence_at_risk"), expected.first_divergence_at_risk);
+    EXPECT_EQ(free_running.attribute<double>("first_divergence_events"), expected.first_divergence_events);
+    EXPECT_EQ(free_running.attribute<double>("first_divergence_censored"), expected.first_divergence_censored);
+    EXPECT_FALSE(free_running.has_attribute("first_divergence_mean"));
     EXPECT_EQ(free_running.attribute<int64_t>("outcome_identical"), expected.identical);
     EXPECT_EQ(free_running.attribute<int64_t>("outcome_token_mismatch"), expected.token_mismatch);
     EXPECT_EQ(free_running.attribute<int64_t>("outcome_length_only"), expected.length_only);
@@ -375,8 +406,11 @@ assert samples['1/int2/free_running/tokens'].dtype == np.int64
 assert samples['0/prompt_tokens'][()].tolist() == [1, 400, 401]
 assert samples['1'].attrs['prompt_text'] == 'The cat' and samples['1'].attrs['complete'] == 1
 for quantizer in ('int4', 'int2'):
-    kl = np.concatenate([samples[i][quantizer]['teacher_forced/kl'][()] for i in samples]).astype(np.float64)
+    # Steps from 1: step 0's logits come from the shared full-precision prefill.
+    assert f['summary'][quantizer].attrs['first_step'] == 1 and f.attrs['prefill'] == 'full'
+    kl = np.concatenate([samples[i][quantizer]['teacher_forced/kl'][1:] for i in samples]).astype(np.float64)
     summary = f['summary'][quantizer]['teacher_forced'].attrs
+    assert summary['kl_mean_ci_low'] <= summary['kl_mean'] <= summary['kl_mean_ci_high']
     assert np.isclose(summary['kl_mean'], kl.mean(), rtol=1e-12, atol=0), (summary['kl_mean'], kl.mean())
     assert np.isclose(summary['kl_median'], np.median(kl), rtol=1e-12, atol=0)
     assert np.isclose(summary['kl_p90'], np.percentile(kl, 90), rtol=1e-12, atol=0)
@@ -421,7 +455,7 @@ TEST(RunLog, ResumesKeepingFinishedSamplesAndDroppingIncompleteOnes) {
   const h5::File file = h5::File::open_read(path);
   EXPECT_EQ(file.attribute<int64_t>("complete"), 1);
   EXPECT_EQ(file.open_group("summary/int4").attribute<int64_t>("samples"), 3);
-  EXPECT_NEAR(rows[0].mean_kl, (0.1 + 0.2 + 0.4 + 0.3 + 0.5 + 0.1 + 0.2 + 0.4) / 8, 1e-6);
+  EXPECT_NEAR(rows[0].mean_kl, (0.2 + 0.4 + 0.5 + 0.2 + 0.4) / 5, 1e-6);  // steps from 1 of samples 0, 1, 0
 }
 
 TEST(RunLog, RecoversTheFileOfAWriterKilledMidSample) {

@@ -1,6 +1,9 @@
 """The run-log fixture shared by the plot_drift tests: two quantizers, three finished samples of
-unequal length and one cut short, with values chosen so that every statistic is easy by hand."""
+unequal length and one cut short, with values chosen so that every statistic is easy by hand, and
+a /summary with hand-chosen values that the report must carry as they are."""
 import numpy as np
+
+INF = float("inf")
 
 QUANTIZERS = [("alpha", "rtn", {"k_bits": 2}), ("beta", "kivi", {"k_bits": 4, "group_size": 8})]
 FIGURES = ("drift_curves", "token_scale", "attention_heatmap", "survival")
@@ -71,6 +74,64 @@ def fixture_samples():
     samples.append({"index": 3, "complete": 0, "reference_tokens": np.arange(4), "logged_steps": [1, 2, 3],
                     "lanes": lane_content(broken, 0)})
     return samples
+
+
+def _attrs(**values):
+    """Summary attributes; a (value, low, high) tuple adds `<name>_ci_low` and `<name>_ci_high`."""
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, tuple):
+            value, out[f"{name}_ci_low"], out[f"{name}_ci_high"] = value
+        out[name] = value
+    return out
+
+
+def _worst5(key, value):
+    return _attrs(key_quant_worst5_magnitude_share_mean=key[:3],
+                  key_quant_worst5_magnitude_share_mean_of_ratios_mean=key[3],
+                  value_quant_worst5_magnitude_share_mean=value[:3],
+                  value_quant_worst5_magnitude_share_mean_of_ratios_mean=value[3])
+
+
+# /summary/<q> as the engine writes it when the run finishes. Not recomputed from the samples above
+# (only bits, the Kaplan–Meier median and its counts agree with them); the mean of ratios differs from
+# the ratio of sums so that the table shows which one it takes.
+SUMMARY = {
+    "alpha": {
+        "": _attrs(samples=3, bits_per_element_mean=3.0, key_quant_E_T_mean=1.5, value_quant_E_T_mean=0.375,
+                   first_step=1, bootstrap_resamples=1000, bootstrap_seed=7, bootstrap_level=0.95,
+                   attn_gap_mean=(0.75, 0.5, 1.25), attn_gap_slope=(0.125, -0.0625, 0.25)),
+        "teacher_forced": _attrs(samples=3, kl_mean=(0.138, 0.112, 0.161), kl_median=0.1, kl_p90=0.3, kl_p99=0.5,
+                                 final_kl_mean=(4.5, 2.0, 8.0), top1_disagreement_mean=(0.375, 0.125, 0.625),
+                                 logp_delta_mean=-0.05, kl_slope=(0.0125, 0.003, 0.025),
+                                 attn_rel_l2_mean=(2.25, 2.0, 2.5), attn_rel_l2_slope=(0.5, 0.25, 0.75),
+                                 **_worst5((0.5, 0.25, 0.75, 0.55), (0.125, 0.125, 0.125, 0.15))),
+        "static": _attrs(samples=3, attn_rel_l2_mean=(1.5, 1.0, 2.0), attn_rel_l2_slope=(0.375, 0.0, 0.75),
+                         **_worst5((0.5, 0.25, 0.75, 0.55), (0.125, 0.125, 0.125, 0.15))),
+        # events at 1 (3 at risk) and 2 (2 at risk): S = 2/3, 1/3 -> median 2; sample 1 identical (censored)
+        "free_running": _attrs(samples=3, first_divergence_km_median=(2.0, 1.0, INF), first_divergence_at_risk=2,
+                               first_divergence_events=2, first_divergence_censored=1, outcome_identical=1,
+                               outcome_token_mismatch=1, outcome_length_only=1, outcome_censored=0,
+                               identical_fraction=1 / 3),
+    },
+    "beta": {
+        "": _attrs(samples=3, bits_per_element_mean=5.0, key_quant_E_T_mean=1.0, value_quant_E_T_mean=1.0,
+                   first_step=1, bootstrap_resamples=1000, bootstrap_seed=7, bootstrap_level=0.95,
+                   attn_gap_mean=(0.25, 0.25, 0.25), attn_gap_slope=(0.0, 0.0, 0.0)),
+        "teacher_forced": _attrs(samples=3, kl_mean=(0.0625, 0.05, 0.075), kl_median=0.5, kl_p90=1.0, kl_p99=1.0,
+                                 final_kl_mean=(0.25, 0.125, 0.5), top1_disagreement_mean=(0.0, 0.0, 0.0),
+                                 logp_delta_mean=0.0, kl_slope=(-0.001, -0.002, 0.0005),
+                                 attn_rel_l2_mean=(0.5, 0.5, 0.5), attn_rel_l2_slope=(0.0, 0.0, 0.0),
+                                 **_worst5((0.5, 0.375, 0.625, 0.25), (0.125, 0.125, 0.125, 0.125))),
+        "static": _attrs(samples=3, attn_rel_l2_mean=(0.25, 0.25, 0.25), attn_rel_l2_slope=(0.0, 0.0, 0.0),
+                         **_worst5((0.5, 0.375, 0.625, 0.25), (0.125, 0.125, 0.125, 0.125))),
+        # every sample censored: survival stays 1, the median is not reached
+        "free_running": _attrs(samples=3, first_divergence_km_median=(INF, INF, INF), first_divergence_at_risk=0,
+                               first_divergence_events=0, first_divergence_censored=3, outcome_identical=0,
+                               outcome_token_mismatch=0, outcome_length_only=0, outcome_censored=3,
+                               identical_fraction=0.0),
+    },
+}
 
 
 def rows_of(rows, **where):

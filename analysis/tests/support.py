@@ -74,12 +74,14 @@ def _axes(name):
 
 
 def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complete=True, schema_version=1,
-              root_attrs=None):
+              root_attrs=None, summary=None):
     """Writes a run log.
 
     samples: list of dicts {index, complete (default 1), attrs, reference_tokens, logged_steps,
     lanes: {(quantizer, lane): {"attrs": {...}, "data": {relative dataset path: array},
     "sub_attrs": {relative group path: {...}}}}}.
+    summary: {quantizer: {"": attributes of /summary/<quantizer>, lane: attributes of its lane
+    subgroup}}, written as given (ints as int64, floats as float64).
     """
     text = h5py.string_dtype("utf-8")
     with h5py.File(path, "w") as f:
@@ -92,6 +94,10 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
         f.create_group("model").attrs.update({"path": "/models/tiny.bin", "format": "llama2c", "sha256": ""})
         for name, _, params in quantizers:
             f.create_group(f"quantizers/{name}").attrs.update({k: str(v) for k, v in params.items()})
+        for name, groups in (summary or {}).items():
+            for lane, attrs in groups.items():
+                f.require_group(f"summary/{name}/{lane}".rstrip("/")).attrs.update(
+                    {k: np.int64(v) if isinstance(v, int) else np.float64(v) for k, v in attrs.items()})
         f.create_group("samples")
         for sample in samples:
             group = f.create_group(f"samples/{sample['index']}")

@@ -1,5 +1,6 @@
 """configs/demo.yaml run by the kvdrift CLI (32 new tokens), then plot_drift.py: every figure is
-produced, and the report's numbers agree with the engine's own /summary of the same file."""
+produced, the report's table carries the engine's own /summary of the same file, and the survival
+figure's Kaplan-Meier curve has the engine's median."""
 import math
 import os
 import subprocess
@@ -11,6 +12,14 @@ from analysis.tests import support
 from analysis.tests.support import num, read_csv
 
 FIGURES = ("drift_curves", "token_scale", "attention_heatmap", "survival")
+# summary_table.csv columns by their /summary/<quantizer> subgroup ("" = the group itself)
+SUMMARY_SOURCES = {
+    "": ["first_step", "bits_per_element_mean", "attn_gap_mean", "attn_gap_slope"],
+    "teacher_forced": ["kl_mean", "final_kl_mean", "kl_slope", "top1_disagreement_mean",
+                       "key_quant_worst5_magnitude_share_mean"],
+    "free_running": ["first_divergence_km_median", "first_divergence_at_risk", "first_divergence_censored",
+                     "outcome_identical"],
+}
 
 
 class Demo(unittest.TestCase):
@@ -33,22 +42,28 @@ class Demo(unittest.TestCase):
                 self.assertGreater(os.path.getsize(os.path.join(self.out, f"{figure}.{ext}")), 1000, figure)
         table = {r["quantizer"]: r for r in read_csv(os.path.join(self.out, "summary_table.csv"))}
         self.assertEqual(list(table), ["none", "kivi-2bit", "quarot-2bit", "kvarn-k2v2"])
+        survival = read_csv(os.path.join(self.out, "survival.csv"))
         with h5py.File(self.run_path, "r") as f:
+            self.assertEqual(int(f.attrs["complete"]), 1)
             for quantizer, row in table.items():
                 summary = f[f"summary/{quantizer}"]
-                pairs = [("samples", summary.attrs["samples"]),
-                         ("bits_per_element_mean", summary.attrs["bits_per_element_mean"]),
-                         ("kl_mean", summary["teacher_forced"].attrs["kl_mean"]),
-                         ("kl_median", summary["teacher_forced"].attrs["kl_median"]),
-                         ("final_kl_mean", summary["teacher_forced"].attrs["final_kl_mean"]),
-                         ("first_divergence_median", summary["free_running"].attrs["first_divergence_median"])]
-                for column, engine in pairs:
-                    with self.subTest(quantizer=quantizer, column=column):
-                        self.assertTrue(math.isclose(num(row[column]), float(engine), rel_tol=1e-9, abs_tol=1e-15),
-                                        (row[column], engine))
-        survival = [r for r in read_csv(os.path.join(self.out, "survival.csv")) if r["quantizer"] == "none"]
-        self.assertEqual(len(survival), 32)
-        self.assertEqual({num(r["identical_fraction"]) for r in survival}, {1.0})
+                # the table carries /summary/<q> as written, intervals included
+                for group, names in SUMMARY_SOURCES.items():
+                    attrs = summary[group].attrs if group else summary.attrs
+                    for column in [c for name in names for c in (name, f"{name}_ci_low", f"{name}_ci_high")
+                                   if c in row]:
+                        with self.subTest(quantizer=quantizer, column=column):
+                            engine, shown = float(attrs[column]), num(row[column])
+                            self.assertTrue(shown == engine or (math.isnan(shown) and math.isnan(engine)),
+                                            (row[column], engine))
+                # the survival figure's Kaplan-Meier curve first reaches 0.5 at the engine's median
+                curve = [(int(r["step"]), num(r["survival"])) for r in survival if r["quantizer"] == quantizer]
+                median = min((step for step, value in curve if value <= 0.5), default=math.inf)
+                self.assertEqual(median, float(summary["free_running"].attrs["first_divergence_km_median"]),
+                                 quantizer)
+        none = [r for r in survival if r["quantizer"] == "none"]
+        self.assertEqual(len(none), 32)
+        self.assertEqual({num(r["survival"]) for r in none}, {1.0})
 
     @unittest.skipUnless(os.environ.get("KVDRIFT_CLI"), "the kvdrift built with `plot` (set KVDRIFT_CLI)")
     def test_kvdrift_plot_subcommand(self):

@@ -1,15 +1,35 @@
-"""plot_drift.py on hand-made run logs: every figure file is written, and the CSV behind each figure
-holds the numbers worked out by hand below from the fixture's values."""
+"""plot_drift.py on hand-made run logs: every figure file is written, the CSV behind each figure
+holds the numbers worked out by hand below from the fixture's values, and the report table carries
+the run's /summary as written."""
 import math
 import os
+import sys
 import unittest
 
 import h5py
 import numpy as np
 
 from analysis.tests import support
-from analysis.tests.drift_fixture import FIGURES, QUANTIZERS, fixture_samples, rows_of
+from analysis.tests.drift_fixture import FIGURES, QUANTIZERS, SUMMARY, fixture_samples, rows_of
 from analysis.tests.support import num, read_csv
+
+sys.path.insert(0, support.ANALYSIS_DIR)
+import kvdrift_log  # noqa: E402
+
+# summary_table.csv's columns, in order
+TABLE_COLUMNS = (
+    "run quantizer method samples first_step bits_per_element_mean "
+    "kl_mean kl_mean_ci_low kl_mean_ci_high final_kl_mean final_kl_mean_ci_low final_kl_mean_ci_high "
+    "kl_slope kl_slope_ci_low kl_slope_ci_high "
+    "top1_disagreement_mean top1_disagreement_mean_ci_low top1_disagreement_mean_ci_high "
+    "first_divergence_km_median first_divergence_km_median_ci_low first_divergence_km_median_ci_high "
+    "first_divergence_at_risk first_divergence_censored outcome_identical "
+    "key_quant_worst5_magnitude_share_mean key_quant_worst5_magnitude_share_mean_ci_low "
+    "key_quant_worst5_magnitude_share_mean_ci_high "
+    "attn_gap_mean attn_gap_mean_ci_low attn_gap_mean_ci_high attn_gap_slope attn_gap_slope_ci_low "
+    "attn_gap_slope_ci_high accuracy_free_running accuracy_free_running_ci_low accuracy_free_running_ci_high "
+    "accuracy_reference accuracy_reference_ci_low accuracy_reference_ci_high").split()
+SUMMARY_COLUMNS = TABLE_COLUMNS[4:-6]
 
 
 class PlotDriftFixture(unittest.TestCase):
@@ -17,14 +37,16 @@ class PlotDriftFixture(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = support.scratch_dir("plot_drift")
         cls.run_path = support.write_run(os.path.join(cls.dir, "run.h5"), QUANTIZERS, fixture_samples(),
-                                         max_new_tokens=4)
+                                         max_new_tokens=4, summary=SUMMARY)
         with h5py.File(cls.run_path, "r+") as f:  # scored as score.py would write it
             scores = f.create_group("scores")
             scores.attrs.update({"task": "math", "scored_utc": "2026-01-01T00:00:00Z"})
             scores.create_group("reference").attrs.update(
-                {"correct": np.int64(2), "scored": np.int64(3), "accuracy": 2 / 3})
+                {"correct": np.int64(2), "scored": np.int64(3), "accuracy": 2 / 3, "accuracy_ci_low": 1 / 3,
+                 "accuracy_ci_high": 1.0})
             scores.create_group("alpha/free_running").attrs.update(
-                {"correct": np.int64(1), "scored": np.int64(3), "accuracy": 1 / 3})
+                {"correct": np.int64(1), "scored": np.int64(3), "accuracy": 1 / 3, "accuracy_ci_low": 0.0,
+                 "accuracy_ci_high": 2 / 3})
         cls.out = os.path.join(cls.dir, "out")
         cls.result = support.run_script("plot_drift.py", cls.run_path, "-o", cls.out, "--window", "2")
 
@@ -106,37 +128,89 @@ class PlotDriftFixture(unittest.TestCase):
         self.assertEqual(shares[("alpha", "key")], (0.5, "3"))  # mean of 0.5, 0.25, 0.75
         self.assertEqual(shares[("alpha", "value")], (0.125, "3"))
 
-    def test_survival_counts_identical_and_censored_samples_as_surviving(self):
+    def test_survival_is_kaplan_meier(self):
         rows = self.csv("survival.csv")
-        alpha = [num(r["identical_fraction"]) for r in rows_of(rows, quantizer="alpha")]
-        # diverge at: s0 step 2 (mismatch), s1 never (identical), s2 step 1 (length only)
-        self.assertEqual(alpha, [1.0, 2 / 3, 1 / 3, 1 / 3])
-        beta = [num(r["identical_fraction"]) for r in rows_of(rows, quantizer="beta")]
-        self.assertEqual(beta, [1.0, 1.0, 1.0, 1.0])
+        alpha = rows_of(rows, quantizer="alpha")
+        # s0 event at 2 (mismatch), s1 censored at 3 (identical), s2 event at 1 (length only):
+        # step 1: 1 event of 3 at risk -> 2/3; step 2: 1 of 2 (s0, s1) -> 1/3; at step 3 s1 is censored
+        for row, expected in zip(alpha, [1.0, 2 / 3, 1 / 3, 1 / 3]):
+            self.assertAlmostEqual(num(row["survival"]), expected, places=15)
+        self.assertEqual([(r["at_risk"], r["samples"]) for r in alpha],
+                         [("3", "3"), ("3", "3"), ("2", "3"), ("0", "3")])
+        beta = rows_of(rows, quantizer="beta")  # all censored (at 4, 3, 4): survival stays 1
+        self.assertEqual([num(r["survival"]) for r in beta], [1.0, 1.0, 1.0, 1.0])
+        self.assertEqual([r["at_risk"] for r in beta], ["3", "3", "3", "2"])
 
-    def test_report_table_and_scores(self):
+    def test_summary_table_is_the_runs_summary(self):
+        with open(os.path.join(self.out, "summary_table.csv")) as f:
+            self.assertEqual(f.readline().strip().split(","), TABLE_COLUMNS)
         table = {r["quantizer"]: r for r in self.csv("summary_table.csv")}
-        alpha = table["alpha"]
-        pooled = [0.5, 1, 2, 4, 1, 2, 8, 0.25, 4, 4, 2]
-        self.assertEqual(alpha["samples"], "3")
-        self.assertAlmostEqual(num(alpha["kl_mean"]), 28.75 / 11, places=12)
-        self.assertEqual(num(alpha["kl_median"]), 2.0)
-        self.assertEqual(sum(pooled), 28.75)
-        self.assertAlmostEqual(num(alpha["final_kl_mean"]), (4 + 8 + 2) / 3, places=12)
-        self.assertEqual(num(alpha["first_divergence_median"]), 2.0)
-        self.assertEqual(num(alpha["bits_per_element_mean"]), 3.0)
-        self.assertAlmostEqual(num(alpha["accuracy_free_running"]), 1 / 3, places=12)
-        self.assertAlmostEqual(num(alpha["accuracy_reference"]), 2 / 3, places=12)
-        self.assertEqual(num(table["beta"]["bits_per_element_mean"]), 5.0)
-        self.assertTrue(math.isnan(num(table["beta"]["accuracy_free_running"])))
+        alpha, beta = table["alpha"], table["beta"]
+        self.assertEqual((alpha["run"], alpha["method"], alpha["samples"]), (self.run_path, "rtn", "3"))
+        self.assertEqual([num(alpha[c]) for c in SUMMARY_COLUMNS],
+                         [1, 3.0, 0.138, 0.112, 0.161, 4.5, 2.0, 8.0, 0.0125, 0.003, 0.025, 0.375, 0.125, 0.625,
+                          2.0, 1.0, math.inf, 2, 1, 1, 0.5, 0.25, 0.75, 0.75, 0.5, 1.25, 0.125, -0.0625, 0.25])
+        self.assertEqual([alpha[c] for c in ("first_step", "first_divergence_at_risk", "outcome_identical")],
+                         ["1", "2", "1"])  # integers stay integers
+        self.assertEqual([num(beta[c]) for c in SUMMARY_COLUMNS],
+                         [1, 5.0, 0.0625, 0.05, 0.075, 0.25, 0.125, 0.5, -0.001, -0.002, 0.0005, 0.0, 0.0, 0.0,
+                          math.inf, math.inf, math.inf, 0, 3, 0, 0.5, 0.375, 0.625, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0])
+        self.assertEqual([num(alpha[c]) for c in TABLE_COLUMNS[-6:]], [1 / 3, 0.0, 2 / 3, 2 / 3, 1 / 3, 1.0])
+        self.assertTrue(all(math.isnan(num(beta[c])) for c in TABLE_COLUMNS[-6:-3]))  # beta not scored
         with open(os.path.join(self.out, "report.md")) as f:
             report = f.read()
         self.assertIn("model tiny.bin (llama2c) · data inline prompts · 3 samples · max 4 new tokens", report)
-        self.assertIn("| alpha (rtn k_bits=2) | 3.000 | 2.61 | 2 | 4.67 | 2.0 | 0.333 (1/3) |", report)
-        self.assertIn("reference accuracy 0.667 (2/3)", report)
+        self.assertIn("| alpha (rtn k_bits=2) | 3.000 | 0.138 [0.112, 0.161] | 4.5 [2, 8] | 0.0125 [0.003, 0.025] "
+                      "| 0.375 [0.125, 0.625] | 2 [1, not reached] | 2 / 1 / 1 | 0.500 [0.250, 0.750] "
+                      "| 0.75 [0.5, 1.25] | 0.125 [-0.0625, 0.25] | 0.333 [0.000, 0.667] (1/3) |", report)
+        self.assertIn("| beta (kivi k_bits=4 group_size=8) | 5.000 | 0.0625 [0.05, 0.075] | 0.25 [0.125, 0.5] "
+                      "| -0.001 [-0.002, 0.0005] | 0.000 [0.000, 0.000] | not reached | 0 / 3 / 0 "
+                      "| 0.500 [0.375, 0.625] | 0.25 [0.25, 0.25] | 0 [0, 0] | – |", report)
+        self.assertIn("  - summary (`/summary`): means over decode steps from step 1 on; intervals: 95% percentile "
+                      "bootstrap over samples (1000 resamples, seed 7)", report)
+        self.assertIn("as the ratio of sums ΣE_M / ΣE_T over the worst 5% of rows by E_T", report)
+        self.assertIn("reference accuracy 0.667 [0.333, 1.000] (2/3)", report)
         self.assertIn("1 sample(s) not finished yet are left out", report)
         for figure in FIGURES:
             self.assertIn(f"]({figure}.png)", report)
+
+    def test_run_not_complete_has_no_summary_figures(self):
+        # a /summary present but the root `complete` still 0 (cut short while finishing): not used
+        path = support.write_run(os.path.join(self.dir, "partial.h5"), QUANTIZERS, fixture_samples(),
+                                 max_new_tokens=4, summary=SUMMARY, complete=False)
+        out = os.path.join(self.dir, "partial")
+        result = support.run_script("plot_drift.py", path, "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        table = read_csv(os.path.join(out, "summary_table.csv"))
+        self.assertEqual([(r["quantizer"], r["samples"]) for r in table], [("alpha", "3"), ("beta", "3")])
+        self.assertEqual({r[c] for r in table for c in TABLE_COLUMNS[4:]}, {""})
+        with open(os.path.join(out, "report.md")) as f:
+            report = f.read()
+        self.assertIn("| alpha (rtn k_bits=2) | – | – | – | – | – | – | – | – | – | – |\n", report)
+        self.assertIn("  - run not finished: its summary columns stay empty (–) until kvdrift writes `/summary` "
+                      "when the run finishes", report)
+        self.assertIn("3 samples, run not complete", report)
+
+
+class KaplanMeier(unittest.TestCase):
+    def test_curve_ties_and_censoring(self):
+        # (first_divergence, outcome): events at 1, 2, 4; censored at 2 (tie with the event at 2),
+        # 4 (identical; tie with the event at 4) and 6
+        samples = [(2, "token_mismatch"), (2, "censored"), (4, "identical"), (1, "length_only"),
+                   (4, "token_mismatch"), (6, "censored")]
+        curve, at_risk = kvdrift_log.survival_curve(*zip(*samples), 7)
+        # at risk at an event step d: time > d, plus the events at d; censored at d is not:
+        # d=1: 5 + 1 = 6 -> 5/6; d=2: 3 (times 4, 4, 6) + 1 = 4 -> 5/6 * 3/4 = 5/8;
+        # d=4: 1 (time 6) + 1 = 2 -> 5/8 * 1/2 = 5/16 (median: step 4, the first with S <= 1/2)
+        self.assertEqual(at_risk.tolist(), [6, 6, 4, 3, 2, 1, 0])
+        for value, expected in zip(curve, [1, 5 / 6, 5 / 8, 5 / 8, 5 / 16, 5 / 16, 5 / 16]):
+            self.assertAlmostEqual(value, expected, places=15)
+
+    def test_no_event_and_no_sample(self):
+        curve, at_risk = kvdrift_log.survival_curve([3, 0], ["identical", "censored"], 4)
+        self.assertEqual((curve.tolist(), at_risk.tolist()), ([1.0] * 4, [1, 1, 1, 0]))
+        curve, at_risk = kvdrift_log.survival_curve([], [], 2)
+        self.assertEqual((curve.tolist(), at_risk.tolist()), ([1.0, 1.0], [0, 0]))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """score.py on hand-made MATH500 and GSM8K runs: /scores holds the per-lane counts and per-sample
 flags worked out by hand, and bad input is refused without touching the file."""
+import math
 import os
 import re
+import sys
 import unittest
 
 import h5py
 import numpy as np
 
 from analysis.tests import support
+
+sys.path.insert(0, support.ANALYSIS_DIR)
+import score  # noqa: E402
 
 QUANTIZERS = [("alpha", "rtn", {"k_bits": 2}), ("beta", "kivi", {"k_bits": 2})]
 
@@ -48,7 +53,8 @@ def read_scores(path):
             g = group[name]
             lanes[name] = (int(g.attrs["correct"]), int(g.attrs["scored"]), float(g.attrs["accuracy"]),
                            g["sample"][:].tolist(), g["correct"][:].tolist(),
-                           [x.decode() for x in g["extracted"][:]])
+                           [x.decode() for x in g["extracted"][:]],
+                           (float(g.attrs["accuracy_ci_low"]), float(g.attrs["accuracy_ci_high"])))
             assert g["sample"].dtype == np.int64 and g["correct"].dtype == np.int64
         return dict(group.attrs), lanes
 
@@ -67,6 +73,16 @@ class ScoreMath(unittest.TestCase):
         self.assertEqual(lanes["beta/free_running"][:5], (1, 3, 1 / 3, [0, 1, 2], [0, 1, 0]))
         self.assertEqual(lanes["alpha/free_running"][5], ["0.5", "", "(3, \\frac{\\pi}{2})"])
         self.assertIn("alpha free-running                              2       3     0.667", result.stdout)
+        # 95% bootstrap intervals over 3 samples: a resample mean is k/3; all three resampled samples
+        # correct (p = 1) or all wrong (p = 0) each have probability >= 1/27 (~37 of 1000 resamples,
+        # more than the 25 beyond each 2.5% tail) whenever the lane has both, so [0, 1]
+        self.assertEqual(lanes["reference"][6], (1.0, 1.0))
+        self.assertEqual(lanes["alpha/free_running"][6], (0.0, 1.0))
+        self.assertEqual(lanes["beta/free_running"][6], (0.0, 1.0))
+        self.assertIn("reference                                       3       3     1.000  [1.000, 1.000]",
+                      result.stdout)
+        self.assertIn("alpha free-running                              2       3     0.667  [0.000, 1.000]",
+                      result.stdout)
         # scoring again replaces /scores rather than adding to it
         again = support.run_script("score.py", path, "--task", "aime")
         self.assertEqual(again.returncode, 0, again.stderr)
@@ -100,6 +116,27 @@ class ScoreGsm8k(unittest.TestCase):
         self.assertEqual(lanes["alpha/free_running"][5], ["1,200", "18"])
         self.assertEqual(lanes["alpha/free_running"][:5], (2, 2, 1.0, [0, 1], [1, 1]))
         self.assertEqual(lanes["beta/free_running"][:5], (0, 2, 0.0, [0, 1], [0, 0]))
+        # 2 samples, one correct: resample means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4 -> [0, 1]
+        self.assertEqual([lanes[k][6] for k in ("reference", "alpha/free_running", "beta/free_running")],
+                         [(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)])
+
+
+class AccuracyInterval(unittest.TestCase):
+    def test_bootstrap_interval(self):
+        flags = [1] * 30 + [0] * 10
+        correct, scored, accuracy, low, high = score.accuracy_summary(flags)
+        self.assertEqual((correct, scored, accuracy), (30, 40, 0.75))
+        # about the normal approximation 0.75 -+ 1.96 sqrt(0.75 * 0.25 / 40) = [0.616, 0.884]
+        self.assertAlmostEqual(low, 0.616, delta=0.03)
+        self.assertAlmostEqual(high, 0.884, delta=0.03)
+        self.assertEqual(score.accuracy_summary(flags), (correct, scored, accuracy, low, high))  # seeded
+        self.assertEqual(score.accuracy_summary([1] * 7)[2:], (1.0, 1.0, 1.0))
+        self.assertEqual(score.accuracy_summary([0] * 7)[2:], (0.0, 0.0, 0.0))
+
+    def test_nothing_scored_is_nan(self):
+        correct, scored, *rest = score.accuracy_summary([])
+        self.assertEqual((correct, scored), (0, 0))
+        self.assertTrue(all(math.isnan(v) for v in rest))
 
 
 class ScoreErrors(unittest.TestCase):

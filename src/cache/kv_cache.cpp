@@ -6,8 +6,9 @@
 
 namespace kvdrift {
 
-RowSpans RowSpans::aligned(int64_t rows, int64_t start, int64_t width) {
+RowSpans RowSpans::aligned(int64_t rows, int64_t start, int64_t width, Phase phase) {
   RowSpans spans;
+  spans.phase_ = phase;
   spans.starts_.assign(rows, start);
   spans.lengths_.assign(rows, width);
   spans.width_ = width;
@@ -15,12 +16,13 @@ RowSpans RowSpans::aligned(int64_t rows, int64_t start, int64_t width) {
   return spans;
 }
 
-RowSpans::RowSpans(std::vector<int64_t> starts, std::vector<int64_t> lengths, int64_t width, torch::Device device)
-    : starts_(std::move(starts)), lengths_(std::move(lengths)), width_(width) {
+RowSpans::RowSpans(std::vector<int64_t> starts, std::vector<int64_t> lengths, int64_t width, torch::Device device,
+                   Phase phase)
+    : starts_(std::move(starts)), lengths_(std::move(lengths)), width_(width), phase_(phase) {
   if (starts_.empty() || starts_.size() != lengths_.size())
     fail("row spans: {} starts and {} lengths (need one of each per row)", starts_.size(), lengths_.size());
   for (size_t r = 0; r < starts_.size(); ++r)
-    if (starts_[r] < 0 || lengths_[r] < 1 || lengths_[r] > width_)
+    if (starts_[r] < 0 || lengths_[r] < 0 || lengths_[r] > width_ || (phase_ == Phase::Decode && width_ != 1))
       fail("row spans: row {} starts at {} with {} real tokens of {}", r, starts_[r], lengths_[r], width_);
   if (!set_end()) device_starts_ = torch::tensor(starts_, torch::kInt64).to(device);
 }
@@ -44,6 +46,7 @@ RowSpans RowSpans::select(const std::vector<int64_t>& rows, const torch::Tensor&
     spans.lengths_.push_back(lengths_.at(row));
   }
   spans.width_ = width_;
+  spans.phase_ = phase_;
   if (!spans.set_end()) spans.device_starts_ = device_starts_.index_select(0, device_rows);
   return spans;
 }

@@ -15,16 +15,30 @@ namespace kvdrift {
 // prompt to the batch's width: they are written, lie after every real query of the row (so no real
 // query reads them), and are overwritten by the row's later steps. Rows differ only when prompts of
 // different lengths share a batch (decoding.batch_prompts).
+//
+// A write is a prefill (the prompt, or one chunk of it: its own attention reads it in full precision)
+// or a decode step (one token per row, which a quantizing cache may quantize before attention reads
+// it). The phase is said, never guessed from the width alone: a one-token prompt is a prefill too.
+enum class Phase { Prefill, Decode };
+// The phase of a write at `start` in a sequential decode (the convenience overloads below): the write
+// at position 0 is the prefill whatever its width, a later one-token write a decode step, a later
+// wider one a prefill chunk.
+inline Phase sequential_phase(int64_t start, int64_t width) {
+  return start > 0 && width == 1 ? Phase::Decode : Phase::Prefill;
+}
+
 class RowSpans {
  public:
   // Every row at `start`, all `width` tokens real.
-  static RowSpans aligned(int64_t rows, int64_t start, int64_t width);
-  // Rows at their own starts, with `lengths` real tokens each; the starts are copied to `device`
-  // once here (when they differ), for every layer's writes and masks.
-  RowSpans(std::vector<int64_t> starts, std::vector<int64_t> lengths, int64_t width, torch::Device device);
+  static RowSpans aligned(int64_t rows, int64_t start, int64_t width, Phase phase);
+  // Rows at their own starts, with `lengths` real tokens each (0 for a row with nothing to write in
+  // this chunk of a chunked prefill); the starts are copied to `device` once here (when they
+  // differ), for every layer's writes and masks.
+  RowSpans(std::vector<int64_t> starts, std::vector<int64_t> lengths, int64_t width, torch::Device device, Phase phase);
 
   int64_t rows() const { return static_cast<int64_t>(starts_.size()); }
   int64_t width() const { return width_; }
+  Phase phase() const { return phase_; }
   int64_t start(int64_t row) const { return starts_[row]; }
   int64_t length(int64_t row) const { return lengths_[row]; }
   bool is_aligned() const { return !device_starts_.defined(); }
@@ -39,6 +53,7 @@ class RowSpans {
   bool set_end();  // end_ from the starts; true when every row starts alike
   std::vector<int64_t> starts_, lengths_;
   int64_t width_ = 0, end_ = 0;
+  Phase phase_ = Phase::Prefill;
   torch::Tensor device_starts_;  // [rows] int64 on the device; undefined when every row starts alike
 };
 
@@ -54,10 +69,11 @@ class KVCache {
   // [0, spans.end()) (a row's positions past its own are for the mask to hide).
   virtual std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, const RowSpans& spans,
                                                          const torch::Tensor& keys, const torch::Tensor& values) = 0;
-  // Every row at positions [pos, pos+T).
+  // Every row at positions [pos, pos+T), in the phase sequential_phase gives.
   std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, int64_t pos, const torch::Tensor& keys,
                                                  const torch::Tensor& values) {
-    return update(layer, RowSpans::aligned(keys.size(0), pos, keys.size(2)), keys, values);
+    return update(layer, RowSpans::aligned(keys.size(0), pos, keys.size(2), sequential_phase(pos, keys.size(2))), keys,
+                  values);
   }
   virtual int64_t capacity() const = 0;
 };

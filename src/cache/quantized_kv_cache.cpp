@@ -51,12 +51,6 @@ QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>>
       RowGroup group;
       group.quantizer = row_quantizers[row];
       group.policies = {group.quantizer->policy(Role::Key), group.quantizer->policy(Role::Value)};
-      for (Role role : {Role::Key, Role::Value}) {
-        const RolePolicy& policy = group.policies[index(role)];
-        if (policy.sink % policy.block != 0)
-          fail("quantizer '{}': {} sink of {} positions is not a multiple of its block of {}",
-               group.quantizer->method(), role_name(role), policy.sink, policy.block);
-      }
       groups_.push_back(std::move(group));
     }
     RowGroup& group = groups_.back();
@@ -87,9 +81,8 @@ std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, 
   for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
     write_rows(written_[index(role)][layer], spans, *source);
     write_rows(read_[index(role)][layer], spans, *source);
-    if (spans.width() == 1)
-      for (auto& group : groups_)
-        if (group.active > 0) flush(group, role, layer, spans);
+    for (auto& group : groups_)
+      if (group.active > 0) flush(group, role, layer, spans);
   }
   for (size_t row = 0; row < accounts_.size(); ++row) {
     RowAccount& account = accounts_[row];
@@ -113,7 +106,15 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
     RowAccount& account = accounts_[row];
     if (!account.active) continue;
     const int64_t slot = slots_[row];
-    const int64_t begin = account.flushed_end[r][layer], end = policy.quantized_prefix(spans.start(slot));
+    const int64_t start = spans.start(slot);
+    // A decode step flushes what is due at its token (QuaRot's own token included); a prefill chunk
+    // what is due at its first token among the positions before it, never its own.
+    int64_t end = policy.quantized_prefix(start);
+    if (spans.phase() == Phase::Prefill) {
+      if (spans.length(slot) == 0) continue;
+      end = std::min(end, start);
+    }
+    const int64_t begin = account.flushed_end[r][layer];
     if (end <= begin) continue;
     if (runs.empty() || runs.back().first_slot + runs.back().slots != slot || runs.back().begin != begin ||
         runs.back().end != end)

@@ -37,10 +37,11 @@ class QuantizedKVCache final : public KVCache {
                    int64_t capacity, int64_t head_dim, torch::ScalarType dtype, torch::Device device,
                    StorageMode mode = StorageMode::Simulated);
 
-  // keys and values hold the active rows, in order. A write of T > 1 positions is a prefill: its
-  // attention reads full precision and nothing is flushed. A write of one position is a decode step:
-  // every block due at each row's position is quantized before attention reads (the blocks of one
-  // quantizer in one call).
+  // keys and values hold the active rows, in order. A decode step (one position) first quantizes
+  // every block due at each row's position (the blocks of one quantizer in one call), so attention
+  // reads them quantized. A prefill reads its own positions in full precision; a prefill chunk after
+  // the first (decoding.prefill: chunked) first quantizes the blocks due at its start, so it reads the
+  // earlier chunks as a decode step there would.
   using KVCache::update;
   std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, const RowSpans& spans, const torch::Tensor& keys,
                                                  const torch::Tensor& values) override;

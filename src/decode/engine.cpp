@@ -65,7 +65,9 @@ void log_token_scale(LaneResult& lane, const std::string& prefix, const torch::T
   lane.arrays[prefix + "/E_D"] = per_position(error.direction);
   lane.arrays[prefix + "/E_T"] = per_position(error.total);
   lane.arrays[prefix + "/norm_ratio"] = per_position(error.norm_ratio);
-  lane.scalars[prefix + "/worst5_magnitude_share"] = metrics::worst_rows_magnitude_share(error);
+  const auto worst = metrics::worst_rows_magnitude_share(error);
+  lane.scalars[prefix + "/worst5_magnitude_share"] = worst.of_sums;
+  lane.scalars[prefix + "/worst5_magnitude_share_mean_of_ratios"] = worst.mean_of_ratios;
 }
 
 // Longest common prefix and outcome class of a free-running lane against the reference.
@@ -90,6 +92,7 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
 // up: the i-th teacher-forced row compares with the reference at teacher_reference_slots[i].
 struct BatchIndex {
   torch::Tensor teacher_slots, teacher_reference_slots;
+  std::vector<int64_t> teacher_slot_list, teacher_reference_slot_list;  // the same on the host
   // Per active row of the static cache, in its order: the batch slot of the reference it copies.
   std::vector<int64_t> static_reference_slot_list;
   torch::Tensor static_reference_slots;
@@ -108,7 +111,7 @@ class StepObserver final : public AttentionObserver {
   std::vector<torch::Tensor> static_rel_l2, static_cos, teacher_rel_l2, teacher_cos;  // per logged step: [rows, layers]
 
   void observe(const LayerAttention& a) override {
-    const bool decode = a.q.size(2) == 1;
+    const bool decode = a.spans.phase() == Phase::Decode;
     const bool record = decode && recording;
     if (a.layer == 0 && record) {
       static_layers_.clear();
@@ -200,16 +203,31 @@ RunInputs load_run_inputs(const RunConfig& config) {
   return inputs;
 }
 
-Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
-    : model_(model), config_(config), tokenizer_(tokenizer) {
-  for (const auto& q : config_.quantizers) {
+std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,
+                                                                    const ModelConfig& model) {
+  std::vector<std::shared_ptr<const Quantizer>> quantizers;
+  for (const auto& q : config.quantizers) {
     try {
-      quantizers_.push_back(make_quantizer(q.method, q.params, model_.config().head_dim));
+      quantizers.push_back(make_quantizer(q.method, q.params, model.head_dim));
+      // A sink the context cannot hold would leave the method unmeasured: nothing is ever quantized.
+      const int64_t sink = quantizers.back()->policy(Role::Key).sink;
+      if (sink > model.max_seq_len)
+        fail("its full-precision sink of {} tokens is larger than the model's context of {} positions", sink,
+             model.max_seq_len);
     } catch (const Error& e) {
-      fail("{}{}: quantizers '{}': {}", config_.source_path, q.line > 0 ? fmt::format(":{}", q.line) : "", q.name,
+      fail("{}{}: quantizers '{}': {}", config.source_path, q.line > 0 ? fmt::format(":{}", q.line) : "", q.name,
            e.what());
     }
   }
+  return quantizers;
+}
+
+Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
+    : model_(model), config_(config), tokenizer_(tokenizer) {
+  if (config_.decoding.prefill == "chunked" && config_.decoding.prefill_chunk > model_.config().max_seq_len)
+    fail("{}: decoding.prefill_chunk = {} is larger than the model's context of {} positions", config_.source_path,
+         config_.decoding.prefill_chunk, model_.config().max_seq_len);
+  quantizers_ = make_config_quantizers(config_, model_.config());
   for (const auto& lane : config_.lanes) {
     static_lane_ = static_lane_ || lane == "static";
     teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
@@ -297,6 +315,8 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
     }
     index.teacher_slots = to_device(teacher_slots);
     index.teacher_reference_slots = to_device(teacher_reference_slots);
+    index.teacher_slot_list = teacher_slots;
+    index.teacher_reference_slot_list = teacher_reference_slots;
     index.static_reference_slots = to_device(index.static_reference_slot_list);
   };
   locate_lanes();
@@ -305,6 +325,12 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
   // Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
   // per-step arrays declared empty so that a partial sample already names every array it will hold.
   const bool attention_error = config_.metrics.attention_error;
+  // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
+  SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
+                          config_.decoding.seed};
+  const bool kl_sampled = sampling.reshapes_distribution();
+  std::vector<std::string> teacher_arrays = {"kl", "top1_agree", "logp_delta"};
+  if (kl_sampled) teacher_arrays.push_back("kl_sampled");
   for (size_t p = 0; p < samples.size(); ++p) {
     BatchSample& sample = samples[p];
     auto add_lane = [&](size_t q, const char* kind, std::vector<std::string> step_arrays, bool attention) {
@@ -320,12 +346,15 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
     for (size_t q = 0; q < quantizer_count; ++q) {
       if (static_lane_) sample.static_lane.push_back(add_lane(q, "static", {}, true));
       if (teacher_forced_)
-        sample.teacher_lane.push_back(add_lane(q, "teacher_forced", {"kl", "top1_agree", "logp_delta"}, true));
+        sample.teacher_lane.push_back(add_lane(q, "teacher_forced", teacher_arrays, true));
       if (free_running_) sample.free_lane.push_back(add_lane(q, "free_running", {"match"}, false));
     }
   }
 
-  // Prefill: every row's prompt, shorter prompts padded to the longest (no real query reads the padding).
+  // Prefill: every row's prompt, shorter prompts padded to the longest (no real query reads the padding),
+  // in one forward (decoding.prefill: full) or in chunks of decoding.prefill_chunk positions, each
+  // reading the earlier ones through the row's cache (chunked). A row whose prompt ended in an
+  // earlier chunk writes nothing.
   auto start_time = std::chrono::steady_clock::now();
   auto prompt_tokens = torch::zeros({rows, longest}, torch::kInt64);
   std::vector<int64_t> prompt_lengths(rows);
@@ -334,18 +363,34 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
     prompt_lengths[row] = static_cast<int64_t>(prompt.tokens.size());
     prompt_tokens[row].narrow(0, 0, prompt_lengths[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
   }
-  auto logits = model_.forward(prompt_tokens.to(device),
-                               RowSpans(std::vector<int64_t>(rows, 0), prompt_lengths, longest, device), cache,
-                               /*last_only=*/true, &observer);
+  prompt_tokens = prompt_tokens.to(device);
+  const int64_t chunk = config_.decoding.prefill == "chunked" ? config_.decoding.prefill_chunk : longest;
+  torch::Tensor logits;  // [rows, 1, vocab], at each row's last prompt token
+  for (int64_t begin = 0; begin < longest; begin += chunk) {
+    const int64_t width = std::min(chunk, longest - begin);
+    std::vector<int64_t> starts(rows), lengths(rows), ending;
+    for (int64_t row = 0; row < rows; ++row) {
+      starts[row] = std::min(begin, prompt_lengths[row]);
+      lengths[row] = std::clamp<int64_t>(prompt_lengths[row] - begin, 0, width);
+      if (prompt_lengths[row] > begin && prompt_lengths[row] <= begin + width) ending.push_back(row);
+    }
+    auto chunk_logits = model_.forward(prompt_tokens.narrow(1, begin, width),
+                                       RowSpans(starts, lengths, width, device, Phase::Prefill), cache,
+                                       /*last_only=*/true, &observer);
+    if (!logits.defined()) {
+      logits = chunk_logits;  // rows ending in a later chunk are overwritten there
+    } else if (!ending.empty()) {
+      const auto ended = to_device(ending);
+      logits = logits.index_copy(0, ended, chunk_logits.index_select(0, ended));
+    }
+  }
   synchronize(device);
   const double prefill_seconds = seconds_since(start_time);
   start_time = std::chrono::steady_clock::now();
 
-  // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
-  SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
-                          config_.decoding.seed};
   std::vector<Sampler> samplers(rows, Sampler(sampling));
-  std::vector<torch::Tensor> teacher_step_metrics;  // per step: [teacher rows, 3] = kl, top1 agree, logp delta
+  // Per step: [teacher rows, 3 or 4] = kl, top1 agree, logp delta (, kl_sampled).
+  std::vector<torch::Tensor> teacher_step_metrics;
 
   // Moves the metrics computed on the device since the last call into the lanes' host arrays, one
   // copy per kind of metric, and extends the free-running match flags. The device arrays hold the
@@ -361,6 +406,7 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
         append_rows(arrays["kl"], own.select(1, 0));
         append_rows(arrays["top1_agree"], own.select(1, 1));
         append_rows(arrays["logp_delta"], own.select(1, 2));
+        if (kl_sampled) append_rows(arrays["kl_sampled"], own.select(1, 3));
       }
     }
     auto drain_attention = [&](std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
@@ -423,7 +469,24 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
       auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
       auto agree = (lane_logits.argmax(-1) == reference_logits.argmax(-1)).to(torch::kFloat32);
       auto delta = (log_ref.gather(1, reference_token) - log_lane.gather(1, reference_token)).squeeze(1);
-      teacher_step_metrics.push_back(torch::stack({kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)}, 1));
+      std::vector<torch::Tensor> columns = {kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)};
+      if (kl_sampled) {
+        // Between the distributions the lanes sample from, on the host in float64 (the samplers' own
+        // definition); +inf where the reference keeps a token the lane cuts.
+        const auto host_logits = step_logits.to(torch::kCPU);
+        std::map<int64_t, SamplingDistribution> references;  // by batch slot
+        std::vector<float> divergences;
+        for (size_t i = 0; i < index.teacher_slot_list.size(); ++i) {
+          const int64_t slot = index.teacher_reference_slot_list[i];
+          auto reference = references.find(slot);
+          if (reference == references.end())
+            reference = references.emplace(slot, sampling_distribution(host_logits[slot], sampling)).first;
+          const auto lane = sampling_distribution(host_logits[index.teacher_slot_list[i]], sampling);
+          divergences.push_back(static_cast<float>(kl_divergence(reference->second, lane, host_logits.size(1))));
+        }
+        columns.push_back(torch::tensor(divergences).to(device));
+      }
+      teacher_step_metrics.push_back(torch::stack(columns, 1));
     }
     // Lanes that end leave the batch: a reference with its teacher-forced rows (and static lanes),
     // a free-running row alone.
@@ -485,7 +548,7 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
       if (cache.slot(r) >= 0) ++results[row_prompt[r]].decode_row_steps;
     // The observer needs some reference in the batch; the static lanes end with theirs.
     logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device),
-                            RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device), cache,
+                            RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device, Phase::Decode), cache,
                             /*last_only=*/true, references ? &observer : nullptr);
   }
   synchronize(device);

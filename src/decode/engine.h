@@ -69,6 +69,11 @@ struct RunInputs {
 };
 RunInputs load_run_inputs(const RunConfig& config);
 
+// The config's quantizers, in its order, built for the model's head_dim; errors name the config line
+// and the quantizer (also a sink longer than the model's context).
+std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,
+                                                                    const ModelConfig& model);
+
 class Engine {
  public:
   // Builds every quantizer of the config for the model's head_dim (errors name the quantizer).

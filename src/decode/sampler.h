@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 namespace kvdrift {
 
@@ -16,7 +17,23 @@ struct SamplingConfig {
   int64_t top_k = 0;         // 0: no top-k cut
   uint64_t seed = 0;
   void validate() const;  // throws Error naming the bad setting
+  // Whether sampling draws from something else than softmax(logits): a temperature other than 1, or a
+  // top-k / top-p cut. Greedy decoding is not sampling.
+  bool reshapes_distribution() const { return temperature > 0.0 && (temperature != 1.0 || top_p < 1.0 || top_k > 0); }
 };
+
+// The distribution sampling draws from (temperature > 0): softmax(logits / temperature) over the top_k
+// largest logits, cut to the smallest prefix by decreasing logit (ties by increasing id) whose mass
+// reaches top_p, renormalized. Candidates in that order with their probabilities.
+struct SamplingDistribution {
+  std::vector<int64_t> ids;
+  std::vector<double> probs;  // sum to 1
+};
+SamplingDistribution sampling_distribution(const torch::Tensor& logits, const SamplingConfig& config);
+
+// KL(p || q) in nats between two sampling distributions over the same vocabulary: +inf when p keeps a
+// token q cuts.
+double kl_divergence(const SamplingDistribution& p, const SamplingDistribution& q, int64_t vocab);
 
 class Sampler {
  public:

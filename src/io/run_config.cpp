@@ -389,7 +389,8 @@ PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, con
 
 DecodingSettings read_decoding(const Mapping& root) {
   const Mapping decoding = root.at("decoding").mapping(
-      {"max_new_tokens", "stop_at_eos", "temperature", "top_p", "top_k", "seed", "batch_prompts"});
+      {"max_new_tokens", "stop_at_eos", "temperature", "top_p", "top_k", "seed", "batch_prompts", "prefill",
+       "prefill_chunk"});
   DecodingSettings settings;
   settings.max_new_tokens = decoding.at("max_new_tokens").as_or<int64_t>(settings.max_new_tokens, kAtLeastOne);
   settings.stop_at_eos = decoding.at("stop_at_eos").as_or<bool>(settings.stop_at_eos);
@@ -398,6 +399,8 @@ DecodingSettings read_decoding(const Mapping& root) {
   settings.top_k = decoding.at("top_k").as_or<int64_t>(settings.top_k, kNonNegative);
   settings.seed = static_cast<uint64_t>(decoding.at("seed").as_or<int64_t>(0, kNonNegative));
   settings.batch_prompts = decoding.at("batch_prompts").as_or<int64_t>(settings.batch_prompts, kAtLeastOne);
+  settings.prefill = decoding.at("prefill").one_of({"full", "chunked"}, "prefill mode", settings.prefill);
+  settings.prefill_chunk = decoding.at("prefill_chunk").as_or<int64_t>(settings.prefill_chunk, kAtLeastOne);
   // Greedy decoding ignores the sampling cut-offs, so one given with it is a mistake, not a no-op.
   if (settings.temperature == 0.0) {
     const std::pair<const char*, bool> cutoffs[] = {{"top_p", settings.top_p == 1.0}, {"top_k", settings.top_k == 0}};
@@ -607,6 +610,8 @@ std::string RunConfig::resolved_yaml() const {
   key("top_k") << decoding.top_k;
   key("seed") << decoding.seed;
   key("batch_prompts") << decoding.batch_prompts;
+  key("prefill") << decoding.prefill;
+  key("prefill_chunk") << decoding.prefill_chunk;
   out << YAML::EndMap;
 
   key("quantizers") << YAML::BeginSeq;
@@ -644,8 +649,9 @@ bool operator==(const ModelSettings& a, const ModelSettings& b) {
 
 
 bool operator==(const DecodingSettings& a, const DecodingSettings& b) {
-  return std::tie(a.max_new_tokens, a.stop_at_eos, a.temperature, a.top_p, a.top_k, a.seed, a.batch_prompts) ==
-         std::tie(b.max_new_tokens, b.stop_at_eos, b.temperature, b.top_p, b.top_k, b.seed, b.batch_prompts);
+  return std::tie(a.max_new_tokens, a.stop_at_eos, a.temperature, a.top_p, a.top_k, a.seed, a.batch_prompts, a.prefill,
+                  a.prefill_chunk) == std::tie(b.max_new_tokens, b.stop_at_eos, b.temperature, b.top_p, b.top_k,
+                                               b.seed, b.batch_prompts, b.prefill, b.prefill_chunk);
 }
 
 bool operator==(const QuantizerSettings& a, const QuantizerSettings& b) {

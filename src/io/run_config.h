@@ -45,6 +45,11 @@ struct DecodingSettings {
   int64_t top_k = 0;         // 0: no top-k cut
   uint64_t seed = 0;
   int64_t batch_prompts = 1;
+  // full: the prompt in one prefill whose attention reads it in full precision (deployment).
+  // chunked: the prompt pseudo-decoded in chunks of prefill_chunk tokens, each reading the earlier
+  // chunks as its quantizer's cache holds them (the KVarN paper's accumulation protocol).
+  std::string prefill = "full";
+  int64_t prefill_chunk = 128;
 };
 
 struct QuantizerSettings {

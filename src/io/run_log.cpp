@@ -9,6 +9,8 @@
 #include <cmath>
 #include <ctime>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <limits>
 #include <sstream>
 #include <string_view>
@@ -17,6 +19,7 @@
 #include "core/error.h"
 #include "decode/engine.h"
 #include "io/hdf5.h"
+#include "metrics/statistics.h"
 
 namespace kvdrift {
 
@@ -39,6 +42,7 @@ const std::map<std::string, std::string>& metric_axes() {
     std::map<std::string, std::string> table = {{"kl", "step"},
                                                 {"top1_agree", "step"},
                                                 {"logp_delta", "step"},
+                                                {"kl_sampled", "step"},
                                                 {"match", "step"},
                                                 {"attn_rel_l2", "logged_step,layer"},
                                                 {"attn_cos", "logged_step,layer"}};
@@ -210,6 +214,8 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
   set_uint64_attribute(file, "decoding_seed", metadata.decoding_seed);
   set_uint64_attribute(file, "weights_seed", metadata.weights_seed);
   file.set_attribute("prompts_sha256", metadata.prompts_sha256);
+  file.set_attribute("prefill", metadata.prefill);
+  file.set_attribute("prefill_chunk", metadata.prefill_chunk);
   file.set_attribute("complete", 0);
   file.write_string("config/yaml", resolved_config_yaml);
 
@@ -373,6 +379,18 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
 }
 
 // --- Summary ---
+//
+// Per quantizer and lane, over the finished samples (docs/hdf5-schema.md): means pooled over steps,
+// slopes per step, the Kaplan–Meier median of the first divergence, and for every figure that
+// compares methods a 95% percentile bootstrap interval over samples (prompts are the independent
+// units; steps of one sample are not). Means start at `first_step`: with a full-precision prefill,
+// step 0's logits come from the shared prefill and cannot differ.
+
+constexpr int64_t kBootstrapResamples = 1000;
+constexpr uint64_t kBootstrapSeed = 0;
+constexpr double kBootstrapLevel = 0.95;
+
+using Weights = std::vector<double>;
 
 class Mean {
  public:
@@ -390,96 +408,236 @@ class Mean {
   int64_t count_ = 0;
 };
 
-// numpy.percentile's default: linear interpolation between the closest ranks. NaN when there are no
-// values or any is NaN.
-double percentile(std::vector<double> values, double percent) {
-  if (values.empty() || std::any_of(values.begin(), values.end(), [](double v) { return std::isnan(v); })) return kNaN;
-  std::sort(values.begin(), values.end());
-  const double rank = percent / 100.0 * static_cast<double>(values.size() - 1);
-  const size_t below = static_cast<size_t>(std::floor(rank));
-  const size_t above = std::min(below + 1, values.size() - 1);
-  return values[below] + (values[above] - values[below]) * (rank - static_cast<double>(below));
-}
-
-double mean_of(const std::vector<double>& values) {
-  Mean mean;
-  for (double value : values) mean.add(value);
-  return mean.value();
-}
-
 void add_array_if_present(Mean& mean, const h5::Group& lane, const std::string& name) {
   if (lane.exists(name)) mean.add_all(lane.read<float>(name));
 }
 
-struct StaticTotals {
-  Mean attn_rel_l2;
 
-  void add(const h5::Group& lane) { add_array_if_present(attn_rel_l2, lane, "attn_rel_l2"); }
-  void write(h5::Group& group) const { group.set_attribute("attn_rel_l2_mean", attn_rel_l2.value()); }
+// One quantity per sample as (x, y) points: a mean pools the y of every point of the drawn samples;
+// a slope fits y against x (step) within samples (least squares with each sample's own level
+// removed), so prompts that differ in level but not in growth show no slope.
+struct PerSample {
+  std::vector<stats::LineSums> samples;
+
+  stats::LineSums& next() { return samples.emplace_back(); }
+  stats::LineSums merged(const Weights& weights) const {
+    stats::LineSums all;
+    for (size_t i = 0; i < samples.size(); ++i)
+      if (weights[i] > 0) all.add(samples[i], weights[i]);
+    return all;
+  }
+  double mean(const Weights& weights) const { return merged(weights).mean_y(); }
+  double slope(const Weights& weights) const {
+    double sxy = 0, sxx = 0;
+    for (size_t i = 0; i < samples.size(); ++i) {
+      const stats::LineSums& s = samples[i];
+      if (weights[i] == 0 || s.n < 2) continue;
+      sxy += weights[i] * (s.sxy - s.sx * s.sy / s.n);
+      sxx += weights[i] * (s.sxx - s.sx * s.sx / s.n);
+    }
+    return sxx > 1e-12 ? sxy / sxx : kNaN;
+  }
+  int64_t count() const { return static_cast<int64_t>(samples.size()); }
+};
+
+// `name` = the statistic on every sample, and `name`_ci_low / _ci_high its bootstrap interval.
+void set_with_interval(h5::Group& group, const std::string& name, int64_t samples,
+                       const std::function<double(const Weights&)>& statistic) {
+  group.set_attribute(name, samples > 0 ? statistic(Weights(samples, 1.0)) : kNaN);
+  const stats::Interval interval = samples > 0
+                                       ? stats::bootstrap(samples, statistic, kBootstrapResamples, kBootstrapSeed,
+                                                          kBootstrapLevel)
+                                       : stats::Interval{kNaN, kNaN};
+  group.set_attribute(name + "_ci_low", interval.low);
+  group.set_attribute(name + "_ci_high", interval.high);
+}
+
+void set_mean_with_interval(h5::Group& group, const std::string& name, const PerSample& values) {
+  set_with_interval(group, name, values.count(), [&](const Weights& w) { return values.mean(w); });
+}
+
+void set_slope_with_interval(h5::Group& group, const std::string& name, const PerSample& values) {
+  set_with_interval(group, name, values.count(), [&](const Weights& w) { return values.slope(w); });
+}
+
+// Per logged step of a lane: its attention-output error, mean over layers.
+std::vector<double> attention_by_step(const h5::Group& lane) {
+  std::vector<hsize_t> shape;
+  const std::vector<float> values = lane.read<float>("attn_rel_l2", &shape);
+  std::vector<double> means;
+  if (shape.size() != 2 || shape[1] == 0) return means;
+  for (hsize_t step = 0; step < shape[0]; ++step) {
+    double sum = 0;
+    for (hsize_t layer = 0; layer < shape[1]; ++layer) sum += values[step * shape[1] + layer];
+    means.push_back(sum / static_cast<double>(shape[1]));
+  }
+  return means;
+}
+
+// Per sample, per role: the worst-5% magnitude share of what attention reads, in both definitions
+// (docs/hdf5-schema.md).
+struct Worst5Shares {
+  std::map<std::string, PerSample> worst5;
+
+  void add(const h5::Group& lane) {
+    for (const char* role : {"key", "value"}) {
+      const std::string group = std::string(role) + "/quant";
+      if (!lane.exists(group)) continue;
+      const h5::Group quant = lane.open_group(group);
+      for (const char* name : {"worst5_magnitude_share", "worst5_magnitude_share_mean_of_ratios"})
+        if (quant.has_attribute(name))
+          worst5[fmt::format("{}_quant_{}_mean", role, name)].next().add(0, quant.attribute<double>(name));
+    }
+  }
+  void write(h5::Group& group) const {
+    for (const auto& [name, values] : worst5) {
+      if (name.find("mean_of_ratios") == std::string::npos) {
+        set_mean_with_interval(group, name, values);
+      } else {
+        group.set_attribute(name, values.mean(Weights(values.count(), 1.0)));
+      }
+    }
+  }
+};
+
+struct StaticTotals {
+  Worst5Shares worst5;
+  PerSample attn_rel_l2;  // (logged step, error)
+
+  void add(const h5::Group& lane, const std::vector<int64_t>& logged_steps) {
+    worst5.add(lane);
+    stats::LineSums& sample = attn_rel_l2.next();
+    if (!lane.exists("attn_rel_l2")) return;
+    const std::vector<double> by_step = attention_by_step(lane);
+    for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
+      sample.add(static_cast<double>(logged_steps[i]), by_step[i]);
+  }
+  void write(h5::Group& group) const {
+    set_mean_with_interval(group, "attn_rel_l2_mean", attn_rel_l2);
+    set_slope_with_interval(group, "attn_rel_l2_slope", attn_rel_l2);
+    worst5.write(group);
+  }
 };
 
 struct TeacherForcedTotals {
-  std::vector<double> kl;  // every step of every sample
-  Mean final_kl, top1_disagreement, logp_delta, attn_rel_l2;
+  Worst5Shares worst5;
+  int64_t first_step = 1;
+  std::vector<double> kl;  // every compared step of every sample, for percentiles
+  PerSample kl_by_step, final_kl, top1_disagreement, logp_delta, attn_rel_l2, kl_sampled;
+  Mean kl_sampled_infinite;
+  bool has_kl_sampled = false;
 
-  void add(const h5::Group& lane) {
+  void add(const h5::Group& lane, const std::vector<int64_t>& logged_steps) {
+    worst5.add(lane);
     const std::vector<float> sample_kl = lane.read<float>("kl");
-    kl.insert(kl.end(), sample_kl.begin(), sample_kl.end());
-    if (!sample_kl.empty()) final_kl.add(sample_kl.back());
-    for (float agree : lane.read<float>("top1_agree")) top1_disagreement.add(1.0 - agree);
-    logp_delta.add_all(lane.read<float>("logp_delta"));
-    add_array_if_present(attn_rel_l2, lane, "attn_rel_l2");
+    const std::vector<float> agree = lane.read<float>("top1_agree");
+    const std::vector<float> delta = lane.read<float>("logp_delta");
+    stats::LineSums &kl_sample = kl_by_step.next(), &agree_sample = top1_disagreement.next(),
+                    &delta_sample = logp_delta.next(), &final_sample = final_kl.next();
+    for (size_t step = static_cast<size_t>(first_step); step < sample_kl.size(); ++step) {
+      kl.push_back(sample_kl[step]);
+      kl_sample.add(static_cast<double>(step), sample_kl[step]);
+      agree_sample.add(static_cast<double>(step), 1.0 - agree[step]);
+      delta_sample.add(static_cast<double>(step), delta[step]);
+    }
+    if (sample_kl.size() > static_cast<size_t>(first_step)) final_sample.add(0, sample_kl.back());
+    if (lane.exists("kl_sampled")) {
+      has_kl_sampled = true;
+      stats::LineSums& sampled = kl_sampled.next();
+      const std::vector<float> values = lane.read<float>("kl_sampled");
+      for (size_t step = static_cast<size_t>(first_step); step < values.size(); ++step) {
+        kl_sampled_infinite.add(std::isinf(values[step]) ? 1.0 : 0.0);
+        sampled.add(static_cast<double>(step), values[step]);  // LineSums skips the infinite ones
+      }
+    }
+    stats::LineSums& attention = attn_rel_l2.next();
+    if (!lane.exists("attn_rel_l2")) return;
+    const std::vector<double> by_step = attention_by_step(lane);
+    for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
+      attention.add(static_cast<double>(logged_steps[i]), by_step[i]);
   }
   void write(h5::Group& group) const {
-    group.set_attribute("kl_mean", mean_of(kl));
-    group.set_attribute("kl_median", percentile(kl, 50));
-    group.set_attribute("kl_p90", percentile(kl, 90));
-    group.set_attribute("kl_p99", percentile(kl, 99));
-    group.set_attribute("final_kl_mean", final_kl.value());
-    group.set_attribute("top1_disagreement_mean", top1_disagreement.value());
-    group.set_attribute("logp_delta_mean", logp_delta.value());
-    group.set_attribute("attn_rel_l2_mean", attn_rel_l2.value());
+    set_mean_with_interval(group, "kl_mean", kl_by_step);
+    group.set_attribute("kl_median", stats::percentile(kl, 50));
+    group.set_attribute("kl_p90", stats::percentile(kl, 90));
+    group.set_attribute("kl_p99", stats::percentile(kl, 99));
+    set_mean_with_interval(group, "final_kl_mean", final_kl);
+    set_mean_with_interval(group, "top1_disagreement_mean", top1_disagreement);
+    group.set_attribute("logp_delta_mean", logp_delta.mean(Weights(logp_delta.count(), 1.0)));
+    set_slope_with_interval(group, "kl_slope", kl_by_step);
+    set_mean_with_interval(group, "attn_rel_l2_mean", attn_rel_l2);
+    set_slope_with_interval(group, "attn_rel_l2_slope", attn_rel_l2);
+    if (has_kl_sampled) {
+      set_mean_with_interval(group, "kl_sampled_mean", kl_sampled);
+      group.set_attribute("kl_sampled_infinite_fraction", kl_sampled_infinite.value());
+    }
+    worst5.write(group);
   }
 };
 
 struct FreeRunningTotals {
-  std::vector<double> first_divergence;  // one per sample
+  Worst5Shares worst5;
+  // Kaplan–Meier: a token mismatch or a length difference is a divergence at first_divergence; an
+  // identical or censored lane was seen not to diverge for first_divergence steps.
+  std::vector<double> times;
+  std::vector<bool> diverged;
   // Every class the spec names is counted, even when no sample falls in it.
   std::map<std::string, int64_t> outcomes = {
       {"identical", 0}, {"token_mismatch", 0}, {"length_only", 0}, {"censored", 0}};
 
-  void add(const h5::Group& lane) {
-    first_divergence.push_back(static_cast<double>(lane.attribute<int64_t>("first_divergence")));
-    ++outcomes[lane.attribute<std::string>("outcome")];
+  void add(const h5::Group& lane, const std::vector<int64_t>&) {
+    worst5.add(lane);
+    const std::string outcome = lane.attribute<std::string>("outcome");
+    times.push_back(static_cast<double>(lane.attribute<int64_t>("first_divergence")));
+    diverged.push_back(outcome == "token_mismatch" || outcome == "length_only");
+    ++outcomes[outcome];
   }
   void write(h5::Group& group) const {
-    group.set_attribute("first_divergence_mean", mean_of(first_divergence));
-    group.set_attribute("first_divergence_median", percentile(first_divergence, 50));
+    const stats::Survival survival = stats::kaplan_meier(times, diverged);
+    set_with_interval(group, "first_divergence_km_median", static_cast<int64_t>(times.size()),
+                      [&](const Weights& w) { return stats::kaplan_meier(times, diverged, w).median; });
+    group.set_attribute("first_divergence_at_risk", survival.at_risk_at_median);
+    group.set_attribute("first_divergence_events", survival.events);
+    group.set_attribute("first_divergence_censored", survival.censored);
     for (const auto& [outcome, count] : outcomes) group.set_attribute("outcome_" + outcome, count);
     group.set_attribute("identical_fraction",
-                        static_cast<double>(outcomes.at("identical")) / static_cast<double>(first_divergence.size()));
+                        static_cast<double>(outcomes.at("identical")) / static_cast<double>(times.size()));
+    worst5.write(group);
   }
 };
 
 // One quantizer's totals over the finished samples, read back from the file.
 class QuantizerTotals {
  public:
-  void add(const h5::Group& quantizer) {
+  explicit QuantizerTotals(int64_t first_step) { teacher_forced_.totals.first_step = first_step; }
+
+  void add(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
     ++samples_;
-    add_lane(quantizer, "static", static_);
-    add_lane(quantizer, "teacher_forced", teacher_forced_);
-    add_lane(quantizer, "free_running", free_running_);
+    add_lane(quantizer, "static", static_, logged_steps);
+    add_lane(quantizer, "teacher_forced", teacher_forced_, logged_steps);
+    add_lane(quantizer, "free_running", free_running_, logged_steps);
+    add_gap(quantizer, logged_steps);
   }
 
   RunSummaryRow write(h5::Group group, const std::string& name) const {
     group.set_attribute("samples", samples_);
+    group.set_attribute("first_step", teacher_forced_.totals.first_step);
+    group.set_attribute("bootstrap_resamples", kBootstrapResamples);
+    group.set_attribute("bootstrap_seed", static_cast<int64_t>(kBootstrapSeed));
+    group.set_attribute("bootstrap_level", kBootstrapLevel);
     group.set_attribute("bits_per_element_mean", bits_per_element_.value());
     group.set_attribute("key_quant_E_T_mean", key_quant_E_T_.value());
     group.set_attribute("value_quant_E_T_mean", value_quant_E_T_.value());
+    if (gap_.count() > 0) {
+      set_mean_with_interval(group, "attn_gap_mean", gap_);
+      set_slope_with_interval(group, "attn_gap_slope", gap_);
+    }
     write_lane(group, "static", static_);
     write_lane(group, "teacher_forced", teacher_forced_);
     write_lane(group, "free_running", free_running_);
-    return {name, mean_of(teacher_forced_.totals.kl), percentile(free_running_.totals.first_divergence, 50),
+    const auto& tf = teacher_forced_.totals;
+    return {name, tf.kl_by_step.mean(Weights(tf.kl_by_step.count(), 1.0)),
+            stats::kaplan_meier(free_running_.totals.times, free_running_.totals.diverged).median,
             bits_per_element_.value()};
   }
 
@@ -491,15 +649,28 @@ class QuantizerTotals {
   };
 
   template <typename Totals>
-  void add_lane(const h5::Group& quantizer, const char* name, Lane<Totals>& lane_totals) {
+  void add_lane(const h5::Group& quantizer, const char* name, Lane<Totals>& lane_totals,
+                const std::vector<int64_t>& logged_steps) {
     if (!quantizer.exists(name)) return;
     const h5::Group lane = quantizer.open_group(name);
     ++lane_totals.samples;
-    lane_totals.totals.add(lane);
+    lane_totals.totals.add(lane, logged_steps);
     // Accounting, from every lane.
     if (lane.has_attribute("bits_per_element")) bits_per_element_.add(lane.attribute<double>("bits_per_element"));
     add_array_if_present(key_quant_E_T_, lane, "key/quant/E_T");
     add_array_if_present(value_quant_E_T_, lane, "value/quant/E_T");
+  }
+
+  // Teacher-forced minus static attention error at the same logged steps: what earlier errors add.
+  void add_gap(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
+    if (!quantizer.exists("static/attn_rel_l2") || !quantizer.exists("teacher_forced/attn_rel_l2")) return;
+    const std::vector<double> static_error = attention_by_step(quantizer.open_group("static"));
+    const std::vector<double> teacher_error = attention_by_step(quantizer.open_group("teacher_forced"));
+    stats::LineSums& sample = gap_.next();
+    for (size_t i = 0; i < static_error.size() && i < teacher_error.size() && i < logged_steps.size(); ++i) {
+      const double gap = teacher_error[i] - static_error[i];
+      sample.add(static_cast<double>(logged_steps[i]), gap);
+    }
   }
 
   template <typename Totals>
@@ -512,6 +683,7 @@ class QuantizerTotals {
 
   int64_t samples_ = 0;
   Mean bits_per_element_, key_quant_E_T_, value_quant_E_T_;
+  PerSample gap_;
   Lane<StaticTotals> static_;
   Lane<TeacherForcedTotals> teacher_forced_;
   Lane<FreeRunningTotals> free_running_;
@@ -621,12 +793,18 @@ std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quanti
     finished_ = finished_samples(samples);
     mark_unfinished(file);
     h5::Group summary = file.create_group("summary");
+    // A chunked prefill runs the prompt through the quantized caches, so step 0 can differ too.
+    const bool chunked = file.has_attribute("prefill") && file.attribute<std::string>("prefill") == "chunked";
+    const int64_t first_step = chunked ? 0 : 1;
     for (const std::string& name : quantizer_names) {
       check_group_name(path_, "quantizer", name);
-      QuantizerTotals totals;
+      QuantizerTotals totals(first_step);
       for (int64_t index : finished_) {
-        const std::string quantizer = std::to_string(index) + "/" + name;
-        if (samples.exists(quantizer)) totals.add(samples.open_group(quantizer));
+        const h5::Group sample = samples.open_group(std::to_string(index));
+        if (!sample.exists(name)) continue;
+        const std::vector<int64_t> logged_steps =
+            sample.exists("logged_steps") ? sample.read<int64_t>("logged_steps") : std::vector<int64_t>{};
+        totals.add(sample.open_group(name), logged_steps);
       }
       rows.push_back(totals.write(summary.create_group(name), name));
     }

@@ -39,6 +39,8 @@ struct RunMetadata {
   std::map<std::string, std::string> model_config;
   uint64_t decoding_seed = 0;
   uint64_t weights_seed = 0;
+  std::string prefill = "full";  // decoding.prefill: full | chunked
+  int64_t prefill_chunk = 0;     // its chunk size; 0 with a full prefill
   std::vector<std::string> quantizer_names;
   std::map<std::string, std::map<std::string, std::string>> quantizer_params;  // name -> param -> value
 };
@@ -46,8 +48,8 @@ struct RunMetadata {
 // One quantizer's line of the table `kvdrift run` prints; NaN where the run has no such lane.
 struct RunSummaryRow {
   std::string quantizer;
-  double mean_kl;                  // teacher_forced KL, mean over samples and steps
-  double first_divergence_median;  // free_running
+  double mean_kl;                  // teacher_forced KL, mean over samples and compared steps
+  double first_divergence_median;  // free_running, Kaplan–Meier (+inf: not reached)
   double bits_per_element;         // mean over samples and lanes
 };
 

@@ -20,15 +20,20 @@ TokenScaleError token_scale_error(const torch::Tensor& x, const torch::Tensor& x
   return error;
 }
 
-double worst_rows_magnitude_share(const TokenScaleError& error, double fraction) {
+WorstRowsShare worst_rows_magnitude_share(const TokenScaleError& error, double fraction) {
   auto total = error.total.flatten();
   const int64_t rows = total.numel();
-  if (rows == 0) return 0.0;
+  if (rows == 0) return {};
   const int64_t worst = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(fraction * rows)));
   auto top = std::get<1>(total.topk(worst));
-  const double total_sum = total.index_select(0, top).sum().item<double>();
-  if (total_sum <= 0) return 0.0;
-  return error.magnitude.flatten().index_select(0, top).sum().item<double>() / total_sum;
+  const auto worst_total = total.index_select(0, top);
+  const auto worst_magnitude = error.magnitude.flatten().index_select(0, top);
+  const double total_sum = worst_total.sum().item<double>();
+  if (total_sum <= 0) return {};
+  const auto with_error = worst_total > 0;
+  const double mean_of_ratios =
+      (worst_magnitude.masked_select(with_error) / worst_total.masked_select(with_error)).mean().item<double>();
+  return {worst_magnitude.sum().item<double>() / total_sum, mean_of_ratios};
 }
 
 }  // namespace kvdrift::metrics

@@ -18,7 +18,14 @@ struct TokenScaleError {
 
 TokenScaleError token_scale_error(const torch::Tensor& x, const torch::Tensor& x_hat);
 
-// Share of E_M in the summed E_T over the worst `fraction` of rows by E_T (SPEC §3: 5%).
-double worst_rows_magnitude_share(const TokenScaleError& error, double fraction = 0.05);
+// The share of E_M in E_T over the worst `fraction` of rows by E_T (SPEC §3: 5%), in the two readings
+// SPEC leaves open: the ratio of sums (sum E_M / sum E_T over those rows, dominated by the very worst
+// rows), and the mean of per-row ratios E_M / E_T (every worst row counts alike; rows with E_T = 0
+// left out). 0 when no row has any error.
+struct WorstRowsShare {
+  double of_sums = 0;
+  double mean_of_ratios = 0;
+};
+WorstRowsShare worst_rows_magnitude_share(const TokenScaleError& error, double fraction = 0.05);
 
 }  // namespace kvdrift::metrics

@@ -39,6 +39,9 @@ Checkpoint synthetic_checkpoint(const std::string& name, uint64_t seed, torch::D
 std::string checkpoint_sha256(const ModelSource& source);
 
 // "synthetic:NAME", a HF directory, or a llama2.c .bin file.
+// The shapes of the model `spec` names (as load_model takes it) without building it: an HF
+// directory's config.json, a synthetic model's table, a llama2.c file's header.
+ModelConfig read_model_config(const std::string& spec);
 LlamaModel load_model(const std::string& spec, torch::Device device, torch::ScalarType dtype, uint64_t seed = 0);
 
 }  // namespace kvdrift

@@ -124,7 +124,7 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     bool full_width = true;
     std::vector<int64_t> last(batch);
     for (int64_t r = 0; r < batch; ++r) {
-      last[r] = spans.length(r) - 1;
+      last[r] = std::max<int64_t>(spans.length(r) - 1, 0);  // a row with nothing in this chunk: ignored
       full_width = full_width && spans.length(r) == length;
     }
     if (full_width) {

@@ -55,10 +55,12 @@ class LlamaModel {
   // last real token.
   torch::Tensor forward(const torch::Tensor& tokens, const RowSpans& spans, KVCache& cache, bool last_only = false,
                         AttentionObserver* observer = nullptr) const;
-  // Every row at positions [start, start+T).
+  // Every row at positions [start, start+T), in the phase sequential_phase gives.
   torch::Tensor forward(const torch::Tensor& tokens, int64_t start, KVCache& cache, bool last_only = false,
                         AttentionObserver* observer = nullptr) const {
-    return forward(tokens, RowSpans::aligned(tokens.size(0), start, tokens.size(1)), cache, last_only, observer);
+    const int64_t width = tokens.size(1);
+    return forward(tokens, RowSpans::aligned(tokens.size(0), start, width, sequential_phase(start, width)), cache,
+                   last_only, observer);
   }
 
   StaticKVCache make_cache(int64_t batch, int64_t capacity) const;

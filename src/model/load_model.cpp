@@ -25,6 +25,15 @@ LlamaModel load_model(const std::string& spec, torch::Device device, torch::Scal
   return LlamaModel(checkpoint.config, checkpoint.weights, {spec, "llama2c"}, device, dtype);
 }
 
+ModelConfig read_model_config(const std::string& spec) {
+  const std::string synthetic_prefix = "synthetic:";
+  if (spec.rfind(synthetic_prefix, 0) == 0) return synthetic_config(spec.substr(synthetic_prefix.size()));
+  std::error_code ec;
+  if (std::filesystem::is_directory(spec, ec)) return read_hf_config(spec);
+  if (!std::filesystem::exists(spec, ec)) fail("model file not found: {}", spec);
+  return read_llama2c_checkpoint(spec, torch::kCPU, torch::kFloat32).config;  // llama2.c files are small
+}
+
 std::string checkpoint_sha256(const ModelSource& source) {
   if (source.format == "synthetic") return "";
   if (source.format == "llama2c") return sha256_file(source.path);

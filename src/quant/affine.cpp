@@ -11,6 +11,10 @@ const std::vector<std::string>& scale_dtypes() {
   return dtypes;
 }
 
+std::string read_zero_dtype(ParamReader& params, const std::string& scale_dtype) {
+  return params.choice("zero_dtype", scale_dtype == "float8_e4m3" ? "float16" : scale_dtype, scale_dtypes());
+}
+
 int64_t storage_bits(const std::string& dtype) {
   if (dtype == "float32") return 32;
   if (dtype == "float16") return 16;

@@ -1,6 +1,9 @@
 // `kivi`: keys per channel over groups of G consecutive tokens, flushed R tokens at a time from a
 // full-precision residual; values per token over groups of G channels, behind a sliding window of R
-// full-precision values. Min/max round-to-nearest in both cases.
+// full-precision values. Min/max round-to-nearest in both cases. An optional full-precision sink of S
+// tokens (KIVI's own code has none) for the baseline as the KVarN paper ran it (preset kvarn-paper).
+#include <algorithm>
+
 #include "core/error.h"
 #include "quant/affine.h"
 #include "quant/params.h"
@@ -15,13 +18,23 @@ constexpr double kScaleEps = 1e-8;
 class KiviQuantizer final : public Quantizer {
  public:
   KiviQuantizer(ParamReader& params, int64_t head_dim) : head_dim_(head_dim) {
+    // kivi: KIVI's own defaults. kvarn-paper: the baseline as the KVarN paper configured it (group 128,
+    // residual 128, a 128-token full-precision sink; value groups of min(128, head_dim) channels, since
+    // a value group cannot span more than one head). Explicit parameters override a preset's.
+    preset_ = params.choice("preset", "kivi", {"kivi", "kvarn-paper"});
+    const bool paper = preset_ == "kvarn-paper";
     k_bits_ = params.integer("k_bits", 2, 1, 8);
     v_bits_ = params.integer("v_bits", 2, 1, 8);
-    group_ = params.integer("group_size", 32, 1, 1 << 20);
+    group_ = params.integer("group_size", paper ? 128 : 32, 1, 1 << 20);
+    value_group_ = params.integer("value_group_size", paper ? std::min<int64_t>(group_, head_dim) : group_, 1, 1 << 20);
     residual_ = params.integer("residual_length", 128, 1, 1 << 20);
+    sink_ = params.integer("sink_tokens", paper ? 128 : 0, 0, 1 << 20);
     scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
-    if (head_dim % group_ != 0)
-      params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
+    zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    if (head_dim % value_group_ != 0)
+      params.reject(fmt::format("{} {} does not divide head_dim {}",
+                                params.has("value_group_size") || paper ? "value_group_size" : "group_size", value_group_,
+                                head_dim));
     if (residual_ % group_ != 0)
       params.reject(fmt::format("residual_length {} is not a multiple of group_size {}", residual_, group_));
   }
@@ -29,17 +42,21 @@ class KiviQuantizer final : public Quantizer {
   std::string method() const override { return "kivi"; }
 
   ParamMap resolved_params() const override {
-    return {{"k_bits", std::to_string(k_bits_)},
+    return {{"preset", preset_},
+            {"k_bits", std::to_string(k_bits_)},
             {"v_bits", std::to_string(v_bits_)},
             {"group_size", std::to_string(group_)},
+            {"value_group_size", std::to_string(value_group_)},
             {"residual_length", std::to_string(residual_)},
-            {"scale_dtype", scale_dtype_}};
+            {"sink_tokens", std::to_string(sink_)},
+            {"scale_dtype", scale_dtype_},
+            {"zero_dtype", zero_dtype_}};
   }
 
   RolePolicy policy(Role role) const override {
     // Keys: the residual is flushed R at a time once full. Values: a window of the newest R stays full precision.
-    if (role == Role::Key) return {0, residual_, 0};
-    return {0, 1, -residual_};
+    if (role == Role::Key) return {sink_, residual_, 0};
+    return {sink_, 1, -residual_};
   }
 
   QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
@@ -52,7 +69,7 @@ class KiviQuantizer final : public Quantizer {
     tiles.bits = bits;
     // Keys [N, T/G, D], values [N, T, D/G].
     tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), scale_dtype_), scale_dtype_};
+    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
     return tiles;
   }
 
@@ -69,7 +86,7 @@ class KiviQuantizer final : public Quantizer {
   torch::Tensor to_groups(const torch::Tensor& tiles, Role role) const {
     const int64_t n = tiles.size(0), tokens = tiles.size(1);
     if (role == Role::Key) return tiles.reshape({n, tokens / group_, group_, head_dim_}).transpose(2, 3);
-    return tiles.reshape({n, tokens, head_dim_ / group_, group_});
+    return tiles.reshape({n, tokens, head_dim_ / value_group_, value_group_});
   }
 
   // The inverse of to_groups: back to token-major [N, T, D].
@@ -78,8 +95,8 @@ class KiviQuantizer final : public Quantizer {
     return groups.flatten(2, 3);
   }
 
-  int64_t head_dim_, k_bits_, v_bits_, group_, residual_;
-  std::string scale_dtype_;
+  int64_t head_dim_, k_bits_, v_bits_, group_, value_group_, residual_, sink_;
+  std::string preset_, scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

@@ -101,6 +101,7 @@ class KVarNQuantizer final : public Quantizer {
     rotate_ = params.boolean("rotate", true);
     sink_ = params.boolean("sink", true);
     scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     if (params.has("preset") && (params.has("k_bits") || params.has("v_bits")))
       params.reject("give either preset or k_bits/v_bits, not both");
     if ((tile_size_ & (tile_size_ - 1)) != 0)
@@ -125,7 +126,8 @@ class KVarNQuantizer final : public Quantizer {
             {"iters", std::to_string(iters_)},
             {"rotate", rotate_ ? "true" : "false"},
             {"sink", sink_ ? "true" : "false"},
-            {"scale_dtype", scale_dtype_}};
+            {"scale_dtype", scale_dtype_},
+            {"zero_dtype", zero_dtype_}};
   }
 
   RolePolicy policy(Role) const override { return {sink_ ? tile_size_ : 0, tile_size_, 0}; }
@@ -145,7 +147,7 @@ class KVarNQuantizer final : public Quantizer {
       tiles.codes = rtn.codes.transpose(1, 2).contiguous();  // token-major [N, T, D]
       tiles.bits = k_bits_;
       store(tiles, "kS", varn.row_scale * rtn.scale.squeeze(-1));    // [N, D]
-      store(tiles, "kZ", varn.row_scale * rtn.minimum.squeeze(-1));  // [N, D]
+      store(tiles, "kZ", varn.row_scale * rtn.minimum.squeeze(-1), zero_dtype_);  // [N, D]
       store(tiles, "kT", varn.column_scale);                         // [N, T]
     } else {
       // Rows = tokens, columns = channels: Sc is a channel scale, Sr a token scale, RTN per token.
@@ -155,7 +157,7 @@ class KVarNQuantizer final : public Quantizer {
       tiles.bits = v_bits_;
       store(tiles, "vC", varn.column_scale);                         // [N, D]
       store(tiles, "vS", varn.row_scale * rtn.scale.squeeze(-1));    // [N, T]
-      store(tiles, "vZ", varn.row_scale * rtn.minimum.squeeze(-1));  // [N, T]
+      store(tiles, "vZ", varn.row_scale * rtn.minimum.squeeze(-1), zero_dtype_);  // [N, T]
     }
     return tiles;
   }
@@ -179,12 +181,16 @@ class KVarNQuantizer final : public Quantizer {
  private:
   // Parameters are computed (and codes derived) in float32, then rounded to their storage dtype.
   void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values) const {
-    tiles.params[name] = {quant::round_to_storage(values, scale_dtype_), scale_dtype_};
+    store(tiles, name, values, scale_dtype_);
+  }
+  static void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values,
+                    const std::string& dtype) {
+    tiles.params[name] = {quant::round_to_storage(values, dtype), dtype};
   }
 
   int64_t head_dim_, k_bits_, v_bits_, tile_size_, iters_;
   bool rotate_, sink_;
-  std::string scale_dtype_;
+  std::string scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

@@ -17,13 +17,15 @@ enum class Role { Key, Value };
 const char* role_name(Role role);  // "key" | "value"
 
 // When positions of one role get quantized. Positions [0, sink) stay full precision for good. The
-// others are quantized in blocks of `block` consecutive positions; at the decode step whose new token
-// is at position t, attention reads positions [sink, quantized_prefix(t)) quantized, with
-//   quantized_prefix(t) = floor((t + lag) / block) * block   (clipped to [0, t + 1]).
+// others are quantized in blocks of `block` consecutive positions counted from the sink; at the decode
+// step whose new token is at position t, attention reads positions [sink, quantized_prefix(t))
+// quantized, with
+//   quantized_prefix(t) = sink + floor((t + lag - sink) / block) * block   (at least sink, at most t + 1).
 // KVarN: block G, lag 0 (block j flushes at the step whose token starts block j+1). KIVI keys: block
 // R, lag 0. KIVI values: block 1, lag -R (a sliding window of R full-precision values). QuaRot: block
 // 1, lag 1 (every token, its own step included). The prefill's own attention always reads full
-// precision; its complete blocks are quantized at the first decode step.
+// precision; its complete blocks are quantized at the first decode step (or, in a chunked prefill,
+// before the next chunk: docs/engine.md).
 struct RolePolicy {
   int64_t sink = 0;
   int64_t block = 1;

@@ -1,6 +1,9 @@
 // `quarot`: a Hadamard rotation of each head vector spreads outlier channels over the whole vector,
-// then every token is quantized per token in groups of G channels as soon as it is written. Keys use
-// an integer zero point on a range that always contains 0; values use plain clipped min/max.
+// then every token is quantized per token in groups of G channels as soon as it is written. Both roles
+// use QuaRot's integer zero point z = round(-min / s), x_hat = s (q - z) (its ActQuantizer): keys on a
+// range that always contains 0 (so z fits the code width), values on the clipped [min, max] (so z may
+// lie outside it and is stored in zero_dtype). value_zero_point: float_minimum keeps the older
+// x_hat = q s + min variant for comparison.
 #include <cmath>
 
 #include "core/error.h"
@@ -13,7 +16,7 @@ namespace kvdrift {
 
 namespace {
 
-constexpr double kScaleEps = 1e-8;  // value scales only; key ranges are never empty
+constexpr double kScaleEps = 1e-8;  // float_minimum value scales only; the other ranges are never empty
 
 // Low bit widths lose more to outliers than to clipping them.
 double default_clip_ratio(int64_t bits) { return bits <= 4 ? 0.95 : 1.0; }
@@ -36,6 +39,8 @@ class QuarotQuantizer final : public Quantizer {
     key_.clip_ratio = clip_given ? clip : default_clip_ratio(key_.bits);
     value_.clip_ratio = clip_given ? clip : default_clip_ratio(value_.bits);
     scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    integer_value_zero_ = params.choice("value_zero_point", "integer", {"integer", "float_minimum"}) == "integer";
     if (!quant::has_hadamard(head_dim))
       params.reject(fmt::format("head_dim {} has no Hadamard construction (supported: powers of two, or K * 2^m "
                                 "with K in 12, 20, 28, 36, 40, 52, 60)",
@@ -55,7 +60,9 @@ class QuarotQuantizer final : public Quantizer {
             {"v_bits", std::to_string(value_.bits)},
             {"group_size", std::to_string(group_)},
             {"clip_ratio", clip_ratio},
-            {"scale_dtype", scale_dtype_}};
+            {"scale_dtype", scale_dtype_},
+            {"zero_dtype", zero_dtype_},
+            {"value_zero_point", integer_value_zero_ ? "integer" : "float_minimum"}};
   }
 
   RolePolicy policy(Role) const override {
@@ -66,54 +73,71 @@ class QuarotQuantizer final : public Quantizer {
   QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
     const int64_t n = x.size(0), tokens = x.size(1);
     auto groups = quant::hadamard_rotate(x).reshape({n, tokens, head_dim_ / group_, group_});
-    QuantizedTiles tiles = role == Role::Key ? quantize_keys(groups) : quantize_values(groups);
+    QuantizedTiles tiles = role == Role::Key    ? quantize_integer_zero(groups, key_, true, "uint8")
+                           : integer_value_zero_ ? quantize_integer_zero(groups, value_, false, zero_dtype_)
+                                                 : quantize_float_minimum(groups);
     tiles.codes = tiles.codes.reshape({n, tokens, head_dim_});
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role) const override {
     const int64_t n = tiles.codes.size(0), tokens = tiles.codes.size(1);
     auto codes = tiles.codes.to(torch::kFloat32).reshape({n, tokens, head_dim_ / group_, group_});
     auto scale = tiles.params.at("scale").values.unsqueeze(-1);
-    auto rotated = role == Role::Key ? scale * (codes - tiles.params.at("zero").values.unsqueeze(-1))
-                                     : codes * scale + tiles.params.at("minimum").values.unsqueeze(-1);
+    auto rotated = tiles.params.count("zero") ? scale * (codes - tiles.params.at("zero").values.unsqueeze(-1))
+                                              : codes * scale + tiles.params.at("minimum").values.unsqueeze(-1);
     return quant::hadamard_unrotate(rotated.reshape({n, tokens, head_dim_}));
   }
 
  private:
   // groups: rotated [N, T, D/G, G]. Codes keep that shape; parameters are [N, T, D/G].
-  QuantizedTiles quantize_keys(const torch::Tensor& groups) const {
-    const double levels = std::pow(2.0, static_cast<double>(key_.bits)) - 1.0;
-    auto low = std::get<0>(groups.min(-1, /*keepdim=*/true)).clamp_max(0.0) * key_.clip_ratio;
-    auto high = std::get<0>(groups.max(-1, /*keepdim=*/true)).clamp_min(0.0) * key_.clip_ratio;
-    // The range always contains 0, so it is empty only for an all-zero group: use [-1, 1] there.
-    auto empty = high == low;
-    low = torch::where(empty, torch::full_like(low, -1.0), low);
-    high = torch::where(empty, torch::full_like(high, 1.0), high);
+  // QuaRot's asymmetric quantizer with an integer zero point, on [min, max] * clip, widened to contain
+  // 0 when `contain_zero` (keys: the zero point then fits `bits`, stored as uint8).
+  QuantizedTiles quantize_integer_zero(const torch::Tensor& groups, const RoleSettings& role, bool contain_zero,
+                                       const std::string& zero_dtype) const {
+    const double levels = std::pow(2.0, static_cast<double>(role.bits)) - 1.0;
+    auto low = std::get<0>(groups.min(-1, /*keepdim=*/true));
+    auto high = std::get<0>(groups.max(-1, /*keepdim=*/true));
+    if (contain_zero) {
+      low = low.clamp_max(0.0);
+      high = high.clamp_min(0.0);
+    }
+    low = low * role.clip_ratio;
+    high = high * role.clip_ratio;
+    // An empty range: a constant group is widened to contain 0 (then c is a code exactly); an all-zero
+    // group takes [-1, 1] as in QuaRot. No scale is ever 0.
+    auto constant = high == low;
+    low = torch::where(constant, low.clamp_max(0.0), low);
+    high = torch::where(constant, high.clamp_min(0.0), high);
+    auto zero_range = high == low;
+    low = torch::where(zero_range, torch::full_like(low, -1.0), low);
+    high = torch::where(zero_range, torch::full_like(high, 1.0), high);
     auto scale = (high - low) / levels;
     auto zero = torch::round(-low / scale) + 0.0;  // + 0.0 turns the -0 of a group without negatives into +0
     auto codes = (torch::round(groups / scale) + zero).clamp(0.0, levels);
     QuantizedTiles tiles;
     tiles.codes = codes.to(torch::kUInt8);
-    tiles.bits = key_.bits;
+    tiles.bits = role.bits;
     tiles.params["scale"] = {quant::round_to_storage(scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["zero"] = {zero.squeeze(-1), "uint8"};  // an integer in [0, 2^bits - 1]
+    tiles.params["zero"] = {quant::round_to_storage(zero.squeeze(-1), zero_dtype == "uint8" ? "float32" : zero_dtype),
+                            zero_dtype};
     return tiles;
   }
 
-  QuantizedTiles quantize_values(const torch::Tensor& groups) const {
+  QuantizedTiles quantize_float_minimum(const torch::Tensor& groups) const {
     auto minmax = quant::quantize_minmax(groups, value_.bits, kScaleEps, value_.clip_ratio);
     QuantizedTiles tiles;
     tiles.codes = minmax.codes;
     tiles.bits = value_.bits;
     tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), scale_dtype_), scale_dtype_};
+    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
     return tiles;
   }
 
   int64_t head_dim_, group_;
   RoleSettings key_, value_;
-  std::string scale_dtype_;
+  std::string scale_dtype_, zero_dtype_;
+  bool integer_value_zero_ = true;
 };
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include "quant/affine.h"
 #include "quant/params.h"
 #include "quant/quantizer.h"
+#include "quant/wrappers.h"
 
 namespace kvdrift {
 
@@ -37,17 +38,23 @@ std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const Param
   auto it = registry().find(method);
   if (it == registry().end())
     fail("unknown quantizer method '{}' (known: {})", method, fmt::join(quantizer_methods(), ", "));
-  ParamReader reader(method, params);
+  // `wrap` belongs to no method: it puts a causal wrapper around any of them (quant/wrappers.h).
+  ParamMap method_params = params;
+  const auto wrap = method_params.find("wrap");
+  const std::string wrapper = wrap == method_params.end() ? "" : wrap->second;
+  if (wrap != method_params.end()) method_params.erase(wrap);
+  ParamReader reader(method, method_params);
   auto quantizer = it->second(reader, head_dim);
   reader.finish();
-  return quantizer;
+  return wrapper.empty() ? std::move(quantizer) : wrap_quantizer(std::move(quantizer), wrapper);
 }
 
 const char* role_name(Role role) { return role == Role::Key ? "key" : "value"; }
 
 int64_t RolePolicy::quantized_prefix(int64_t t) const {
-  const int64_t shifted = t + lag;
-  const int64_t prefix = shifted <= 0 ? 0 : shifted / block * block;
+  // Blocks are counted from the end of the sink.
+  const int64_t shifted = t + lag - sink;
+  const int64_t prefix = shifted <= 0 ? sink : sink + shifted / block * block;
   return std::min(prefix, t + 1);
 }
 

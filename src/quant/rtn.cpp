@@ -22,6 +22,7 @@ class RtnQuantizer final : public Quantizer {
     residual_ = params.integer("residual_length", 0, 0, 1 << 20);
     sink_ = params.integer("sink", 0, 0, 1 << 20);
     scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     if (per_token_ && head_dim % group_ != 0)
       params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
     if (!per_token_ && (residual_ % group_ != 0 || sink_ % group_ != 0))
@@ -36,7 +37,7 @@ class RtnQuantizer final : public Quantizer {
             {"axis", per_token_ ? "per_token" : "per_channel"},
             {"group_size", std::to_string(group_)},      {"clip_ratio", fmt::format("{}", clip_ratio_)},
             {"residual_length", std::to_string(residual_)}, {"sink", std::to_string(sink_)},
-            {"scale_dtype", scale_dtype_}};
+            {"scale_dtype", scale_dtype_},                {"zero_dtype", zero_dtype_}};
   }
 
   RolePolicy policy(Role) const override {
@@ -59,7 +60,7 @@ class RtnQuantizer final : public Quantizer {
     tiles.bits = bits;
     // Parameters [N, T, D/G] (per token) or [N, T/G, D] (per channel).
     tiles.params["scale"] = {quant::round_to_storage(codes.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(codes.minimum.squeeze(-1), scale_dtype_), scale_dtype_};
+    tiles.params["minimum"] = {quant::round_to_storage(codes.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
     return tiles;
   }
 
@@ -79,7 +80,7 @@ class RtnQuantizer final : public Quantizer {
   int64_t k_bits_, v_bits_, group_, residual_, sink_;
   bool per_token_;
   double clip_ratio_;
-  std::string scale_dtype_;
+  std::string scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

@@ -178,9 +178,9 @@ ReferenceQuantized empty_result(const Eigen::MatrixXd& x) {
 
 // SPEC §2 RTN with docs' range [min·c, max·c] and eps 1e-8, over groups of G consecutive tokens
 // (along_tokens: params [T/G, D]) or G consecutive channels (params [T, D/G]). Used by rtn, kivi and
-// quarot values; fills `out` (dequantized in x's frame) and out.params "scale", "minimum".
+// kivi; fills `out` (dequantized in x's frame) and out.params "scale", "minimum" (in zero_dtype).
 void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int group, int bits, double clip,
-                            const std::string& dtype, ReferenceQuantized& out) {
+                            const std::string& dtype, const std::string& zero_dtype, ReferenceQuantized& out) {
   const int rows = static_cast<int>(x.rows()), cols = static_cast<int>(x.cols());
   const int param_rows = along_tokens ? rows / group : rows;
   const int param_cols = along_tokens ? cols : cols / group;
@@ -201,7 +201,7 @@ void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int gro
       hi *= clip;
       const double s = std::max((hi - lo) / max_code(bits), kMinMaxEps);
       const double s_stored = round_to_storage(s, dtype);
-      const double lo_stored = round_to_storage(lo, dtype);
+      const double lo_stored = round_to_storage(lo, zero_dtype);
       for (const auto& [r, c] : members) {
         out.unrounded(r, c) = (x(r, c) - lo) / s;
         out.codes(r, c) = to_code(out.unrounded(r, c), bits);
@@ -215,40 +215,48 @@ void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int gro
   out.params["minimum"] = minimum;
 }
 
-// QuaRot keys on the rotated tile: per token, groups of G channels, range
-// [min(min,0)·c, max(max,0)·c] ([−1, 1] if both are 0), integer zero point. Dequantized stays rotated.
-void quantize_quarot_keys(const Eigen::MatrixXd& xr, int group, int bits, double clip, const std::string& dtype,
-                          ReferenceQuantized& out) {
+// QuaRot (its ActQuantizer) on the rotated tile: per token, groups of G channels, range
+// [min·c, max·c], for keys widened to contain 0 ([min(min,0)·c, max(max,0)·c]); a constant group is
+// widened to contain 0, an all-zero one takes [−1, 1]; integer zero point z = round(−lo/s), stored
+// as an integer for keys and in zero_dtype for values. Dequantized stays rotated.
+void quantize_quarot(const Eigen::MatrixXd& xr, bool key, int group, int bits, double clip, const std::string& dtype,
+                     const std::string& zero_dtype, ReferenceQuantized& out) {
   const int rows = static_cast<int>(xr.rows()), groups = static_cast<int>(xr.cols()) / group;
   Eigen::MatrixXd scale(rows, groups), zero(rows, groups);
   for (int t = 0; t < rows; ++t) {
     for (int g = 0; g < groups; ++g) {
-      double lo = 0.0, hi = 0.0;  // starting from 0 gives min(min(x), 0) and max(max(x), 0)
+      // Keys start from 0, which gives min(min(x), 0) and max(max(x), 0).
+      double lo = key ? 0.0 : std::numeric_limits<double>::infinity(), hi = key ? 0.0 : -lo;
       for (int k = 0; k < group; ++k) {
         lo = std::min(lo, xr(t, g * group + k));
         hi = std::max(hi, xr(t, g * group + k));
       }
       lo *= clip;
       hi *= clip;
+      if (lo == hi) {
+        lo = std::min(lo, 0.0);
+        hi = std::max(hi, 0.0);
+      }
       if (lo == 0.0 && hi == 0.0) {
         lo = -1.0;
         hi = 1.0;
       }
       const double s = (hi - lo) / max_code(bits);  // no eps: the range is never empty here
-      const double z = round_half_even(-lo / s);
+      const double z_exact = round_half_even(-lo / s);
+      const double z = key ? z_exact : round_to_storage(z_exact, zero_dtype);
       const double s_stored = round_to_storage(s, dtype);
       for (int k = 0; k < group; ++k) {
         const int d = g * group + k;
         const double ratio = xr(t, d) / s;
-        out.unrounded(t, d) = ratio + z;
         // round(x/s) + z exactly as documented (z is an integer, so only the clamp differs from
         // rounding `unrounded`, but this avoids any float rounding in ratio + z).
         out.codes(t, d) = static_cast<int>(
-            std::clamp(round_half_even(ratio) + z, 0.0, static_cast<double>(max_code(bits))));
+            std::clamp(round_half_even(ratio) + z_exact, 0.0, static_cast<double>(max_code(bits))));
+        out.unrounded(t, d) = ratio + z_exact;
         out.dequantized(t, d) = s_stored * (out.codes(t, d) - z);
       }
       scale(t, g) = s_stored;
-      zero(t, g) = z;  // uint8 in the implementation: an integer in [0, 2^b − 1], not rounded further
+      zero(t, g) = z;  // keys: an integer in [0, 2^b − 1] (uint8), not rounded further
     }
   }
   out.params["scale"] = scale;
@@ -268,7 +276,7 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
     const double hi = v.balanced.row(r).maxCoeff();
     const double step = std::max((hi - lo) / max_code(s.bits), kKvarnEps);
     row_scale_stored(0, r) = round_to_storage(v.row_scale(r) * step, s.scale_dtype);
-    row_zero_stored(0, r) = round_to_storage(v.row_scale(r) * lo, s.scale_dtype);
+    row_zero_stored(0, r) = round_to_storage(v.row_scale(r) * lo, s.zero_dtype);
     for (int c = 0; c < cols; ++c) {
       // Row r of T is channel r for keys, token r for values; codes are stored token-major.
       const int token = s.key ? c : r;
@@ -403,25 +411,21 @@ ReferenceQuantized reference_quantize(const Eigen::MatrixXd& x, const ReferenceS
     }
     const bool along_tokens = s.axis == "per_channel";
     check_divides(s.group_size, along_tokens ? tokens : dim, along_tokens ? "token" : "channel");
-    quantize_minmax_groups(x, along_tokens, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, out);
+    quantize_minmax_groups(x, along_tokens, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype, out);
     return out;
   }
   if (s.method == "kivi") {
     // Keys per channel over groups of G tokens, values per token over groups of G channels. Only the
     // grouped axis is checked; "G divides head_dim" for keys is a config rule, not a tile one.
     check_divides(s.group_size, s.key ? tokens : dim, s.key ? "token" : "channel");
-    quantize_minmax_groups(x, s.key, s.group_size, s.bits, 1.0, s.scale_dtype, out);
+    quantize_minmax_groups(x, s.key, s.group_size, s.bits, 1.0, s.scale_dtype, s.zero_dtype, out);
     return out;
   }
   if (s.method == "quarot") {
     check_divides(s.group_size, dim, "channel");
     const Eigen::MatrixXd h = reference_hadamard(dim);
     const Eigen::MatrixXd xr = x * h;
-    if (s.key) {
-      quantize_quarot_keys(xr, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, out);
-    } else {
-      quantize_minmax_groups(xr, false, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, out);
-    }
+    quantize_quarot(xr, s.key, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype, out);
     out.dequantized = Eigen::MatrixXd(out.dequantized * h.transpose());
     return out;
   }

@@ -42,11 +42,12 @@ struct ReferenceQuantized {
   // same rounding boundaries as x/s). Lets a comparison skip entries within float noise of a
   // boundary (fractional part near 0.5).
   Eigen::MatrixXd unrounded;
-  // Stored parameters, rounded to scale_dtype (QuaRot's "zero" is an integer, stored as uint8), in
+  // Stored parameters, rounded to scale_dtype or zero_dtype (QuaRot's "zero" is an integer: of keys
+  // stored as uint8, of values in zero_dtype), in
   // the shapes of docs/quantizers.md without the N axis:
   //   rtn per_token "scale", "minimum" [T, D/G]; rtn per_channel [T/G, D];
   //   kivi keys "scale", "minimum" [T/G, D]; kivi values [T, D/G];
-  //   quarot keys "scale", "zero" [T, D/G]; quarot values "scale", "minimum" [T, D/G];
+  //   quarot keys and values "scale", "zero" [T, D/G];
   //   kvarn keys "kS", "kZ" [1, D], "kT" [1, T]; kvarn values "vC" [1, D], "vS", "vZ" [1, T].
   std::map<std::string, Eigen::MatrixXd> params;
   // [T, D], dequantized from the rounded parameters and rotated back to the model frame.
@@ -64,6 +65,7 @@ struct ReferenceSettings {
   std::string axis = "per_token";  // rtn only: "per_token" | "per_channel"
   double clip_ratio = 1.0;         // rtn and quarot, in (0, 1]
   std::string scale_dtype = "float16";
+  std::string zero_dtype = "float16";  // minima / zero points (kvarn kZ, vZ; quarot value zeros)
   int iters = 8;       // kvarn, 0..64
   bool rotate = true;  // kvarn
 };
