@@ -5,11 +5,11 @@ and reduces the per-sample arrays the figures and the report need. Only h5py and
 packages); the config YAML is read by a small reader for the block style kvdrift writes.
 """
 import os
-import re
 import sys
 import time
 
 import h5py
+import yaml
 import numpy as np
 
 SUPPORTED_SCHEMA_VERSION = 1
@@ -32,252 +32,20 @@ def fail_cli(prog, error):
 
 
 # ---------------------------------------------------------------------------------------------
-# Config YAML: kvdrift writes /config/yaml with yaml-cpp in block style (mappings and sequences by
-# indentation, flow {..}/[..] collections for short values, double-quoted strings with escapes).
-# PyYAML is not among the project's Debian packages, so this reads that subset and says where it
-# stops understanding.
-
-class _YamlError(Exception):
-    def __init__(self, line, why):
-        super().__init__(f"line {line}: {why}")
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/", "0": "\0",
-            "a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "v": "\v", " ": " "}
-
-
-def _scalar(text):
-    """A plain scalar as YAML 1.2 core schema resolves it."""
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", text):
-        return float(text)
-    return text
-
-
-class _FlowReader:
-    """Reads one value from `text` at `pos`: a quoted string, a flow collection or a plain scalar."""
-
-    def __init__(self, text, line):
-        self.text, self.pos, self.line = text, 0, line
-
-    def error(self, why):
-        return _YamlError(self.line, why)
-
-    def skip_space(self):
-        while self.pos < len(self.text) and self.text[self.pos] == " ":
-            self.pos += 1
-
-    def value(self, in_flow):
-        self.skip_space()
-        if self.pos >= len(self.text):
-            return None
-        c = self.text[self.pos]
-        if c == '"':
-            return self.double_quoted()
-        if c == "'":
-            return self.single_quoted()
-        if c == "{":
-            return self.flow_map()
-        if c == "[":
-            return self.flow_seq()
-        if c in "|>&*!":
-            raise self.error(f"unsupported YAML construct '{c}'")
-        stops = ",]}" if in_flow else ""
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] not in stops:
-            if in_flow and self.text.startswith(": ", self.pos):
-                break
-            self.pos += 1
-        return _scalar(self.text[start:self.pos].strip())
-
-    def double_quoted(self):
-        out, self.pos = [], self.pos + 1
-        while self.pos < len(self.text):
-            c = self.text[self.pos]
-            if c == '"':
-                self.pos += 1
-                return "".join(out)
-            if c == "\\":
-                esc = self.text[self.pos + 1:self.pos + 2]
-                if esc in _ESCAPES:
-                    out.append(_ESCAPES[esc])
-                    self.pos += 2
-                    continue
-                width = {"x": 2, "u": 4, "U": 8}.get(esc)
-                if width is None:
-                    raise self.error(f"unknown escape '\\{esc}'")
-                out.append(chr(int(self.text[self.pos + 2:self.pos + 2 + width], 16)))
-                self.pos += 2 + width
-                continue
-            out.append(c)
-            self.pos += 1
-        raise self.error("unterminated double-quoted string")
-
-    def single_quoted(self):
-        out, self.pos = [], self.pos + 1
-        while self.pos < len(self.text):
-            if self.text.startswith("''", self.pos):
-                out.append("'")
-                self.pos += 2
-            elif self.text[self.pos] == "'":
-                self.pos += 1
-                return "".join(out)
-            else:
-                out.append(self.text[self.pos])
-                self.pos += 1
-        raise self.error("unterminated single-quoted string")
-
-    def expect(self, chars):
-        self.skip_space()
-        if self.pos >= len(self.text) or self.text[self.pos] not in chars:
-            raise self.error(f"expected one of '{chars}' in flow collection")
-        self.pos += 1
-        return self.text[self.pos - 1]
-
-    def flow_seq(self):
-        self.pos += 1
-        items = []
-        self.skip_space()
-        if self.text.startswith("]", self.pos):
-            self.pos += 1
-            return items
-        while True:
-            items.append(self.value(in_flow=True))
-            if self.expect(",]") == "]":
-                return items
-
-    def flow_map(self):
-        self.pos += 1
-        items = {}
-        self.skip_space()
-        if self.text.startswith("}", self.pos):
-            self.pos += 1
-            return items
-        while True:
-            key = self.value(in_flow=True)
-            self.expect(":")
-            items[key] = self.value(in_flow=True)
-            if self.expect(",}") == "}":
-                return items
-
-    def whole(self, in_flow=False):
-        result = self.value(in_flow)
-        self.skip_space()
-        if self.pos != len(self.text):
-            raise self.error(f"unexpected text '{self.text[self.pos:]}'")
-        return result
-
-
-def _split_key(text, line):
-    """('key', 'rest') when `text` is a `key: value` / `key:` mapping entry, else None."""
-    if text[:1] in "\"'":
-        reader = _FlowReader(text, line)
-        key = reader.value(in_flow=True)
-        rest = text[reader.pos:]
-        if rest == ":" or rest.startswith(": "):
-            return key, rest[1:].strip()
-        return None
-    if text[:1] in "{[":
-        return None
-    match = re.match(r"([^:#]+?):(?: (.*)|$)", text)
-    if not match:
-        return None
-    return _scalar(match.group(1).strip()), (match.group(2) or "").strip()
-
-
-def _value(rest, line):
-    return _FlowReader(rest, line).whole()
-
-
-class _BlockReader:
-    def __init__(self, text):
-        self.lines = []  # (indent, content, line number)
-        for number, raw in enumerate(text.splitlines(), start=1):
-            stripped = raw.strip()
-            if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
-                continue
-            self.lines.append((len(raw) - len(raw.lstrip(" ")), stripped, number))
-        self.i = 0
-
-    def node(self, indent):
-        """The block node whose lines sit at exactly `indent`."""
-        _, text, _ = self.lines[self.i]
-        if text == "-" or text.startswith("- "):
-            return self.sequence(indent)
-        return self.mapping(indent)
-
-    def child(self, parent_indent, rest, line, is_sequence_item=False):
-        """The value of an entry: inline `rest`, or the indented block below it."""
-        if rest:
-            return _value(rest, line)
-        if self.i < len(self.lines):
-            indent, text, _ = self.lines[self.i]
-            if indent > parent_indent:
-                return self.node(indent)
-            # `key:` followed by a sequence at the key's own indentation (valid YAML).
-            if (not is_sequence_item and indent == parent_indent
-                    and (text == "-" or text.startswith("- "))):
-                return self.sequence(indent)
-        return None
-
-    def mapping(self, indent, first=None):
-        result = {}
-        if first is not None:
-            key, rest, line = first
-            result[key] = self.child(indent, rest, line)
-        while self.i < len(self.lines):
-            line_indent, text, line = self.lines[self.i]
-            if line_indent < indent or (line_indent == indent and text.startswith("- ")):
-                break
-            if line_indent > indent:
-                raise _YamlError(line, "unexpected indentation")
-            entry = _split_key(text, line)
-            if entry is None:
-                raise _YamlError(line, f"expected 'key: value', got '{text}'")
-            self.i += 1
-            if entry[0] in result:
-                raise _YamlError(line, f"duplicate key '{entry[0]}'")
-            result[entry[0]] = self.child(indent, entry[1], line)
-        return result
-
-    def sequence(self, indent):
-        items = []
-        while self.i < len(self.lines):
-            line_indent, text, line = self.lines[self.i]
-            if line_indent != indent or not (text == "-" or text.startswith("- ")):
-                if line_indent > indent:
-                    raise _YamlError(line, "unexpected indentation")
-                break
-            self.i += 1
-            rest = text[1:].strip()
-            item_indent = indent + (len(text) - len(text[1:].lstrip(" ")))
-            entry = _split_key(rest, line) if rest else None
-            if entry is not None:
-                items.append(self.mapping(item_indent, first=(entry[0], entry[1], line)))
-            else:
-                items.append(self.child(indent, rest, line, is_sequence_item=True))
-        return items
+# Config YAML: kvdrift writes /config/yaml with yaml-cpp; PyYAML (the project's virtual environment)
+# reads it back. Its YAML 1.1 rules differ from yaml-cpp's 1.2 only on forms kvdrift never writes
+# unquoted (yes/no as booleans) or on values the analysis shows as text (exponents without a dot).
 
 
 def parse_config_yaml(text):
     """The resolved run config as dicts/lists/scalars. Raises ValueError naming the line."""
-    reader = _BlockReader(text)
-    if not reader.lines:
-        return {}
     try:
-        result = reader.node(reader.lines[0][0])
-        if reader.i != len(reader.lines):
-            raise _YamlError(reader.lines[reader.i][2], "unexpected text after the document")
-    except _YamlError as error:
-        raise ValueError(str(error)) from None
-    return result
+        result = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"{where}{getattr(error, 'problem', None) or error}") from None
+    return {} if result is None else result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ int64_t storage_bits(const std::string& dtype);  // also "uint8" for integer zer
 // at +-448 and has subnormals down to 2^-9), as float32.
 torch::Tensor round_to_storage(const torch::Tensor& x, const std::string& dtype);
 
+// The scale guard of min/max quantization (RTN, KIVI, QuaRot's float-minimum values): a constant
+// group gets this scale instead of 0. KVarN's RTN uses the spec's own 1e-10.
+inline constexpr double kMinMaxScaleEps = 1e-8;
+
 // Asymmetric min/max round-to-nearest over the last dimension of `groups` (float32), with the range
 // optionally clipped to [min * clip, max * clip]:
 //   s = max((max - min) * clip / (2^bits - 1), eps),  q = clamp(round((x - min * clip) / s), 0, 2^bits - 1)

@@ -55,6 +55,8 @@ torch::Tensor rotate(const torch::Tensor& x, bool transpose) {
 
 bool has_hadamard(int64_t d) { return is_power_of_two(d) || known_factor(d) != 0; }
 
+const char* hadamard_dims() { return "powers of two, or K * 2^m with K in 12, 20, 28, 36, 40, 52, 60"; }
+
 torch::Tensor hadamard_rotate(const torch::Tensor& x) { return rotate(x, false); }
 
 torch::Tensor hadamard_unrotate(const torch::Tensor& y) { return rotate(y, true); }

@@ -12,6 +12,8 @@ namespace kvdrift::quant {
 
 // True when hadamard_rotate supports vectors of length d.
 bool has_hadamard(int64_t d);
+// The head dims has_hadamard accepts, in words, for error messages.
+const char* hadamard_dims();
 // x [..., d] -> x H (float32). Throws Error naming d when there is no construction.
 torch::Tensor hadamard_rotate(const torch::Tensor& x);
 // y [..., d] -> y H^T, the inverse of hadamard_rotate.

@@ -13,8 +13,6 @@ namespace kvdrift {
 
 namespace {
 
-constexpr double kScaleEps = 1e-8;
-
 class KiviQuantizer final : public Quantizer {
  public:
   KiviQuantizer(ParamReader& params, int64_t head_dim) : head_dim_(head_dim) {
@@ -63,7 +61,7 @@ class KiviQuantizer final : public Quantizer {
     if (role == Role::Key && x.size(1) != residual_)
       fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
     const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
-    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, kScaleEps);
+    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, quant::kMinMaxScaleEps);
     QuantizedTiles tiles;
     tiles.codes = from_groups(minmax.codes, role);
     tiles.bits = bits;

@@ -109,10 +109,8 @@ class KVarNQuantizer final : public Quantizer {
     // The unbiased std across the channels of a token needs at least two of them.
     if (head_dim_ < 2) params.reject(fmt::format("head_dim {} is too small (at least 2)", head_dim_));
     if (rotate_ && !quant::has_hadamard(head_dim_))
-      params.reject(
-          fmt::format("rotate needs a Hadamard construction for head_dim {} (powers of two, or K * 2^m "
-                      "with K in 12, 20, 28, 36, 40, 52, 60); use rotate=false",
-                      head_dim_));
+      params.reject(fmt::format("rotate needs a Hadamard construction for head_dim {} ({}); use rotate=false",
+                                head_dim_, quant::hadamard_dims()));
   }
 
   std::string method() const override { return "kvarn"; }

@@ -1,8 +1,8 @@
 #pragma once
 // The KV quantizer interface. A quantizer turns tiles of K or V vectors of one (layer, kv-head) into
 // a stored form (integer codes + parameters) and back, and declares when the cache hands it tokens
-// (its cache policy). The cache and the engine only ever see this interface: adding a method is one
-// file with a factory plus one line in registry.cpp.
+// (its cache policy). The cache and the engine only ever see this interface; adding a method follows
+// the checklist in docs/quantizers.md (its file, its factory in registry.cpp, its oracle and docs).
 #include <torch/types.h>
 
 #include <cstdint>

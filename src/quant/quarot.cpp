@@ -16,8 +16,6 @@ namespace kvdrift {
 
 namespace {
 
-constexpr double kScaleEps = 1e-8;  // float_minimum value scales only; the other ranges are never empty
-
 // Low bit widths lose more to outliers than to clipping them.
 double default_clip_ratio(int64_t bits) { return bits <= 4 ? 0.95 : 1.0; }
 
@@ -42,9 +40,8 @@ class QuarotQuantizer final : public Quantizer {
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     integer_value_zero_ = params.choice("value_zero_point", "integer", {"integer", "float_minimum"}) == "integer";
     if (!quant::has_hadamard(head_dim))
-      params.reject(fmt::format("head_dim {} has no Hadamard construction (supported: powers of two, or K * 2^m "
-                                "with K in 12, 20, 28, 36, 40, 52, 60)",
-                                head_dim));
+      params.reject(
+          fmt::format("head_dim {} has no Hadamard construction (supported: {})", head_dim, quant::hadamard_dims()));
     if (head_dim % group_ != 0)
       params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
   }
@@ -125,7 +122,7 @@ class QuarotQuantizer final : public Quantizer {
   }
 
   QuantizedTiles quantize_float_minimum(const torch::Tensor& groups) const {
-    auto minmax = quant::quantize_minmax(groups, value_.bits, kScaleEps, value_.clip_ratio);
+    auto minmax = quant::quantize_minmax(groups, value_.bits, quant::kMinMaxScaleEps, value_.clip_ratio);
     QuantizedTiles tiles;
     tiles.codes = minmax.codes;
     tiles.bits = value_.bits;

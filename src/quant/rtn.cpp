@@ -9,8 +9,6 @@ namespace kvdrift {
 
 namespace {
 
-constexpr double kScaleEps = 1e-8;
-
 class RtnQuantizer final : public Quantizer {
  public:
   RtnQuantizer(ParamReader& params, int64_t head_dim) {
@@ -54,7 +52,7 @@ class RtnQuantizer final : public Quantizer {
     // Bring each group to the last axis.
     auto groups = per_token_ ? x.reshape({n, tokens, dim / group_, group_})
                              : x.reshape({n, tokens / group_, group_, dim}).transpose(2, 3);
-    auto codes = quant::quantize_minmax(groups, bits, kScaleEps, clip_ratio_);
+    auto codes = quant::quantize_minmax(groups, bits, quant::kMinMaxScaleEps, clip_ratio_);
     QuantizedTiles tiles;
     tiles.codes = per_token_ ? codes.codes.reshape({n, tokens, dim}) : codes.codes.transpose(2, 3).reshape({n, tokens, dim});
     tiles.bits = bits;

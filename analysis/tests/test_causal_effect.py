@@ -1,0 +1,98 @@
+"""causal_effect.py: on hand-made runs the fractions removed are the ones worked out by hand, and on a
+real stories260K run its slope and mean are the run log summary's own (one definition)."""
+import os
+import subprocess
+import sys
+import unittest
+
+import h5py
+import numpy as np
+
+from analysis.tests import support
+
+sys.path.insert(0, support.ANALYSIS_DIR)
+import causal_effect  # noqa: E402
+
+QUANTIZERS = [("kvarn", "kvarn", {}), ("kvarn-ts", "kvarn", {"wrap": "true_scale"}),
+              ("kvarn-td", "kvarn", {"wrap": "true_direction"})]
+
+
+def hand_run(path, base_kl, factors):
+    """Each sample's teacher-forced KL: base_kl[i] for kvarn, times factors[q] for the wrappers."""
+    samples = []
+    for index, kl in enumerate(base_kl):
+        lanes = {(name, "teacher_forced"): {"data": {"kl": np.asarray(kl, dtype=np.float32) * factors[name]}}
+                 for name, _, _ in QUANTIZERS}
+        samples.append({"index": index, "reference_tokens": np.arange(len(kl)), "lanes": lanes})
+    support.write_run(path, QUANTIZERS, samples, max_new_tokens=8)
+
+
+class HandMade(unittest.TestCase):
+    def test_fractions_removed_by_hand(self):
+        directory = support.scratch_dir("causal")
+        path = os.path.join(directory, "run.h5")
+        # Step 0 (the shared prefill) is left out. Sample 0 from step 1: 1, 2, 3 (slope 1, mean 2);
+        # sample 1: 5, 7 (slope 2, mean 6). Pooled within-sample slope: (2 * 1 + 0.5 * 2) / (2 + 0.5)
+        # = 1.2 (sums of centred x*y and x*x: 2 and 0.5 for sample 1's two points); pooled mean 18 / 5.
+        # true_scale scales every KL by 0.25 (removes 75%), true_direction by 0.9 (removes 10%), in
+        # every resample alike, so the intervals are the point values.
+        hand_run(path, [[9, 1, 2, 3], [9, 5, 7]], {"kvarn": 1.0, "kvarn-ts": 0.25, "kvarn-td": 0.9})
+        out = os.path.join(directory, "effect.csv")
+        result = support.run_script("causal_effect.py", path, "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = {(r["wrapped"], r["statistic"]): r for r in support.read_csv(out)}
+        self.assertEqual(set(rows), {("kvarn-ts", "kl_slope"), ("kvarn-ts", "kl_mean"), ("kvarn-td", "kl_slope"),
+                                     ("kvarn-td", "kl_mean")})
+        self.assertAlmostEqual(float(rows["kvarn-ts", "kl_slope"]["base_value"]), 1.2, places=6)
+        self.assertAlmostEqual(float(rows["kvarn-ts", "kl_mean"]["base_value"]), 18 / 5, places=6)
+        for (wrapped, _), row in rows.items():
+            removed = 0.75 if wrapped == "kvarn-ts" else 0.1
+            for column in ("fraction_removed", "fraction_removed_ci_low", "fraction_removed_ci_high"):
+                self.assertAlmostEqual(float(row[column]), removed, places=5, msg=(wrapped, column))
+        self.assertIn("kvarn            kvarn-ts", result.stdout)
+
+    def test_bad_input_is_one_line(self):
+        directory = support.scratch_dir("causal-bad")
+        path = os.path.join(directory, "run.h5")
+        hand_run(path, [[0, 1, 2]], {"kvarn": 1.0, "kvarn-ts": 0.5, "kvarn-td": 1.0})
+        result = support.run_script("causal_effect.py", path, "--pair", "kvarn:kivi")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, f"causal_effect.py: error: {path}: no quantizer 'kivi' "
+                                        f"(available: kvarn, kvarn-ts, kvarn-td)\n")
+        existing = os.path.join(directory, "exists.csv")
+        open(existing, "w").close()
+        result = support.run_script("causal_effect.py", path, "-o", existing)
+        self.assertEqual(result.stderr, f"causal_effect.py: error: {existing} exists; remove it or choose another path\n")
+
+
+class AgreesWithTheRunLogSummary(unittest.TestCase):
+    def test_slope_and_mean_are_the_summary_ones(self):
+        directory = support.scratch_dir("causal-real")
+        model = subprocess.run([os.path.join(support.SOURCE_DIR, "scripts", "find-model.sh"), "stories260K"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        config = os.path.join(directory, "run.yaml")
+        with open(config, "w") as f:
+            f.write(f"""model: {{path: {model}/stories260K.bin, tokenizer: {model}/tok512.bin}}
+prompts: {{source: inline, texts: ["Once upon a time", "The cat sat on the mat. It was a sunny day"]}}
+decoding: {{max_new_tokens: 24, stop_at_eos: false}}
+quantizers:
+  - {{name: kivi, method: kivi, params: {{group_size: 8, residual_length: 8}}}}
+  - {{name: kivi-ts, method: kivi, params: {{group_size: 8, residual_length: 8, wrap: true_scale}}}}
+lanes: [teacher_forced]
+output: {{path: {directory}/run.h5}}
+""")
+        subprocess.run([support.CLI, "run", config], check=True, capture_output=True)
+        path = os.path.join(directory, "run.h5")
+        sums = causal_effect.read_sums([path], ["kivi", "kivi-ts"], 10.0)
+        with h5py.File(path, "r") as f:
+            for name in ("kivi", "kivi-ts"):
+                summary = f[f"summary/{name}/teacher_forced"].attrs
+                ones = np.ones(len(sums[name]))
+                self.assertAlmostEqual(causal_effect.slope(sums[name], ones), summary["kl_slope"],
+                                       delta=1e-9 * abs(summary["kl_slope"]) + 1e-15)
+                self.assertAlmostEqual(causal_effect.mean(sums[name], ones), summary["kl_mean"],
+                                       delta=1e-9 * abs(summary["kl_mean"]) + 1e-15)
+
+
+if __name__ == "__main__":
+    unittest.main()
