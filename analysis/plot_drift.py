@@ -570,6 +570,8 @@ def main(argv=None):
             print(os.path.join(args.output_dir, "report.md"))
     except log.LogError as error:
         log.fail_cli(PROG, error)
+    except OSError as error:  # the output directory cannot be made or written
+        log.fail_cli(PROG, f"{error.filename or args.output_dir}: {error.strerror or error}")
 
 
 if __name__ == "__main__":

@@ -306,6 +306,15 @@ TEST(RunConfig, UnknownTopLevelKeyNamesLineAndKnownKeys) {
             "demo.yaml:11: unknown key 'metric' (known: model, prompts, decoding, quantizers, lanes, metrics, output)");
 }
 
+// Nine levels of nine aliases (9^9 values in ~300 bytes) are refused before anything walks them.
+TEST(RunConfig, AliasBombIsRefusedAtOnce) {
+  std::string bomb = "bomb:\n  - &l1 [0, 0, 0, 0, 0, 0, 0, 0, 0]\n";
+  for (int level = 2; level <= 9; ++level)
+    bomb += fmt::format("  - &l{} [{}]\n", level, fmt::join(std::vector<std::string>(9, fmt::format("*l{}", level - 1)), ", "));
+  EXPECT_EQ(load_error(kMinimal + bomb),
+            "demo.yaml: expands to more than 100000 YAML nodes (aliases that repeat aliases?); write the values out");
+}
+
 TEST(RunConfig, UnknownNestedKeyNamesDottedPath) {
   EXPECT_EQ(load_error(kMinimal + "decoding:\n  max_new_tokens: 8\n  temprature: 0.5\n"),
             "demo.yaml:13: unknown key 'decoding.temprature' (known: max_new_tokens, stop_at_eos, temperature, "

@@ -19,6 +19,7 @@
 #include "io/run_config.h"
 #include "support.h"
 #include "sweep/plan.h"
+#include "sweep/point_run.h"
 #include "sweep/sweep_file.h"
 
 namespace kvdrift {
@@ -269,6 +270,17 @@ launcher: {kind: local}
   EXPECT_EQ(load_run_config(with_results + "/config.yaml", {}).decoding.max_new_tokens, 20);
 }
 
+// Nine levels of lists of nine aliases to the level below: 9^9 scalars once expanded.
+std::string alias_bomb() {
+  std::string text = "bomb:\n  - &l1 [0, 0, 0, 0, 0, 0, 0, 0, 0]\n";
+  for (int level = 2; level <= 9; ++level) {
+    const std::string below = fmt::format("*l{}", level - 1);
+    text += fmt::format("  - &l{} [{}]\n", level,
+                        fmt::join(std::vector<std::string>(9, below), ", "));
+  }
+  return text;
+}
+
 TEST(SweepPlan, BadSweepFilesGetOneClearErrorAndWriteNothing) {
   const std::string dir = test::scratch_dir();
   write_base(dir);
@@ -304,6 +316,9 @@ TEST(SweepPlan, BadSweepFilesGetOneClearErrorAndWriteNothing) {
        "zip group 1: entries 1 and 3 are the same (decoding.seed=0, decoding.max_new_tokens=4), so their points "
        "would be duplicates"},
       {head + "grid: {decoding.seed: [0]}\nlauncher: {kind: pbs}\n", "launcher.kind: unknown launcher 'pbs'"},
+      // An alias bomb: 9 levels of 9 aliases each stand for 9^9 values in ~300 bytes.
+      {head + alias_bomb() + "grid: {decoding.seed: *l9}\n" + local,
+       "sweep.yaml: expands to more than 100000 YAML nodes (aliases that repeat aliases?); write the values out"},
       {head + "grid: {decoding.seed: [0]}\nlauncher: {kind: local, workers: 0}\n",
        "launcher.workers must be >= 1, got 0"},
       {head + "grid: {decoding.seed: [0]}\nlauncher: {kind: local, partition: gpu}\n",
@@ -393,11 +408,15 @@ launcher: {kind: local}
   const pid_t dead = ::fork();
   if (dead == 0) ::_exit(0);
   ::waitpid(dead, nullptr, 0);
-  test::write_file(run_dir(0) + "/running", fmt::format("{} {}\n", host, ::getpid()));
+  const auto started = sweep::process_start_time(::getpid());
+  ASSERT_TRUE(started.has_value());
+  test::write_file(run_dir(0) + "/running", fmt::format("{} {} {}\n", host, ::getpid(), *started));
   test::write_file(run_dir(0) + "/log.txt", "samples 0/1\n");
   test::write_file(run_dir(1) + "/running", fmt::format("{} {}\n", host, dead));
   test::write_file(run_dir(1) + "/log.txt", "line 1\nkilled while writing\n");
   test::write_file(run_dir(2) + "/running", "some-other-node 12345\n");
+  // This process's PID with another start time: the PID was reused, the marker is stale.
+  test::write_file(run_dir(3) + "/running", fmt::format("{} {} {}\n", host, ::getpid(), *started + 1));
 
   const auto status = run_cli_with_path({"sweep", "status", sweep}, "/usr/bin:/bin");  // no squeue
   ASSERT_EQ(status.exit_code, 0) << status.err;

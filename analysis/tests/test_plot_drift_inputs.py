@@ -71,6 +71,16 @@ class PlotDriftErrors(unittest.TestCase):
         self.assertEqual(result.stderr, f"plot_drift.py: error: {message}\n")
         self.assertFalse(os.path.exists(out), "nothing is written for bad input")
 
+    def test_output_that_is_a_file(self):
+        path = support.write_run(os.path.join(self.dir, "ok.h5"), QUANTIZERS, fixture_samples()[:1])
+        target = os.path.join(self.dir, "a-file")
+        with open(target, "w") as f:
+            f.write("kept\n")
+        result = support.run_script("plot_drift.py", path, "-o", target)
+        self.assertEqual((result.returncode, result.stderr), (1, f"plot_drift.py: error: {target}: File exists\n"))
+        with open(target) as f:
+            self.assertEqual(f.read(), "kept\n")
+
     def test_not_hdf5(self):
         path = os.path.join(self.dir, "notes.h5")
         with open(path, "w") as f:

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "io/yaml_size.h"
 
 namespace kvdrift {
 namespace {
@@ -553,6 +554,7 @@ RunConfig load_run_config(const std::string& path, const std::vector<std::string
   if (documents.size() > 1)
     fail("{}:{}: a config is one YAML document, but a second one starts here", path, documents[1].Mark().line + 1);
   YAML::Node document = documents.empty() ? YAML::Node() : documents.front();
+  check_yaml_size(document, path);
 
   Provenance provenance(path);
   if (document.IsNull()) document = YAML::Node(YAML::NodeType::Map);

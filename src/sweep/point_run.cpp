@@ -65,7 +65,7 @@ PointAttempt::PointAttempt(const PointFiles& files, const std::vector<std::strin
   }
   pid_ = spawn({self_executable(), "run", files.config, "--output", files.output}, extra_env, output_fd);
   if (tee) ::close(pipe_fds[1]);
-  write_text(files.running, fmt::format("{} {}\n", host_name(), pid_));
+  write_text(files.running, fmt::format("{} {} {}\n", host_name(), pid_, process_start_time(pid_).value_or(0)));
 }
 
 PointAttempt::~PointAttempt() {
@@ -111,13 +111,31 @@ int run_point(const PointFiles& files) {
   return exit_code(status);
 }
 
+std::optional<uint64_t> process_start_time(pid_t pid) {
+  std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+  std::string text;
+  if (!std::getline(stat, text)) return std::nullopt;
+  // Field 22 (starttime); the command name (field 2) may hold spaces, so count from its ")".
+  std::istringstream fields(text.substr(text.rfind(')') + 1));
+  std::string field;
+  for (int number = 3; number <= 22 && fields >> field; ++number)
+    if (number == 22) return std::stoull(field);
+  return std::nullopt;
+}
+
 std::optional<bool> marker_is_live(const std::string& marker_text) {
   std::istringstream fields(marker_text);
   std::string host;
   pid_t pid = 0;
   if (!(fields >> host >> pid) || pid <= 0) return false;
   if (host != host_name()) return std::nullopt;
-  return ::kill(pid, 0) == 0 || errno == EPERM;
+  if (::kill(pid, 0) != 0 && errno != EPERM) return false;
+  // The PID may since have been given to another process: its start time says (markers written
+  // before the start time was recorded, or where /proc cannot tell, rely on the PID alone).
+  uint64_t started = 0;
+  if (!(fields >> started) || started == 0) return true;
+  const auto now_started = process_start_time(pid);
+  return !now_started || *now_started == started;
 }
 
 }  // namespace kvdrift::sweep

@@ -40,7 +40,12 @@ class PointAttempt {
 // SIGTERM and SIGINT (scancel, Ctrl-C) are passed on to the run, and the run's exit code is returned.
 int run_point(const PointFiles& files);
 
-// Whether the marker's process is alive; nullopt when it ran on another host (this one cannot tell).
+// The `running` marker is "HOST PID STARTTIME" (STARTTIME: /proc/PID/stat's field 22, the process's
+// start in clock ticks since boot), so that a PID given to another process since does not keep the
+// point running. Whether the marker's process is alive; nullopt when it ran on another host (this
+// one cannot tell).
 std::optional<bool> marker_is_live(const std::string& marker_text);
+// A process's start time (/proc/PID/stat field 22); nullopt when /proc cannot tell.
+std::optional<uint64_t> process_start_time(pid_t pid);
 
 }  // namespace kvdrift::sweep

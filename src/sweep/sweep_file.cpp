@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/sha256.h"
+#include "io/yaml_size.h"
 
 namespace kvdrift::sweep {
 namespace {
@@ -333,6 +334,7 @@ SweepFile load_sweep_file(const std::string& path) {
   } catch (const YAML::Exception& syntax_error) {
     fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
   }
+  check_yaml_size(document, path);
   if (!document.IsMap()) fail("{}: a sweep file is a mapping with keys {}", path, fmt::join(kTopLevelKeys, ", "));
 
   std::map<std::string, std::pair<YAML::Node, YAML::Mark>> sections;
