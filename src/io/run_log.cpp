@@ -412,7 +412,6 @@ void add_array_if_present(Mean& mean, const h5::Group& lane, const std::string& 
   if (lane.exists(name)) mean.add_all(lane.read<float>(name));
 }
 
-
 // One quantity per sample as (x, y) points: a mean pools the y of every point of the drawn samples;
 // a slope fits y against x (step) within samples (least squares with each sample's own level
 // removed), so prompts that differ in level but not in growth show no slope.
