@@ -57,7 +57,11 @@ def read_lanes(handle, run):
                                f"{run.kvdrift_version}")
         info[index] = (log.attr_str(sample.attrs, "prompt_id"), log.attr_str(sample.attrs, "answer"))
         reference.samples.append(index)
-        reference.texts.append(log.attr_str(sample.attrs, "reference_continuation"))
+        # The reply (up to the first end token) where the log has it: with decoding.stop_at_eos false the
+        # continuation goes on past the answer, and numbers written after it would be scored.
+        reference.texts.append(log.attr_str(sample.attrs, "reference_reply")
+                               if "reference_reply" in sample.attrs
+                               else log.attr_str(sample.attrs, "reference_continuation"))
         for quantizer, lane in free_running.items():
             path = f"{quantizer}/free_running"
             if path not in sample:
@@ -66,7 +70,8 @@ def read_lanes(handle, run):
                 raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index}/{path} has "
                                    f"no continuation); re-run it with a kvdrift newer than {run.kvdrift_version}")
             lane.samples.append(index)
-            lane.texts.append(log.attr_str(sample[path].attrs, "continuation"))
+            attrs = sample[path].attrs
+            lane.texts.append(log.attr_str(attrs, "reply" if "reply" in attrs else "continuation"))
     return [reference] + [lane for lane in free_running.values() if lane.samples], info
 
 

@@ -335,6 +335,25 @@ TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
   }
 }
 
+// Decoding past the end token (stop_at_eos: false) keeps measuring, but the reply a user is shown
+// ends there: it is the continuation a run that stops at the end token gets.
+TEST(Engine, ReplyEndsAtTheFirstEndTokenWhenDecodingGoesOn) {
+  const std::string dir = test::scratch_dir();
+  auto run = load(write_config(dir, "  - {name: none, method: none}", 300, "[\"The cat\"]"));
+  ASSERT_FALSE(run.config.decoding.stop_at_eos);
+  const Engine going_on(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto past = going_on.run(run.inputs.prompts[0]);
+  run.config.decoding.stop_at_eos = true;
+  const Engine stopping(*run.inputs.model, run.config, run.inputs.tokenizer.get());
+  const auto stopped = stopping.run(run.inputs.prompts[0]);
+  ASSERT_TRUE(stopped.reference_stopped) << "the story should end within 300 tokens";
+  ASSERT_EQ(past.reference_tokens.size(), 300u);
+  EXPECT_EQ(past.reference_reply, stopped.reference_continuation);
+  EXPECT_EQ(stopped.reference_reply, stopped.reference_continuation);
+  EXPECT_LT(past.reference_reply.size(), past.reference_continuation.size());
+  EXPECT_EQ(lane_of(past, "none", "free_running").reply, stopped.reference_continuation);
+}
+
 // --- The decoding protocol: chunked prefill, one-token prompts, KL under sampling (docs/engine.md) ---
 
 const char* kLongPrompt =

@@ -121,6 +121,24 @@ class ScoreGsm8k(unittest.TestCase):
                          [(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)])
 
 
+    def test_replies_are_scored_not_what_follows_them(self):
+        # Decoding past the end token (stop_at_eos: false) leaves numbers after the answer in the
+        # continuation; the reply (up to the end token) is what gets scored when the log has it.
+        texts = [("#### 18", "she makes 18 dollars. Next question: 624", "18 then 7", "7")]
+        directory = support.scratch_dir("score_replies")
+        path = scored_run(os.path.join(directory, "run.h5"), "/data/gsm8k/test.jsonl", texts)
+        with h5py.File(path, "r+") as f:
+            f["samples/0"].attrs["reference_reply"] = "she makes 18 dollars."
+            f["samples/0/alpha/free_running"].attrs["reply"] = "18"
+        result = support.run_script("score.py", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        _, lanes = read_scores(path)
+        self.assertEqual(lanes["reference"][5], ["18"])
+        self.assertEqual(lanes["alpha/free_running"][5], ["18"])
+        self.assertEqual(lanes["beta/free_running"][5], ["7"])  # no reply recorded: its continuation
+        self.assertEqual([lanes[k][0] for k in ("reference", "alpha/free_running", "beta/free_running")], [1, 1, 0])
+
+
 class AccuracyInterval(unittest.TestCase):
     def test_bootstrap_interval(self):
         flags = [1] * 30 + [0] * 10

@@ -233,7 +233,8 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
     teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
     free_running_ = free_running_ || lane == "free_running";
   }
-  if (config_.decoding.stop_at_eos) stop_ids_ = stop_tokens(model_, tokenizer_);
+  end_ids_ = stop_tokens(model_, tokenizer_);
+  if (config_.decoding.stop_at_eos) stop_ids_ = end_ids_;
 }
 
 std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
@@ -575,9 +576,13 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
     lane.scalars["fraction_quantized"] = c.fraction_quantized(row);
     lane.scalars["quantize_seconds"] = c.quantize_seconds(row);
   };
-  // Decoded texts leave the end token out.
+  // Decoded texts leave the end token out; a reply ends at the first one.
   auto decode = [&](const std::vector<int64_t>& tokens, bool stopped) {
     return tokenizer_->decode({tokens.begin(), tokens.end() - (stopped ? 1 : 0)});
+  };
+  auto reply = [&](const std::vector<int64_t>& tokens) {
+    const auto end = std::find_first_of(tokens.begin(), tokens.end(), end_ids_.begin(), end_ids_.end());
+    return tokenizer_->decode({tokens.begin(), end});
   };
   for (size_t p = 0; p < samples.size(); ++p) {
     const BatchSample& sample = samples[p];
@@ -591,11 +596,15 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
         LaneResult& lane = result.lanes[sample.free_lane[q]];
         classify(lane, result.reference_tokens, result.reference_stopped, sample.free_stopped[q]);
         account(lane, cache, sample.free_rows[q], sample.reference_row, true);
-        if (tokenizer_) lane.text = decode(lane.tokens, sample.free_stopped[q]);
+        if (tokenizer_) {
+          lane.text = decode(lane.tokens, sample.free_stopped[q]);
+          lane.reply = reply(lane.tokens);
+        }
       }
     }
     if (tokenizer_) {
       result.reference_continuation = decode(result.reference_tokens, result.reference_stopped);
+      result.reference_reply = reply(result.reference_tokens);
       std::vector<int64_t> all = result.prompt.tokens;
       all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
       result.reference_text = decode(all, result.reference_stopped);

@@ -349,6 +349,7 @@ void append_step_arrays(h5::Group& sample, const SampleResult& result) {
 void write_final_contents(h5::Group& sample, const SampleResult& result) {
   sample.set_attribute("reference_text", result.reference_text);
   sample.set_attribute("reference_continuation", result.reference_continuation);
+  sample.set_attribute("reference_reply", result.reference_reply);
   sample.set_attribute("reference_stopped", result.reference_stopped ? 1 : 0);
   sample.set_attribute("prefill_seconds", result.prefill_seconds);
   sample.set_attribute("decode_seconds", result.decode_seconds);
@@ -374,6 +375,7 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
       group.set_attribute("first_divergence", lane.first_divergence);
       group.set_attribute("outcome", lane.outcome);
       group.set_attribute("continuation", lane.text);
+      group.set_attribute("reply", lane.reply);
     }
   }
 }
