@@ -234,7 +234,6 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
     free_running_ = free_running_ || lane == "free_running";
   }
   end_ids_ = stop_tokens(model_, tokenizer_);
-  if (config_.decoding.stop_at_eos) stop_ids_ = end_ids_;
 }
 
 std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
@@ -439,7 +438,10 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
       }
     }
   };
-  auto is_stop = [&](int64_t token) { return std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end(); };
+  // A lane stops at an end token only with decoding.stop_at_eos; otherwise it decodes every step.
+  auto is_stop = [&](int64_t token) {
+    return config_.decoding.stop_at_eos && std::find(end_ids_.begin(), end_ids_.end(), token) != end_ids_.end();
+  };
   auto any_reference_active = [&] {
     return std::any_of(samples.begin(), samples.end(), [](const BatchSample& s) { return s.reference_active; });
   };

@@ -97,8 +97,7 @@ class Engine {
   const RunConfig& config_;
   const Tokenizer* tokenizer_;
   std::vector<std::shared_ptr<const Quantizer>> quantizers_;  // in config order
-  std::vector<int64_t> end_ids_;   // the model's end tokens
-  std::vector<int64_t> stop_ids_;  // those a lane stops at: end_ids_ with decoding.stop_at_eos, else none
+  std::vector<int64_t> end_ids_;  // the model's end tokens (lanes stop at them with decoding.stop_at_eos)
   bool static_lane_ = false, teacher_forced_ = false, free_running_ = false;
 };
 

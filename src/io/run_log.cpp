@@ -461,8 +461,9 @@ void set_slope_with_interval(h5::Group& group, const std::string& name, const Pe
   set_with_interval(group, name, values.count(), [&](const Weights& w) { return values.slope(w); });
 }
 
-// Per logged step of a lane: its attention-output error, mean over layers.
+// Per logged step of a lane: its attention-output error, mean over layers (none when not logged).
 std::vector<double> attention_by_step(const h5::Group& lane) {
+  if (!lane.exists("attn_rel_l2")) return {};
   std::vector<hsize_t> shape;
   const std::vector<float> values = lane.read<float>("attn_rel_l2", &shape);
   std::vector<double> means;
@@ -473,6 +474,12 @@ std::vector<double> attention_by_step(const h5::Group& lane) {
     means.push_back(sum / static_cast<double>(shape[1]));
   }
   return means;
+}
+
+// One sample's values per logged step as (step, value) points.
+void add_by_step(stats::LineSums& sample, const std::vector<double>& by_step, const std::vector<int64_t>& logged_steps) {
+  for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
+    sample.add(static_cast<double>(logged_steps[i]), by_step[i]);
 }
 
 // Per sample, per role: the worst-5% magnitude share of what attention reads, in both definitions
@@ -507,11 +514,7 @@ struct StaticTotals {
 
   void add(const h5::Group& lane, const std::vector<int64_t>& logged_steps) {
     worst5.add(lane);
-    stats::LineSums& sample = attn_rel_l2.next();
-    if (!lane.exists("attn_rel_l2")) return;
-    const std::vector<double> by_step = attention_by_step(lane);
-    for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
-      sample.add(static_cast<double>(logged_steps[i]), by_step[i]);
+    add_by_step(attn_rel_l2.next(), attention_by_step(lane), logged_steps);
   }
   void write(h5::Group& group) const {
     set_mean_with_interval(group, "attn_rel_l2_mean", attn_rel_l2);
@@ -551,11 +554,7 @@ struct TeacherForcedTotals {
         sampled.add(static_cast<double>(step), values[step]);  // LineSums skips the infinite ones
       }
     }
-    stats::LineSums& attention = attn_rel_l2.next();
-    if (!lane.exists("attn_rel_l2")) return;
-    const std::vector<double> by_step = attention_by_step(lane);
-    for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
-      attention.add(static_cast<double>(logged_steps[i]), by_step[i]);
+    add_by_step(attn_rel_l2.next(), attention_by_step(lane), logged_steps);
   }
   void write(h5::Group& group) const {
     set_mean_with_interval(group, "kl_mean", kl_by_step);
@@ -667,11 +666,9 @@ class QuantizerTotals {
     if (!quantizer.exists("static/attn_rel_l2") || !quantizer.exists("teacher_forced/attn_rel_l2")) return;
     const std::vector<double> static_error = attention_by_step(quantizer.open_group("static"));
     const std::vector<double> teacher_error = attention_by_step(quantizer.open_group("teacher_forced"));
-    stats::LineSums& sample = gap_.next();
-    for (size_t i = 0; i < static_error.size() && i < teacher_error.size() && i < logged_steps.size(); ++i) {
-      const double gap = teacher_error[i] - static_error[i];
-      sample.add(static_cast<double>(logged_steps[i]), gap);
-    }
+    std::vector<double> gap(std::min(static_error.size(), teacher_error.size()));
+    for (size_t i = 0; i < gap.size(); ++i) gap[i] = teacher_error[i] - static_error[i];
+    add_by_step(gap_.next(), gap, logged_steps);
   }
 
   template <typename Totals>
