@@ -409,9 +409,11 @@ TEST(Protocol, ChunkedPrefillCarriesQuantizationErrorIntoStepZero) {
       EXPECT_DOUBLE_EQ(lane_of(chunked_results[0], quantizer, lane).scalars.at("fraction_quantized"),
                        lane_of(full_results[0], quantizer, lane).scalars.at("fraction_quantized"))
           << lane;
-    // A prompt that ended in an earlier chunk of the batch does not change the long one.
+    // A prompt that ended in an earlier chunk of the batch does not change the long one. Batched and
+    // alone differ by float rounding, which can flip a 2-bit code on another CPU's BLAS kernels (see
+    // PromptsOfOneBatchGiveWhatEachGivesAlone): held to 5%, far below the chunked/full gap above.
     const double alone_step0 = lane_of(alone, quantizer, "teacher_forced").arrays.at("kl").values[0];
-    EXPECT_NEAR(chunked_step0, alone_step0, 1e-3 * alone_step0);
+    EXPECT_NEAR(chunked_step0, alone_step0, 5e-2 * alone_step0);
   }
   EXPECT_EQ(chunked_results[0].reference_tokens, full_results[0].reference_tokens);
 }
