@@ -1,9 +1,10 @@
 """Reading kvdrift run logs (docs/hdf5-schema.md) for the analysis scripts.
 
 One place that opens and validates a run file, reads its resolved config, lists its finished samples
-and reduces the per-sample arrays the figures and the report need. Only h5py and numpy (Debian
-packages); the config YAML is read by a small reader for the block style kvdrift writes.
+and reduces the per-sample arrays the figures and the report need, with h5py, numpy and PyYAML (the
+project's .venv). A damaged file fails with one LogError naming it, never a traceback.
 """
+import contextlib
 import os
 import sys
 import time
@@ -61,11 +62,38 @@ def _is_lock_error(error):
     return any(hint in message for hint in _LOCK_HINTS)
 
 
+# What h5py and the readers raise on a damaged file (a flipped byte, what a full disk left): a bad
+# checksum, a missing object, undecodable text, an array of an unexpected shape.
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Turns what a damaged file raises inside the block into one LogError naming `path`."""
+    try:
+        yield
+    except LogError:
+        raise
+    except _DAMAGE as error:
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise LogError(f"{path}: {detail} (a damaged file, or not one kvdrift wrote)") from None
+
+
+@contextlib.contextmanager
 def open_run_file(path, mode="r", wait_seconds=10.0):
+    """Opens a kvdrift run log for a `with` block (see _open_run_file); what a damaged file raises
+    in the block becomes one LogError naming it."""
+    handle = _open_run_file(path, mode, wait_seconds)
+    with handle, reading(path):
+        yield handle
+
+
+def _open_run_file(path, mode, wait_seconds):
     """Opens a kvdrift run log, retrying while its writer holds the lock; validates the schema.
 
-    Read-only opens try SWMR first (allowed by files that a SWMR writer has open, and by closed
-    files), then a plain open.
+    Read-only opens are plain first, then SWMR for a file a SWMR writer has open (or a killed one
+    left), which refuses plain opens. Not SWMR first: a SWMR reader retries a metadata read that
+    fails its checksum for many minutes, so a damaged closed file would hang instead of failing.
     """
     if not os.path.exists(path):
         raise LogError(f"{path}: no such file")
@@ -76,9 +104,11 @@ def open_run_file(path, mode="r", wait_seconds=10.0):
         try:
             if mode == "r":
                 try:
-                    handle = h5py.File(path, "r", swmr=True)
-                except OSError:
                     handle = h5py.File(path, "r")
+                except OSError as error:
+                    if "already open for write" not in str(error):
+                        raise
+                    handle = h5py.File(path, "r", swmr=True)
             else:
                 handle = h5py.File(path, mode)
             break
@@ -90,7 +120,8 @@ def open_run_file(path, mode="r", wait_seconds=10.0):
                                f"writing it?) and stayed locked for {wait_seconds:g} s") from None
             time.sleep(0.2)
     try:
-        check_schema(handle, path)
+        with reading(path):
+            check_schema(handle, path)
     except LogError:
         handle.close()
         raise

@@ -36,7 +36,7 @@ class Summary:
             raise log.LogError(f"{path}: no such file")
         if not h5py.is_hdf5(path):
             raise log.LogError(f"{path}: not an HDF5 file")
-        with h5py.File(path, "r") as handle:
+        with h5py.File(path, "r") as handle, log.reading(path):
             if "sweep_schema_version" not in handle.attrs:
                 raise log.LogError(f"{path}: not a kvdrift sweep summary (no sweep_schema_version attribute)")
             version = int(handle.attrs["sweep_schema_version"])

@@ -1,6 +1,5 @@
 #include <spdlog/spdlog.h>
 
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -8,6 +7,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/output_path.h"
 #include "decode/generate.h"
 #include "io/hdf5.h"
 #include "model/checkpoint.h"
@@ -29,7 +29,8 @@ struct GenerateOptions {
   bool chat = false;                  // wrap --prompt as a user turn in the model's chat template
   std::optional<std::string> system;  // its system turn (default: the template's)
   bool json = false;                  // one JSON object (ids and text) instead of the text
-  std::string logits_path;            // HDF5 file for every step's logits
+  std::optional<std::string> logits_path;  // HDF5 file for every step's logits
+  bool overwrite = false;                  // may replace an existing logits file
 };
 
 void run_generate(const GenerateOptions& options) {
@@ -42,9 +43,8 @@ void run_generate(const GenerateOptions& options) {
   auto model = load_model(options.model, device, dtype, options.sampling.seed);
   require_tokenizer_fits(model, *tokenizer, options.tokenizer.empty() ? options.model : options.tokenizer);
   if (options.system && !options.chat) fail("--system needs --chat");
-  std::error_code error;
-  if (!options.logits_path.empty() && std::filesystem::exists(options.logits_path, error))
-    fail("--logits {}: the file exists (kvdrift never replaces it; remove it or name another)", options.logits_path);
+  if (options.logits_path)
+    check_output_path("--logits", *options.logits_path, {options.model, options.tokenizer}, options.overwrite);
   std::string prompt_text = options.prompt;
   if (options.chat) prompt_text = chat_template_for_model(options.tokenizer, options.model).render(prompt_text, options.system);
   // A chat template writes the model's own special tokens; a plain prompt gets BOS when there is one.
@@ -58,17 +58,17 @@ void run_generate(const GenerateOptions& options) {
   Sampler sampler(options.sampling);
   std::vector<float> logits;  // step-major [steps, vocab], float32
   std::function<void(const torch::Tensor&)> keep_logits;
-  if (!options.logits_path.empty()) {
+  if (options.logits_path) {
     keep_logits = [&logits](const torch::Tensor& step) {
       const auto values = step.to(torch::kCPU, torch::kFloat32).contiguous();
       logits.insert(logits.end(), values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
     };
   }
   const auto result = generate(model, prompt, options.steps, sampler, stop_ids, keep_logits);
-  if (!options.logits_path.empty()) {
+  if (options.logits_path) {
     const auto vocab = static_cast<hsize_t>(model.config().vocab_size);
-    auto file = h5::File::create(options.logits_path, /*truncate=*/false);
-    file.write("logits", logits, {logits.size() / vocab, vocab});
+    h5::write_new_file(*options.logits_path,
+                       [&](h5::File& file) { file.write("logits", logits, {logits.size() / vocab, vocab}); });
   }
   if (options.json) {
     const std::vector<int64_t> generated(result.tokens.end() - result.generated, result.tokens.end());
@@ -100,7 +100,8 @@ void register_generate(CLI::App& app, std::function<void()>& command) {
   sub->add_flag("--chat", options->chat, "wrap the prompt as a user turn in the model's chat template");
   sub->add_option("--system", options->system, "with --chat: the system turn (default: the template's own)");
   sub->add_option("--logits", options->logits_path,
-                  "write each step's logits (float32 [steps, vocab], dataset 'logits') to this new HDF5 file");
+                  "write each step's logits (float32 [steps, vocab], dataset 'logits') to this HDF5 file");
+  sub->add_flag("--overwrite", options->overwrite, "replace the --logits file if it exists");
   sub->add_flag("--json", options->json,
                 "print {prompt_ids, ids, text, stopped} of the generated tokens as one JSON line instead of the text");
   sub->callback([options, &command] { command = [options] { run_generate(*options); }; });

@@ -80,10 +80,7 @@ void run_quantize(const QuantizeOptions& options) {
   const double signal = x.to(torch::kFloat64).pow(2).sum().item<double>();
   const double relative_mse = signal > 0 ? error.total.sum().item<double>() / signal : 0.0;
 
-  // Written next to the target and renamed at the end: a failure never leaves a complete-looking file.
-  const std::string partial = options.output + ".partial";
-  {
-    auto out = h5::File::create(partial, /*truncate=*/true);
+  h5::write_new_file(options.output, [&](h5::File& out) {
     out.set_attribute("kvdrift_version", KVDRIFT_VERSION);
     out.set_attribute("git_revision", KVDRIFT_GIT_REVISION);
     out.set_attribute("input", options.input);
@@ -111,9 +108,7 @@ void run_quantize(const QuantizeOptions& options) {
     for (const auto& [name, tensor] : {std::pair{"E_M", error.magnitude}, std::pair{"E_D", error.direction},
                                        std::pair{"E_T", error.total}, std::pair{"norm_ratio", error.norm_ratio}})
       out.write(std::string("rows/") + name, to_vector<double>(tensor), shape_of(tensor), 4);
-    out.close();
-  }
-  std::filesystem::rename(partial, options.output);
+  });
   spdlog::info("{} {} ({}): {:.4f} bits/element, relative MSE {:.3e}; wrote {}", quantizer->method(), role_name(role),
                options.cache_policy, result.bits_per_element, relative_mse, options.output);
 }
@@ -150,9 +145,7 @@ void run_dump(const DumpOptions& options) {
   auto tokens = tokenizer->encode(options.prompt, tokenizer->bos_id().has_value());
   RecordingCache cache(model.config().n_layers);
   model.forward(torch::tensor(tokens).unsqueeze(0), 0, cache);
-  const std::string partial = options.output + ".partial";
-  {
-    auto out = h5::File::create(partial, true);
+  h5::write_new_file(options.output, [&](h5::File& out) {
     out.set_attribute("model", options.model);
     out.set_attribute("prompt", options.prompt);
     out.write("tokens", tokens, {tokens.size()});
@@ -162,9 +155,7 @@ void run_dump(const DumpOptions& options) {
         out.write(fmt::format("layer{}/{}", l, name), to_vector<float>(heads), shape_of(heads));
       }
     }
-    out.close();
-  }
-  std::filesystem::rename(partial, options.output);
+  });
   spdlog::info("wrote keys and values of {} layers for {} tokens to {}", model.config().n_layers, tokens.size(),
                options.output);
 }

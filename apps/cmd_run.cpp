@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/output_path.h"
 #include "core/sha256.h"
 #include "decode/engine.h"
 #include "io/prompts.h"
@@ -95,6 +96,8 @@ void run_main_job(const RunOptions& options) {
     overrides.push_back("output.path=" + *options.output);
   }
   const RunConfig config = load_run_config(options.config, overrides);
+  check_output_kind("output.path", config.output.path,
+                    {options.config, config.model.path, config.model.tokenizer, config.prompts.path});
   const auto inputs = load_run_inputs(config);
   const LlamaModel& model = *inputs.model;
   const auto& prompts = inputs.prompts;

@@ -135,6 +135,12 @@ void print_collect(const SweepOptions& options) {
 void run_one_point(const SweepOptions& options) {
   const fs::path dir = fs::absolute(options.run_dir).lexically_normal();
   const fs::path run_dir = dir.has_filename() ? dir : dir.parent_path();  // "runs/<id>/" names the same point
+  std::error_code error;
+  if (run_dir.parent_path().filename() != "runs" || !fs::is_regular_file(run_dir / "config.yaml", error)) {
+    fail("{}: not a planned point of a sweep: expected ROOT/NAME/runs/<id> holding config.yaml (kvdrift sweep plan "
+         "writes it)",
+         options.run_dir);
+  }
   const PointFiles files = point_files(run_dir.parent_path().parent_path().string(), run_dir.filename().string());
   const int code = run_point(files);
   if (code != 0) fail("{}: kvdrift run exited with status {}; log: {}", files.dir, code, files.log);

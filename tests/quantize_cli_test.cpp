@@ -185,6 +185,23 @@ TEST(QuantizeCli, OutputsAreNeverDestroyed) {
                                               ": the tokenizer has 49152 tokens but the model's vocabulary has only "
                                               "512 ids");
   EXPECT_FALSE(std::filesystem::exists(dir + "/kv.h5"));
+
+  // generate --logits follows the same rule.
+  auto generate = [&](const std::string& logits, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"generate", "--model", model + "/stories260K.bin", "--tokenizer",
+                                     model + "/tok512.bin", "--prompt", "Hi", "--steps", "2", "--logits", logits};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return test::run_cli(args);
+  };
+  test::expect_one_error_line(generate(dir + "/mine.h5"), "--logits " + dir + "/mine.h5 exists; pass --overwrite to "
+                                                          "replace it");
+  test::expect_one_error_line(generate("/dev/null", {"--overwrite"}),
+                              "--logits /dev/null exists and is not a regular file; name a file");
+  test::expect_one_error_line(generate(model + "/tok512.bin", {"--overwrite"}), "is the same file as the input");
+  test::expect_one_error_line(generate(""), "--logits must name a file");
+  ASSERT_EQ(generate(dir + "/logits.h5").exit_code, 0);
+  EXPECT_EQ(h5::File::open_read(dir + "/logits.h5").shape("logits"), (std::vector<hsize_t>{2, 512}));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/logits.h5.partial"));
 }
 
 }  // namespace

@@ -2,16 +2,21 @@
 // with h5py, resume after SIGKILL, and a live run read by a SWMR reader (then killed mid-sample).
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "io/hdf5.h"
+#include "io/run_log.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -437,6 +442,103 @@ namespace kvdrift {
 namespace {
 
 // A prompt file changed between a run and its resume: the log would mix both versions, so it is refused.
+// The log is a regular file and none of the run's inputs, also with --overwrite; a log the run cannot
+// write is reported as such, never answered with "--overwrite" (which would replace it).
+TEST(RunCli, OutputsThatAreNotALogOfTheRunAreRefused) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 4);
+  const std::string config_text = test::read_file(config);
+  auto run = [&](const std::string& output) { return test::run_cli({"run", config, "--output", output, "--overwrite"}); };
+  test::expect_one_error_line(run("/dev/null"), "output.path /dev/null exists and is not a regular file; name a file");
+  ASSERT_EQ(::mkfifo((dir + "/fifo").c_str(), 0600), 0);
+  test::expect_one_error_line(run(dir + "/fifo"), "output.path " + dir + "/fifo exists and is not a regular file");
+  test::expect_one_error_line(run(config), "output.path " + config + " is the same file as the input " + config);
+  test::expect_one_error_line(run(test::stories260k_dir() + "/tok512.bin"), "is the same file as the input");
+  EXPECT_EQ(test::read_file(config), config_text);
+}
+
+// A tmpfs of `bytes` mounted at `dir` for the life of the object, where this process may mount one.
+class SmallDisk {
+ public:
+  SmallDisk(std::string dir, uint64_t bytes) : dir_(std::move(dir)) {
+    fs::create_directories(dir_);
+    mounted_ = ::mount("tmpfs", dir_.c_str(), "tmpfs", 0, fmt::format("size={}", bytes).c_str()) == 0;
+    if (!mounted_) why_not_ = std::strerror(errno);
+  }
+  ~SmallDisk() {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+  }
+  bool mounted() const { return mounted_; }
+  const std::string& why_not() const { return why_not_; }
+  bool resize(uint64_t bytes, bool read_only = false) {
+    return ::mount("tmpfs", dir_.c_str(), "tmpfs", MS_REMOUNT | (read_only ? MS_RDONLY : 0),
+                   fmt::format("size={}", bytes).c_str()) == 0;
+  }
+
+ private:
+  std::string dir_;
+  bool mounted_ = false;
+  std::string why_not_;
+};
+
+std::set<int64_t> finished_samples(const std::string& path) {
+  std::set<int64_t> finished;
+  const auto file = h5::File::open_read(path);
+  const auto samples = file.open_group("samples");
+  for (const std::string& name : samples.children())
+    if (samples.open_group(name).attribute<int64_t>("complete") == 1) finished.insert(std::stoll(name));
+  return finished;
+}
+
+// A disk that fills up mid-run: the run stops with one line before a write can leave HDF5's metadata
+// half-updated (no crash), the finished samples stay readable, a rerun on the still-full disk stops
+// the same way without touching the file, and once there is space the same command resumes to the
+// uninterrupted run's arrays. On a read-only disk, the finished log is left alone with a message that
+// does not suggest --overwrite.
+TEST(RunCli, FullDiskStopsCleanlyAndTheRunResumesOnceThereIsSpace) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 24);
+  const std::string whole = dir + "/whole.h5";
+  ASSERT_EQ(test::run_cli({"run", config, "--output", whole}).exit_code, 0);
+  const uint64_t whole_bytes = fs::file_size(whole);  // the header, three samples and the summary
+  // Room for the reservation and about half the log: the first sample fits, the last does not.
+  SmallDisk disk(dir + "/disk", kMinReserveBytes + whole_bytes / 2);
+  if (!disk.mounted()) GTEST_SKIP() << "cannot mount a tmpfs here (" << disk.why_not() << "); needs root or CAP_SYS_ADMIN";
+  const std::string log = dir + "/disk/run.h5";
+  const auto full = test::run_cli({"run", config, "--output", log});
+  test::expect_one_error_line(full, log + ": cannot reserve 16.0 MiB of disk space for the next writes: No space left "
+                                          "on device; the log is as the last finished sample left it",
+                              /*empty_stdout=*/false);
+  const std::set<int64_t> finished = finished_samples(log);
+  EXPECT_GE(finished.size(), 1u);
+  EXPECT_LE(finished.size(), 2u);
+  const std::string stopped = test::read_file(log);
+  const auto still_full = test::run_cli({"run", config, "--output", log});
+  test::expect_one_error_line(still_full, "No space left on device", /*empty_stdout=*/false);
+  EXPECT_EQ(test::read_file(log), stopped);
+
+  ASSERT_TRUE(disk.resize(4 * kMinReserveBytes + 4 * whole_bytes)) << std::strerror(errno);
+  const auto resumed = test::run_cli({"run", config, "--output", log});
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_TRUE(complete(log));
+  const auto a = h5::File::open_read(log), b = h5::File::open_read(whole);
+  for (int i = 0; i < 3; ++i) {
+    for (const std::string array : {"kivi-2bit/teacher_forced/kl", "kvarn-k2v2/teacher_forced/key/drift/E_T"}) {
+      const std::string path = "samples/" + std::to_string(i) + "/" + array;
+      EXPECT_EQ(a.read<float>(path), b.read<float>(path)) << path;
+    }
+    const std::string tokens = "samples/" + std::to_string(i) + "/kivi-2bit/free_running/tokens";
+    EXPECT_EQ(a.read<int64_t>(tokens), b.read<int64_t>(tokens));
+  }
+
+  const std::string finished_log = test::read_file(log);
+  ASSERT_TRUE(disk.resize(4 * kMinReserveBytes + 4 * whole_bytes, /*read_only=*/true)) << std::strerror(errno);
+  test::expect_one_error_line(test::run_cli({"run", config, "--output", log}),
+                              log + " cannot be written (Read-only file system): make it writable to resume the run, "
+                                    "or name another output");
+  EXPECT_EQ(test::read_file(log), finished_log);
+}
+
 TEST(RunCli, ResumeRefusesChangedPrompts) {
   const std::string dir = test::scratch_dir();
   const std::string model = test::stories260k_dir();

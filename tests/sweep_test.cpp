@@ -391,6 +391,17 @@ launcher: {{kind: local}}
 }
 
 // Status without Slurm, from the files alone: a live marker, a dead one, one from another host.
+// run-point takes a planned point's folder; anything else is named as given.
+TEST(SweepPoint, RunPointRefusesAFolderThatIsNotAPlannedPoint) {
+  const std::string dir = test::scratch_dir();
+  fs::create_directories(dir + "/runs/x");
+  for (const std::string& given : {dir, dir + "/runs/x", dir + "/runs/x/"}) {
+    test::expect_one_error_line(test::run_cli({"sweep", "run-point", given}),
+                                given + ": not a planned point of a sweep: expected ROOT/NAME/runs/<id> holding "
+                                        "config.yaml (kvdrift sweep plan writes it)");
+  }
+}
+
 TEST(SweepStatus, RunningMarkersAndJson) {
   const std::string dir = test::scratch_dir();
   write_base(dir);

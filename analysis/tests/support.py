@@ -74,8 +74,8 @@ def _axes(name):
 
 
 def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complete=True, schema_version=1,
-              root_attrs=None, summary=None):
-    """Writes a run log.
+              root_attrs=None, summary=None, libver="earliest"):
+    """Writes a run log (libver "latest": checksummed metadata, as kvdrift writes).
 
     samples: list of dicts {index, complete (default 1), attrs, reference_tokens, logged_steps,
     lanes: {(quantizer, lane): {"attrs": {...}, "data": {relative dataset path: array},
@@ -84,7 +84,7 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
     subgroup}}, written as given (ints as int64, floats as float64).
     """
     text = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver=libver) as f:
         f.attrs["schema_version"] = np.int64(schema_version)
         f.attrs["kvdrift_version"] = "0.1.0"
         f.attrs["complete"] = np.int64(1 if complete else 0)

@@ -1,6 +1,8 @@
 """plot_drift.py options (quantizer selection, token-scale lane and kind, several runs, runs that
 lack lanes) and its errors for bad input."""
 import os
+import re
+import time
 import unittest
 
 import h5py
@@ -106,6 +108,38 @@ class PlotDriftErrors(unittest.TestCase):
         path = support.write_run(os.path.join(self.dir, "run.h5"), QUANTIZERS, fixture_samples()[:1])
         self.assert_error([path, "--quantizer", "gamma"],
                           f"{path}: no quantizer 'gamma' (available: alpha, beta)")
+
+    def test_damaged_files_fail_fast_with_one_line(self):
+        """A flipped byte in a checksummed object header, the root group's (read at open) or the last
+        one written (read while plotting): one line naming the file, promptly (a SWMR open retries a
+        bad checksum for minutes), no traceback."""
+        path = support.write_run(os.path.join(self.dir, "good.h5"), QUANTIZERS, fixture_samples()[:2],
+                                 libver="latest")
+        with open(path, "rb") as f:
+            data = f.read()
+        headers = [m.start() for m in re.finditer(b"OHDR", data)]
+        self.assertGreater(len(headers), 10)
+        for name, offset in (("root", headers[0]), ("last", headers[-1])):
+            # Version 2 object header: "OHDR", version, flags, optional times (16 bytes) and phase
+            # change values (4), the first chunk's size (1 << (flags & 3) bytes), then its messages.
+            flags = data[offset + 5]
+            at = offset + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+            width = 1 << (flags & 3)
+            size = int.from_bytes(data[at:at + width], "little")
+            damaged = bytearray(data)
+            damaged[at + width + size // 2] ^= 0xFF  # in a message: only the checksum notices
+            damaged_path = os.path.join(self.dir, f"damaged-{name}.h5")
+            with open(damaged_path, "wb") as f:
+                f.write(damaged)
+            out = os.path.join(self.dir, f"damaged-{name}")
+            start = time.monotonic()
+            result = support.run_script("plot_drift.py", damaged_path, "-o", out, timeout=120)
+            self.assertLess(time.monotonic() - start, 30, name)
+            self.assertEqual(result.returncode, 1, name)
+            self.assertNotIn("Traceback", result.stderr)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertTrue(result.stderr.startswith(f"plot_drift.py: error: {damaged_path}: "), result.stderr)
+            self.assertIn("checksum", result.stderr)
 
     def test_no_finished_samples(self):
         samples = fixture_samples()[3:]

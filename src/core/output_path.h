@@ -11,5 +11,7 @@ namespace kvdrift {
 // an existing one without `overwrite`.
 void check_output_path(const std::string& option, const std::string& output, const std::vector<std::string>& inputs,
                        bool overwrite);
+// The same but for the rule on existing files, for an output that is appended to (a run log resumes).
+void check_output_kind(const std::string& option, const std::string& output, const std::vector<std::string>& inputs);
 
 }  // namespace kvdrift

@@ -3,7 +3,12 @@
 #include <fmt/format.h>
 #include <hdf5.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 
@@ -34,6 +39,11 @@ Result check(Result result, fmt::format_string<Args...> format, Args&&... args) 
   if (result < 0) throw Error(fmt::format(format, std::forward<Args>(args)...) + hdf5_cause());
   return result;
 }
+
+// HDF5 closes what is still open when the program exits; a file whose close failed (a full disk)
+// stays registered, and closing it again there crashes. Handles close every file, so nothing is left
+// for exit to do. Set at load time: it only works before the first call that starts the library.
+[[maybe_unused]] const bool kNoCloseAtExit = H5dont_atexit() >= 0;
 
 // HDF5 prints its error stack to stderr by default; here errors surface as kvdrift::Error instead.
 // Thread-safe builds keep this setting per thread.
@@ -717,6 +727,37 @@ AppendableDataset Group::open_appendable(const std::string& path) const {
 }
 
 // --- File ---
+
+void write_new_file(const std::string& path, const std::function<void(File&)>& write) {
+  const std::string partial = path + ".partial";
+  try {
+    File file = File::create(partial, /*truncate=*/true);
+    write(file);
+    file.close();
+    std::filesystem::rename(partial, path);
+  } catch (...) {
+    std::error_code error;
+    std::filesystem::remove(partial, error);
+    throw;
+  }
+}
+
+void reserve_space(const std::string& path, uint64_t bytes) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) fail("{}: cannot open to reserve disk space: {}", path, std::strerror(errno));
+  struct stat status {};
+  int error = ::fstat(fd, &status) == 0 ? 0 : errno;
+  if (error == 0) {
+    error = ::posix_fallocate(fd, status.st_size, static_cast<off_t>(bytes));
+    // Where the file system cannot allocate, glibc writes the blocks one by one and may stop partway.
+    if (error != 0 && ::ftruncate(fd, status.st_size) != 0) error = errno;
+  }
+  ::close(fd);
+  if (error != 0) {
+    fail("{}: cannot reserve {:.1f} MiB of disk space for the next writes: {}", path,
+         static_cast<double>(bytes) / (1 << 20), std::strerror(error));
+  }
+}
 
 File File::open(const std::string& path, unsigned flags, hid_t access_plist, const char* purpose) {
   silence_error_printing();

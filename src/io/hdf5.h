@@ -13,6 +13,7 @@
 #include <H5Tpublic.h>
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -299,5 +300,17 @@ class File : public Group {
   File(Handle handle, std::string path) : Group(std::move(handle), std::move(path), "/") {}
   static File open(const std::string& path, unsigned flags, hid_t access_plist, const char* purpose);
 };
+
+// Writes a new HDF5 file: `write` fills PATH.partial, which is renamed to `path` once closed, so a
+// failure (a full disk, an error in `write`) leaves no file that looks complete, and no partial one.
+// Whether `path` may be replaced is the caller's check (core/output_path.h).
+void write_new_file(const std::string& path, const std::function<void(File&)>& write);
+
+// Allocates `bytes` of disk space past the end of the closed HDF5 file at `path`, so that the next
+// session that opens it for writing cannot run out of space midway: a write that fails leaves HDF5's
+// metadata half-updated and the whole file unreadable. HDF5 truncates a file to its end of
+// allocation when it closes it, which gives the unused space back. When the space is not there this
+// fails and leaves the file as it was.
+void reserve_space(const std::string& path, uint64_t bytes);
 
 }  // namespace kvdrift::h5

@@ -2,11 +2,13 @@
 
 #include <fmt/format.h>
 #include <hdf5.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <functional>
@@ -190,6 +192,10 @@ h5::File open_for_writing(const std::string& path) {
 }
 
 h5::File open_to_resume(const std::string& path) {
+  // Not "cannot be resumed; pass --overwrite", which would destroy a log that is only protected.
+  if (::access(path.c_str(), W_OK) != 0)
+    fail("{} cannot be written ({}): make it writable to resume the run, or name another output", path,
+         std::strerror(errno));
   try {
     try {
       return open_for_writing(path);
@@ -694,25 +700,55 @@ RunLog RunLog::open(const std::string& path, const std::string& resolved_config_
   std::error_code error;
   if (overwrite || !std::filesystem::exists(path, error)) {
     h5::File file = open_waiting_for_readers(path, [&] { return h5::File::create(path, overwrite); });
-    write_header(file, resolved_config_yaml, metadata);
-    file.close();
+    try {
+      write_header(file, resolved_config_yaml, metadata);
+      file.close();
+    } catch (const Error&) {
+      // The header session is too small to reserve for; a file it left half-written holds no sample.
+      std::filesystem::remove(path, error);
+      throw;
+    }
     return RunLog(path, {});
   }
-  h5::File file = open_to_resume(path);
   std::set<int64_t> finished;
   {
+    h5::File file = open_to_resume(path);
     check_resumable(file, resolved_config_yaml, metadata);
     h5::Group samples = file.open_group("samples");
     finished = finished_samples(samples);
-    mark_unfinished(file);
+    file.close();
   }
+  RunLog log(path, std::move(finished));
+  // Until a sample is written here, the samples already there (with the header) bound what one takes.
+  if (!log.finished_.empty()) log.sample_bytes_ = log.file_bytes() / log.finished_.size();
+  log.reserve_for(0);
+  h5::File file = open_for_writing(path);
+  mark_unfinished(file);
   file.close();
-  return RunLog(path, std::move(finished));
+  return log;
+}
+
+uint64_t RunLog::file_bytes() const {
+  std::error_code error;
+  const uintmax_t bytes = std::filesystem::file_size(path_, error);
+  if (error) fail("{}: cannot read the file's size: {}", path_, error.message());
+  return bytes;
+}
+
+void RunLog::reserve_for(size_t samples) const {
+  try {
+    h5::reserve_space(path_, std::max(kMinReserveBytes, 2 * samples * sample_bytes_));
+  } catch (const Error& error) {
+    fail("{}; the log is as the last finished sample left it: free some space, then rerun the same command to resume",
+         error.what());
+  }
 }
 
 SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const std::vector<Prompt>& prompts) {
   if (indices.size() != prompts.size())
     fail("{}: {} sample indices for {} prompts", path_, indices.size(), prompts.size());
+  const uint64_t bytes_before = file_bytes();
+  reserve_for(indices.size());
   h5::File file = open_for_writing(path_);
   {
     h5::Group samples = file.open_group("samples");
@@ -735,7 +771,7 @@ SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const st
     }
   }
   file.close();
-  return SampleWriter(*this, indices);
+  return SampleWriter(*this, indices, bytes_before);
 }
 
 void RunLog::write_sample(int64_t index, const SampleResult& result) {
@@ -750,7 +786,10 @@ void SampleWriter::check_count(size_t results) const {
 void SampleWriter::append(const std::vector<SampleResult>& so_far) {
   check_count(so_far.size());
   const bool first = !live_;
-  if (first) live_ = open_for_writing(log_.path_);
+  if (first) {
+    log_.reserve_for(indices_.size());
+    live_ = open_for_writing(log_.path_);
+  }
   for (size_t i = 0; i < indices_.size(); ++i) {
     h5::Group sample = live_->open_group("samples/" + std::to_string(indices_[i]));
     append_step_arrays(sample, so_far[i]);
@@ -771,6 +810,7 @@ void SampleWriter::finish(const std::vector<SampleResult>& results) {
     live_->close();
     live_.reset();
   }
+  log_.reserve_for(indices_.size());
   h5::File file = open_for_writing(log_.path_);
   for (size_t i = 0; i < indices_.size(); ++i) {
     h5::Group sample = file.open_group(name(i));
@@ -781,9 +821,13 @@ void SampleWriter::finish(const std::vector<SampleResult>& results) {
     log_.finished_.insert(indices_[i]);
   }
   file.close();
+  const uint64_t bytes_after = log_.file_bytes();
+  if (bytes_after > bytes_before_)
+    log_.sample_bytes_ = std::max(log_.sample_bytes_, (bytes_after - bytes_before_) / indices_.size());
 }
 
 std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names) {
+  reserve_for(0);
   h5::File file = open_for_writing(path_);
   std::vector<RunSummaryRow> rows;
   {

@@ -8,7 +8,9 @@
 // While a sample decodes, its per-step arrays grow in the file with the writer in SWMR mode, flushed
 // at every append, so a SWMR reader watches them grow and a killed run leaves consistent data. A
 // sample counts as written only once its completion mark is set, so a run killed at any point
-// resumes by redoing the sample it was writing.
+// resumes by redoing the sample it was writing. Before each session that writes, disk space for it is
+// reserved (h5::reserve_space): a full disk stops the run with the file as the last session left it,
+// so its finished samples stay and the run resumes once there is space.
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -66,11 +68,13 @@ class SampleWriter {
 
  private:
   friend class RunLog;
-  SampleWriter(RunLog& log, std::vector<int64_t> indices) : log_(log), indices_(std::move(indices)) {}
+  SampleWriter(RunLog& log, std::vector<int64_t> indices, uint64_t bytes_before)
+      : log_(log), indices_(std::move(indices)), bytes_before_(bytes_before) {}
   void check_count(size_t results) const;
 
   RunLog& log_;
   std::vector<int64_t> indices_;
+  uint64_t bytes_before_;         // the file's size before the samples began
   std::optional<h5::File> live_;  // open in SWMR mode between the first append and finish
 };
 
@@ -101,9 +105,18 @@ class RunLog {
  private:
   friend class SampleWriter;
   RunLog(std::string path, std::set<int64_t> finished) : path_(std::move(path)), finished_(std::move(finished)) {}
+  // Reserves the disk space a session writing `samples` samples may need (none: the summary or
+  // marks): twice what the largest sample so far took, and at least kMinReserveBytes.
+  void reserve_for(size_t samples) const;
+  uint64_t file_bytes() const;
 
   std::string path_;
   std::set<int64_t> finished_;  // indices of the samples marked complete in the file
+  uint64_t sample_bytes_ = 0;   // the most a finished sample has added to the file
 };
+
+// The least disk space reserved before a session writes (RunLog::reserve_for): more than a sample of
+// the demo (about 5 MiB) or a run's summary needs.
+inline constexpr uint64_t kMinReserveBytes = uint64_t{16} << 20;
 
 }  // namespace kvdrift

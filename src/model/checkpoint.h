@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "model/checkpoint_files.h"
 #include "model/config.h"
 #include "model/llama.h"
 
@@ -21,7 +22,6 @@ struct Checkpoint {
 Checkpoint read_llama2c_checkpoint(const std::string& path, torch::Device device, torch::ScalarType dtype);
 
 // A directory with config.json and model.safetensors, or shards listed in model.safetensors.index.json.
-ModelConfig read_hf_config(const std::string& dir);
 Checkpoint read_hf_checkpoint(const std::string& dir, torch::Device device, torch::ScalarType dtype);
 
 // Writes config.json and model.safetensors (float32) in HF layout. An interleaved-RoPE model has the

@@ -8,22 +8,13 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/checkpoint.h"
+#include "model/checkpoint_files.h"
 
 namespace fs = std::filesystem;
 
 namespace kvdrift {
 
 namespace {
-
-nlohmann::json read_json_file(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) fail("file not found: {}", path.string());
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: not valid JSON ({})", path.string(), e.what());
-  }
-}
 
 torch::ScalarType torch_dtype(StorageDtype dtype) {
   switch (dtype) {
@@ -51,35 +42,9 @@ torch::Tensor permute_rows_for_half_split(const torch::Tensor& w, int64_t heads)
 
 }  // namespace
 
-ModelConfig read_hf_config(const std::string& dir) {
-  if (!fs::is_directory(dir)) fail("model directory not found: {}", dir);
-  const fs::path config_path = fs::path(dir) / "config.json";
-  return config_from_hf_json(read_json_file(config_path), config_path.string());
-}
-
 Checkpoint read_hf_checkpoint(const std::string& dir, torch::Device device, torch::ScalarType dtype) {
   Checkpoint checkpoint{read_hf_config(dir), {}};
-  const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
-  // Shard file -> the tensors the index says it holds (empty set: take every tensor of the file).
-  std::map<std::string, std::set<std::string>> shards;
-  if (fs::exists(index_path)) {
-    const auto index = read_json_file(index_path);
-    if (!index.contains("weight_map") || !index.at("weight_map").is_object())
-      fail("{}: missing 'weight_map' object", index_path.string());
-    for (const auto& [name, file] : index.at("weight_map").items()) {
-      if (!file.is_string()) fail("{}: weight_map entry '{}' is not a file name", index_path.string(), name);
-      // Shards live in the model directory: a path out of it ("../x", "/etc/x") is refused.
-      const fs::path shard = file.get<std::string>();
-      if (shard.has_parent_path() || shard.is_absolute() || shard == "." || shard == "..")
-        fail("{}: weight_map entry '{}' names '{}', which is not a file name in the model directory",
-             index_path.string(), name, shard.string());
-      shards[file.get<std::string>()].insert(name);
-    }
-  } else if (fs::exists(fs::path(dir) / "model.safetensors")) {
-    shards["model.safetensors"] = {};
-  } else {
-    fail("{}: no model.safetensors or model.safetensors.index.json", dir);
-  }
+  const auto shards = read_hf_shard_list(dir);
   for (const auto& [file, names] : shards) {
     const SafetensorsFile shard((fs::path(dir) / file).string());
     for (const auto& name : names)

@@ -31,7 +31,7 @@ ModelConfig read_model_config(const std::string& spec) {
   std::error_code ec;
   if (std::filesystem::is_directory(spec, ec)) return read_hf_config(spec);
   if (!std::filesystem::exists(spec, ec)) fail("model file not found: {}", spec);
-  return read_llama2c_checkpoint(spec, torch::kCPU, torch::kFloat32).config;  // llama2.c files are small
+  return read_llama2c_layout(spec).config;
 }
 
 std::string checkpoint_sha256(const ModelSource& source) {

@@ -198,7 +198,7 @@ class PointValidator {
       dim = read_hf_config(model_path).head_dim;
     } else {
       // llama2.c files keep the shape in a header before the weights; they are small models.
-      dim = read_llama2c_checkpoint(model_path, torch::kCPU, torch::kFloat32).config.head_dim;
+      dim = read_llama2c_layout(model_path).config.head_dim;
     }
     head_dims_[model_path] = dim;
     return dim;
