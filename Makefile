@@ -4,7 +4,10 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
 
-.PHONY: setup model build demo test clean
+SANITIZE_DIR ?= build-sanitize
+FUZZ_SECONDS ?= 60
+
+.PHONY: setup model build demo test test-sanitize fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -24,5 +27,16 @@ demo: build model
 test: build model
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
+# The C++ tests built with ASan + UBSan (docs/reliability.md); the Python tests hold no C++ of ours.
+test-sanitize: setup model
+	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVDRIFT_SANITIZE=ON $(CMAKE_ARGS)
+	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target kvdrift kvdrift_tests
+	cd $(SANITIZE_DIR) && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --output-on-failure -j $(JOBS) -E '^(analysis|oracle)\.'
+
+# Every libFuzzer harness for FUZZ_SECONDS (scripts/fuzz.sh).
+fuzz: setup
+	bash scripts/fuzz.sh all $(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) build-fuzz

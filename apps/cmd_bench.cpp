@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "decode/bench_decode.h"
 #include "decode/engine.h"
+#include "run/run_inputs.h"
 #include "decode/generate.h"
 #include "decode/sampler.h"
 #include "io/prompts.h"

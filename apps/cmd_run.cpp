@@ -15,9 +15,10 @@
 #include "core/output_path.h"
 #include "core/sha256.h"
 #include "decode/engine.h"
+#include "run/run_inputs.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
-#include "io/run_log.h"
+#include "run/run_log.h"
 #include "model/checkpoint.h"
 
 namespace kvdrift::cli {

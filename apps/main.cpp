@@ -63,6 +63,10 @@ int main(int argc, char** argv) {
   } catch (const kvdrift::Error& e) {
     std::cerr << "kvdrift: error: " << e.what() << std::endl;
     return 1;
+  } catch (const kvdrift::InternalError& e) {
+    std::cerr << "kvdrift: internal error (a bug in kvdrift; please report it with the command): " << e.what()
+              << std::endl;
+    return 3;
   } catch (const c10::Error& e) {
     std::cerr << "kvdrift: error: LibTorch: " << e.what_without_backtrace() << std::endl;
     return 1;

@@ -13,6 +13,7 @@ PACKAGES=(
   libeigen3-dev nlohmann-json3-dev libpcre2-dev zlib1g-dev
   libgtest-dev libbenchmark-dev
   slurm-wlm munge                     # the single-node Slurm the sweep tests start (scripts/slurm/)
+  clang libclang-rt-14-dev            # libFuzzer and the sanitizers' runtimes (scripts/fuzz.sh)
 )
 
 missing=()

@@ -15,6 +15,7 @@
 #include "io/run_config.h"
 #include "decode/sampler.h"
 #include "model/checkpoint.h"
+#include "run/run_inputs.h"
 #include "support.h"
 
 namespace kvdrift {

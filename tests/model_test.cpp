@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/sha256.h"
@@ -198,6 +199,28 @@ TEST(KVCache, WritesInPlaceAndRefusesOverflow) {
     cache.update(0, 4, torch::ones({1, 2, 1, 8}), torch::ones({1, 2, 1, 8}));
   });
   EXPECT_NE(message.find("capacity of 4 positions exceeded"), std::string::npos) << message;
+}
+
+// A sliding window in use caps the context (within it, windowed attention is full attention); a
+// Qwen config's window counts only with use_sliding_window.
+TEST(ModelConfig, SlidingWindowInUseCapsTheContext) {
+  auto config_json = [](const std::string& type, const std::string& extra) {
+    return nlohmann::json::parse(R"({"model_type": ")" + type +
+                                 R"(", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 32, "max_position_embeddings": 32768)" +
+                                 extra + "}");
+  };
+  EXPECT_EQ(config_from_hf_json(config_json("mistral", R"(, "sliding_window": 4096)"), "c").max_seq_len, 4096);
+  EXPECT_EQ(config_from_hf_json(config_json("mistral", R"(, "sliding_window": null)"), "c").max_seq_len, 32768);
+  EXPECT_EQ(config_from_hf_json(config_json("mistral", R"(, "sliding_window": 65536)"), "c").max_seq_len, 32768);
+  EXPECT_EQ(config_from_hf_json(config_json("qwen2", R"(, "sliding_window": 4096, "use_sliding_window": false)"), "c")
+                .max_seq_len,
+            32768);
+  EXPECT_EQ(config_from_hf_json(config_json("qwen2", R"(, "sliding_window": 4096, "use_sliding_window": true)"), "c")
+                .max_seq_len,
+            4096);
+  EXPECT_EQ(test::error_message([&] { config_from_hf_json(config_json("llama", R"(, "sliding_window": 0)"), "c"); }),
+            "c: impossible sliding_window = 0");
 }
 
 TEST(Rope, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {

@@ -16,7 +16,7 @@
 #include <set>
 
 #include "io/hdf5.h"
-#include "io/run_log.h"
+#include "run/run_log.h"
 #include "support.h"
 
 namespace kvdrift {

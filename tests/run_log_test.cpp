@@ -3,7 +3,7 @@
 // samples kept, incomplete ones dropped, a killed writer's file recovered, a different config
 // refused, --overwrite starting anew, readers opening the file between samples and the writer
 // waiting for a reader that holds it open.
-#include "io/run_log.h"
+#include "run/run_log.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -534,6 +534,21 @@ TEST(RunLog, RejectsArraysThatDoNotFitTheirShapeOrTheSchema) {
   log.write_sample(0, make_sample(0));  // replaces the incomplete group the failures left
   EXPECT_TRUE(log.has_sample(0));
   expect_sample(h5::File::open_read(path).open_group("samples"), 0);
+}
+
+// Calling it wrong is a bug in the caller, reported as an internal error naming the invariant and
+// where it is checked, not as a problem with the user's input.
+TEST(RunLog, MisuseIsAnInternalErrorNamingTheInvariant) {
+  const std::string path = scratch_dir() + "/run.h5";
+  RunLog log = RunLog::open(path, kConfig, metadata(), false);
+  try {
+    log.begin_samples({0, 1}, {make_sample(0).prompt});
+    ADD_FAILURE() << "no InternalError";
+  } catch (const InternalError& error) {
+    const std::string message = error.what();
+    EXPECT_TRUE(contains(message, "indices.size() == prompts.size() does not hold (")) << message;
+    EXPECT_TRUE(contains(message, "src/run/run_log.cpp:")) << message;
+  }
 }
 
 TEST(RunLog, RefusesAFileThatIsNotARunLog) {

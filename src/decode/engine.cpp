@@ -16,20 +16,6 @@ namespace kvdrift {
 
 namespace {
 
-// A prompt the model can run: some tokens, ids it has embeddings for, and room for max_new_tokens.
-void check_prompt_fits(const Prompt& prompt, const ModelConfig& mc, int64_t max_new_tokens) {
-  const auto length = static_cast<int64_t>(prompt.tokens.size());
-  if (length == 0) fail("prompt '{}' has no tokens", prompt.id);
-  for (int64_t i = 0; i < length; ++i) {
-    if (prompt.tokens[i] < 0 || prompt.tokens[i] >= mc.vocab_size)
-      fail("prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids", prompt.id,
-           prompt.tokens[i], i, mc.vocab_size);
-  }
-  if (length + max_new_tokens > mc.max_seq_len)
-    fail("prompt '{}' ({} tokens) + decoding.max_new_tokens ({}) exceed the model's context of {} positions",
-         prompt.id, length, max_new_tokens, mc.max_seq_len);
-}
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -175,32 +161,17 @@ struct BatchSample {
 
 }  // namespace
 
-RunInputs load_run_inputs(const RunConfig& config) {
-  RunInputs inputs;
-  const auto device = parse_device(config.model.device);
-  const auto dtype = parse_dtype(config.model.dtype);
-  inputs.tokenizer = tokenizer_for_model(config.model.tokenizer, config.model.path);
-  inputs.model = std::make_unique<LlamaModel>(load_model(config.model.path, device, dtype, config.model.seed));
-  std::optional<ChatTemplate> chat;
-  if (config.prompts.chat_template) {
-    try {
-      chat = chat_template_for_model(config.model.tokenizer, config.model.path);
-    } catch (const Error& e) {
-      fail("{}: prompts.chat_template: {}", config.source_path, e.what());
-    }
+void check_prompt_fits(const Prompt& prompt, const ModelConfig& mc, int64_t max_new_tokens) {
+  const auto length = static_cast<int64_t>(prompt.tokens.size());
+  if (length == 0) fail("prompt '{}' has no tokens", prompt.id);
+  for (int64_t i = 0; i < length; ++i) {
+    if (prompt.tokens[i] < 0 || prompt.tokens[i] >= mc.vocab_size)
+      fail("prompt {} has token id {} at position {}, outside the model's vocabulary of {} ids", prompt.id,
+           prompt.tokens[i], i, mc.vocab_size);
   }
-  inputs.prompts = load_prompts(config.prompts, inputs.tokenizer.get(), chat ? &*chat : nullptr);
-  // Checked here, before a run touches its log: an id the model has no embedding for would fail deep
-  // inside LibTorch ("index out of range"), and a prompt too long only when its batch starts.
-  if (inputs.tokenizer) require_tokenizer_fits(*inputs.model, *inputs.tokenizer, config.source_path);
-  for (const auto& prompt : inputs.prompts) {
-    try {
-      check_prompt_fits(prompt, inputs.model->config(), config.decoding.max_new_tokens);
-    } catch (const Error& e) {
-      fail("{}: {}", config.source_path, e.what());
-    }
-  }
-  return inputs;
+  if (length + max_new_tokens > mc.max_seq_len)
+    fail("prompt '{}' ({} tokens) + decoding.max_new_tokens ({}) exceed the model's context of {} positions",
+         prompt.id, length, max_new_tokens, mc.max_seq_len);
 }
 
 std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,

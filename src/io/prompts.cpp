@@ -294,7 +294,11 @@ std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* to
     const bool add_bos = source.add_bos && !source.chat_template;  // a template writes its own specials
     for (auto& prompt : prompts) {
       if (source.chat_template) prompt.text = chat->render(prompt.text, source.system_prompt);
-      prompt.tokens = tokenizer->encode(prompt.text, add_bos);
+      try {
+        prompt.tokens = tokenizer->encode(prompt.text, add_bos);
+      } catch (const Error& error) {
+        fail("prompt {}: {}", prompt.id, error.what());
+      }
       if (prompt.tokens.empty()) {
         fail("prompt {} encodes to no tokens (text \"{}\", add_bos {})", prompt.id, prompt.text, add_bos);
       }

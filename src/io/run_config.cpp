@@ -489,7 +489,7 @@ void apply_override(YAML::Node& document, const std::string& argument, Provenanc
     fail("--set {}: '{}' is not a dotted key such as decoding.max_new_tokens", argument, dotted_key);
   YAML::Node value;
   try {
-    value = YAML::Load(argument.substr(equals + 1));
+    value = load_yaml(argument.substr(equals + 1));
   } catch (const YAML::Exception& error) {
     fail("--set {}: the value is not valid YAML: {}", argument, error.msg);
   }
@@ -547,7 +547,7 @@ RunConfig load_run_config(const std::string& path, const std::vector<std::string
   if (!fs::is_regular_file(path, error)) fail("config {} is not a regular file (a device, a FIFO or a folder)", path);
   std::vector<YAML::Node> documents;
   try {
-    documents = YAML::LoadAll(read_text(path));
+    documents = load_yaml_documents(read_text(path));
   } catch (const YAML::Exception& syntax_error) {
     fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
   }

@@ -225,6 +225,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       header = json::parse(header_begin, header_begin + header_size);
     } catch (const json::parse_error& error) {
       fail("{}: header is not valid JSON (syntax error at byte {} of the header)", path, error.byte);
+    } catch (const json::exception& error) {  // out_of_range: a number too large
+      fail("{}: header is not valid JSON ({})", path, error.what());
     }
     if (!header.is_object()) fail("{}: header is not a JSON object", path);
 

@@ -18,7 +18,7 @@ nlohmann::json read_json_file(const fs::path& path) {
   if (!in) fail("file not found: {}", path.string());
   try {
     return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number too large
     fail("{}: not valid JSON ({})", path.string(), e.what());
   }
 }

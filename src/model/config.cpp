@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -109,6 +111,16 @@ ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& w
   if (c.n_heads <= 0) fail("{}: impossible num_attention_heads = {}", where, c.n_heads);
   c.head_dim = optional<int64_t>(json, "head_dim", c.dim / c.n_heads, where);
   c.max_seq_len = optional<int64_t>(json, "max_position_embeddings", 2048, where);
+  // Sliding-window attention is full attention while a sequence fits in the window; kvdrift has no
+  // window, so the context stops at it. Qwen configs carry a window that only use_sliding_window turns on.
+  const bool windowed = c.architecture == "qwen2" || c.architecture == "qwen3"
+                            ? optional<bool>(json, "use_sliding_window", false, where)
+                            : true;
+  if (windowed && json.contains("sliding_window") && !json.at("sliding_window").is_null()) {
+    const auto window = required<int64_t>(json, "sliding_window", where);
+    if (window < 1) fail("{}: impossible sliding_window = {}", where, window);
+    c.max_seq_len = std::min(c.max_seq_len, window);
+  }
   // transformers >= 5 writes RoPE settings as one `rope_parameters` object (rope_theta and the
   // scaling fields); earlier checkpoints have a top-level rope_theta and an optional `rope_scaling`.
   const bool has_rope_parameters = json.contains("rope_parameters") && !json.at("rope_parameters").is_null();

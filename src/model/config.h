@@ -22,7 +22,7 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  std::string architecture = "llama";  // llama | qwen2 | qwen3 (HF model_type)
+  std::string architecture = "llama";  // llama | mistral | qwen2 | qwen3 (HF model_type)
   int64_t dim = 0;
   int64_t hidden_dim = 0;
   int64_t n_layers = 0;
@@ -30,7 +30,7 @@ struct ModelConfig {
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t vocab_size = 0;
-  int64_t max_seq_len = 0;
+  int64_t max_seq_len = 0;  // max_position_embeddings, or a smaller sliding_window in use
   double rope_theta = 10000.0;
   RopeStyle rope_style = RopeStyle::HalfSplit;
   RopeScaling rope_scaling;

@@ -22,7 +22,7 @@ torch::ScalarType torch_dtype(StorageDtype dtype) {
     case StorageDtype::F16: return torch::kFloat16;
     case StorageDtype::BF16: return torch::kBFloat16;
   }
-  fail("unreachable storage dtype");
+  internal_error("a storage dtype is F32, F16 or BF16", __FILE__, __LINE__);
 }
 
 StorageDtype storage_dtype(torch::ScalarType dtype) {

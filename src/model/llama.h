@@ -46,7 +46,7 @@ class LlamaModel {
  public:
   // `weights` holds every tensor of expected_weight_shapes(config) under its HF name (any dtype, any
   // device); they are checked, converted to `dtype` on `device`, and fused for the decode step.
-  // `where` names the checkpoint in error messages.
+  // `source` names the checkpoint in error messages.
   LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource source, torch::Device device,
              torch::ScalarType dtype);
 

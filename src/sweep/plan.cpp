@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/line_difference.h"
 #include "core/sha256.h"
 #include "io/run_config.h"
 #include "model/checkpoint.h"
@@ -72,15 +73,10 @@ void write_atomically(const std::string& path, const std::string& text) {
 
 // The first line where two texts differ: "line N: was 'A', now 'B'".
 std::string first_difference(const std::string& old_text, const std::string& new_text) {
-  std::istringstream old_lines(old_text), new_lines(new_text);
-  std::string a, b;
-  for (int line = 1;; ++line) {
-    const bool has_a = static_cast<bool>(std::getline(old_lines, a));
-    const bool has_b = static_cast<bool>(std::getline(new_lines, b));
-    if (!has_a && !has_b) return "they differ only in line endings";
-    if (!has_a || !has_b || a != b)
-      return fmt::format("line {}: was '{}', now '{}'", line, has_a ? a : "(end of file)", has_b ? b : "(end of file)");
-  }
+  const auto difference = first_line_difference(old_text, new_text);
+  if (!difference) return "they differ only in line endings";
+  return fmt::format("line {}: was '{}', now '{}'", difference->line, difference->first.value_or("(end of file)"),
+                     difference->second.value_or("(end of file)"));
 }
 
 // An empty config file for load_run_config when the base is inline (its sections come as overrides).

@@ -330,7 +330,7 @@ SweepFile load_sweep_file(const std::string& path) {
   const Reader reader(path);
   YAML::Node document;
   try {
-    document = YAML::Load(text);
+    document = load_yaml(text);
   } catch (const YAML::Exception& syntax_error) {
     fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
   }

@@ -138,7 +138,7 @@ class HfTokenizer final : public Tokenizer {
     json root;
     try {
       root = json::parse(in);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, and out_of_range for a number too large
       fail("{}: not valid JSON: {}", path, e.what());
     }
     try {

@@ -1,4 +1,4 @@
-#include "io/run_log.h"
+#include "run/run_log.h"
 
 #include <fmt/format.h>
 #include <hdf5.h>
@@ -14,12 +14,12 @@
 #include <functional>
 #include <map>
 #include <limits>
-#include <sstream>
 #include <string_view>
 #include <thread>
 
 #include "core/error.h"
-#include "decode/engine.h"
+#include "core/line_difference.h"
+#include "metrics/sample_result.h"
 #include "io/hdf5.h"
 #include "metrics/statistics.h"
 
@@ -249,17 +249,10 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
 
 // "first difference at line N: ..." for two texts that differ.
 std::string first_difference(const std::string& stored, const std::string& current) {
-  std::istringstream stored_lines(stored), current_lines(current);
-  std::string stored_line, current_line;
-  for (int line = 1;; ++line) {
-    const bool in_stored = static_cast<bool>(std::getline(stored_lines, stored_line));
-    const bool in_current = static_cast<bool>(std::getline(current_lines, current_line));
-    if (!in_stored && !in_current) return "they differ in the final newline";
-    if (!in_stored || !in_current || stored_line != current_line) {
-      return fmt::format("first difference at line {}: `{}` in the file, `{}` now", line,
-                         in_stored ? stored_line : "(end)", in_current ? current_line : "(end)");
-    }
-  }
+  const auto difference = first_line_difference(stored, current);
+  if (!difference) return "they differ in the final newline";
+  return fmt::format("first difference at line {}: `{}` in the file, `{}` now", difference->line,
+                     difference->first.value_or("(end)"), difference->second.value_or("(end)"));
 }
 
 void check_resumable(const h5::File& file, const std::string& resolved_config_yaml, const RunMetadata& metadata) {
@@ -745,8 +738,7 @@ void RunLog::reserve_for(size_t samples) const {
 }
 
 SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const std::vector<Prompt>& prompts) {
-  if (indices.size() != prompts.size())
-    fail("{}: {} sample indices for {} prompts", path_, indices.size(), prompts.size());
+  KVDRIFT_CHECK(indices.size() == prompts.size());
   const uint64_t bytes_before = file_bytes();
   reserve_for(indices.size());
   h5::File file = open_for_writing(path_);
@@ -778,10 +770,7 @@ void RunLog::write_sample(int64_t index, const SampleResult& result) {
   begin_samples({index}, {result.prompt}).finish({result});
 }
 
-void SampleWriter::check_count(size_t results) const {
-  if (results != indices_.size())
-    fail("{}: {} sample results for the {} samples begun", log_.path_, results, indices_.size());
-}
+void SampleWriter::check_count(size_t results) const { KVDRIFT_CHECK(results == indices_.size()); }
 
 void SampleWriter::append(const std::vector<SampleResult>& so_far) {
   check_count(so_far.size());

@@ -23,7 +23,7 @@
 
 namespace kvdrift {
 
-struct SampleResult;  // decode/engine.h: included by run_log.cpp only, so this header needs no LibTorch
+struct SampleResult;  // metrics/sample_result.h
 struct Prompt;        // io/prompts.h
 class RunLog;
 

@@ -1,0 +1,21 @@
+#include "core/line_difference.h"
+
+#include <sstream>
+
+namespace kvdrift {
+
+std::optional<LineDifference> first_line_difference(const std::string& first, const std::string& second) {
+  std::istringstream first_lines(first), second_lines(second);
+  std::string a, b;
+  for (int line = 1;; ++line) {
+    const bool has_a = static_cast<bool>(std::getline(first_lines, a));
+    const bool has_b = static_cast<bool>(std::getline(second_lines, b));
+    if (!has_a && !has_b) return std::nullopt;
+    if (!has_a || !has_b || a != b) {
+      return LineDifference{line, has_a ? std::optional<std::string>(a) : std::nullopt,
+                            has_b ? std::optional<std::string>(b) : std::nullopt};
+    }
+  }
+}
+
+}  // namespace kvdrift
