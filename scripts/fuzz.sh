@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes kvdrift's parsers of untrusted input (tests/fuzz/: libFuzzer, clang, ASan + UBSan).
-#   scripts/fuzz.sh [TARGET|all] [SECONDS]      default: all, 60 s per target
+#   scripts/fuzz.sh [TARGET|all] [SECONDS] [SEED]   default: all, 60 s per target, a random seed
+# A SEED makes the mutations repeatable (CI's smoke passes one: the same inputs on every run).
 # Builds build-fuzz/ (no LibTorch needed), seeds each target's corpus from the project's configs,
 # experiments and models (tests/fuzz/make_seeds.py), then runs each target for SECONDS, keeping what
 # it learns in build-fuzz/corpus/TARGET. A crash, sanitizer report, uncaught exception, memory blow-up
@@ -10,6 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${1:-all}"
 seconds="${2:-60}"
+seed="${3:-0}"  # 0: libFuzzer picks one
 build="$root/build-fuzz"
 targets=(llama2c_checkpoint safetensors hf_config hf_shard_index tokenizer_bin tokenizer_json tokenizer_encode
          run_config sweep_file prompts)
@@ -19,6 +21,10 @@ if [ "$target" != all ] && [[ ! " ${targets[*]} " == *" $target "* ]]; then
 fi
 if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
   echo "fuzz.sh: error: SECONDS must be a positive whole number, got '$seconds'" >&2
+  exit 2
+fi
+if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+  echo "fuzz.sh: error: SEED must be a whole number, got '$seed'" >&2
   exit 2
 fi
 command -v clang++ >/dev/null || { echo "fuzz.sh: error: clang++ not found (scripts/setup.sh installs it)" >&2; exit 1; }
@@ -39,7 +45,7 @@ for t in "${targets[@]}"; do
   [ "$target" = all ] || [ "$target" = "$t" ] || continue
   mkdir -p "$build/corpus/$t" "$build/findings/$t" "$build/seeds/$t"
   echo "fuzz.sh: $t for ${seconds} s" >&2
-  if ! "$build/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+  if ! "$build/fuzz_$t" -max_total_time="$seconds" -seed="$seed" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
       -print_final_stats=1 -artifact_prefix="$build/findings/$t/" "$build/corpus/$t" "$build/seeds/$t" \
       >"$build/$t.log" 2>&1; then
     tail -40 "$build/$t.log" >&2

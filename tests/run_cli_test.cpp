@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/error.h"
 #include "io/hdf5.h"
 #include "run/run_log.h"
 #include "support.h"
@@ -49,8 +50,15 @@ output:
 
 bool complete(const std::string& path) {
   if (!fs::exists(path)) return false;
-  // A SWMR read also opens a file whose writer was killed mid-sample (a plain open refuses it).
-  return h5::File::open_read(path, /*swmr_read=*/true).attribute<int64_t>("complete") == 1;
+  // A SWMR read also opens a file whose writer was killed mid-sample (a plain open refuses it). One
+  // killed while it had the file open outside SWMR mode (between samples) opens only for recovery,
+  // which a resume does: not complete.
+  try {
+    return h5::File::open_read(path, /*swmr_read=*/true).attribute<int64_t>("complete") == 1;
+  } catch (const Error& error) {
+    if (std::string(error.what()).find("not already open for SWMR writing") != std::string::npos) return false;
+    throw;
+  }
 }
 
 // Each config runs on the model it names: SmolLM2 where the config says so (the demo), stories260K

@@ -104,7 +104,7 @@ std::string version_report() {
   std::string cuda_available = "no";
   if (torch::cuda::is_available()) {
     cuda_available = fmt::format("yes, {} device(s)", torch::cuda::device_count());
-    for (size_t i = 0; i < torch::cuda::device_count(); ++i)
+    for (int i = 0; i < static_cast<int>(torch::cuda::device_count()); ++i)
       cuda_available += fmt::format("; cuda:{} {}", i, cuda_device_name(static_cast<c10::DeviceIndex>(i)));
   }
   return fmt::format(

@@ -148,15 +148,25 @@ class StepObserver final : public AttentionObserver {
   torch::Tensor static_query_positions_;
 };
 
-// One prompt of a batch: its rows in the caches, its lanes' places in its result, and whether they
-// are still decoding.
+// One quantizer's lanes of one prompt: their rows (-1 where the lane does not run) and their places
+// in the prompt's result.
+struct QuantizerLanes {
+  int64_t teacher_row = -1, free_row = -1;  // in the main cache
+  int64_t static_row = -1;                  // in the static cache
+  size_t teacher_lane = 0, free_lane = 0, static_lane = 0;  // index into SampleResult::lanes
+  bool free_stopped = false;
+};
+
+// One prompt of a batch: its reference's row, whether it still decodes, and its quantizers' lanes.
 struct BatchSample {
-  int64_t reference_row = 0;                                 // in the main cache
-  std::vector<int64_t> teacher_rows, free_rows;              // main cache, per quantizer (when the lane runs)
-  std::vector<int64_t> static_rows;                          // static cache, per quantizer
-  std::vector<size_t> static_lane, teacher_lane, free_lane;  // per quantizer: index into result.lanes
-  std::vector<bool> free_stopped;
+  int64_t reference_row = 0;  // in the main cache
   bool reference_active = true;
+  std::vector<QuantizerLanes> quantizers;  // in config order
+};
+
+// A lane whose metrics are computed in the batch: which prompt and quantizer it is.
+struct LaneKey {
+  size_t prompt, quantizer;
 };
 
 }  // namespace
@@ -207,147 +217,221 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
   end_ids_ = stop_tokens(model_, tokenizer_);
 }
 
-std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
-  const ModelConfig& mc = model_.config();
-  const int64_t max_new = config_.decoding.max_new_tokens;
-  if (prompts.empty()) fail("no prompts to run");
-  int64_t longest = 0;
-  for (const Prompt& prompt : prompts) {
-    check_prompt_fits(prompt, mc, max_new);
-    longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
+// One call of Engine::run: the batch's layout (which row is which prompt × quantizer × lane), its
+// caches, the lanes still compared with a reference, and the results it fills.
+class Engine::Batch {
+ public:
+  Batch(const Engine& engine, const std::vector<Prompt>& prompts);
+  // Every row's prompt, shorter ones padded to the longest (no real query reads the padding), in one
+  // forward (decoding.prefill: full) or in chunks of decoding.prefill_chunk positions, each reading the
+  // earlier ones through the row's cache (chunked). Returns [rows, 1, vocab] at each row's last token.
+  torch::Tensor prefill();
+  // Each active row's next token from its logits [active rows, vocab] (float32, in batch order):
+  // greedy, or its own sampler; 0 for ended rows.
+  std::vector<int64_t> next_tokens(const torch::Tensor& step_logits);
+  // The teacher-forced lanes' KL, top-1 agreement and log-prob delta at this step, kept on the device.
+  void measure(const torch::Tensor& step_logits, const std::vector<int64_t>& next);
+  // Appends each lane's token; lanes that end leave the batch.
+  void record(const std::vector<int64_t>& next);
+  bool decoding() const { return cache_.active_rows() > 0; }
+  // The forward of decode step `step` + 1: teacher-forced rows read their reference's token,
+  // free-running rows their own. Returns the next logits.
+  torch::Tensor decode_one_token(const std::vector<int64_t>& next, int64_t step);
+  // The samples so far, their device metrics moved to the host.
+  const std::vector<SampleResult>& results_so_far() {
+    drain_metrics();
+    return results_;
   }
-  const torch::Device device = model_.device();
-  const int64_t layers = mc.n_layers;
-  const size_t quantizer_count = quantizers_.size();
-  const int64_t prompt_count = static_cast<int64_t>(prompts.size());
-  std::vector<BatchSample> samples(prompts.size());
-  std::vector<SampleResult> results(prompts.size());  // in the same order
+  // Token-scale errors and accounting from the caches, outcomes and texts: the finished samples.
+  std::vector<SampleResult> finish();
 
-  // Batch rows: the references first, then per quantizer, per prompt, its teacher-forced and
+ private:
+  void declare_lanes();
+  void locate_lanes();
+  void drain_metrics();
+  void drain_attention(std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
+                       const std::vector<LaneKey>& order, size_t QuantizerLanes::*lane_of);
+  void account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t reference_row, bool drift) const;
+  std::string decode_text(const std::vector<int64_t>& tokens, bool stopped) const;
+  std::string reply_text(const std::vector<int64_t>& tokens) const;
+  bool is_stop(int64_t token) const;
+  torch::Tensor to_device(const std::vector<int64_t>& values) const {
+    return torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device_);
+  }
+  // The caches' rows: the references first, then per quantizer, per prompt, its teacher-forced and
   // free-running rows (a quantizer's rows are consecutive: its blocks are quantized in one call).
   // Static cache rows: per quantizer, per prompt.
-  std::vector<std::shared_ptr<const Quantizer>> row_quantizers(prompts.size(), make_quantizer("none", {}, mc.head_dim));
-  std::vector<size_t> row_prompt(prompts.size());  // per row: its prompt
-  for (int64_t p = 0; p < prompt_count; ++p) {
-    row_prompt[p] = static_cast<size_t>(p);
-    results[p].prompt = prompts[p];
-    results[p].batch_prompts = prompt_count;
-    samples[p].reference_row = p;
-    samples[p].free_stopped.assign(quantizer_count, false);
+  static std::vector<std::shared_ptr<const Quantizer>> row_quantizers(const Engine& engine,
+                                                                      std::vector<BatchSample>& samples,
+                                                                      std::vector<size_t>& row_prompt);
+  static std::unique_ptr<QuantizedKVCache> static_cache(const Engine& engine, size_t prompts, int64_t capacity);
+  static int64_t longest(const std::vector<Prompt>& prompts);
+
+  const Engine& engine_;
+  const std::vector<Prompt>& prompts_;
+  const torch::Device device_;
+  const int64_t max_new_;
+  const SamplingConfig sampling_;
+  const bool kl_sampled_;
+  std::vector<BatchSample> samples_;
+  std::vector<SampleResult> results_;  // in prompt order
+  std::vector<size_t> row_prompt_;     // per row: its prompt
+  QuantizedKVCache cache_;
+  std::unique_ptr<QuantizedKVCache> static_cache_;
+  const int64_t rows_;
+  std::vector<int64_t> prompt_lengths_;  // per row
+  std::vector<Sampler> samplers_;        // per row
+  // The lanes compared with a reference, as index_ holds them, in its order: rebuilt when lanes end.
+  BatchIndex index_;
+  std::vector<LaneKey> teacher_order_, static_order_;
+  StepObserver observer_;
+  std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher rows, 3 or 4]
+};
+
+int64_t Engine::Batch::longest(const std::vector<Prompt>& prompts) {
+  int64_t longest = 0;
+  for (const Prompt& prompt : prompts) longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
+  return longest;
+}
+
+std::vector<std::shared_ptr<const Quantizer>> Engine::Batch::row_quantizers(const Engine& engine,
+                                                                          std::vector<BatchSample>& samples,
+                                                                          std::vector<size_t>& row_prompt) {
+  std::vector<std::shared_ptr<const Quantizer>> quantizers(
+      samples.size(), make_quantizer("none", {}, engine.model_.config().head_dim));
+  for (size_t p = 0; p < samples.size(); ++p) {
+    row_prompt.push_back(p);
+    samples[p].reference_row = static_cast<int64_t>(p);
+    samples[p].quantizers.resize(engine.quantizers_.size());
   }
   auto add_row = [&](size_t q, size_t p) {
-    row_quantizers.push_back(quantizers_[q]);
+    quantizers.push_back(engine.quantizers_[q]);
     row_prompt.push_back(p);
-    return static_cast<int64_t>(row_quantizers.size()) - 1;
+    return static_cast<int64_t>(quantizers.size()) - 1;
   };
-  for (size_t q = 0; q < quantizer_count; ++q) {
+  for (size_t q = 0; q < engine.quantizers_.size(); ++q) {
     for (size_t p = 0; p < samples.size(); ++p) {
-      if (teacher_forced_) samples[p].teacher_rows.push_back(add_row(q, p));
-      if (free_running_) samples[p].free_rows.push_back(add_row(q, p));
-      if (static_lane_) samples[p].static_rows.push_back(static_cast<int64_t>(q * samples.size() + p));
+      QuantizerLanes& lanes = samples[p].quantizers[q];
+      if (engine.teacher_forced_) lanes.teacher_row = add_row(q, p);
+      if (engine.free_running_) lanes.free_row = add_row(q, p);
+      if (engine.static_lane_) lanes.static_row = static_cast<int64_t>(q * samples.size() + p);
     }
   }
-  const int64_t rows = static_cast<int64_t>(row_quantizers.size());
-  QuantizedKVCache cache(row_quantizers, layers, mc.n_kv_heads, longest + max_new, mc.head_dim, model_.dtype(), device);
-  std::unique_ptr<QuantizedKVCache> static_cache;
-  if (static_lane_) {
-    std::vector<std::shared_ptr<const Quantizer>> static_quantizers;
-    for (const auto& q : quantizers_) static_quantizers.insert(static_quantizers.end(), prompts.size(), q);
-    static_cache = std::make_unique<QuantizedKVCache>(static_quantizers, layers, mc.n_kv_heads, longest + max_new,
-                                                      mc.head_dim, model_.dtype(), device);
-  }
-  // The lanes compared with a reference, as BatchIndex holds them, and which (prompt, quantizer) each
-  // entry is: rebuilt when lanes end.
-  BatchIndex index;
-  std::vector<std::pair<size_t, size_t>> teacher_order, static_order;
-  auto to_device = [&](const std::vector<int64_t>& values) {
-    return torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device);
-  };
-  auto locate_lanes = [&] {
-    std::vector<int64_t> teacher_slots, teacher_reference_slots;
-    teacher_order.clear();
-    static_order.clear();
-    index.static_reference_slot_list.clear();
-    for (size_t q = 0; q < quantizer_count; ++q) {  // in row order, so static entries follow its cache's slots
-      for (size_t p = 0; p < samples.size(); ++p) {
-        const BatchSample& sample = samples[p];
-        if (!sample.reference_active) continue;
-        const int64_t reference_slot = cache.slot(sample.reference_row);
-        if (teacher_forced_) {
-          teacher_slots.push_back(cache.slot(sample.teacher_rows[q]));
-          teacher_reference_slots.push_back(reference_slot);
-          teacher_order.emplace_back(p, q);
-        }
-        if (static_lane_) {
-          index.static_reference_slot_list.push_back(reference_slot);
-          static_order.emplace_back(p, q);
-        }
-      }
-    }
-    index.teacher_slots = to_device(teacher_slots);
-    index.teacher_reference_slots = to_device(teacher_reference_slots);
-    index.teacher_slot_list = teacher_slots;
-    index.teacher_reference_slot_list = teacher_reference_slots;
-    index.static_reference_slots = to_device(index.static_reference_slot_list);
-  };
-  locate_lanes();
-  StepObserver observer(static_cache.get(), &index, layers);
+  return quantizers;
+}
 
-  // Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
-  // per-step arrays declared empty so that a partial sample already names every array it will hold.
-  const bool attention_error = config_.metrics.attention_error;
-  // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
-  SamplingConfig sampling{config_.decoding.temperature, config_.decoding.top_p, config_.decoding.top_k,
-                          config_.decoding.seed};
-  const bool kl_sampled = sampling.reshapes_distribution();
+std::unique_ptr<QuantizedKVCache> Engine::Batch::static_cache(const Engine& engine, size_t prompts, int64_t capacity) {
+  const ModelConfig& mc = engine.model_.config();
+  std::vector<std::shared_ptr<const Quantizer>> quantizers;
+  for (const auto& q : engine.quantizers_) quantizers.insert(quantizers.end(), prompts, q);
+  return std::make_unique<QuantizedKVCache>(quantizers, mc.n_layers, mc.n_kv_heads, capacity, mc.head_dim,
+                                            engine.model_.dtype(), engine.model_.device());
+}
+
+Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
+    : engine_(engine),
+      prompts_(prompts),
+      device_(engine.model_.device()),
+      max_new_(engine.config_.decoding.max_new_tokens),
+      // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
+      sampling_{engine.config_.decoding.temperature, engine.config_.decoding.top_p, engine.config_.decoding.top_k,
+                engine.config_.decoding.seed},
+      kl_sampled_(sampling_.reshapes_distribution()),
+      samples_(prompts.size()),
+      results_(prompts.size()),
+      cache_(row_quantizers(engine, samples_, row_prompt_), engine.model_.config().n_layers,
+             engine.model_.config().n_kv_heads, longest(prompts) + max_new_, engine.model_.config().head_dim,
+             engine.model_.dtype(), device_),
+      static_cache_(engine.static_lane_ ? static_cache(engine, prompts.size(), longest(prompts) + max_new_) : nullptr),
+      rows_(static_cast<int64_t>(row_prompt_.size())),
+      samplers_(rows_, Sampler(sampling_)),
+      observer_(static_cache_.get(), &index_, engine.model_.config().n_layers) {
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    results_[p].prompt = prompts[p];
+    results_[p].batch_prompts = static_cast<int64_t>(prompts.size());
+  }
+  for (int64_t row = 0; row < rows_; ++row)
+    prompt_lengths_.push_back(static_cast<int64_t>(prompts[row_prompt_[row]].tokens.size()));
+  declare_lanes();
+  locate_lanes();
+}
+
+// Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
+// per-step arrays declared empty so that a partial sample already names every array it will hold.
+void Engine::Batch::declare_lanes() {
   std::vector<std::string> teacher_arrays = {"kl", "top1_agree", "logp_delta"};
-  if (kl_sampled) teacher_arrays.push_back("kl_sampled");
-  for (size_t p = 0; p < samples.size(); ++p) {
-    BatchSample& sample = samples[p];
-    auto add_lane = [&](size_t q, const char* kind, std::vector<std::string> step_arrays, bool attention) {
+  if (kl_sampled_) teacher_arrays.push_back("kl_sampled");
+  const int64_t layers = engine_.model_.config().n_layers;
+  for (size_t p = 0; p < samples_.size(); ++p) {
+    auto add_lane = [&](size_t q, const char* kind, const std::vector<std::string>& step_arrays, bool attention) {
       LaneResult lane;
-      lane.quantizer = config_.quantizers[q].name;
+      lane.quantizer = engine_.config_.quantizers[q].name;
       lane.lane = kind;
       for (const auto& name : step_arrays) lane.arrays[name] = {{}, {0}};
-      if (attention && attention_error)
+      if (attention && engine_.config_.metrics.attention_error)
         for (const char* name : {"attn_rel_l2", "attn_cos"}) lane.arrays[name] = {{}, {0, layers}};
-      results[p].lanes.push_back(std::move(lane));
-      return results[p].lanes.size() - 1;
+      results_[p].lanes.push_back(std::move(lane));
+      return results_[p].lanes.size() - 1;
     };
-    for (size_t q = 0; q < quantizer_count; ++q) {
-      if (static_lane_) sample.static_lane.push_back(add_lane(q, "static", {}, true));
-      if (teacher_forced_)
-        sample.teacher_lane.push_back(add_lane(q, "teacher_forced", teacher_arrays, true));
-      if (free_running_) sample.free_lane.push_back(add_lane(q, "free_running", {"match"}, false));
+    for (size_t q = 0; q < samples_[p].quantizers.size(); ++q) {
+      QuantizerLanes& lanes = samples_[p].quantizers[q];
+      if (engine_.static_lane_) lanes.static_lane = add_lane(q, "static", {}, true);
+      if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, "teacher_forced", teacher_arrays, true);
+      if (engine_.free_running_) lanes.free_lane = add_lane(q, "free_running", {"match"}, false);
     }
   }
+}
 
-  // Prefill: every row's prompt, shorter prompts padded to the longest (no real query reads the padding),
-  // in one forward (decoding.prefill: full) or in chunks of decoding.prefill_chunk positions, each
-  // reading the earlier ones through the row's cache (chunked). A row whose prompt ended in an
-  // earlier chunk writes nothing.
-  auto start_time = std::chrono::steady_clock::now();
-  auto prompt_tokens = torch::zeros({rows, longest}, torch::kInt64);
-  std::vector<int64_t> prompt_lengths(rows);
-  for (int64_t row = 0; row < rows; ++row) {
-    const Prompt& prompt = prompts[row_prompt[row]];
-    prompt_lengths[row] = static_cast<int64_t>(prompt.tokens.size());
-    prompt_tokens[row].narrow(0, 0, prompt_lengths[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
-  }
-  prompt_tokens = prompt_tokens.to(device);
-  const int64_t chunk = config_.decoding.prefill == "chunked" ? config_.decoding.prefill_chunk : longest;
-  torch::Tensor logits;  // [rows, 1, vocab], at each row's last prompt token
-  for (int64_t begin = 0; begin < longest; begin += chunk) {
-    const int64_t width = std::min(chunk, longest - begin);
-    std::vector<int64_t> starts(rows), lengths(rows), ending;
-    for (int64_t row = 0; row < rows; ++row) {
-      starts[row] = std::min(begin, prompt_lengths[row]);
-      lengths[row] = std::clamp<int64_t>(prompt_lengths[row] - begin, 0, width);
-      if (prompt_lengths[row] > begin && prompt_lengths[row] <= begin + width) ending.push_back(row);
+void Engine::Batch::locate_lanes() {
+  std::vector<int64_t> teacher_slots, teacher_reference_slots;
+  teacher_order_.clear();
+  static_order_.clear();
+  index_.static_reference_slot_list.clear();
+  for (size_t q = 0; q < engine_.quantizers_.size(); ++q) {  // in row order: static entries follow its cache's slots
+    for (size_t p = 0; p < samples_.size(); ++p) {
+      const BatchSample& sample = samples_[p];
+      if (!sample.reference_active) continue;
+      const int64_t reference_slot = cache_.slot(sample.reference_row);
+      if (engine_.teacher_forced_) {
+        teacher_slots.push_back(cache_.slot(sample.quantizers[q].teacher_row));
+        teacher_reference_slots.push_back(reference_slot);
+        teacher_order_.push_back({p, q});
+      }
+      if (engine_.static_lane_) {
+        index_.static_reference_slot_list.push_back(reference_slot);
+        static_order_.push_back({p, q});
+      }
     }
-    auto chunk_logits = model_.forward(prompt_tokens.narrow(1, begin, width),
-                                       RowSpans(starts, lengths, width, device, Phase::Prefill), cache,
-                                       /*last_only=*/true, &observer);
+  }
+  index_.teacher_slots = to_device(teacher_slots);
+  index_.teacher_reference_slots = to_device(teacher_reference_slots);
+  index_.teacher_slot_list = teacher_slots;
+  index_.teacher_reference_slot_list = teacher_reference_slots;
+  index_.static_reference_slots = to_device(index_.static_reference_slot_list);
+}
+
+torch::Tensor Engine::Batch::prefill() {
+  const int64_t longest_prompt = longest(prompts_);
+  auto prompt_tokens = torch::zeros({rows_, longest_prompt}, torch::kInt64);
+  for (int64_t row = 0; row < rows_; ++row) {
+    const Prompt& prompt = prompts_[row_prompt_[row]];
+    prompt_tokens[row].narrow(0, 0, prompt_lengths_[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
+  }
+  prompt_tokens = prompt_tokens.to(device_);
+  const DecodingSettings& decoding = engine_.config_.decoding;
+  const int64_t chunk = decoding.prefill == "chunked" ? decoding.prefill_chunk : longest_prompt;
+  torch::Tensor logits;
+  for (int64_t begin = 0; begin < longest_prompt; begin += chunk) {
+    const int64_t width = std::min(chunk, longest_prompt - begin);
+    std::vector<int64_t> starts(rows_), lengths(rows_), ending;
+    for (int64_t row = 0; row < rows_; ++row) {
+      starts[row] = std::min(begin, prompt_lengths_[row]);
+      lengths[row] = std::clamp<int64_t>(prompt_lengths_[row] - begin, 0, width);
+      if (prompt_lengths_[row] > begin && prompt_lengths_[row] <= begin + width) ending.push_back(row);
+    }
+    auto chunk_logits = engine_.model_.forward(prompt_tokens.narrow(1, begin, width),
+                                               RowSpans(starts, lengths, width, device_, Phase::Prefill), cache_,
+                                               /*last_only=*/true, &observer_);
     if (!logits.defined()) {
       logits = chunk_logits;  // rows ending in a later chunk are overwritten there
     } else if (!ending.empty()) {
@@ -355,234 +439,271 @@ std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const 
       logits = logits.index_copy(0, ended, chunk_logits.index_select(0, ended));
     }
   }
+  return logits;
+}
+
+std::vector<int64_t> Engine::Batch::next_tokens(const torch::Tensor& step_logits) {
+  // One host read per step: the tokens decide what every lane feeds next and when it stops.
+  std::vector<int64_t> next(rows_, 0);
+  if (sampling_.temperature == 0.0) {
+    auto host = step_logits.argmax(-1).to(torch::kCPU);
+    for (int64_t r = 0; r < rows_; ++r)
+      if (cache_.slot(r) >= 0) next[r] = host[cache_.slot(r)].item<int64_t>();
+  } else {
+    for (int64_t r = 0; r < rows_; ++r)
+      if (cache_.slot(r) >= 0) next[r] = samplers_[r].next(step_logits[cache_.slot(r)]);
+  }
+  return next;
+}
+
+void Engine::Batch::measure(const torch::Tensor& step_logits, const std::vector<int64_t>& next) {
+  if (teacher_order_.empty()) return;
+  // In float64: KL of nearly equal distributions must not come out negative from rounding.
+  std::vector<int64_t> reference_tokens;
+  for (const auto& [p, q] : teacher_order_) reference_tokens.push_back(next[samples_[p].reference_row]);
+  const auto reference_token = to_device(reference_tokens).unsqueeze(1);
+  auto reference_logits = step_logits.index_select(0, index_.teacher_reference_slots);
+  auto lane_logits = step_logits.index_select(0, index_.teacher_slots);
+  auto log_ref = torch::log_softmax(reference_logits.to(torch::kFloat64), -1);
+  auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
+  auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
+  auto agree = (lane_logits.argmax(-1) == reference_logits.argmax(-1)).to(torch::kFloat32);
+  auto delta = (log_ref.gather(1, reference_token) - log_lane.gather(1, reference_token)).squeeze(1);
+  std::vector<torch::Tensor> columns = {kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)};
+  if (kl_sampled_) {
+    // Between the distributions the lanes sample from, on the host in float64 (the samplers' own
+    // definition); +inf where the reference keeps a token the lane cuts.
+    const auto host_logits = step_logits.to(torch::kCPU);
+    std::map<int64_t, SamplingDistribution> references;  // by batch slot
+    std::vector<float> divergences;
+    for (size_t i = 0; i < index_.teacher_slot_list.size(); ++i) {
+      const int64_t slot = index_.teacher_reference_slot_list[i];
+      auto reference = references.find(slot);
+      if (reference == references.end())
+        reference = references.emplace(slot, sampling_distribution(host_logits[slot], sampling_)).first;
+      const auto lane = sampling_distribution(host_logits[index_.teacher_slot_list[i]], sampling_);
+      divergences.push_back(static_cast<float>(kl_divergence(reference->second, lane, host_logits.size(1))));
+    }
+    columns.push_back(torch::tensor(divergences).to(device_));
+  }
+  teacher_step_metrics_.push_back(torch::stack(columns, 1));
+}
+
+// A lane stops at an end token only with decoding.stop_at_eos; otherwise it decodes every step.
+bool Engine::Batch::is_stop(int64_t token) const {
+  const auto& end_ids = engine_.end_ids_;
+  return engine_.config_.decoding.stop_at_eos && std::find(end_ids.begin(), end_ids.end(), token) != end_ids.end();
+}
+
+void Engine::Batch::record(const std::vector<int64_t>& next) {
+  // Lanes that end leave the batch: a reference with its teacher-forced rows (and static lanes), a
+  // free-running row alone.
+  std::vector<int64_t> ended_rows, ended_static_rows;
+  for (size_t p = 0; p < samples_.size(); ++p) {
+    BatchSample& sample = samples_[p];
+    SampleResult& result = results_[p];
+    if (sample.reference_active) {
+      const int64_t token = next[sample.reference_row];
+      result.reference_tokens.push_back(token);
+      if (is_stop(token)) {
+        result.reference_stopped = true;
+        sample.reference_active = false;
+        ended_rows.push_back(sample.reference_row);
+        for (const QuantizerLanes& lanes : sample.quantizers) {
+          if (lanes.teacher_row >= 0) ended_rows.push_back(lanes.teacher_row);
+          if (lanes.static_row >= 0) ended_static_rows.push_back(lanes.static_row);
+        }
+      }
+    }
+    for (QuantizerLanes& lanes : sample.quantizers) {
+      if (lanes.free_row < 0 || lanes.free_stopped) continue;
+      const int64_t token = next[lanes.free_row];
+      result.lanes[lanes.free_lane].tokens.push_back(token);
+      if (is_stop(token)) {
+        lanes.free_stopped = true;
+        ended_rows.push_back(lanes.free_row);
+      }
+    }
+  }
+  if (ended_rows.empty()) return;
+  drain_metrics();  // the device metrics hold the rows of the current order
+  for (int64_t row : ended_rows) cache_.retire(row);
+  for (int64_t row : ended_static_rows) static_cache_->retire(row);
+  locate_lanes();
+}
+
+torch::Tensor Engine::Batch::decode_one_token(const std::vector<int64_t>& next, int64_t step) {
+  // Each row writes the position after its prompt's last one.
+  std::vector<int64_t> inputs(cache_.active_rows()), starts(cache_.active_rows());
+  for (int64_t r = 0; r < rows_; ++r) {
+    const int64_t slot = cache_.slot(r);
+    if (slot < 0) continue;
+    inputs[slot] = next[r];
+    starts[slot] = prompt_lengths_[r] + step;
+  }
+  for (const BatchSample& sample : samples_)
+    for (const QuantizerLanes& lanes : sample.quantizers)
+      if (lanes.teacher_row >= 0 && cache_.slot(lanes.teacher_row) >= 0)
+        inputs[cache_.slot(lanes.teacher_row)] = next[sample.reference_row];
+  const bool references =
+      std::any_of(samples_.begin(), samples_.end(), [](const BatchSample& s) { return s.reference_active; });
+  const bool logged = step % engine_.config_.metrics.layer_stride == 0 && references;
+  observer_.recording = logged && engine_.config_.metrics.attention_error;
+  for (size_t p = 0; p < samples_.size(); ++p)
+    if (logged && samples_[p].reference_active) results_[p].logged_steps.push_back(step + 1);
+  for (int64_t r = 0; r < rows_; ++r)
+    if (cache_.slot(r) >= 0) ++results_[row_prompt_[r]].decode_row_steps;
+  // The observer needs some reference in the batch; the static lanes end with theirs.
+  return engine_.model_.forward(
+      torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device_),
+      RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device_, Phase::Decode), cache_,
+      /*last_only=*/true, references ? &observer_ : nullptr);
+}
+
+// Moves the metrics computed on the device since the last call into the lanes' host arrays, one copy
+// per kind of metric, and extends the free-running match flags. The device arrays hold the rows of
+// teacher_order_ / static_order_: called before those change.
+void Engine::Batch::drain_metrics() {
+  if (!teacher_step_metrics_.empty()) {
+    const auto metrics = torch::stack(teacher_step_metrics_, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
+    teacher_step_metrics_.clear();
+    for (size_t i = 0; i < teacher_order_.size(); ++i) {
+      const auto [p, q] = teacher_order_[i];
+      auto& arrays = results_[p].lanes[samples_[p].quantizers[q].teacher_lane].arrays;
+      const auto own = metrics.select(1, static_cast<int64_t>(i));
+      append_rows(arrays["kl"], own.select(1, 0));
+      append_rows(arrays["top1_agree"], own.select(1, 1));
+      append_rows(arrays["logp_delta"], own.select(1, 2));
+      if (kl_sampled_) append_rows(arrays["kl_sampled"], own.select(1, 3));
+    }
+  }
+  drain_attention(observer_.static_rel_l2, observer_.static_cos, static_order_, &QuantizerLanes::static_lane);
+  drain_attention(observer_.teacher_rel_l2, observer_.teacher_cos, teacher_order_, &QuantizerLanes::teacher_lane);
+  for (size_t p = 0; p < samples_.size(); ++p) {
+    for (const QuantizerLanes& lanes : samples_[p].quantizers) {
+      if (lanes.free_row < 0) continue;
+      LaneResult& lane = results_[p].lanes[lanes.free_lane];
+      HostArray& match = lane.arrays["match"];
+      const auto& reference = results_[p].reference_tokens;
+      const size_t steps = std::min(lane.tokens.size(), reference.size());
+      for (size_t s = match.values.size(); s < steps; ++s)
+        match.values.push_back(lane.tokens[s] == reference[s] ? 1.0f : 0.0f);
+      match.shape[0] = static_cast<int64_t>(match.values.size());
+    }
+  }
+}
+
+void Engine::Batch::drain_attention(std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
+                                    const std::vector<LaneKey>& order, size_t QuantizerLanes::*lane_of) {
+  if (rel_l2.empty()) return;
+  const auto rel_l2_host = torch::stack(rel_l2, 0).to(torch::kCPU);  // [logged steps, rows, layers]
+  const auto cosine_host = torch::stack(cosine, 0).to(torch::kCPU);
+  rel_l2.clear();
+  cosine.clear();
+  for (size_t i = 0; i < order.size(); ++i) {
+    const auto [p, q] = order[i];
+    auto& arrays = results_[p].lanes[samples_[p].quantizers[q].*lane_of].arrays;
+    append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(i)));
+    append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(i)));
+  }
+}
+
+// Token-scale errors from a cache: the row over the positions it holds (a lane that ended holds those
+// up to its end); drift against the reference over the positions both hold.
+void Engine::Batch::account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t reference_row,
+                            bool drift) const {
+  if (engine_.config_.metrics.token_scale) {
+    for (Role role : {Role::Key, Role::Value}) {
+      const std::string name = role_name(role);
+      const auto written = cache.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
+      log_token_scale(lane, name + "/quant", written, cache.row_contents(role, row, /*read=*/true));
+      if (drift) {
+        const auto reference = cache_.row_contents(role, reference_row, /*read=*/false);
+        const int64_t common = std::min(reference.size(2), written.size(2));
+        log_token_scale(lane, name + "/drift", reference.narrow(2, 0, common), written.narrow(2, 0, common));
+      }
+    }
+  }
+  lane.scalars["bits_per_element"] = cache.bits_per_element(row);
+  lane.scalars["fraction_quantized"] = cache.fraction_quantized(row);
+  lane.scalars["quantize_seconds"] = cache.quantize_seconds(row);
+}
+
+// Decoded texts leave the end token out; a reply ends at the first one.
+std::string Engine::Batch::decode_text(const std::vector<int64_t>& tokens, bool stopped) const {
+  return engine_.tokenizer_->decode({tokens.begin(), tokens.end() - (stopped ? 1 : 0)});
+}
+
+std::string Engine::Batch::reply_text(const std::vector<int64_t>& tokens) const {
+  const auto& end_ids = engine_.end_ids_;
+  const auto end = std::find_first_of(tokens.begin(), tokens.end(), end_ids.begin(), end_ids.end());
+  return engine_.tokenizer_->decode({tokens.begin(), end});
+}
+
+std::vector<SampleResult> Engine::Batch::finish() {
+  drain_metrics();
+  const bool texts = engine_.tokenizer_ != nullptr;
+  for (size_t p = 0; p < samples_.size(); ++p) {
+    const BatchSample& sample = samples_[p];
+    SampleResult& result = results_[p];
+    for (const QuantizerLanes& lanes : sample.quantizers) {
+      if (lanes.static_row >= 0)
+        account(result.lanes[lanes.static_lane], *static_cache_, lanes.static_row, sample.reference_row, false);
+      if (lanes.teacher_row >= 0)
+        account(result.lanes[lanes.teacher_lane], cache_, lanes.teacher_row, sample.reference_row, true);
+      if (lanes.free_row >= 0) {
+        LaneResult& lane = result.lanes[lanes.free_lane];
+        classify(lane, result.reference_tokens, result.reference_stopped, lanes.free_stopped);
+        account(lane, cache_, lanes.free_row, sample.reference_row, true);
+        if (texts) {
+          lane.text = decode_text(lane.tokens, lanes.free_stopped);
+          lane.reply = reply_text(lane.tokens);
+        }
+      }
+    }
+    if (texts) {
+      result.reference_continuation = decode_text(result.reference_tokens, result.reference_stopped);
+      result.reference_reply = reply_text(result.reference_tokens);
+      std::vector<int64_t> all = result.prompt.tokens;
+      all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
+      result.reference_text = decode_text(all, result.reference_stopped);
+    }
+  }
+  return std::move(results_);
+}
+
+// gpt-fast's shape: prefill, then decode one token at a time until every lane has ended.
+std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
+  if (prompts.empty()) fail("no prompts to run");
+  for (const Prompt& prompt : prompts) check_prompt_fits(prompt, model_.config(), config_.decoding.max_new_tokens);
+  const torch::Device device = model_.device();
+  Batch batch(*this, prompts);
+
+  auto start_time = std::chrono::steady_clock::now();
+  torch::Tensor logits = batch.prefill();
   synchronize(device);
   const double prefill_seconds = seconds_since(start_time);
+
   start_time = std::chrono::steady_clock::now();
-
-  std::vector<Sampler> samplers(rows, Sampler(sampling));
-  // Per step: [teacher rows, 3 or 4] = kl, top1 agree, logp delta (, kl_sampled).
-  std::vector<torch::Tensor> teacher_step_metrics;
-
-  // Moves the metrics computed on the device since the last call into the lanes' host arrays, one
-  // copy per kind of metric, and extends the free-running match flags. The device arrays hold the
-  // rows of teacher_order / static_order: called before those change.
-  auto drain_metrics = [&] {
-    if (!teacher_step_metrics.empty()) {
-      const auto metrics = torch::stack(teacher_step_metrics, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
-      teacher_step_metrics.clear();
-      for (size_t i = 0; i < teacher_order.size(); ++i) {
-        const auto [p, q] = teacher_order[i];
-        auto& arrays = results[p].lanes[samples[p].teacher_lane[q]].arrays;
-        const auto own = metrics.select(1, static_cast<int64_t>(i));
-        append_rows(arrays["kl"], own.select(1, 0));
-        append_rows(arrays["top1_agree"], own.select(1, 1));
-        append_rows(arrays["logp_delta"], own.select(1, 2));
-        if (kl_sampled) append_rows(arrays["kl_sampled"], own.select(1, 3));
-      }
-    }
-    auto drain_attention = [&](std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
-                               const std::vector<std::pair<size_t, size_t>>& order,
-                               std::vector<size_t> BatchSample::*lane_of) {
-      if (rel_l2.empty()) return;
-      const auto rel_l2_host = torch::stack(rel_l2, 0).to(torch::kCPU);  // [logged steps, rows, layers]
-      const auto cosine_host = torch::stack(cosine, 0).to(torch::kCPU);
-      rel_l2.clear();
-      cosine.clear();
-      for (size_t i = 0; i < order.size(); ++i) {
-        const auto [p, q] = order[i];
-        auto& arrays = results[p].lanes[(samples[p].*lane_of)[q]].arrays;
-        append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(i)));
-        append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(i)));
-      }
-    };
-    drain_attention(observer.static_rel_l2, observer.static_cos, static_order, &BatchSample::static_lane);
-    drain_attention(observer.teacher_rel_l2, observer.teacher_cos, teacher_order, &BatchSample::teacher_lane);
-    for (size_t p = 0; p < samples.size(); ++p) {
-      for (size_t lane_index : samples[p].free_lane) {
-        LaneResult& lane = results[p].lanes[lane_index];
-        HostArray& match = lane.arrays["match"];
-        const auto& reference = results[p].reference_tokens;
-        const size_t steps = std::min(lane.tokens.size(), reference.size());
-        for (size_t s = match.values.size(); s < steps; ++s)
-          match.values.push_back(lane.tokens[s] == reference[s] ? 1.0f : 0.0f);
-        match.shape[0] = static_cast<int64_t>(match.values.size());
-      }
-    }
-  };
-  // A lane stops at an end token only with decoding.stop_at_eos; otherwise it decodes every step.
-  auto is_stop = [&](int64_t token) {
-    return config_.decoding.stop_at_eos && std::find(end_ids_.begin(), end_ids_.end(), token) != end_ids_.end();
-  };
-  auto any_reference_active = [&] {
-    return std::any_of(samples.begin(), samples.end(), [](const BatchSample& s) { return s.reference_active; });
-  };
   const std::chrono::duration<double> report_every(config_.output.flush_seconds);
   auto last_report = std::chrono::steady_clock::now();
-  for (int64_t step = 0; step < max_new; ++step) {
-    // [active rows, vocab]: the rows of lanes still decoding, in batch order.
-    auto step_logits = logits.select(1, 0).to(torch::kFloat32);
-    // One host read per step: the tokens decide what every lane feeds next and when it stops.
-    std::vector<int64_t> next(rows, 0);
-    if (sampling.temperature == 0.0) {
-      auto host = step_logits.argmax(-1).to(torch::kCPU);
-      for (int64_t r = 0; r < rows; ++r)
-        if (cache.slot(r) >= 0) next[r] = host[cache.slot(r)].item<int64_t>();
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        if (cache.slot(r) >= 0) next[r] = samplers[r].next(step_logits[cache.slot(r)]);
-    }
-    if (!teacher_order.empty()) {
-      // In float64: KL of nearly equal distributions must not come out negative from rounding.
-      std::vector<int64_t> reference_tokens;
-      for (const auto& [p, q] : teacher_order) reference_tokens.push_back(next[samples[p].reference_row]);
-      const auto reference_token = to_device(reference_tokens).unsqueeze(1);
-      auto reference_logits = step_logits.index_select(0, index.teacher_reference_slots);
-      auto lane_logits = step_logits.index_select(0, index.teacher_slots);
-      auto log_ref = torch::log_softmax(reference_logits.to(torch::kFloat64), -1);
-      auto log_lane = torch::log_softmax(lane_logits.to(torch::kFloat64), -1);
-      auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
-      auto agree = (lane_logits.argmax(-1) == reference_logits.argmax(-1)).to(torch::kFloat32);
-      auto delta = (log_ref.gather(1, reference_token) - log_lane.gather(1, reference_token)).squeeze(1);
-      std::vector<torch::Tensor> columns = {kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)};
-      if (kl_sampled) {
-        // Between the distributions the lanes sample from, on the host in float64 (the samplers' own
-        // definition); +inf where the reference keeps a token the lane cuts.
-        const auto host_logits = step_logits.to(torch::kCPU);
-        std::map<int64_t, SamplingDistribution> references;  // by batch slot
-        std::vector<float> divergences;
-        for (size_t i = 0; i < index.teacher_slot_list.size(); ++i) {
-          const int64_t slot = index.teacher_reference_slot_list[i];
-          auto reference = references.find(slot);
-          if (reference == references.end())
-            reference = references.emplace(slot, sampling_distribution(host_logits[slot], sampling)).first;
-          const auto lane = sampling_distribution(host_logits[index.teacher_slot_list[i]], sampling);
-          divergences.push_back(static_cast<float>(kl_divergence(reference->second, lane, host_logits.size(1))));
-        }
-        columns.push_back(torch::tensor(divergences).to(device));
-      }
-      teacher_step_metrics.push_back(torch::stack(columns, 1));
-    }
-    // Lanes that end leave the batch: a reference with its teacher-forced rows (and static lanes),
-    // a free-running row alone.
-    std::vector<int64_t> ended_rows, ended_static_rows;
-    for (size_t p = 0; p < samples.size(); ++p) {
-      BatchSample& sample = samples[p];
-      SampleResult& result = results[p];
-      if (sample.reference_active) {
-        const int64_t token = next[sample.reference_row];
-        result.reference_tokens.push_back(token);
-        if (is_stop(token)) {
-          result.reference_stopped = true;
-          sample.reference_active = false;
-          ended_rows.push_back(sample.reference_row);
-          ended_rows.insert(ended_rows.end(), sample.teacher_rows.begin(), sample.teacher_rows.end());
-          ended_static_rows.insert(ended_static_rows.end(), sample.static_rows.begin(), sample.static_rows.end());
-        }
-      }
-      for (size_t q = 0; q < sample.free_rows.size(); ++q) {
-        if (sample.free_stopped[q]) continue;
-        const int64_t token = next[sample.free_rows[q]];
-        result.lanes[sample.free_lane[q]].tokens.push_back(token);
-        if (is_stop(token)) {
-          sample.free_stopped[q] = true;
-          ended_rows.push_back(sample.free_rows[q]);
-        }
-      }
-    }
-    if (!ended_rows.empty()) {
-      drain_metrics();
-      for (int64_t row : ended_rows) cache.retire(row);
-      for (int64_t row : ended_static_rows) static_cache->retire(row);
-      locate_lanes();
-    }
+  for (int64_t step = 0; step < config_.decoding.max_new_tokens; ++step) {
+    const torch::Tensor step_logits = logits.select(1, 0).to(torch::kFloat32);  // [active rows, vocab]
+    const std::vector<int64_t> next = batch.next_tokens(step_logits);
+    batch.measure(step_logits, next);
+    batch.record(next);
     if (progress && std::chrono::steady_clock::now() - last_report >= report_every) {
-      drain_metrics();
-      progress(results);
+      progress(batch.results_so_far());
       last_report = std::chrono::steady_clock::now();
     }
-    if (cache.active_rows() == 0 || step + 1 == max_new) break;
-    // Teacher-forced rows read their reference's token; free-running rows their own. Each row
-    // writes the position after its prompt's last one.
-    std::vector<int64_t> inputs(cache.active_rows()), starts(cache.active_rows());
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t slot = cache.slot(r);
-      if (slot < 0) continue;
-      inputs[slot] = next[r];
-      starts[slot] = prompt_lengths[r] + step;
-    }
-    for (const BatchSample& sample : samples)
-      for (int64_t row : sample.teacher_rows)
-        if (cache.slot(row) >= 0) inputs[cache.slot(row)] = next[sample.reference_row];
-    const bool references = any_reference_active();
-    const bool logged = step % config_.metrics.layer_stride == 0 && references;
-    observer.recording = logged && attention_error;
-    for (size_t p = 0; p < samples.size(); ++p)
-      if (logged && samples[p].reference_active) results[p].logged_steps.push_back(step + 1);
-    for (int64_t r = 0; r < rows; ++r)
-      if (cache.slot(r) >= 0) ++results[row_prompt[r]].decode_row_steps;
-    // The observer needs some reference in the batch; the static lanes end with theirs.
-    logits = model_.forward(torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device),
-                            RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device, Phase::Decode), cache,
-                            /*last_only=*/true, references ? &observer : nullptr);
+    if (!batch.decoding() || step + 1 == config_.decoding.max_new_tokens) break;
+    logits = batch.decode_one_token(next, step);
   }
   synchronize(device);
   const double decode_seconds = seconds_since(start_time);
-  start_time = std::chrono::steady_clock::now();
-  drain_metrics();
 
-  // Token-scale errors, from the caches: each row over the positions it holds (a lane that ended
-  // holds those up to its end).
-  auto account = [&](LaneResult& lane, const QuantizedKVCache& c, int64_t row, int64_t reference_row, bool drift) {
-    if (config_.metrics.token_scale) {
-      for (Role role : {Role::Key, Role::Value}) {
-        const std::string name = role_name(role);
-        const auto written = c.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
-        log_token_scale(lane, name + "/quant", written, c.row_contents(role, row, /*read=*/true));
-        if (drift) {  // over the positions both the lane and the reference hold
-          const auto reference = cache.row_contents(role, reference_row, /*read=*/false);
-          const int64_t common = std::min(reference.size(2), written.size(2));
-          log_token_scale(lane, name + "/drift", reference.narrow(2, 0, common), written.narrow(2, 0, common));
-        }
-      }
-    }
-    lane.scalars["bits_per_element"] = c.bits_per_element(row);
-    lane.scalars["fraction_quantized"] = c.fraction_quantized(row);
-    lane.scalars["quantize_seconds"] = c.quantize_seconds(row);
-  };
-  // Decoded texts leave the end token out; a reply ends at the first one.
-  auto decode = [&](const std::vector<int64_t>& tokens, bool stopped) {
-    return tokenizer_->decode({tokens.begin(), tokens.end() - (stopped ? 1 : 0)});
-  };
-  auto reply = [&](const std::vector<int64_t>& tokens) {
-    const auto end = std::find_first_of(tokens.begin(), tokens.end(), end_ids_.begin(), end_ids_.end());
-    return tokenizer_->decode({tokens.begin(), end});
-  };
-  for (size_t p = 0; p < samples.size(); ++p) {
-    const BatchSample& sample = samples[p];
-    SampleResult& result = results[p];
-    for (size_t q = 0; q < quantizer_count; ++q) {
-      if (static_lane_)
-        account(result.lanes[sample.static_lane[q]], *static_cache, sample.static_rows[q], sample.reference_row, false);
-      if (teacher_forced_)
-        account(result.lanes[sample.teacher_lane[q]], cache, sample.teacher_rows[q], sample.reference_row, true);
-      if (free_running_) {
-        LaneResult& lane = result.lanes[sample.free_lane[q]];
-        classify(lane, result.reference_tokens, result.reference_stopped, sample.free_stopped[q]);
-        account(lane, cache, sample.free_rows[q], sample.reference_row, true);
-        if (tokenizer_) {
-          lane.text = decode(lane.tokens, sample.free_stopped[q]);
-          lane.reply = reply(lane.tokens);
-        }
-      }
-    }
-    if (tokenizer_) {
-      result.reference_continuation = decode(result.reference_tokens, result.reference_stopped);
-      result.reference_reply = reply(result.reference_tokens);
-      std::vector<int64_t> all = result.prompt.tokens;
-      all.insert(all.end(), result.reference_tokens.begin(), result.reference_tokens.end());
-      result.reference_text = decode(all, result.reference_stopped);
-    }
-  }
+  start_time = std::chrono::steady_clock::now();
+  std::vector<SampleResult> results = batch.finish();
   const double metric_seconds = seconds_since(start_time);
   for (SampleResult& result : results) {
     result.prefill_seconds = prefill_seconds;

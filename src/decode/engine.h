@@ -45,6 +45,8 @@ class Engine {
   const std::vector<std::shared_ptr<const Quantizer>>& quantizers() const { return quantizers_; }
 
  private:
+  class Batch;  // one call of run (engine.cpp)
+
   const LlamaModel& model_;
   const RunConfig& config_;
   const Tokenizer* tokenizer_;
