@@ -62,6 +62,7 @@ def read_sums(paths, quantizers, wait_seconds):
             missing = [q for q in quantizers if q not in info.quantizers]
             if missing:
                 raise log.LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
+            info.metric_axes("kl", ("step",))
             first_step = 0 if log.attr_str(handle.attrs, "prefill", "full") == "chunked" else 1
             for index in info.samples:
                 for q in quantizers:

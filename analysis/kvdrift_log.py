@@ -5,6 +5,7 @@ and reduces the per-sample arrays the figures and the report need, with h5py, nu
 project's .venv). A damaged file fails with one LogError naming it, never a traceback.
 """
 import contextlib
+import json
 import os
 import sys
 import time
@@ -162,6 +163,23 @@ def read_config(handle, path):
     return config
 
 
+METRIC_TABLE = "schema/metrics"
+
+
+def read_metric_table(handle, path):
+    """The log's metric table (/schema/metrics, written by kvdrift from src/metrics/metric_table.cpp):
+    {name: {"axes": tuple, "dtype", "lanes": tuple, "meaning"}}; None in a log written before it."""
+    if METRIC_TABLE not in handle:
+        return None
+    text = handle[METRIC_TABLE][()]
+    try:
+        entries = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+        return {e["name"]: {"axes": tuple(e["axes"]), "dtype": e["dtype"], "lanes": tuple(e["lanes"]),
+                            "meaning": e["meaning"]} for e in entries}
+    except (ValueError, TypeError, KeyError) as error:
+        raise LogError(f"{path}: cannot read /{METRIC_TABLE}: {error}") from None
+
+
 def finished_samples(handle):
     """Indices of finished samples (`complete` = 1), as integers in order, and the unfinished count."""
     if "samples" not in handle:
@@ -190,8 +208,23 @@ class RunInfo:
         self.methods = {q["name"]: q.get("method", "") for q in self.config.get("quantizers") or []}
         self.params = {q["name"]: q.get("params") or {} for q in self.config.get("quantizers") or []}
         self.scores = read_scores(handle)
+        self.metrics = read_metric_table(handle, path)
         # /summary is only final once the root `complete` is 1 (written just before that mark).
         self.summary = read_summary(handle) if self.complete else {}
+
+    def metric_axes(self, name, expected):
+        """The axes of metric `name` as the log's table defines them, which must be `expected` (the
+        layout this analysis reads): a log whose metrics changed fails here, not in a figure."""
+        if self.metrics is None:
+            raise LogError(f"{self.path}: has no /{METRIC_TABLE} (written by a kvdrift before the metric table): "
+                           "resume its run with this kvdrift (`kvdrift run` on the same config) to add it")
+        if name not in self.metrics:
+            raise LogError(f"{self.path}: its metric table has no '{name}'")
+        axes = self.metrics[name]["axes"]
+        if axes != tuple(expected):
+            raise LogError(f"{self.path}: metric '{name}' has axes [{', '.join(axes)}]; this analysis reads "
+                           f"[{', '.join(expected)}]")
+        return axes
 
     @property
     def prompts(self):
@@ -383,6 +416,8 @@ def read_runs(paths, quantizers, token_scale_lane, token_scale_kind, wait_second
         prefix = "" if len(paths) == 1 else (stem if stems.count(stem) == 1 else path) + ": "
         with open_run_file(path, wait_seconds=wait_seconds) as handle:
             run = RunInfo(handle, path)
+            for name, axes in metrics_read(token_scale_kind).items():
+                run.metric_axes(name, axes)
             run_series = [SeriesData(run, q, prefix + run.quantizer_label(q))
                           for q in run.quantizers if not quantizers or q in quantizers]
             for index in run.samples:
@@ -396,6 +431,13 @@ def read_runs(paths, quantizers, token_scale_lane, token_scale_kind, wait_second
         runs.append(run)
         series.extend(run_series)
     return runs, series
+
+
+def metrics_read(token_scale_kind):
+    """The metric arrays read_runs reads, with the axes it reads them by."""
+    return {"kl": ("step",), "top1_agree": ("step",), "attn_rel_l2": ("logged_step", "layer"),
+            **{f"{tensor}/{token_scale_kind}/{part}": ("position", "layer")
+               for tensor in TENSORS for part in ("E_M", "E_D")}}
 
 
 def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts_kind):

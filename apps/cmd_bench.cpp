@@ -124,7 +124,7 @@ void run_bench_run(const BenchRunOptions& options) {
   std::cout << fmt::format(
       "side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n", config.model.path,
       describe_device(model.device()), dtype_name(model.dtype()), prompt.tokens.size(), steps, config.quantizers.size(),
-      fmt::join(config.lanes, ","));
+      fmt::join(lane_names(config.lanes), ","));
   std::cout << fmt::format("{:<36} {:>10}\n", "", "ms/step");
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "reference only (batch 1)", reference_ms);
   std::cout << fmt::format("{:<36} {:>10.3f}\n", "side by side (all lanes + metrics)", full_ms);

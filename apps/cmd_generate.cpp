@@ -53,7 +53,7 @@ void run_generate(const GenerateOptions& options) {
   if (prompt.empty()) fail("the prompt encodes to no tokens and the tokenizer has no BOS token");
   const auto stop_ids = stop_tokens(model, tokenizer.get());
   spdlog::info("model {} ({}, {} layers, dim {}), {} prompt tokens, {} steps on {} in {}", options.model,
-               model.source().format, model.config().n_layers, model.config().dim, prompt.size(), options.steps,
+               model_format_name(model.source().format), model.config().n_layers, model.config().dim, prompt.size(), options.steps,
                describe_device(device), dtype_name(dtype));
   Sampler sampler(options.sampling);
   std::vector<float> logits;  // step-major [steps, vocab], float32

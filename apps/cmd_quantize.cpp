@@ -102,7 +102,7 @@ void run_quantize(const QuantizeOptions& options) {
     for (const auto& [name, param] : result.stored.params) {
       auto values32 = param.values.to(torch::kFloat32);
       auto dataset = out.write("params/" + name, to_vector<float>(values32), shape_of(values32), 4);
-      dataset.set_attribute("storage_dtype", param.dtype);
+      dataset.set_attribute("storage_dtype", stored_dtype_name(param.dtype));
       dataset.set_attribute("layout", "[tiles, ...]: tile = head * tiles_per_head + block");
     }
     for (const auto& [name, tensor] : {std::pair{"E_M", error.magnitude}, std::pair{"E_D", error.direction},

@@ -44,7 +44,7 @@ RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const
   metadata.tool_version = KVDRIFT_VERSION;
   metadata.git_revision = KVDRIFT_GIT_REVISION;
   metadata.model_path = model.source().path;
-  metadata.model_format = model.source().format;
+  metadata.model_format = model_format_name(model.source().format);
   metadata.model_sha256 = checkpoint_sha256(model.source());
   metadata.prompts_sha256 = prompts_sha256(prompts);
   metadata.device = describe_device(model.device());
@@ -56,7 +56,7 @@ RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const
   metadata.decoding_seed = config.decoding.seed;
   metadata.weights_seed = config.model.seed;
   metadata.prefill = config.decoding.prefill;
-  metadata.prefill_chunk = config.decoding.prefill == "chunked" ? config.decoding.prefill_chunk : 0;
+  metadata.prefill_chunk = config.decoding.prefill == PrefillMode::Chunked ? config.decoding.prefill_chunk : 0;
   for (size_t i = 0; i < config.quantizers.size(); ++i) {
     metadata.quantizer_names.push_back(config.quantizers[i].name);
     metadata.quantizer_params[config.quantizers[i].name] = engine.quantizers()[i]->resolved_params();
@@ -108,7 +108,7 @@ void run_main_job(const RunOptions& options) {
       RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine, prompts),
                    options.overwrite);
   spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
-               config.quantizers.size(), fmt::join(config.lanes, ","), describe_device(model.device()),
+               config.quantizers.size(), fmt::join(lane_names(config.lanes), ","), describe_device(model.device()),
                dtype_name(model.dtype()));
   Progress progress(prompts.size());
   // The prompts still to run (a resumed run skips the finished ones), decoding.batch_prompts at a time.

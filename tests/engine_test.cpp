@@ -57,7 +57,7 @@ Run load(const std::string& config_path) {
 
 const LaneResult& lane_of(const SampleResult& result, const std::string& quantizer, const std::string& lane) {
   for (const auto& l : result.lanes)
-    if (l.quantizer == quantizer && l.lane == lane) return l;
+    if (l.quantizer == quantizer && lane_name(l.lane) == lane) return l;
   throw std::runtime_error("no lane " + quantizer + "/" + lane);
 }
 
@@ -83,7 +83,7 @@ TEST(Engine, NoneLanesEqualTheReference) {
   const auto& free = lane_of(result, "none", "free_running");
   EXPECT_EQ(free.tokens, result.reference_tokens);
   EXPECT_EQ(free.first_divergence, 48);
-  EXPECT_EQ(free.outcome, "censored");  // equal up to the step limit
+  EXPECT_EQ(free.outcome, Outcome::Censored);  // equal up to the step limit
   const auto& fixed = lane_of(result, "none", "static");
   EXPECT_LE(max_of(fixed.arrays.at("attn_rel_l2")), 1e-5);
   EXPECT_EQ(max_of(fixed.arrays.at("key/quant/E_T")), 0.0);
@@ -249,7 +249,7 @@ TEST(Engine, PromptsOfOneBatchGiveWhatEachGivesAlone) {
     for (size_t l = 0; l < alone.lanes.size(); ++l) {
       const LaneResult& a = alone.lanes[l];
       const LaneResult& b = together.lanes[l];
-      SCOPED_TRACE(a.quantizer + "/" + a.lane);
+      SCOPED_TRACE(a.quantizer + "/" + lane_name(a.lane));
       EXPECT_EQ(b.tokens, a.tokens);
       EXPECT_EQ(b.first_divergence, a.first_divergence);
       EXPECT_EQ(b.outcome, a.outcome);
@@ -329,8 +329,8 @@ TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
         EXPECT_LE(array.shape[0], final_array.shape[0]) << name;
         EXPECT_TRUE(std::equal(array.values.begin(), array.values.end(), final_array.values.begin())) << name;
       }
-      if (partial.lane == "teacher_forced") EXPECT_EQ(partial.arrays.at("kl").shape[0], static_cast<int64_t>(steps));
-      if (partial.lane == "free_running") EXPECT_EQ(partial.tokens.size(), steps);
+      if (partial.lane == Lane::TeacherForced) EXPECT_EQ(partial.arrays.at("kl").shape[0], static_cast<int64_t>(steps));
+      if (partial.lane == Lane::FreeRunning) EXPECT_EQ(partial.tokens.size(), steps);
       EXPECT_EQ(partial.arrays.count("key/quant/E_T"), 0u);  // token-scale arrays come with the result
     }
   }
@@ -369,7 +369,7 @@ TEST(Protocol, ChunkedPrefillWithoutQuantizationEqualsTheFullPrefill) {
   const Engine full(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto full_results = full.run(run.inputs.prompts);
   RunConfig chunked_config = run.config;
-  chunked_config.decoding.prefill = "chunked";
+  chunked_config.decoding.prefill = PrefillMode::Chunked;
   chunked_config.decoding.prefill_chunk = 16;
   const Engine chunked(*run.inputs.model, chunked_config, run.inputs.tokenizer.get());
   const auto chunked_results = chunked.run(run.inputs.prompts);  // the short prompt ends in the first chunk
@@ -393,7 +393,7 @@ TEST(Protocol, ChunkedPrefillCarriesQuantizationErrorIntoStepZero) {
                                8, fmt::format("[{}, \"Lily and Ben were playing in the park\"]", kLongPrompt)));
   const Engine full(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   RunConfig chunked_config = run.config;
-  chunked_config.decoding.prefill = "chunked";
+  chunked_config.decoding.prefill = PrefillMode::Chunked;
   chunked_config.decoding.prefill_chunk = 16;
   const Engine chunked(*run.inputs.model, chunked_config, run.inputs.tokenizer.get());
   const auto full_results = full.run(run.inputs.prompts);
@@ -489,7 +489,7 @@ TEST(Protocol, BadPrefillAndSinkSettingsNameTheKey) {
             path + ":11: quantizers 'k': its full-precision sink of 100000 tokens is larger than the model's context "
                    "of 512 positions");
   run.config.quantizers[0].params.erase("sink_tokens");
-  run.config.decoding.prefill = "chunked";
+  run.config.decoding.prefill = PrefillMode::Chunked;
   run.config.decoding.prefill_chunk = 513;
   EXPECT_EQ(test::error_message([&] { Engine(*run.inputs.model, run.config, run.inputs.tokenizer.get()); }),
             path + ": decoding.prefill_chunk = 513 is larger than the model's context of 512 positions");

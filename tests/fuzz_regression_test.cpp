@@ -71,7 +71,7 @@ TEST(FuzzRegression, PromptThatIsNotUtf8NamesThePrompt) {
   test::write_file(dir + "/prompts.txt", "fine\nhello \xff world\n");
   const auto tokenizer = load_tokenizer(test::smollm2_dir());
   PromptSource source;
-  source.kind = "text_file";
+  source.kind = PromptKind::TextFile;
   source.path = dir + "/prompts.txt";
   EXPECT_EQ(test::error_message([&] { load_prompts(source, tokenizer.get()); }),
             "prompt prompts:1: cannot pre-tokenize text: UTF-8 error: illegal byte (0xfe or 0xff)");

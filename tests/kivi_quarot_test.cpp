@@ -100,7 +100,7 @@ TEST(Kivi, KeyCodesPerChannelMatchHandComputed) {
   auto kivi = build(make_kivi, "kivi", {{"group_size", "4"}, {"residual_length", "4"}, {"scale_dtype", "float32"}}, 4);
   // Two tiles: the second is twice the first, so it has the same codes and doubled parameters.
   auto x = torch::stack({kivi_tile(), 2 * kivi_tile()});
-  auto tiles = kivi->quantize(x, Role::Key);
+  auto tiles = kivi->quantize(x, Role::Key, 0);
   // Columns, 2 bits: [0,1,2,3] s=1; constant 1 (s = eps); [-3,0,1.4,3] s=2 -> 0,1.5,2.2,3 -> 0,2,2,3
   // (half to even); [2,2.5,2,3.5] s=0.5 -> 0,1,0,3.
   auto codes = codes_2d({{0, 0, 0, 0}, {1, 0, 2, 1}, {2, 0, 2, 0}, {3, 0, 3, 3}});
@@ -116,27 +116,27 @@ TEST(Kivi, KeyCodesPerChannelMatchHandComputed) {
   EXPECT_TRUE(torch::equal(minimum[1], 2 * minimum[0]));
   // x^ = q s + min.
   auto expected = tensor_2d({{0, 1, -3, 2}, {1, 1, 1, 2.5}, {2, 1, 1, 2}, {3, 1, 3, 3.5}});
-  auto back = kivi->dequantize(tiles, Role::Key);
+  auto back = kivi->dequantize(tiles, Role::Key, 0);
   EXPECT_TRUE(torch::equal(back[0], expected));
   EXPECT_TRUE(torch::equal(back[1], 2 * expected));
 }
 
 TEST(Kivi, ValueCodesPerTokenMatchHandComputed) {
   auto kivi = build(make_kivi, "kivi", {{"group_size", "4"}, {"residual_length", "4"}}, 4);
-  auto tiles = kivi->quantize(kivi_tile().unsqueeze(0), Role::Value);
+  auto tiles = kivi->quantize(kivi_tile().unsqueeze(0), Role::Value, 0);
   // Rows, 2 bits: [0,1,-3,2] s=5/3 -> 1.8,2.4,0,3; [1,1,0,2.5] s=5/6 -> 1.2,1.2,0,3;
   // [2,1,1.4,2] s=1/3 -> 3,0,1.2,3; [3,1,3,3.5] s=5/6 -> 2.4,0,2.4,3.
   auto codes = codes_2d({{2, 2, 0, 3}, {1, 1, 0, 3}, {3, 0, 1, 3}, {2, 0, 2, 3}});
   EXPECT_TRUE(torch::equal(tiles.codes[0], codes));
   const auto& scale = tiles.params.at("scale");
-  EXPECT_EQ(scale.dtype, "float16");
+  EXPECT_EQ(scale.dtype, StoredDtype::Float16);
   ASSERT_EQ(scale.values.sizes(), (std::vector<int64_t>{1, 4, 1}));
   // Dequantization uses the float16-rounded scale, not the float32 one the codes came from.
   auto stored = torch::tensor({5.0f / 3, 2.5f / 3, 1.0f / 3, 2.5f / 3}).to(torch::kFloat16).to(torch::kFloat32);
   EXPECT_TRUE(torch::equal(scale.values.flatten(), stored));
   auto minimum = torch::tensor({-3.0f, 0.0f, 1.0f, 1.0f}).unsqueeze(1);
   auto expected = codes.to(torch::kFloat32) * stored.unsqueeze(1) + minimum;
-  EXPECT_TRUE(torch::equal(kivi->dequantize(tiles, Role::Value)[0], expected));
+  EXPECT_TRUE(torch::equal(kivi->dequantize(tiles, Role::Value, 0)[0], expected));
 }
 
 TEST(Kivi, KVarNPaperPresetSinkAndValueGroups) {
@@ -168,11 +168,11 @@ TEST(Kivi, DefaultsShapesAndPolicy) {
                              {"group_size", "32"},       {"value_group_size", "32"}, {"residual_length", "128"},
                              {"sink_tokens", "0"},       {"scale_dtype", "float16"}, {"zero_dtype", "float16"}};
   EXPECT_EQ(kivi->resolved_params(), expected);
-  auto keys = kivi->quantize(torch::randn({3, 128, 64}), Role::Key);
+  auto keys = kivi->quantize(torch::randn({3, 128, 64}), Role::Key, 0);
   EXPECT_EQ(keys.codes.sizes(), (std::vector<int64_t>{3, 128, 64}));
   EXPECT_EQ(keys.params.at("scale").values.sizes(), (std::vector<int64_t>{3, 4, 64}));
   EXPECT_EQ(keys.params.at("minimum").values.sizes(), (std::vector<int64_t>{3, 4, 64}));
-  auto values = kivi->quantize(torch::randn({3, 7, 64}), Role::Value);
+  auto values = kivi->quantize(torch::randn({3, 7, 64}), Role::Value, 0);
   EXPECT_EQ(values.codes.sizes(), (std::vector<int64_t>{3, 7, 64}));
   EXPECT_EQ(values.params.at("scale").values.sizes(), (std::vector<int64_t>{3, 7, 2}));
   EXPECT_LE(values.codes.max().item<int>(), 3);
@@ -187,7 +187,7 @@ TEST(Kivi, DefaultsShapesAndPolicy) {
 
 TEST(Kivi, KeyTileMustHoldTheResidual) {
   auto kivi = build(make_kivi, "kivi", {}, 64);
-  expect_error_naming([&] { kivi->quantize(torch::randn({1, 64, 64}), Role::Key); }, {"residual_length", "64"});
+  expect_error_naming([&] { kivi->quantize(torch::randn({1, 64, 64}), Role::Key, 0); }, {"residual_length", "64"});
 }
 
 TEST(Kivi, ConstantTilesStayFinite) {
@@ -195,8 +195,8 @@ TEST(Kivi, ConstantTilesStayFinite) {
   for (float constant : {0.0f, 0.3f, -7.0f}) {
     auto keys = torch::full({2, 128, 64}, constant);
     auto values = torch::full({2, 5, 64}, constant);
-    auto key_back = kivi->dequantize(kivi->quantize(keys, Role::Key), Role::Key);
-    auto value_back = kivi->dequantize(kivi->quantize(values, Role::Value), Role::Value);
+    auto key_back = kivi->dequantize(kivi->quantize(keys, Role::Key, 0), Role::Key, 0);
+    auto value_back = kivi->dequantize(kivi->quantize(values, Role::Value, 0), Role::Value, 0);
     ASSERT_TRUE(torch::isfinite(key_back).all().item<bool>()) << constant;
     ASSERT_TRUE(torch::isfinite(value_back).all().item<bool>()) << constant;
     // The minimum carries the whole value, rounded to float16.
@@ -225,24 +225,24 @@ TEST(QuaRot, KeyCodesWithZeroPointMatchHandComputed) {
   auto quarot = build(make_quarot, "quarot", {{"k_bits", "2"}, {"clip_ratio", "1"}, {"scale_dtype", "float32"}}, 4);
   auto x = unrotated_row({3.0f, 0.0f, -1.5f, 1.5f});
   EXPECT_TRUE(torch::equal(x.flatten(), torch::tensor({1.5f, 0.0f, 1.5f, 3.0f})));
-  auto tiles = quarot->quantize(x, Role::Key);
+  auto tiles = quarot->quantize(x, Role::Key, 0);
   // Range [-1.5, 3], s = 4.5 / 3 = 1.5, z = round(1.5 / 1.5) = 1, q = round(y / s) + z.
   EXPECT_TRUE(torch::equal(tiles.codes.flatten(), torch::tensor({3, 1, 0, 2}).to(torch::kUInt8)));
   EXPECT_EQ(tiles.params.at("scale").values.item<float>(), 1.5f);
   EXPECT_EQ(tiles.params.at("zero").values.item<float>(), 1.0f);
-  EXPECT_EQ(tiles.params.at("zero").dtype, "uint8");
-  EXPECT_TRUE(torch::equal(quarot->dequantize(tiles, Role::Key), x));
+  EXPECT_EQ(tiles.params.at("zero").dtype, StoredDtype::UInt8);
+  EXPECT_TRUE(torch::equal(quarot->dequantize(tiles, Role::Key, 0), x));
 }
 
 TEST(QuaRot, KeyZeroPointIsZeroForAllPositiveGroup) {
   auto quarot = build(make_quarot, "quarot", {{"k_bits", "2"}, {"clip_ratio", "1"}}, 4);
   auto x = unrotated_row({1.0f, 2.5f, 3.0f, 4.0f});
-  auto tiles = quarot->quantize(x, Role::Key);
+  auto tiles = quarot->quantize(x, Role::Key, 0);
   // Range [0, 4], s = 4/3, z = 0, q = round(0.75, 1.875, 2.25, 3).
   EXPECT_EQ(tiles.params.at("zero").values.item<float>(), 0.0f);
   EXPECT_TRUE(torch::equal(tiles.codes.flatten(), torch::tensor({1, 2, 2, 3}).to(torch::kUInt8)));
   // An all-negative group puts the zero point at the top code.
-  auto negative = quarot->quantize(-x, Role::Key);
+  auto negative = quarot->quantize(-x, Role::Key, 0);
   EXPECT_EQ(negative.params.at("zero").values.item<float>(), 3.0f);
   EXPECT_TRUE(torch::equal(negative.codes.flatten(), torch::tensor({2, 1, 1, 0}).to(torch::kUInt8)));
 }
@@ -252,40 +252,40 @@ TEST(QuaRot, ValueCodesAndPerRoleClipDefaults) {
   auto quarot = build(make_quarot, "quarot", {{"k_bits", "8"}, {"v_bits", "2"}, {"scale_dtype", "float32"}}, 4);
   EXPECT_EQ(quarot->resolved_params().at("clip_ratio"), "1 (keys), 0.95 (values)");
   auto x = unrotated_row({3.0f, 0.0f, -1.5f, 1.5f});
-  auto keys = quarot->quantize(x, Role::Key);
+  auto keys = quarot->quantize(x, Role::Key, 0);
   EXPECT_FLOAT_EQ(keys.params.at("scale").values.item<float>(), 4.5f / 255);
-  auto values = quarot->quantize(x, Role::Value);
+  auto values = quarot->quantize(x, Role::Value, 0);
   // [min c, max c] = [-1.425, 2.85], s = 1.425, z = round(1.425 / s) = 1: round(y / s) + z =
   // round(2.1, 0, -1.05, 1.05) + 1 = 3, 1, 0, 2.
   EXPECT_FLOAT_EQ(values.params.at("scale").values.item<float>(), 1.425f);
   EXPECT_EQ(values.params.at("zero").values.item<float>(), 1.0f);
-  EXPECT_EQ(values.params.at("zero").dtype, "float32");  // zero_dtype follows scale_dtype
+  EXPECT_EQ(values.params.at("zero").dtype, StoredDtype::Float32);  // zero_dtype follows scale_dtype
   EXPECT_TRUE(torch::equal(values.codes.flatten(), torch::tensor({3, 1, 0, 2}).to(torch::kUInt8)));
-  auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value)).flatten();
+  auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value, 0)).flatten();
   EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({2.85f, 0.0f, -1.425f, 1.425f}), 1e-5, 1e-6));
 }
 
 TEST(QuaRot, ValueZeroPointIsQuaRotsIntegerOneOutsideTheCodesWhenTheRangeExcludesZero) {
   auto quarot = build(make_quarot, "quarot", {{"v_bits", "2"}, {"clip_ratio", "1"}}, 4);
   auto x = unrotated_row({1.0f, 2.5f, 3.0f, 4.0f});
-  auto values = quarot->quantize(x, Role::Value);
+  auto values = quarot->quantize(x, Role::Value, 0);
   // [1, 4], s = 1, z = round(-1) = -1 (stored in float16): q = round(y) - 1 = 0, 1 (2.5 -> 2), 2, 3;
   // x_hat = s (q - z) = 1, 2, 3, 4.
   EXPECT_EQ(values.params.at("zero").values.item<float>(), -1.0f);
-  EXPECT_EQ(values.params.at("zero").dtype, "float16");
+  EXPECT_EQ(values.params.at("zero").dtype, StoredDtype::Float16);
   EXPECT_TRUE(torch::equal(values.codes.flatten(), torch::tensor({0, 1, 2, 3}).to(torch::kUInt8)));
-  auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value)).flatten();
+  auto rotated_back = quant::hadamard_rotate(quarot->dequantize(values, Role::Value, 0)).flatten();
   EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}), 0, 1e-6));
   // The float-minimum variant: q = round(y - 1) = 0, 2 (1.5 -> 2), 2, 3, x_hat = q + 1 = 1, 3, 3, 4.
   auto float_minimum = build(make_quarot, "quarot",
                              {{"v_bits", "2"}, {"clip_ratio", "1"}, {"value_zero_point", "float_minimum"}}, 4);
-  auto minimum_values = float_minimum->quantize(x, Role::Value);
+  auto minimum_values = float_minimum->quantize(x, Role::Value, 0);
   EXPECT_EQ(minimum_values.params.count("zero"), 0u);
   EXPECT_EQ(minimum_values.params.at("minimum").values.item<float>(), 1.0f);
-  rotated_back = quant::hadamard_rotate(float_minimum->dequantize(minimum_values, Role::Value)).flatten();
+  rotated_back = quant::hadamard_rotate(float_minimum->dequantize(minimum_values, Role::Value, 0)).flatten();
   EXPECT_TRUE(torch::allclose(rotated_back, torch::tensor({1.0f, 3.0f, 3.0f, 4.0f}), 0, 1e-6));
   // A constant group is widened to contain 0 and comes back exactly: [0, 2], s = 2/3, z = 0, q = 3.
-  auto constant = quarot->quantize(unrotated_row({2.0f, 2.0f, 2.0f, 2.0f}), Role::Value);
+  auto constant = quarot->quantize(unrotated_row({2.0f, 2.0f, 2.0f, 2.0f}), Role::Value, 0);
   EXPECT_EQ(constant.params.at("zero").values.item<float>(), 0.0f);
   EXPECT_TRUE(torch::equal(constant.codes.flatten(), torch::tensor({3, 3, 3, 3}).to(torch::kUInt8)));
   const std::string unknown =
@@ -316,10 +316,10 @@ TEST(QuaRot, GroupedNonPowerOfTwoHeadRoundTripsClosely) {
   torch::manual_seed(3);
   auto x = torch::randn({4, 9, 96});
   for (Role role : {Role::Key, Role::Value}) {
-    auto tiles = quarot->quantize(x, role);
+    auto tiles = quarot->quantize(x, role, 0);
     EXPECT_EQ(tiles.codes.sizes(), (std::vector<int64_t>{4, 9, 96}));
     EXPECT_EQ(tiles.params.at("scale").values.sizes(), (std::vector<int64_t>{4, 9, 3}));
-    auto back = quarot->dequantize(tiles, role);
+    auto back = quarot->dequantize(tiles, role, 0);
     const float max_step = tiles.params.at("scale").values.max().item<float>();
     EXPECT_LT((back - x).norm(2, -1).max().item<float>(), 0.63f * std::sqrt(96.0f) * max_step) << "role " << static_cast<int>(role);
   }
@@ -329,11 +329,11 @@ TEST(QuaRot, ConstantTilesStayFinite) {
   auto quarot = build(make_quarot, "quarot", {}, 64);
   for (Role role : {Role::Key, Role::Value}) {
     auto zeros = torch::zeros({2, 3, 64});
-    auto zero_back = quarot->dequantize(quarot->quantize(zeros, role), role);
+    auto zero_back = quarot->dequantize(quarot->quantize(zeros, role, 0), role, 0);
     // An all-zero key group uses [-1, 1]: q = z, so zero maps exactly back to zero.
     EXPECT_TRUE(torch::equal(zero_back, zeros)) << "role " << static_cast<int>(role);
     auto ones = torch::full({2, 3, 64}, 0.25f);
-    auto ones_back = quarot->dequantize(quarot->quantize(ones, role), role);
+    auto ones_back = quarot->dequantize(quarot->quantize(ones, role, 0), role, 0);
     EXPECT_TRUE(torch::isfinite(ones_back).all().item<bool>()) << "role " << static_cast<int>(role);
     EXPECT_TRUE(torch::allclose(ones_back, ones, 0.0, 0.05)) << "role " << static_cast<int>(role);
   }

@@ -119,11 +119,11 @@ TEST(KVarN, WithoutRotationOrVarNIsPlainMinMaxRtn) {
                  dim);
   const auto x = skewed_tiles(3, tokens, dim);
   for (Role role : {Role::Key, Role::Value}) {
-    const auto tiles = q->quantize(x, role);
+    const auto tiles = q->quantize(x, role, 0);
     const int64_t bits = role == Role::Key ? 3 : 5;
     ASSERT_EQ(tiles.bits, bits);
     ASSERT_EQ(tiles.codes.sizes(), x.sizes());
-    const auto xhat = q->dequantize(tiles, role);
+    const auto xhat = q->dequantize(tiles, role, 0);
     auto codes = tiles.codes.accessor<uint8_t, 3>();
     auto out = xhat.accessor<float, 3>();
     for (int64_t n = 0; n < x.size(0); ++n) {
@@ -151,7 +151,7 @@ TEST(KVarN, VarNScalesFollowTheSpecPseudoCode) {
       {{"iters", std::to_string(iters)}, {"rotate", "false"}, {"tile_size", "16"}, {"scale_dtype", "float32"}}, dim);
   const auto x = skewed_tiles(2, tokens, dim);
   for (Role role : {Role::Key, Role::Value}) {
-    const auto tiles = q->quantize(x, role);
+    const auto tiles = q->quantize(x, role, 0);
     // Keys: columns are tokens (kT), rows channels (kS = Sr s). Values: columns channels (vC), rows tokens.
     const auto& column_param = tiles.params.at(role == Role::Key ? "kT" : "vC").values;
     const auto& row_scale_param = tiles.params.at(role == Role::Key ? "kS" : "vS").values;
@@ -188,7 +188,7 @@ TEST(KVarN, VarNLowersTheErrorOfSkewedTiles) {
     double error[2];
     for (int with_varn : {0, 1}) {
       auto q = kvarn({{"preset", "k2v2"}, {"iters", with_varn ? "8" : "0"}, {"rotate", rotate}}, dim);
-      error[with_varn] = relative_mse(x, q->dequantize(q->quantize(x, role), role));
+      error[with_varn] = relative_mse(x, q->dequantize(q->quantize(x, role, 0), role, 0));
     }
     std::printf("[ info     ] k2v2 %s rotate=%s relative MSE: iters=0 %.4f, iters=8 %.4f\n", role_name(role),
                 rotate.c_str(), error[0], error[1]);
@@ -204,7 +204,7 @@ TEST(KVarN, ConstantTilesStayFinite) {
       for (double value : {0.0, 3.5}) {
         const auto x = torch::full({2, tokens, dim}, value);
         for (Role role : {Role::Key, Role::Value}) {
-          const auto xhat = q->dequantize(q->quantize(x, role), role);
+          const auto xhat = q->dequantize(q->quantize(x, role, 0), role, 0);
           ASSERT_TRUE(xhat.isfinite().all().item<bool>()) << "rotate " << rotate << " " << dtype << " value " << value;
           EXPECT_LT((xhat - x).abs().max().item<double>(), 0.1 * value + 1e-6)
               << "rotate " << rotate << " " << dtype << " value " << value << " " << role_name(role);
@@ -218,7 +218,7 @@ TEST(KVarN, LayoutCodeRangeAndStorageCost) {
   const int64_t tokens = 128, dim = 128, n = 3;
   auto q = kvarn({}, dim);  // k4v2, G = 128, fp16
   const auto x = skewed_tiles(n, tokens, dim);
-  const auto keys = q->quantize(x, Role::Key), values = q->quantize(x, Role::Value);
+  const auto keys = q->quantize(x, Role::Key, 0), values = q->quantize(x, Role::Value, 0);
   EXPECT_EQ(keys.codes.scalar_type(), torch::kUInt8);
   EXPECT_EQ(keys.codes.sizes(), x.sizes());
   EXPECT_EQ(values.codes.sizes(), x.sizes());
@@ -243,8 +243,8 @@ TEST(KVarN, Float8ScalesKeepFloat16ZeroPointsThePapersLayout) {
   auto bits = [&](const ParamMap& params) {
     auto q = kvarn(params, 128);
     const int64_t elements = x.numel();
-    return (stored_bits_per_element(q->quantize(x, Role::Key), elements) +
-            stored_bits_per_element(q->quantize(x, Role::Value), elements)) /
+    return (stored_bits_per_element(q->quantize(x, Role::Key, 0), elements) +
+            stored_bits_per_element(q->quantize(x, Role::Value, 0), elements)) /
            2;
   };
   EXPECT_DOUBLE_EQ(bits({{"preset", "k2v2"}}), 2.375);
@@ -252,9 +252,9 @@ TEST(KVarN, Float8ScalesKeepFloat16ZeroPointsThePapersLayout) {
   EXPECT_DOUBLE_EQ(bits({{"preset", "k2v2"}, {"scale_dtype", "float8_e4m3"}, {"zero_dtype", "float8_e4m3"}}), 2.1875);
   auto fp8 = kvarn({{"preset", "k2v2"}, {"scale_dtype", "float8_e4m3"}}, 128);
   EXPECT_EQ(fp8->resolved_params().at("zero_dtype"), "float16");
-  const auto keys = fp8->quantize(x, Role::Key);
-  EXPECT_EQ(keys.params.at("kS").dtype, "float8_e4m3");
-  EXPECT_EQ(keys.params.at("kZ").dtype, "float16");
+  const auto keys = fp8->quantize(x, Role::Key, 0);
+  EXPECT_EQ(keys.params.at("kS").dtype, StoredDtype::Float8E4M3);
+  EXPECT_EQ(keys.params.at("kZ").dtype, StoredDtype::Float16);
   const std::string bad = test::error_message([&] { kvarn({{"zero_dtype", "uint8"}}, 128); });
   EXPECT_NE(bad.find("zero_dtype"), std::string::npos) << bad;
 }
@@ -279,7 +279,7 @@ TEST(KVarN, ParametersPolicyAndChecks) {
   EXPECT_THROW(kvarn({}, 100), Error);  // no Hadamard matrix of order 100
   EXPECT_NO_THROW(kvarn({{"rotate", "false"}}, 100));
   EXPECT_NO_THROW(kvarn({}, 96));  // 12 * 8
-  const std::string message = test::error_message([&] { q->quantize(torch::zeros({1, 32, 128}), Role::Key); });
+  const std::string message = test::error_message([&] { q->quantize(torch::zeros({1, 32, 128}), Role::Key, 0); });
   EXPECT_NE(message.find("got 32"), std::string::npos) << message;
 }
 

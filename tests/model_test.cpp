@@ -56,7 +56,7 @@ TEST(Model, ConvertedHfCheckpointGivesSameLogits) {
   const auto llama2c = load_model(test::stories260k_dir() + "/stories260K.bin", torch::kCPU, torch::kFloat32);
   const std::string hf_dir = converted_hf_dir();
   const auto hf = load_model(hf_dir, torch::kCPU, torch::kFloat32);
-  EXPECT_EQ(hf.source().format, "hf");
+  EXPECT_EQ(hf.source().format, ModelFormat::HuggingFace);
   EXPECT_EQ(hf.config().rope_style, RopeStyle::HalfSplit);
   EXPECT_EQ(llama2c.config().rope_style, RopeStyle::Interleaved);
   const double max_diff = (logits_of(llama2c, sequence64()) - logits_of(hf, sequence64())).abs().max().item<double>();

@@ -38,14 +38,14 @@ std::string write_fixture(const std::string& name, const std::string& contents) 
 
 PromptSource inline_source(Texts texts) {
   PromptSource source;
-  source.kind = "inline";
+  source.kind = PromptKind::Inline;
   source.texts = std::move(texts);
   return source;
 }
 
 PromptSource jsonl_source(const std::string& path, const std::string& field) {
   PromptSource source;
-  source.kind = "jsonl";
+  source.kind = PromptKind::Jsonl;
   source.path = path;
   source.field = field;
   return source;
@@ -111,7 +111,7 @@ TEST(Prompts, InlineTextsAreEncodedVerbatim) {
 TEST(Prompts, TextFileGivesOnePromptPerNonEmptyLine) {
   const std::string path = write_fixture("lines.txt", "The end.  \n\n   \n  Lily likes cats.\r\nTom said hi\n");
   PromptSource source;
-  source.kind = "text_file";
+  source.kind = PromptKind::TextFile;
   source.path = path;
   auto prompts = load_prompts(source, &tok512());
   EXPECT_EQ(ids_of(prompts), (Texts{"lines:0", "lines:1", "lines:2"}));
@@ -124,7 +124,7 @@ TEST(Prompts, TextFileSeparatorTrimsPiecesAndSkipsEmptyOnes) {
   const std::string path = write_fixture(
       "stories.txt", "\nOnce there was a cat.\n<|endoftext|>\n\n  \n<|endoftext|>The dog ran.\n\n<|endoftext|>\n");
   PromptSource source;
-  source.kind = "text_file";
+  source.kind = PromptKind::TextFile;
   source.path = path;
   source.separator = "<|endoftext|>";
   auto prompts = load_prompts(source, &tok512());
@@ -186,7 +186,7 @@ TEST(Prompts, OffsetAndLimitKeepStableIds) {
 
 TEST(Prompts, TokenIdsAreUsedAsGiven) {
   PromptSource source;
-  source.kind = "token_ids";
+  source.kind = PromptKind::TokenIds;
   source.ids = {{1, 291, 344, 264, 426}, {0, 511}, {7}};
   source.offset = 1;
   auto prompts = load_prompts(source, nullptr);
@@ -209,7 +209,7 @@ TEST(Prompts, MissingFileNamesThePath) {
   PromptSource source = jsonl_source("/nonexistent/kvdrift/math.jsonl", "problem");
   EXPECT_EQ(error_message([&] { load_prompts(source, &tok512()); }),
             "prompt file not found: /nonexistent/kvdrift/math.jsonl");
-  source.kind = "text_file";
+  source.kind = PromptKind::TextFile;
   EXPECT_EQ(error_message([&] { load_prompts(source, &tok512()); }),
             "prompt file not found: /nonexistent/kvdrift/math.jsonl");
 }
@@ -288,7 +288,7 @@ TEST(Prompts, EmptySelectionSaysOffsetOfTotal) {
 
   const std::string path = write_fixture("blank.txt", "\n  \n\n");
   PromptSource file_source;
-  file_source.kind = "text_file";
+  file_source.kind = PromptKind::TextFile;
   file_source.path = path;
   EXPECT_EQ(error_message([&] { load_prompts(file_source, &tok512()); }),
             "no prompts: " + path + " after offset 0 of 0");
@@ -303,14 +303,14 @@ TEST(Prompts, PromptWithoutTokensIsAnError) {
   EXPECT_EQ(load_prompts(source, &tok512())[1].tokens, (Ids{1}));
 
   PromptSource ids_source;
-  ids_source.kind = "token_ids";
+  ids_source.kind = PromptKind::TokenIds;
   ids_source.ids = {{1}, {}};
   EXPECT_EQ(error_message([&] { load_prompts(ids_source, nullptr); }), "prompt ids:1 has no tokens");
 }
 
 TEST(Prompts, TokenIdsOutOfRange) {
   PromptSource source;
-  source.kind = "token_ids";
+  source.kind = PromptKind::TokenIds;
   source.ids = {{1, 5, -3}};
   EXPECT_EQ(error_message([&] { load_prompts(source, nullptr); }),
             "prompt ids:0: token -3 at position 2 is negative");
@@ -320,13 +320,9 @@ TEST(Prompts, TokenIdsOutOfRange) {
             "prompt ids:1: token 512 at position 1 is outside the tokenizer's vocabulary of 512 tokens");
 }
 
-TEST(Prompts, TextSourceNeedsATokenizerAndAKnownKind) {
+TEST(Prompts, TextSourceNeedsATokenizer) {
   EXPECT_EQ(error_message([&] { load_prompts(inline_source({"a"}), nullptr); }),
             "prompt source 'inline' needs a tokenizer to encode its texts");
-  PromptSource source = inline_source({"a"});
-  source.kind = "csv";
-  EXPECT_EQ(error_message([&] { load_prompts(source, &tok512()); }),
-            "unknown prompt source kind 'csv' (expected inline, text_file, jsonl or token_ids)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,7 +380,7 @@ TEST(Prompts, HumanEvalFromGzip) {
 
 TEST(Prompts, TinyStoriesSampleSplitsIntoFiveStories) {
   PromptSource source;
-  source.kind = "text_file";
+  source.kind = PromptKind::TextFile;
   source.path = shared_data("tinystories/tinystories_sample_cs336.txt");
   source.separator = "<|endoftext|>";
   auto prompts = load_prompts(source, &tok512());

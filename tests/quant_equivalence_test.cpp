@@ -86,9 +86,9 @@ struct Mismatch {
 };
 
 Mismatch compare(const Quantizer& q, Role role, const torch::Tensor& x, const torch::Device& device) {
-  const auto stored = q.quantize(x.to(device), role);
+  const auto stored = q.quantize(x.to(device), role, 0);
   const auto codes = stored.codes.to(torch::kCPU).to(torch::kInt64);
-  const auto restored = q.dequantize(stored, role).to(torch::kCPU).to(torch::kFloat64);
+  const auto restored = q.dequantize(stored, role, 0).to(torch::kCPU).to(torch::kFloat64);
   const auto settings = settings_of(q, role);
   const int64_t levels = (1 << settings.bits) - 1;
   Mismatch m;

@@ -84,11 +84,11 @@ TEST(Quantizers, CodesStayInRangeAndConstantTilesStayFinite) {
     const auto q = make_quantizer(c.method, c.params, 64);
     for (Role role : {Role::Key, Role::Value}) {
       const int64_t tokens = tile_tokens(*q, role);
-      auto stored = q->quantize(random_tiles(4, tokens, 64, 1), role);
+      auto stored = q->quantize(random_tiles(4, tokens, 64, 1), role, 0);
       if (c.method != "none") EXPECT_LE(stored.codes.max().item<int64_t>(), (1 << stored.bits) - 1) << describe(c);
       for (double constant : {0.0, 3.5}) {
         auto flat = torch::full({2, tokens, 64}, constant);
-        auto restored = q->dequantize(q->quantize(flat, role), role);
+        auto restored = q->dequantize(q->quantize(flat, role, 0), role, 0);
         EXPECT_TRUE(restored.isfinite().all().item<bool>())
             << describe(c) << " " << role_name(role) << " constant " << constant;
         EXPECT_LE((restored - flat).abs().max().item<double>(), 0.05 * std::max(1.0, constant)) << describe(c);
@@ -102,7 +102,7 @@ TEST(Quantizers, TokenScaleErrorIdentityHolds) {
     const auto q = make_quantizer(c.method, c.params, 64);
     for (Role role : {Role::Key, Role::Value}) {
       auto x = random_tiles(4, tile_tokens(*q, role), 64, 2);
-      auto error = metrics::token_scale_error(x, q->dequantize(q->quantize(x, role), role));
+      auto error = metrics::token_scale_error(x, q->dequantize(q->quantize(x, role, 0), role, 0));
       // 1e-6 relative to E_T, plus float64 rounding of |x|^2-sized terms where E_T is 0 (none).
       auto gap = (error.magnitude + error.direction - error.total).abs();
       auto allowed = 1e-6 * error.total + 1e-12 * x.to(torch::kFloat64).pow(2).sum(-1);
@@ -115,8 +115,8 @@ TEST(Quantizers, TokenScaleErrorIdentityHolds) {
 TEST(Quantizers, KVarNK4V2StoresExactly3375BitsPerElement) {
   const auto q = make_quantizer("kvarn", {{"preset", "k4v2"}}, 128);
   auto x = random_tiles(4, 128, 128, 3);
-  const double key_bits = stored_bits_per_element(q->quantize(x, Role::Key), x.numel());
-  const double value_bits = stored_bits_per_element(q->quantize(x, Role::Value), x.numel());
+  const double key_bits = stored_bits_per_element(q->quantize(x, Role::Key, 0), x.numel());
+  const double value_bits = stored_bits_per_element(q->quantize(x, Role::Value, 0), x.numel());
   EXPECT_DOUBLE_EQ(key_bits, 4.375);
   EXPECT_DOUBLE_EQ(value_bits, 2.375);
   EXPECT_DOUBLE_EQ((key_bits + value_bits) / 2, 3.375);
@@ -404,7 +404,7 @@ TEST(Packing, FollowsTheSpecLayout) {
 
 TEST(ScaleStorage, Float8E4M3RoundsToRepresentableValues) {
   auto x = torch::tensor({0.3, 500.0, -500.0, 0.001953125, 1.0625, 1.1875, 0.0, 17.0});
-  auto r = quant::round_to_storage(x, "float8_e4m3");
+  auto r = quant::round_to_storage(x, StoredDtype::Float8E4M3);
   // 0.3 -> spacing 2^-5 in [0.25, 0.5): 0.3125; 500 saturates to 448; 2^-9 is the smallest subnormal;
   // 1.0625 is halfway between 1.0 and 1.125: ties to even (1.0); 1.1875 ties to 1.25; 17 -> spacing 2: 16.
   const std::vector<float> expected = {0.3125f, 448.f, -448.f, 0.001953125f, 1.0f, 1.25f, 0.f, 16.f};

@@ -97,7 +97,7 @@ output:
   EXPECT_EQ(config.model.tokenizer, dir + "/models/tok512.bin");
   EXPECT_EQ(config.model.device, "cuda:1");
   EXPECT_EQ(config.model.dtype, "bfloat16");
-  EXPECT_EQ(config.prompts.kind, "jsonl");
+  EXPECT_EQ(config.prompts.kind, PromptKind::Jsonl);
   EXPECT_EQ(config.prompts.path, dir + "/data/math.jsonl.gz");
   EXPECT_EQ(config.prompts.template_text, "Problem: {problem}\nSolution:");
   EXPECT_EQ(config.prompts.field, "");
@@ -123,7 +123,7 @@ output:
   const std::map<std::string, std::string> kvarn_params = {{"preset", "k2v2"}, {"iters", "0"}};
   EXPECT_EQ(config.quantizers[1].params, kvarn_params);
   EXPECT_EQ(config.quantizers[1].line, 26);
-  EXPECT_EQ(config.lanes, (std::vector<std::string>{"free_running", "static"}));
+  EXPECT_EQ(config.lanes, (std::vector<Lane>{Lane::FreeRunning, Lane::Static}));
   EXPECT_EQ(config.metrics.layer_stride, 4);
   EXPECT_FALSE(config.metrics.token_scale);
   EXPECT_FALSE(config.metrics.attention_error);
@@ -152,7 +152,7 @@ TEST(RunConfig, DefaultsFillIn) {
   ASSERT_EQ(config.quantizers.size(), 1u);
   EXPECT_TRUE(config.quantizers[0].params.empty());
   EXPECT_EQ(config.quantizers[0].line, 7);
-  EXPECT_EQ(config.lanes, (std::vector<std::string>{"static", "teacher_forced", "free_running"}));
+  EXPECT_EQ(config.lanes, (std::vector<Lane>{Lane::Static, Lane::TeacherForced, Lane::FreeRunning}));
   EXPECT_EQ(config.metrics.layer_stride, 1);
   EXPECT_TRUE(config.metrics.token_scale);
   EXPECT_TRUE(config.metrics.attention_error);
@@ -217,7 +217,7 @@ TEST(RunConfig, SetOverridesKeysListEntriesAndWholeLists) {
   EXPECT_EQ(config.quantizers[0].params, (std::map<std::string, std::string>{{"k_bits", "4"}}));
   EXPECT_EQ(config.quantizers[0].method, "kvarn");
   EXPECT_EQ(config.quantizers[0].line, 7);  // the entry itself still comes from the file
-  EXPECT_EQ(config.lanes, std::vector<std::string>{"static"});
+  EXPECT_EQ(config.lanes, std::vector<Lane>{Lane::Static});
   EXPECT_EQ(config.prompts.ids, (std::vector<std::vector<int64_t>>{{5}, {6, 7}}));
   EXPECT_EQ(config.decoding.top_p, 0.95);
   EXPECT_EQ(config.output.flush_seconds, 1.0);

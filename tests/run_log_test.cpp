@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "decode/engine.h"
 #include "io/hdf5.h"
+#include "metrics/metric_table.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -71,7 +72,7 @@ struct LaneNumbers {
   float static_attn_rel_l2, teacher_forced_attn_rel_l2;  // at every logged step and layer
   std::vector<int64_t> tokens;                           // free_running
   int64_t first_divergence;
-  std::string outcome;
+  Outcome outcome;
   double bits_per_element;               // every lane
   float key_quant_E_T, value_quant_E_T;  // at every position and layer, every lane
 };
@@ -113,22 +114,21 @@ void add_token_scale(LaneResult& lane, int64_t positions, const LaneNumbers& num
 
 void add_lanes(SampleResult& sample, const std::string& quantizer, int64_t positions, const LaneNumbers& numbers) {
   const auto logged = static_cast<int64_t>(sample.logged_steps.size());
-  LaneResult static_lane{quantizer, "static"};
+  LaneResult static_lane{quantizer, Lane::Static};
   static_lane.arrays["attn_rel_l2"] = filled({logged, kLayers}, numbers.static_attn_rel_l2);
   static_lane.arrays["attn_cos"] = ramp({logged, kLayers}, 0.5f);
   add_token_scale(static_lane, positions, numbers, false);
 
-  LaneResult teacher_forced{quantizer, "teacher_forced"};
+  LaneResult teacher_forced{quantizer, Lane::TeacherForced};
   const auto steps = static_cast<int64_t>(numbers.kl.size());
   teacher_forced.arrays["kl"] = {numbers.kl, {steps}};
   teacher_forced.arrays["top1_agree"] = {numbers.top1_agree, {steps}};
   teacher_forced.arrays["logp_delta"] = {numbers.logp_delta, {steps}};
   teacher_forced.arrays["attn_rel_l2"] = filled({logged, kLayers}, numbers.teacher_forced_attn_rel_l2);
   teacher_forced.arrays["attn_cos"] = ramp({logged, kLayers}, 0.25f);
-  teacher_forced.arrays["probe/extra"] = ramp({2, 3}, -1);  // a name the schema does not know
   add_token_scale(teacher_forced, positions, numbers, true);
 
-  LaneResult free_running{quantizer, "free_running"};
+  LaneResult free_running{quantizer, Lane::FreeRunning};
   free_running.tokens = numbers.tokens;
   free_running.first_divergence = numbers.first_divergence;
   free_running.outcome = numbers.outcome;
@@ -155,9 +155,9 @@ SampleResult make_sample(int index) {
     sample.metric_seconds = 0.125;
     add_lanes(
         sample, "int4", 5,
-        {{.1f, .2f, .4f}, {1, 1, 0}, {.5f, -.5f, 1}, .1f, .2f, {10, 11, 99}, 2, "token_mismatch", 4.0, .25f, .5f});
+        {{.1f, .2f, .4f}, {1, 1, 0}, {.5f, -.5f, 1}, .1f, .2f, {10, 11, 99}, 2, Outcome::TokenMismatch, 4.0, .25f, .5f});
     add_lanes(sample, "int2", 5,
-              {{1, 2, 4}, {1, 0, 0}, {1, 1, 1}, 0.3f, 0.4f, {5, 11, 12}, 0, "token_mismatch", 2.0, 1.0f, 2.0f});
+              {{1, 2, 4}, {1, 0, 0}, {1, 1, 1}, 0.3f, 0.4f, {5, 11, 12}, 0, Outcome::TokenMismatch, 2.0, 1.0f, 2.0f});
   } else {
     sample.prompt = {"inline:1", "The cat", {1, 500}, "42"};
     sample.reference_tokens = {20, 21};
@@ -168,8 +168,8 @@ SampleResult make_sample(int index) {
     sample.decode_seconds = 0.75;
     sample.metric_seconds = 0.0625;
     add_lanes(sample, "int4", 3,
-              {{0.3f, 0.5f}, {1, 0}, {2.0f, 0.0f}, 0.5f, 0.6f, {20, 21}, 2, "identical", 4.5, 0.75f, 1.0f});
-    add_lanes(sample, "int2", 3, {{3, 5}, {0, 0}, {3, 3}, 0.7f, 0.8f, {20}, 1, "length_only", 3.0, 3.0f, 4.0f});
+              {{0.3f, 0.5f}, {1, 0}, {2.0f, 0.0f}, 0.5f, 0.6f, {20, 21}, 2, Outcome::Identical, 4.5, 0.75f, 1.0f});
+    add_lanes(sample, "int2", 3, {{3, 5}, {0, 0}, {3, 3}, 0.7f, 0.8f, {20}, 1, Outcome::LengthOnly, 3.0, 3.0f, 4.0f});
   }
   return sample;
 }
@@ -246,30 +246,26 @@ void expect_sample(const h5::Group& samples, int index) {
   expect_appendable(sample, "logged_steps", true);
 
   for (const LaneResult& lane : expected.lanes) {
-    const h5::Group group = sample.open_group(lane.quantizer + "/" + lane.lane);
+    const h5::Group group = sample.open_group(lane.quantizer + "/" + lane_name(lane.lane));
     for (const auto& [name, array] : lane.arrays) {
       expect_array(group, name, array);
       const bool per_step = name == "kl" || name == "top1_agree" || name == "logp_delta" || name == "match" ||
                             name == "attn_rel_l2" || name == "attn_cos";
       expect_appendable(group, name, per_step);
       const h5::Dataset dataset = group.open_dataset(name);
-      if (name == "probe/extra") {
-        EXPECT_FALSE(dataset.has_attribute("axes"));
-      } else {
-        EXPECT_EQ(dataset.attribute<std::string>("axes"),
-                  per_step ? (name.rfind("attn_", 0) == 0 ? "logged_step,layer" : "step") : "position,layer")
-            << group.path() << "/" << name;
-      }
+      EXPECT_EQ(dataset.attribute<std::string>("axes"),
+                per_step ? (name.rfind("attn_", 0) == 0 ? "logged_step,layer" : "step") : "position,layer")
+          << group.path() << "/" << name;
     }
     EXPECT_EQ(group.attribute<double>("bits_per_element"), lane.scalars.at("bits_per_element"));
     EXPECT_EQ(group.attribute<double>("fraction_quantized"), 0.5);
     EXPECT_EQ(group.open_group("key/quant").attribute<double>("worst5_magnitude_share"), 0.625);
     EXPECT_EQ(group.open_group("value/quant").attribute<double>("worst5_magnitude_share"), 0.375);
-    if (lane.lane == "free_running") {
+    if (lane.lane == Lane::FreeRunning) {
       EXPECT_EQ(group.read<int64_t>("tokens"), lane.tokens);
       expect_appendable(group, "tokens", true);
       EXPECT_EQ(group.attribute<int64_t>("first_divergence"), lane.first_divergence);
-      EXPECT_EQ(group.attribute<std::string>("outcome"), lane.outcome);
+      EXPECT_EQ(group.attribute<std::string>("outcome"), outcome_name(lane.outcome));
     } else {
       EXPECT_FALSE(group.exists("tokens"));
       EXPECT_FALSE(group.has_attribute("outcome"));
@@ -405,6 +401,22 @@ assert (scale.dtype, scale.shape, scale.maxshape) == (np.float32, (3, 2), (3, 2)
 assert samples['1/int2/free_running/tokens'].dtype == np.int64
 assert samples['0/prompt_tokens'][()].tolist() == [1, 400, 401]
 assert samples['1'].attrs['prompt_text'] == 'The cat' and samples['1'].attrs['complete'] == 1
+# The metric table: what every lane array and scalar is, as the file's own datasets carry it.
+import json
+table = {e['name']: e for e in json.loads(f['schema/metrics'].asstr()[()])}
+assert table['kl']['axes'] == ['step'] and table['kl']['lanes'] == ['teacher_forced'], table['kl']
+assert table['attn_rel_l2']['lanes'] == ['static', 'teacher_forced']
+assert table['key/drift/E_M']['axes'] == ['position', 'layer'] and table['key/drift/E_M']['dtype'] == 'float32'
+assert table['key/drift/E_M']['lanes'] == ['teacher_forced', 'free_running']
+assert table['bits_per_element']['axes'] == [] and table['bits_per_element']['dtype'] == 'float64'
+assert len(table) == 10 + 2 * 2 * 6, sorted(table)
+def check(name, node):
+    if isinstance(node, h5py.Dataset) and name.count('/') >= 3 and not name.endswith('/tokens'):
+        metric = name.split('/', 3)[3]
+        assert node.attrs['axes'] == ','.join(table[metric]['axes']), name
+        assert node.dtype == np.dtype(table[metric]['dtype']), name
+        assert name.split('/')[2] in table[metric]['lanes'], name
+samples.visititems(check)
 for quantizer in ('int4', 'int2'):
     # Steps from 1: step 0's logits come from the shared full-precision prefill.
     assert f['summary'][quantizer].attrs['first_step'] == 1 and f.attrs['prefill'] == 'full'
@@ -522,7 +534,7 @@ TEST(RunLog, RejectsArraysThatDoNotFitTheirShapeOrTheSchema) {
   RunLog log = RunLog::open(path, kConfig, metadata(), false);
   SampleResult sample = make_sample(0);
   HostArray& kl = sample.lanes[1].arrays.at("kl");
-  ASSERT_EQ(sample.lanes[1].lane, "teacher_forced");
+  ASSERT_EQ(sample.lanes[1].lane, Lane::TeacherForced);
   kl.shape = {4};
   EXPECT_TRUE(contains(error_message([&] { log.write_sample(0, sample); }),
                        "dataset '/samples/0/int4/teacher_forced/kl': 3 values do not fill shape [4]"));
@@ -548,6 +560,55 @@ TEST(RunLog, MisuseIsAnInternalErrorNamingTheInvariant) {
     const std::string message = error.what();
     EXPECT_TRUE(contains(message, "indices.size() == prompts.size() does not hold (")) << message;
     EXPECT_TRUE(contains(message, "src/run/run_log.cpp:")) << message;
+  }
+}
+
+// The engine reports only what metrics/metric_table.cpp defines: anything else is a bug, not input.
+TEST(RunLog, ANameTheMetricTableLacksIsAnInternalError) {
+  const std::string path = scratch_dir() + "/run.h5";
+  RunLog log = RunLog::open(path, kConfig, metadata(), false);
+  SampleResult sample = make_sample(0);
+  sample.lanes[1].arrays["probe/extra"] = ramp({2, 3}, -1);
+  try {
+    log.write_sample(0, sample);
+    ADD_FAILURE() << "no InternalError";
+  } catch (const InternalError& error) {
+    EXPECT_EQ(std::string(error.what()), "the metric table (metrics/metric_table.cpp) has no entry 'probe/extra'");
+  }
+  sample = make_sample(0);
+  sample.lanes[0].scalars["kl"] = 1.0;  // an array's name as a scalar
+  EXPECT_THROW(log.write_sample(0, sample), InternalError);
+  EXPECT_FALSE(log.has_sample(0));
+  log.write_sample(0, make_sample(0));
+  expect_sample(h5::File::open_read(path).open_group("samples"), 0);
+}
+
+// A log keeps the metric table its samples follow: one written before the table gets it when resumed,
+// one written by a kvdrift with other metrics is not extended with samples of these.
+TEST(RunLog, ResumingAddsAMissingMetricTableAndRefusesAnotherOne) {
+  const std::string path = scratch_dir() + "/run.h5";
+  write_run(path);
+  h5::File::open_read_write(path).open_group("schema").remove("metrics");
+  RunLog::open(path, kConfig, metadata(), false);
+  EXPECT_EQ(h5::File::open_read(path).read_string("schema/metrics"), metric_table_json());
+
+  {
+    h5::File file = h5::File::open_read_write(path);
+    file.open_group("schema").remove("metrics");
+    file.write_string("schema/metrics", "[]");
+  }
+  EXPECT_EQ(error_message([&] { RunLog::open(path, kConfig, metadata(), false); }),
+            path + " was written by a kvdrift that logs other metrics (schema/metrics differs); pass --overwrite to "
+                   "replace it");
+}
+
+// docs/hdf5-schema.md explains every entry of the table.
+TEST(MetricTable, TheSchemaPageNamesEveryMetric) {
+  const std::string page = test::read_file(std::string(KVDRIFT_SOURCE_DIR) + "/docs/hdf5-schema.md");
+  for (const MetricSpec& spec : metric_table()) {
+    const std::string last = spec.name.substr(spec.name.rfind('/') + 1);
+    EXPECT_TRUE(contains(page, "`" + last + "`") || contains(page, last + "}") || contains(page, last + ","))
+        << spec.name;
   }
 }
 

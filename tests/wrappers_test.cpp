@@ -40,13 +40,13 @@ TEST(Wrappers, TrueScaleLeavesOnlyDirectionErrorTrueDirectionOnlyMagnitude) {
       auto true_direction = make_quantizer(method, direction_params, 64);
       EXPECT_EQ(true_scale->method(), method);
       EXPECT_EQ(true_scale->resolved_params().at("wrap"), "true_scale");
-      const auto x_hat = plain->dequantize(plain->quantize(x, role), role);
+      const auto x_hat = plain->dequantize(plain->quantize(x, role, 0), role, 0);
       const auto plain_error = metrics::token_scale_error(x, x_hat);
       ASSERT_GT(total(plain_error.magnitude), 0.0);
       ASSERT_GT(total(plain_error.direction), 0.0);
 
       // true_scale: |x_hat'| = |x| (float32 rounding only), the method's direction kept.
-      const auto scaled = true_scale->dequantize(true_scale->quantize(x, role), role);
+      const auto scaled = true_scale->dequantize(true_scale->quantize(x, role, 0), role, 0);
       const auto scale_error = metrics::token_scale_error(x, scaled);
       EXPECT_LE(total(scale_error.magnitude), 1e-9 * total(scale_error.total));
       // E_D = 2 |x| |x_hat| (1 - cos) with the method's cosine, now at |x_hat| = |x|.
@@ -57,7 +57,7 @@ TEST(Wrappers, TrueScaleLeavesOnlyDirectionErrorTrueDirectionOnlyMagnitude) {
       EXPECT_GT(cosine.min().item<double>(), 1 - 1e-6);
 
       // true_direction: x's direction, the method's norm: E_D = 0, E_M unchanged.
-      const auto directed = true_direction->dequantize(true_direction->quantize(x, role), role);
+      const auto directed = true_direction->dequantize(true_direction->quantize(x, role, 0), role, 0);
       const auto direction_error = metrics::token_scale_error(x, directed);
       EXPECT_LE(total(direction_error.direction), 1e-9 * total(direction_error.total));
       EXPECT_NEAR(total(direction_error.magnitude), total(plain_error.magnitude),
@@ -78,7 +78,7 @@ TEST(Wrappers, StorageStatesTheSideInformation) {
     ParamMap params = {{"preset", "k2v2"}, {"tile_size", "64"}};
     if (!wrap.empty()) params["wrap"] = wrap;
     auto q = make_quantizer("kvarn", params, 64);
-    return stored_bits_per_element(q->quantize(x, Role::Key), x.numel());
+    return stored_bits_per_element(q->quantize(x, Role::Key, 0), x.numel());
   };
   EXPECT_DOUBLE_EQ(bits(""), 2.75);
   EXPECT_DOUBLE_EQ(bits("true_scale"), 3.25);

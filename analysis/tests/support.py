@@ -4,6 +4,7 @@ Fixtures follow docs/hdf5-schema.md and are written here, independently of the c
 """
 import atexit
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -73,8 +74,18 @@ def _axes(name):
     return "position,layer"
 
 
+def metric_table(axes=None):
+    """A /schema/metrics table for the fixture logs: the metric names they use, axes as kvdrift logs
+    them unless `axes` ({name: list}) says otherwise."""
+    names = ["kl", "top1_agree", "logp_delta", "match", "attn_rel_l2", "attn_cos"]
+    names += [f"{t}/{kind}/{part}" for t in ("key", "value") for kind in ("quant", "drift")
+              for part in ("E_M", "E_D", "E_T", "norm_ratio")]
+    return [{"name": n, "axes": (axes or {}).get(n, _axes(n.rsplit("/", 1)[-1]).split(",")), "dtype": "float32",
+             "lanes": ["teacher_forced"], "meaning": "fixture"} for n in names]
+
+
 def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complete=True, schema_version=1,
-              root_attrs=None, summary=None, libver="earliest"):
+              root_attrs=None, summary=None, libver="earliest", metrics=metric_table()):
     """Writes a run log (libver "latest": checksummed metadata, as kvdrift writes).
 
     samples: list of dicts {index, complete (default 1), attrs, reference_tokens, logged_steps,
@@ -82,6 +93,7 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
     "sub_attrs": {relative group path: {...}}}}}.
     summary: {quantizer: {"": attributes of /summary/<quantizer>, lane: attributes of its lane
     subgroup}}, written as given (ints as int64, floats as float64).
+    metrics: the /schema/metrics table (metric_table()); None leaves it out, as kvdrift before it did.
     """
     text = h5py.string_dtype("utf-8")
     with h5py.File(path, "w", libver=libver) as f:
@@ -91,6 +103,8 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
         for key, value in (root_attrs or {}).items():
             f.attrs[key] = value
         f.create_dataset("config/yaml", data=config_yaml(quantizers, prompts, max_new_tokens), dtype=text)
+        if metrics is not None:
+            f.create_dataset("schema/metrics", data=json.dumps(metrics), dtype=text)
         f.create_group("model").attrs.update({"path": "/models/tiny.bin", "format": "llama2c", "sha256": ""})
         for name, _, params in quantizers:
             f.create_group(f"quantizers/{name}").attrs.update({k: str(v) for k, v in params.items()})

@@ -1,6 +1,7 @@
 """plot_drift.py --follow against a run that a background process writes in HDF5 SWMR mode: it
 renders the finished samples while the run grows, skips the sample being written, and exits after
 the render that follows the root `complete` = 1."""
+import json
 import os
 import subprocess
 import textwrap
@@ -15,13 +16,14 @@ from analysis.tests.support import num, read_csv
 WRITER = textwrap.dedent('''
     import os, sys, time
     import h5py, numpy as np
-    path, out_dir, config = sys.argv[1], sys.argv[2], sys.argv[3]
+    path, out_dir, config, metrics = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     KL = {0: [0.5, 1.0, 2.0], 1: [4.0, 8.0, 16.0, 32.0]}
     f = h5py.File(path, "w", libver="latest")
     f.attrs["schema_version"] = np.int64(1)
     f.attrs["kvdrift_version"] = "0.1.0"
     f.attrs["complete"] = np.int64(0)
     f.create_dataset("config/yaml", data=config, dtype=h5py.string_dtype("utf-8"))
+    f.create_dataset("schema/metrics", data=metrics, dtype=h5py.string_dtype("utf-8"))
     f.create_group("model").attrs.update({"path": "/models/tiny.bin", "format": "llama2c"})
     f.create_group("quantizers/alpha")
     arrays = {}
@@ -70,7 +72,8 @@ class Follow(unittest.TestCase):
         os.makedirs(out)
         config = support.config_yaml([("alpha", "rtn", {"k_bits": 2})], max_new_tokens=4,
                                      lanes=("teacher_forced",))
-        writer = subprocess.Popen([support.PYTHON, "-c", WRITER, path, out, config], stderr=subprocess.PIPE,
+        writer = subprocess.Popen([support.PYTHON, "-c", WRITER, path, out, config,
+                                   json.dumps(support.metric_table())], stderr=subprocess.PIPE,
                                   text=True)
         try:
             deadline = time.monotonic() + 30

@@ -104,6 +104,18 @@ class PlotDriftErrors(unittest.TestCase):
                                  schema_version=2)
         self.assert_error([path], f"{path}: schema_version 2 is not supported (this analysis reads version 1)")
 
+    def test_log_without_or_with_another_metric_table(self):
+        """The axes the analysis reads by come from the log's own metric table: a log without one
+        (written before it) or whose metrics changed fails with one line, not a wrong figure."""
+        old = support.write_run(os.path.join(self.dir, "old.h5"), QUANTIZERS, fixture_samples()[:1],
+                                metrics=None)
+        self.assert_error([old], f"{old}: has no /schema/metrics (written by a kvdrift before the metric table): "
+                                 "resume its run with this kvdrift (`kvdrift run` on the same config) to add it")
+        changed = support.write_run(os.path.join(self.dir, "changed.h5"), QUANTIZERS, fixture_samples()[:1],
+                                    metrics=support.metric_table({"attn_rel_l2": ["layer", "logged_step"]}))
+        self.assert_error([changed], f"{changed}: metric 'attn_rel_l2' has axes [layer, logged_step]; this "
+                                     "analysis reads [logged_step, layer]")
+
     def test_quantizer_not_in_the_file(self):
         path = support.write_run(os.path.join(self.dir, "run.h5"), QUANTIZERS, fixture_samples()[:1])
         self.assert_error([path, "--quantizer", "gamma"],

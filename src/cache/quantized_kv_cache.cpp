@@ -19,8 +19,8 @@ QuantizedTiles pack(const QuantizedTiles& tiles) {
   QuantizedTiles packed{quant::pack_codes(tiles.codes, tiles.bits), tiles.bits, {}};
   for (const auto& [name, param] : tiles.params) {
     torch::Tensor stored = param.values;
-    if (param.dtype == "float16") stored = param.values.to(torch::kFloat16);
-    if (param.dtype == "uint8") stored = param.values.to(torch::kUInt8);
+    if (param.dtype == StoredDtype::Float16) stored = param.values.to(torch::kFloat16);
+    if (param.dtype == StoredDtype::UInt8) stored = param.values.to(torch::kUInt8);
     // float8_e4m3 stays in float32 containers holding e4m3-exact values, so one dequantize path serves every scale dtype.
     packed.params[name] = {stored, param.dtype};
   }
@@ -133,15 +133,15 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
   for (const Run& run : runs)
     parts.push_back(region(written_[r], run).to(torch::kFloat32).reshape({-1, policy.block, head_dim}));
   const auto tiles = parts.size() == 1 ? parts[0] : torch::cat(parts);
-  auto stored = group.quantizer->quantize(tiles, role);
+  auto stored = group.quantizer->quantize(tiles, role, layer);
   const double total_tiles = static_cast<double>(tiles.size(0));
   const double total_bits = stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
   torch::Tensor restored;
   if (mode_ == StorageMode::Packed) {
     group.packed[r].push_back(pack(stored));
-    restored = group.quantizer->dequantize(unpack(group.packed[r].back(), head_dim), role);
+    restored = group.quantizer->dequantize(unpack(group.packed[r].back(), head_dim), role, layer);
   } else {
-    restored = group.quantizer->dequantize(stored, role);
+    restored = group.quantizer->dequantize(stored, role, layer);
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
   int64_t offset = 0;

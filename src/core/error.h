@@ -35,7 +35,3 @@ class InternalError : public std::logic_error {
 // Checks an internal invariant (KVDRIFT_CHECK(rows == columns)); see InternalError.
 #define KVDRIFT_CHECK(condition) \
   ((condition) ? static_cast<void>(0) : ::kvdrift::internal_error(#condition, __FILE__, __LINE__))
-
-namespace kvdrift {
-
-}  // namespace kvdrift

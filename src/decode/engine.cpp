@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "decode/generate.h"
 #include "decode/sampler.h"
+#include "metrics/metric_table.h"
 #include "metrics/token_scale.h"
 #include "model/checkpoint.h"
 
@@ -44,16 +45,14 @@ std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& out
 
 // Token-scale error of rows `x` against `x_hat` [layers, kv_heads, positions, head_dim], mean over kv
 // heads: [positions, layers] per component, and the worst-5% magnitude share over every row.
-void log_token_scale(LaneResult& lane, const std::string& prefix, const torch::Tensor& x, const torch::Tensor& x_hat) {
+void log_token_scale(LaneResult& lane, const std::string& group, const torch::Tensor& x, const torch::Tensor& x_hat) {
   const auto error = metrics::token_scale_error(x, x_hat);  // [layers, kv_heads, positions]
-  auto per_position = [](const torch::Tensor& t) { return to_host(t.mean(1).transpose(0, 1)); };
-  lane.arrays[prefix + "/E_M"] = per_position(error.magnitude);
-  lane.arrays[prefix + "/E_D"] = per_position(error.direction);
-  lane.arrays[prefix + "/E_T"] = per_position(error.total);
-  lane.arrays[prefix + "/norm_ratio"] = per_position(error.norm_ratio);
+  const torch::Tensor components[] = {error.magnitude, error.direction, error.total, error.norm_ratio};
+  for (size_t i = 0; i < std::size(components); ++i)  // in the table's order: E_M, E_D, E_T, norm_ratio
+    lane.arrays[group + "/" + metric::token_scale_components[i]] = to_host(components[i].mean(1).transpose(0, 1));
   const auto worst = metrics::worst_rows_magnitude_share(error);
-  lane.scalars[prefix + "/worst5_magnitude_share"] = worst.of_sums;
-  lane.scalars[prefix + "/worst5_magnitude_share_mean_of_ratios"] = worst.mean_of_ratios;
+  lane.scalars[group + "/" + metric::worst5_shares[0]] = worst.of_sums;
+  lane.scalars[group + "/" + metric::worst5_shares[1]] = worst.mean_of_ratios;
 }
 
 // Longest common prefix and outcome class of a free-running lane against the reference.
@@ -64,13 +63,13 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
   while (prefix < common && reference[prefix] == tokens[prefix]) ++prefix;
   lane.first_divergence = static_cast<int64_t>(prefix);
   if (prefix < common)
-    lane.outcome = "token_mismatch";
+    lane.outcome = Outcome::TokenMismatch;
   else if (reference.size() != tokens.size())
-    lane.outcome = "length_only";
+    lane.outcome = Outcome::LengthOnly;
   else if (reference_stopped && lane_stopped)
-    lane.outcome = "identical";
+    lane.outcome = Outcome::Identical;
   else
-    lane.outcome = "censored";  // no difference before the step limit
+    lane.outcome = Outcome::Censored;  // no difference before the step limit
 }
 
 // Where the lanes that compare with a reference sit in the batch, on the device, so that indexing
@@ -205,14 +204,14 @@ std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunCo
 
 Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
     : model_(model), config_(config), tokenizer_(tokenizer) {
-  if (config_.decoding.prefill == "chunked" && config_.decoding.prefill_chunk > model_.config().max_seq_len)
+  if (config_.decoding.prefill == PrefillMode::Chunked && config_.decoding.prefill_chunk > model_.config().max_seq_len)
     fail("{}: decoding.prefill_chunk = {} is larger than the model's context of {} positions", config_.source_path,
          config_.decoding.prefill_chunk, model_.config().max_seq_len);
   quantizers_ = make_config_quantizers(config_, model_.config());
-  for (const auto& lane : config_.lanes) {
-    static_lane_ = static_lane_ || lane == "static";
-    teacher_forced_ = teacher_forced_ || lane == "teacher_forced";
-    free_running_ = free_running_ || lane == "free_running";
+  for (Lane lane : config_.lanes) {
+    static_lane_ = static_lane_ || lane == Lane::Static;
+    teacher_forced_ = teacher_forced_ || lane == Lane::TeacherForced;
+    free_running_ = free_running_ || lane == Lane::FreeRunning;
   }
   end_ids_ = stop_tokens(model_, tokenizer_);
 }
@@ -265,12 +264,12 @@ class Engine::Batch {
                                                                       std::vector<BatchSample>& samples,
                                                                       std::vector<size_t>& row_prompt);
   static std::unique_ptr<QuantizedKVCache> static_cache(const Engine& engine, size_t prompts, int64_t capacity);
-  static int64_t longest(const std::vector<Prompt>& prompts);
 
   const Engine& engine_;
   const std::vector<Prompt>& prompts_;
   const torch::Device device_;
   const int64_t max_new_;
+  const int64_t longest_prompt_;  // shorter prompts are padded to it in the prefill
   const SamplingConfig sampling_;
   const bool kl_sampled_;
   std::vector<BatchSample> samples_;
@@ -287,12 +286,6 @@ class Engine::Batch {
   StepObserver observer_;
   std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher rows, 3 or 4]
 };
-
-int64_t Engine::Batch::longest(const std::vector<Prompt>& prompts) {
-  int64_t longest = 0;
-  for (const Prompt& prompt : prompts) longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
-  return longest;
-}
 
 std::vector<std::shared_ptr<const Quantizer>> Engine::Batch::row_quantizers(const Engine& engine,
                                                                           std::vector<BatchSample>& samples,
@@ -333,6 +326,10 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
       prompts_(prompts),
       device_(engine.model_.device()),
       max_new_(engine.config_.decoding.max_new_tokens),
+      longest_prompt_(static_cast<int64_t>(
+          std::max_element(prompts.begin(), prompts.end(),
+                           [](const Prompt& a, const Prompt& b) { return a.tokens.size() < b.tokens.size(); })
+              ->tokens.size())),
       // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
       sampling_{engine.config_.decoding.temperature, engine.config_.decoding.top_p, engine.config_.decoding.top_k,
                 engine.config_.decoding.seed},
@@ -340,9 +337,9 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
       samples_(prompts.size()),
       results_(prompts.size()),
       cache_(row_quantizers(engine, samples_, row_prompt_), engine.model_.config().n_layers,
-             engine.model_.config().n_kv_heads, longest(prompts) + max_new_, engine.model_.config().head_dim,
+             engine.model_.config().n_kv_heads, longest_prompt_ + max_new_, engine.model_.config().head_dim,
              engine.model_.dtype(), device_),
-      static_cache_(engine.static_lane_ ? static_cache(engine, prompts.size(), longest(prompts) + max_new_) : nullptr),
+      static_cache_(engine.static_lane_ ? static_cache(engine, prompts.size(), longest_prompt_ + max_new_) : nullptr),
       rows_(static_cast<int64_t>(row_prompt_.size())),
       samplers_(rows_, Sampler(sampling_)),
       observer_(static_cache_.get(), &index_, engine.model_.config().n_layers) {
@@ -359,25 +356,25 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
 // Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
 // per-step arrays declared empty so that a partial sample already names every array it will hold.
 void Engine::Batch::declare_lanes() {
-  std::vector<std::string> teacher_arrays = {"kl", "top1_agree", "logp_delta"};
-  if (kl_sampled_) teacher_arrays.push_back("kl_sampled");
+  std::vector<const char*> teacher_arrays = {metric::kl, metric::top1_agree, metric::logp_delta};
+  if (kl_sampled_) teacher_arrays.push_back(metric::kl_sampled);
   const int64_t layers = engine_.model_.config().n_layers;
   for (size_t p = 0; p < samples_.size(); ++p) {
-    auto add_lane = [&](size_t q, const char* kind, const std::vector<std::string>& step_arrays, bool attention) {
+    auto add_lane = [&](size_t q, Lane kind, const std::vector<const char*>& step_arrays, bool attention) {
       LaneResult lane;
       lane.quantizer = engine_.config_.quantizers[q].name;
       lane.lane = kind;
-      for (const auto& name : step_arrays) lane.arrays[name] = {{}, {0}};
+      for (const char* name : step_arrays) lane.arrays[name] = {{}, {0}};
       if (attention && engine_.config_.metrics.attention_error)
-        for (const char* name : {"attn_rel_l2", "attn_cos"}) lane.arrays[name] = {{}, {0, layers}};
+        for (const char* name : {metric::attn_rel_l2, metric::attn_cos}) lane.arrays[name] = {{}, {0, layers}};
       results_[p].lanes.push_back(std::move(lane));
       return results_[p].lanes.size() - 1;
     };
     for (size_t q = 0; q < samples_[p].quantizers.size(); ++q) {
       QuantizerLanes& lanes = samples_[p].quantizers[q];
-      if (engine_.static_lane_) lanes.static_lane = add_lane(q, "static", {}, true);
-      if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, "teacher_forced", teacher_arrays, true);
-      if (engine_.free_running_) lanes.free_lane = add_lane(q, "free_running", {"match"}, false);
+      if (engine_.static_lane_) lanes.static_lane = add_lane(q, Lane::Static, {}, true);
+      if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, Lane::TeacherForced, teacher_arrays, true);
+      if (engine_.free_running_) lanes.free_lane = add_lane(q, Lane::FreeRunning, {metric::match}, false);
     }
   }
 }
@@ -411,18 +408,17 @@ void Engine::Batch::locate_lanes() {
 }
 
 torch::Tensor Engine::Batch::prefill() {
-  const int64_t longest_prompt = longest(prompts_);
-  auto prompt_tokens = torch::zeros({rows_, longest_prompt}, torch::kInt64);
+  auto prompt_tokens = torch::zeros({rows_, longest_prompt_}, torch::kInt64);
   for (int64_t row = 0; row < rows_; ++row) {
     const Prompt& prompt = prompts_[row_prompt_[row]];
     prompt_tokens[row].narrow(0, 0, prompt_lengths_[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
   }
   prompt_tokens = prompt_tokens.to(device_);
   const DecodingSettings& decoding = engine_.config_.decoding;
-  const int64_t chunk = decoding.prefill == "chunked" ? decoding.prefill_chunk : longest_prompt;
+  const int64_t chunk = decoding.prefill == PrefillMode::Chunked ? decoding.prefill_chunk : longest_prompt_;
   torch::Tensor logits;
-  for (int64_t begin = 0; begin < longest_prompt; begin += chunk) {
-    const int64_t width = std::min(chunk, longest_prompt - begin);
+  for (int64_t begin = 0; begin < longest_prompt_; begin += chunk) {
+    const int64_t width = std::min(chunk, longest_prompt_ - begin);
     std::vector<int64_t> starts(rows_), lengths(rows_), ending;
     for (int64_t row = 0; row < rows_; ++row) {
       starts[row] = std::min(begin, prompt_lengths_[row]);
@@ -571,10 +567,10 @@ void Engine::Batch::drain_metrics() {
       const auto [p, q] = teacher_order_[i];
       auto& arrays = results_[p].lanes[samples_[p].quantizers[q].teacher_lane].arrays;
       const auto own = metrics.select(1, static_cast<int64_t>(i));
-      append_rows(arrays["kl"], own.select(1, 0));
-      append_rows(arrays["top1_agree"], own.select(1, 1));
-      append_rows(arrays["logp_delta"], own.select(1, 2));
-      if (kl_sampled_) append_rows(arrays["kl_sampled"], own.select(1, 3));
+      append_rows(arrays[metric::kl], own.select(1, 0));
+      append_rows(arrays[metric::top1_agree], own.select(1, 1));
+      append_rows(arrays[metric::logp_delta], own.select(1, 2));
+      if (kl_sampled_) append_rows(arrays[metric::kl_sampled], own.select(1, 3));
     }
   }
   drain_attention(observer_.static_rel_l2, observer_.static_cos, static_order_, &QuantizerLanes::static_lane);
@@ -583,7 +579,7 @@ void Engine::Batch::drain_metrics() {
     for (const QuantizerLanes& lanes : samples_[p].quantizers) {
       if (lanes.free_row < 0) continue;
       LaneResult& lane = results_[p].lanes[lanes.free_lane];
-      HostArray& match = lane.arrays["match"];
+      HostArray& match = lane.arrays[metric::match];
       const auto& reference = results_[p].reference_tokens;
       const size_t steps = std::min(lane.tokens.size(), reference.size());
       for (size_t s = match.values.size(); s < steps; ++s)
@@ -603,8 +599,8 @@ void Engine::Batch::drain_attention(std::vector<torch::Tensor>& rel_l2, std::vec
   for (size_t i = 0; i < order.size(); ++i) {
     const auto [p, q] = order[i];
     auto& arrays = results_[p].lanes[samples_[p].quantizers[q].*lane_of].arrays;
-    append_rows(arrays["attn_rel_l2"], rel_l2_host.select(1, static_cast<int64_t>(i)));
-    append_rows(arrays["attn_cos"], cosine_host.select(1, static_cast<int64_t>(i)));
+    append_rows(arrays[metric::attn_rel_l2], rel_l2_host.select(1, static_cast<int64_t>(i)));
+    append_rows(arrays[metric::attn_cos], cosine_host.select(1, static_cast<int64_t>(i)));
   }
 }
 
@@ -616,17 +612,19 @@ void Engine::Batch::account(LaneResult& lane, const QuantizedKVCache& cache, int
     for (Role role : {Role::Key, Role::Value}) {
       const std::string name = role_name(role);
       const auto written = cache.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
-      log_token_scale(lane, name + "/quant", written, cache.row_contents(role, row, /*read=*/true));
+      const auto read = cache.row_contents(role, row, /*read=*/true);
+      log_token_scale(lane, metric::token_scale_group(name, "quant"), written, read);
       if (drift) {
         const auto reference = cache_.row_contents(role, reference_row, /*read=*/false);
         const int64_t common = std::min(reference.size(2), written.size(2));
-        log_token_scale(lane, name + "/drift", reference.narrow(2, 0, common), written.narrow(2, 0, common));
+        log_token_scale(lane, metric::token_scale_group(name, "drift"), reference.narrow(2, 0, common),
+                        written.narrow(2, 0, common));
       }
     }
   }
-  lane.scalars["bits_per_element"] = cache.bits_per_element(row);
-  lane.scalars["fraction_quantized"] = cache.fraction_quantized(row);
-  lane.scalars["quantize_seconds"] = cache.quantize_seconds(row);
+  lane.scalars[metric::bits_per_element] = cache.bits_per_element(row);
+  lane.scalars[metric::fraction_quantized] = cache.fraction_quantized(row);
+  lane.scalars[metric::quantize_seconds] = cache.quantize_seconds(row);
 }
 
 // Decoded texts leave the end token out; a reply ends at the first one.

@@ -12,7 +12,7 @@ std::vector<int64_t> stop_tokens(const LlamaModel& model, const Tokenizer* token
     const auto tokenizer_stops = tokenizer->eos_ids();
     stops.insert(stops.end(), tokenizer_stops.begin(), tokenizer_stops.end());
   }
-  if (model.source().format == "llama2c" && model.config().bos_token_id >= 0)
+  if (model.source().format == ModelFormat::Llama2c && model.config().bos_token_id >= 0)
     stops.push_back(model.config().bos_token_id);
   std::sort(stops.begin(), stops.end());
   stops.erase(std::unique(stops.begin(), stops.end()), stops.end());

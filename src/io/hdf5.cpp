@@ -301,6 +301,24 @@ void Object::set_attribute(const std::string& name, double value) {
   replace_attribute(name, element.file_type, make_dataspace({}).get(), element.memory_type, &value);
 }
 
+void Object::set_uint64_attribute(const std::string& name, uint64_t value) {
+  replace_attribute(name, H5T_STD_U64LE, make_dataspace({}).get(), H5T_NATIVE_UINT64, &value);
+}
+
+std::optional<double> Object::numeric_attribute(const std::string& name) const {
+  if (!has_attribute(name)) return std::nullopt;
+  const Handle opened(check(H5Aopen(id(), name.c_str(), H5P_DEFAULT), "{}: cannot open attribute '{}' of {}",
+                            file_path_, name, describe()),
+                      H5Aclose);
+  const Handle type(H5Aget_type(opened.get()), H5Tclose);
+  const Handle space(H5Aget_space(opened.get()), H5Sclose);
+  if (H5Sget_simple_extent_type(space.get()) != H5S_SCALAR) return std::nullopt;
+  const H5T_class_t type_class = H5Tget_class(type.get());
+  if (type_class == H5T_INTEGER) return static_cast<double>(attribute<int64_t>(name));
+  if (type_class == H5T_FLOAT) return attribute<double>(name);
+  return std::nullopt;
+}
+
 void Object::set_int64_attribute(const std::string& name, int64_t value) {
   const ElementInfo& element = info(ElementType::Int64);
   replace_attribute(name, element.file_type, make_dataspace({}).get(), element.memory_type, &value);
@@ -584,6 +602,19 @@ std::vector<std::string> Group::children() const {
             &names),
         "{}: cannot list group '{}'", file_path_, path_);
   return names;
+}
+
+std::vector<std::string> Group::child_groups() const {
+  std::vector<std::string> groups;
+  for (const std::string& name : children()) {
+    const Handle object(H5Oopen(id(), name.c_str(), H5P_DEFAULT), H5Oclose);
+    if (object.get() >= 0 && H5Iget_type(object.get()) == H5I_GROUP) groups.push_back(name);
+  }
+  return groups;
+}
+
+void Group::remove(const std::string& name) {
+  check(H5Ldelete(id(), name.c_str(), H5P_DEFAULT), "{}: cannot delete '{}' from group '{}'", file_path_, name, path_);
 }
 
 Handle Group::create_dataset(const std::string& path, hid_t file_type, hid_t space, hid_t create_plist,

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -78,6 +79,8 @@ class Object {
   void set_attribute(const std::string& name, const std::string& value);
   void set_attribute(const std::string& name, const char* value) { set_attribute(name, std::string(value)); }
   void set_attribute(const std::string& name, double value);
+  // Full uint64 values (seeds), beyond the int64 the integer overloads store: stored as uint64.
+  void set_uint64_attribute(const std::string& name, uint64_t value);
   template <typename Integer, std::enable_if_t<std::is_integral_v<Integer> && !std::is_same_v<Integer, bool>, int> = 0>
   void set_attribute(const std::string& name, Integer value) {
     set_int64_attribute(name, checked_int64(name, value));
@@ -91,6 +94,8 @@ class Object {
   template <typename T>
   T attribute(const std::string& name) const;
   bool has_attribute(const std::string& name) const;
+  // An integer or floating-point attribute as float64; none for text, arrays or a missing name.
+  std::optional<double> numeric_attribute(const std::string& name) const;
   std::vector<std::string> attribute_names() const;  // sorted by name
 
  protected:
@@ -217,6 +222,9 @@ class Group : public Object {
   // True when `path` names an object (a missing parent, or a parent that is not a group, gives false).
   bool exists(const std::string& path) const;
   std::vector<std::string> children() const;  // link names, sorted by name (so "10" comes before "2")
+  std::vector<std::string> child_groups() const;  // the children that are groups, sorted the same way
+  // Unlinks `name`. HDF5 does not reclaim the space (h5repack does).
+  void remove(const std::string& name);
 
   // Fixed-size numeric datasets: `shape` {} is a scalar. gzip_level 1-9 stores the array chunked,
   // shuffled and compressed (a scalar or empty array is stored plain). Writing replaces an existing

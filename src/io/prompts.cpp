@@ -263,26 +263,27 @@ std::vector<Prompt> token_id_prompts(const std::vector<std::vector<TokenId>>& id
 }  // namespace
 
 std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* tokenizer, const ChatTemplate* chat) {
-  const std::string& kind = source.kind;
-  const bool has_texts = kind == "inline" || kind == "text_file" || kind == "jsonl";
-  if (!has_texts && kind != "token_ids") {
-    fail("unknown prompt source kind '{}' (expected inline, text_file, jsonl or token_ids)", kind);
-  }
-  if (has_texts && !tokenizer) fail("prompt source '{}' needs a tokenizer to encode its texts", kind);
-  if (source.chat_template && !has_texts) fail("prompt source '{}' has no texts to wrap in a chat template", kind);
+  const PromptKind kind = source.kind;
+  const bool has_texts = kind != PromptKind::TokenIds;
+  if (has_texts && !tokenizer)
+    fail("prompt source '{}' needs a tokenizer to encode its texts", prompt_kind_name(kind));
+  if (source.chat_template && !has_texts)
+    fail("prompt source '{}' has no texts to wrap in a chat template", prompt_kind_name(kind));
   if (source.chat_template && !chat) fail("chat_template is set but the model has no chat template");
   if (source.offset < 0 || source.limit < 0) {
     fail("prompt offset and limit must be >= 0, got offset {} and limit {}", source.offset, source.limit);
   }
 
-  std::vector<Prompt> prompts = kind == "inline"      ? inline_prompts(source.texts)
-                                : kind == "text_file" ? text_file_prompts(source)
-                                : kind == "jsonl"     ? jsonl_prompts(source)
-                                                      : token_id_prompts(source.ids, tokenizer);
+  std::vector<Prompt> prompts = kind == PromptKind::Inline     ? inline_prompts(source.texts)
+                                : kind == PromptKind::TextFile ? text_file_prompts(source)
+                                : kind == PromptKind::Jsonl    ? jsonl_prompts(source)
+                                                               : token_id_prompts(source.ids, tokenizer);
 
   const auto total = static_cast<int64_t>(prompts.size());
   if (source.offset >= total) {
-    const std::string what = kind == "inline" ? "inline texts" : kind == "token_ids" ? "token_ids" : source.path;
+    const std::string what = kind == PromptKind::Inline     ? "inline texts"
+                             : kind == PromptKind::TokenIds ? "token_ids"
+                                                            : source.path;
     fail("no prompts: {} after offset {} of {}", what, source.offset, total);
   }
   const int64_t available = total - source.offset;

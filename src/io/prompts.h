@@ -7,14 +7,23 @@
 #include <string>
 #include <vector>
 
+#include "core/enum_names.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kvdrift {
 
+// Where prompts come from: `prompts.source` of the run config.
+enum class PromptKind { Inline, TextFile, Jsonl, TokenIds };
+inline constexpr EnumName<PromptKind> kPromptKindNames[] = {{PromptKind::Inline, "inline"},
+                                                            {PromptKind::TextFile, "text_file"},
+                                                            {PromptKind::Jsonl, "jsonl"},
+                                                            {PromptKind::TokenIds, "token_ids"}};
+inline const char* prompt_kind_name(PromptKind kind) { return enum_name(kPromptKindNames, kind); }
+
 // Plain data, filled from the run config.
 struct PromptSource {
-  std::string kind;                      // inline | text_file | jsonl | token_ids
+  PromptKind kind = PromptKind::Inline;
   std::vector<std::string> texts;        // inline
   std::string path;                      // text_file | jsonl (gzip allowed), already resolved
   std::optional<std::string> separator;  // text_file: none = one prompt per non-empty line

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 #include "core/error.h"
 #include "io/yaml_size.h"
@@ -24,8 +25,6 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "output"};
-const std::vector<std::string> kLanes = {"static", "teacher_forced", "free_running"};
-const std::vector<std::string> kPromptSources = {"inline", "text_file", "jsonl", "token_ids"};
 const std::string kSyntheticPrefix = "synthetic:";
 
 bool is_synthetic(const std::string& model_path) { return model_path.rfind(kSyntheticPrefix, 0) == 0; }
@@ -164,6 +163,16 @@ class Value {
     return text;
   }
 
+  // The enum value named by a string of `table`; `fallback` when null.
+  template <typename Enum, size_t N>
+  Enum choice(const EnumName<Enum> (&table)[N], const std::string& noun) const {
+    return *parse_enum(table, one_of(enum_names(table), noun));
+  }
+  template <typename Enum, size_t N>
+  Enum choice(const EnumName<Enum> (&table)[N], const std::string& noun, Enum fallback) const {
+    return is_null() ? fallback : choice(table, noun);
+  }
+
   // The entries of a non-empty list.
   std::vector<Value> elements(const std::string& noun) const {
     if (!node_.IsSequence()) expected("a list");
@@ -287,8 +296,203 @@ std::string resolve_path(const Value& value, const fs::path& config_dir) {
   return (base / text).lexically_normal().string();
 }
 
+// --- The field tables ---
+//
+// Every setting once: its YAML key, the member it fills, and how it is read. Reading (the keys a
+// section accepts, and the plain fields), the resolved YAML and the comparison of two configs all walk
+// these tables, so a new setting is one line here (plus its checks, if it has any).
+
+template <typename S>
+using Member = std::variant<bool S::*, int64_t S::*, uint64_t S::*, double S::*, std::string S::*, PrefillMode S::*,
+                            PromptKind S::*, std::optional<std::string> S::*, std::vector<std::string> S::*,
+                            std::vector<std::vector<TokenId>> S::*, std::map<std::string, std::string> S::*>;
+
+template <typename S>
+struct Field {
+  const char* key;
+  Member<S> member;
+  Range range = kAnyNumber;  // numbers
+  const char* noun = "";     // an enum's name in "unknown <noun> 'x'"
+  // Read by the section's own code (paths, values checked against other settings), not generically.
+  bool by_hand = false;
+  bool (*written)(const S&) = nullptr;  // the resolved YAML holds it only when this is true (null: always)
+  bool flow = false;                    // written in YAML flow style ([a, b], {k: v})
+
+  Field when(bool (*condition)(const S&)) const { return with([&](Field& f) { f.written = condition; }); }
+  Field in_flow() const { return with([](Field& f) { f.flow = true; }); }
+
+ private:
+  template <typename Change>
+  Field with(Change change) const {
+    Field copy = *this;
+    change(copy);
+    return copy;
+  }
+};
+
+// A field read generically: a bool, a number within `range`, a string, or an enum named in its table.
+template <typename S, typename T>
+Field<S> plain(const char* key, T S::*member, Range range = kAnyNumber, const char* noun = "") {
+  return {key, member, range, noun};
+}
+template <typename S, typename T>
+Field<S> by_hand(const char* key, T S::*member) {
+  Field<S> field{key, member};
+  field.by_hand = true;
+  return field;
+}
+
+template <typename S>
+std::vector<std::string> keys_of(const std::vector<Field<S>>& fields) {
+  std::vector<std::string> keys;
+  for (const Field<S>& field : fields) keys.emplace_back(field.key);
+  return keys;
+}
+
+// Reads the fields not read by hand, each keeping its default when absent.
+template <typename S>
+void read_plain_fields(const Mapping& section, const std::vector<Field<S>>& fields, S& settings) {
+  for (const Field<S>& field : fields) {
+    if (field.by_hand) continue;
+    const Value value = section.at(field.key);
+    std::visit(
+        [&](auto S::*member) {
+          using T = std::decay_t<decltype(settings.*member)>;
+          T& target = settings.*member;
+          if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, int64_t>) {
+            target = value.as_or<T>(target, field.range);
+          } else if constexpr (std::is_same_v<T, uint64_t>) {
+            target = static_cast<uint64_t>(value.as_or<int64_t>(static_cast<int64_t>(target), field.range));
+          } else if constexpr (std::is_same_v<T, PrefillMode>) {
+            target = value.choice(kPrefillModeNames, field.noun, target);
+          } else {
+            internal_error("a plain field is a bool, a number or an enum", __FILE__, __LINE__);
+          }
+        },
+        field.member);
+  }
+}
+
+// The shortest text that reads back as the same double.
+std::string number_text(double value) { return fmt::format("{}", value); }
+
+template <typename S>
+void write_fields(YAML::Emitter& out, const S& settings, const std::vector<Field<S>>& fields) {
+  out << YAML::BeginMap;
+  for (const Field<S>& field : fields) {
+    if (field.written && !field.written(settings)) continue;
+    out << YAML::Key << field.key << YAML::Value;
+    if (field.flow) out << YAML::Flow;
+    std::visit(
+        [&](auto S::*member) {
+          const auto& value = settings.*member;
+          using T = std::decay_t<decltype(value)>;
+          if constexpr (std::is_same_v<T, double>) {
+            out << number_text(value);
+          } else if constexpr (std::is_same_v<T, PrefillMode>) {
+            out << prefill_mode_name(value);
+          } else if constexpr (std::is_same_v<T, PromptKind>) {
+            out << prompt_kind_name(value);
+          } else if constexpr (std::is_same_v<T, std::optional<std::string>>) {
+            out << value.value_or("");
+          } else {
+            out << value;
+          }
+        },
+        field.member);
+  }
+  out << YAML::EndMap;
+}
+
+template <typename S>
+bool equal_fields(const S& a, const S& b, const std::vector<Field<S>>& fields) {
+  for (const Field<S>& field : fields)
+    if (!std::visit([&](auto S::*member) { return a.*member == b.*member; }, field.member)) return false;
+  return true;
+}
+
+const std::vector<Field<ModelSettings>>& model_fields() {
+  using M = ModelSettings;
+  static const std::vector<Field<M>> fields = {
+      by_hand("path", &M::path),
+      by_hand("tokenizer", &M::tokenizer).when([](const M& m) { return !m.tokenizer.empty(); }),
+      by_hand("device", &M::device),
+      by_hand("dtype", &M::dtype),
+      by_hand("seed", &M::seed).when([](const M& m) { return is_synthetic(m.path); }),
+  };
+  return fields;
+}
+
+// `prompts.source` is the member `kind`, `prompts.template` the member `template_text`.
+const std::vector<Field<PromptSettings>>& prompt_fields() {
+  using P = PromptSettings;
+  static const std::vector<Field<P>> fields = {
+      by_hand("source", &P::kind),
+      by_hand("texts", &P::texts).when([](const P& p) { return p.kind == PromptKind::Inline; }),
+      by_hand("path", &P::path).when([](const P& p) { return !p.path.empty(); }),
+      by_hand("separator", &P::separator).when([](const P& p) { return p.separator.has_value(); }),
+      by_hand("field", &P::field).when([](const P& p) { return !p.field.empty(); }),
+      by_hand("template", &P::template_text).when([](const P& p) { return !p.template_text.empty(); }),
+      by_hand("answer_field", &P::answer_field).when([](const P& p) { return !p.answer_field.empty(); }),
+      by_hand("ids", &P::ids).when([](const P& p) { return p.kind == PromptKind::TokenIds; }).in_flow(),
+      plain("offset", &P::offset, kNonNegative),
+      plain("limit", &P::limit, kNonNegative),
+      plain("add_bos", &P::add_bos).when([](const P& p) { return p.kind != PromptKind::TokenIds; }),
+      plain("chat_template", &P::chat_template).when([](const P& p) { return p.chat_template; }),
+      by_hand("system_prompt", &P::system_prompt).when([](const P& p) { return p.system_prompt.has_value(); }),
+  };
+  return fields;
+}
+
+const std::vector<Field<DecodingSettings>>& decoding_fields() {
+  using D = DecodingSettings;
+  static const std::vector<Field<D>> fields = {
+      plain("max_new_tokens", &D::max_new_tokens, kAtLeastOne),
+      plain("stop_at_eos", &D::stop_at_eos),
+      plain("temperature", &D::temperature, kNonNegative),
+      plain("top_p", &D::top_p, kUnitInterval),
+      plain("top_k", &D::top_k, kNonNegative),
+      plain("seed", &D::seed, kNonNegative),
+      plain("batch_prompts", &D::batch_prompts, kAtLeastOne),
+      plain("prefill", &D::prefill, kAnyNumber, "prefill mode"),
+      plain("prefill_chunk", &D::prefill_chunk, kAtLeastOne),
+  };
+  return fields;
+}
+
+const std::vector<Field<QuantizerSettings>>& quantizer_fields() {
+  using Q = QuantizerSettings;
+  static const std::vector<Field<Q>> fields = {
+      by_hand("name", &Q::name),
+      by_hand("method", &Q::method),
+      by_hand("params", &Q::params).in_flow(),
+  };
+  return fields;
+}
+
+const std::vector<Field<MetricSettings>>& metric_fields() {
+  using M = MetricSettings;
+  static const std::vector<Field<M>> fields = {
+      plain("layer_stride", &M::layer_stride, kAtLeastOne),
+      plain("token_scale", &M::token_scale),
+      plain("attention_error", &M::attention_error),
+  };
+  return fields;
+}
+
+const std::vector<Field<OutputSettings>>& output_fields() {
+  using O = OutputSettings;
+  static const std::vector<Field<O>> fields = {
+      by_hand("path", &O::path),
+      plain("flush_seconds", &O::flush_seconds, kPositive),
+  };
+  return fields;
+}
+
+// --- The sections: the fields read by hand, and the checks between settings ---
+
 ModelSettings read_model(const Mapping& root, const fs::path& config_dir) {
-  const Mapping model = root.at("model").mapping({"path", "tokenizer", "device", "dtype", "seed"});
+  const Mapping model = root.at("model").mapping(keys_of(model_fields()));
   ModelSettings settings;
   settings.path = model.required_text("path");
   const Value path = model.at("path");
@@ -313,40 +517,43 @@ ModelSettings read_model(const Mapping& root, const fs::path& config_dir) {
 }
 
 // The prompt keys that only some sources read; giving one to another source is an error.
-const std::vector<std::pair<std::string, std::vector<std::string>>> kSourceOnlyKeys = {
-    {"texts", {"inline"}},
-    {"path", {"text_file", "jsonl"}},
-    {"separator", {"text_file"}},
-    {"field", {"jsonl"}},
-    {"template", {"jsonl"}},
-    {"answer_field", {"jsonl"}},
-    {"ids", {"token_ids"}},
-    {"add_bos", {"inline", "text_file", "jsonl"}},
-    {"chat_template", {"inline", "text_file", "jsonl"}},
-    {"system_prompt", {"inline", "text_file", "jsonl"}},
+const std::vector<PromptKind> kTextSources = {PromptKind::Inline, PromptKind::TextFile, PromptKind::Jsonl};
+const std::vector<std::pair<std::string, std::vector<PromptKind>>> kSourceOnlyKeys = {
+    {"texts", {PromptKind::Inline}},
+    {"path", {PromptKind::TextFile, PromptKind::Jsonl}},
+    {"separator", {PromptKind::TextFile}},
+    {"field", {PromptKind::Jsonl}},
+    {"template", {PromptKind::Jsonl}},
+    {"answer_field", {PromptKind::Jsonl}},
+    {"ids", {PromptKind::TokenIds}},
+    {"add_bos", kTextSources},
+    {"chat_template", kTextSources},
+    {"system_prompt", kTextSources},
 };
 
 PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, const ModelSettings& model) {
-  const Mapping prompts = root.at("prompts").mapping(
-      {"source", "texts", "path", "separator", "field", "template", "answer_field", "ids", "offset", "limit",
-       "add_bos", "chat_template", "system_prompt"});
+  const Mapping prompts = root.at("prompts").mapping(keys_of(prompt_fields()));
   PromptSettings settings;
-  settings.kind = prompts.required("source").one_of(kPromptSources, "prompt source");
+  settings.kind = prompts.required("source").choice(kPromptKindNames, "prompt source");
   for (const auto& [key, sources] : kSourceOnlyKeys) {
-    if (prompts.has(key) && !contains(sources, settings.kind))
-      prompts.reject_key(key, fmt::format("prompts.{} is only valid with source {}", key, or_list(sources)));
+    if (prompts.has(key) && std::find(sources.begin(), sources.end(), settings.kind) == sources.end()) {
+      std::vector<std::string> names;
+      for (PromptKind source : sources) names.emplace_back(prompt_kind_name(source));
+      prompts.reject_key(key, fmt::format("prompts.{} is only valid with source {}", key, or_list(names)));
+    }
   }
   // Synthetic models have random weights and no vocabulary of their own to encode text with.
-  if (settings.kind != "token_ids" && is_synthetic(model.path) && model.tokenizer.empty())
+  if (settings.kind != PromptKind::TokenIds && is_synthetic(model.path) && model.tokenizer.empty())
     prompts.reject_key("source", fmt::format("prompts.source {} needs a tokenizer, and a synthetic model has none "
                                              "(set model.tokenizer, or use source token_ids)",
-                                             settings.kind));
+                                             prompt_kind_name(settings.kind)));
+  read_plain_fields(prompts, prompt_fields(), settings);
 
-  if (settings.kind == "inline") {
+  if (settings.kind == PromptKind::Inline) {
     for (const Value& text : prompts.required("texts").elements("prompt"))
       settings.texts.push_back(text.as<std::string>());
   }
-  if (settings.kind == "text_file" || settings.kind == "jsonl") {
+  if (settings.kind == PromptKind::TextFile || settings.kind == PromptKind::Jsonl) {
     prompts.required_text("path");
     settings.path = resolve_path(prompts.at("path"), config_dir);
   }
@@ -359,21 +566,17 @@ PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, con
   settings.field = prompts.at("field").as_or<std::string>("");
   settings.template_text = prompts.at("template").as_or<std::string>("");
   settings.answer_field = prompts.at("answer_field").as_or<std::string>("");
-  if (settings.kind == "jsonl") {
+  if (settings.kind == PromptKind::Jsonl) {
     if (!settings.field.empty() && !settings.template_text.empty())
       prompts.reject_key("template", "give prompts.field or prompts.template, not both");
     if (settings.template_text.empty()) settings.field = prompts.required_text("field");
   }
-  if (settings.kind == "token_ids") {
+  if (settings.kind == PromptKind::TokenIds) {
     for (const Value& prompt : prompts.required("ids").elements("prompt")) {
       auto& ids = settings.ids.emplace_back();
       for (const Value& id : prompt.elements("token")) ids.push_back(id.as<int64_t>(kNonNegative));
     }
   }
-  settings.offset = prompts.at("offset").as_or<int64_t>(settings.offset, kNonNegative);
-  settings.limit = prompts.at("limit").as_or<int64_t>(settings.limit, kNonNegative);
-  settings.add_bos = prompts.at("add_bos").as_or<bool>(settings.add_bos);
-  settings.chat_template = prompts.at("chat_template").as_or<bool>(settings.chat_template);
   if (prompts.has("system_prompt")) {
     if (!settings.chat_template)
       prompts.reject_key("system_prompt", "prompts.system_prompt needs prompts.chat_template: true");
@@ -389,19 +592,9 @@ PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, con
 }
 
 DecodingSettings read_decoding(const Mapping& root) {
-  const Mapping decoding = root.at("decoding").mapping(
-      {"max_new_tokens", "stop_at_eos", "temperature", "top_p", "top_k", "seed", "batch_prompts", "prefill",
-       "prefill_chunk"});
+  const Mapping decoding = root.at("decoding").mapping(keys_of(decoding_fields()));
   DecodingSettings settings;
-  settings.max_new_tokens = decoding.at("max_new_tokens").as_or<int64_t>(settings.max_new_tokens, kAtLeastOne);
-  settings.stop_at_eos = decoding.at("stop_at_eos").as_or<bool>(settings.stop_at_eos);
-  settings.temperature = decoding.at("temperature").as_or<double>(settings.temperature, kNonNegative);
-  settings.top_p = decoding.at("top_p").as_or<double>(settings.top_p, kUnitInterval);
-  settings.top_k = decoding.at("top_k").as_or<int64_t>(settings.top_k, kNonNegative);
-  settings.seed = static_cast<uint64_t>(decoding.at("seed").as_or<int64_t>(0, kNonNegative));
-  settings.batch_prompts = decoding.at("batch_prompts").as_or<int64_t>(settings.batch_prompts, kAtLeastOne);
-  settings.prefill = decoding.at("prefill").one_of({"full", "chunked"}, "prefill mode", settings.prefill);
-  settings.prefill_chunk = decoding.at("prefill_chunk").as_or<int64_t>(settings.prefill_chunk, kAtLeastOne);
+  read_plain_fields(decoding, decoding_fields(), settings);
   // Greedy decoding ignores the sampling cut-offs, so one given with it is a mistake, not a no-op.
   if (settings.temperature == 0.0) {
     const std::pair<const char*, bool> cutoffs[] = {{"top_p", settings.top_p == 1.0}, {"top_k", settings.top_k == 0}};
@@ -417,7 +610,7 @@ std::vector<QuantizerSettings> read_quantizers(const Mapping& root) {
   std::vector<QuantizerSettings> quantizers;
   std::set<std::string> names;
   for (const Value& entry : root.required("quantizers").elements("quantizer")) {
-    const Mapping fields = entry.mapping({"name", "method", "params"});
+    const Mapping fields = entry.mapping(keys_of(quantizer_fields()));
     QuantizerSettings settings;
     const Value name = fields.required("name");
     settings.name = name.as<std::string>();
@@ -434,31 +627,30 @@ std::vector<QuantizerSettings> read_quantizers(const Mapping& root) {
   return quantizers;
 }
 
-std::vector<std::string> read_lanes(const Mapping& root, std::vector<std::string> fallback) {
+std::vector<Lane> read_lanes(const Mapping& root, std::vector<Lane> fallback) {
   if (!root.has("lanes")) return fallback;
-  std::vector<std::string> lanes;
+  std::vector<Lane> lanes;
   for (const Value& entry : root.at("lanes").elements("lane")) {
-    const std::string lane = entry.one_of(kLanes, "lane");
-    if (contains(lanes, lane)) entry.reject(fmt::format("{}: lane '{}' is listed twice", entry.path(), lane));
+    const Lane lane = entry.choice(kLaneNames, "lane");
+    if (std::find(lanes.begin(), lanes.end(), lane) != lanes.end())
+      entry.reject(fmt::format("{}: lane '{}' is listed twice", entry.path(), lane_name(lane)));
     lanes.push_back(lane);
   }
   return lanes;
 }
 
 MetricSettings read_metrics(const Mapping& root) {
-  const Mapping metrics = root.at("metrics").mapping({"layer_stride", "token_scale", "attention_error"});
+  const Mapping metrics = root.at("metrics").mapping(keys_of(metric_fields()));
   MetricSettings settings;
-  settings.layer_stride = metrics.at("layer_stride").as_or<int64_t>(settings.layer_stride, kAtLeastOne);
-  settings.token_scale = metrics.at("token_scale").as_or<bool>(settings.token_scale);
-  settings.attention_error = metrics.at("attention_error").as_or<bool>(settings.attention_error);
+  read_plain_fields(metrics, metric_fields(), settings);
   return settings;
 }
 
 OutputSettings read_output(const Mapping& root) {
-  const Mapping output = root.at("output").mapping({"path", "flush_seconds"});
+  const Mapping output = root.at("output").mapping(keys_of(output_fields()));
   OutputSettings settings;
+  read_plain_fields(output, output_fields(), settings);
   settings.path = (fs::current_path() / output.required_text("path")).lexically_normal().string();
-  settings.flush_seconds = output.at("flush_seconds").as_or<double>(settings.flush_seconds, kPositive);
   return settings;
 }
 
@@ -536,10 +728,13 @@ std::string read_text(const std::string& path) {
   return text.str();
 }
 
-// The shortest text that reads back as the same double.
-std::string number_text(double value) { return fmt::format("{}", value); }
-
 }  // namespace
+
+std::vector<std::string> lane_names(const std::vector<Lane>& lanes) {
+  std::vector<std::string> names;
+  for (Lane lane : lanes) names.emplace_back(lane_name(lane));
+  return names;
+}
 
 RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
   std::error_code error;
@@ -579,103 +774,36 @@ std::string RunConfig::resolved_yaml() const {
   YAML::Emitter out;
   const auto key = [&out](const char* name) -> YAML::Emitter& { return out << YAML::Key << name << YAML::Value; };
   out << YAML::BeginMap;
-
-  key("model") << YAML::BeginMap;
-  key("path") << model.path;
-  if (!model.tokenizer.empty()) key("tokenizer") << model.tokenizer;
-  key("device") << model.device;
-  key("dtype") << model.dtype;
-  if (is_synthetic(model.path)) key("seed") << model.seed;
-  out << YAML::EndMap;
-
-  key("prompts") << YAML::BeginMap;
-  key("source") << prompts.kind;
-  if (prompts.kind == "inline") key("texts") << prompts.texts;
-  if (!prompts.path.empty()) key("path") << prompts.path;
-  if (prompts.separator) key("separator") << *prompts.separator;
-  if (!prompts.field.empty()) key("field") << prompts.field;
-  if (!prompts.template_text.empty()) key("template") << prompts.template_text;
-  if (!prompts.answer_field.empty()) key("answer_field") << prompts.answer_field;
-  if (prompts.kind == "token_ids") key("ids") << YAML::Flow << prompts.ids;
-  key("offset") << prompts.offset;
-  key("limit") << prompts.limit;
-  if (prompts.kind != "token_ids") key("add_bos") << prompts.add_bos;
-  if (prompts.chat_template) key("chat_template") << true;
-  if (prompts.system_prompt) key("system_prompt") << *prompts.system_prompt;
-  out << YAML::EndMap;
-
-  key("decoding") << YAML::BeginMap;
-  key("max_new_tokens") << decoding.max_new_tokens;
-  key("stop_at_eos") << decoding.stop_at_eos;
-  key("temperature") << number_text(decoding.temperature);
-  key("top_p") << number_text(decoding.top_p);
-  key("top_k") << decoding.top_k;
-  key("seed") << decoding.seed;
-  key("batch_prompts") << decoding.batch_prompts;
-  key("prefill") << decoding.prefill;
-  key("prefill_chunk") << decoding.prefill_chunk;
-  out << YAML::EndMap;
-
+  key("model");
+  write_fields(out, model, model_fields());
+  key("prompts");
+  write_fields(out, prompts, prompt_fields());
+  key("decoding");
+  write_fields(out, decoding, decoding_fields());
   key("quantizers") << YAML::BeginSeq;
-  for (const QuantizerSettings& quantizer : quantizers) {
-    out << YAML::BeginMap;
-    key("name") << quantizer.name;
-    key("method") << quantizer.method;
-    key("params") << YAML::Flow << quantizer.params;
-    out << YAML::EndMap;
-  }
+  for (const QuantizerSettings& quantizer : quantizers) write_fields(out, quantizer, quantizer_fields());
   out << YAML::EndSeq;
-
-  key("lanes") << YAML::Flow << lanes;
-
-  key("metrics") << YAML::BeginMap;
-  key("layer_stride") << metrics.layer_stride;
-  key("token_scale") << metrics.token_scale;
-  key("attention_error") << metrics.attention_error;
-  out << YAML::EndMap;
-
-  key("output") << YAML::BeginMap;
-  key("path") << output.path;
-  key("flush_seconds") << number_text(output.flush_seconds);
-  out << YAML::EndMap;
-
+  key("lanes") << YAML::Flow << lane_names(lanes);
+  key("metrics");
+  write_fields(out, metrics, metric_fields());
+  key("output");
+  write_fields(out, output, output_fields());
   out << YAML::EndMap;
   if (!out.good()) fail("cannot write the run config as YAML: {}", out.GetLastError());
   return std::string(out.c_str()) + "\n";
 }
 
-bool operator==(const ModelSettings& a, const ModelSettings& b) {
-  return std::tie(a.path, a.tokenizer, a.device, a.dtype, a.seed) ==
-         std::tie(b.path, b.tokenizer, b.device, b.dtype, b.seed);
-}
-
-
-bool operator==(const DecodingSettings& a, const DecodingSettings& b) {
-  return std::tie(a.max_new_tokens, a.stop_at_eos, a.temperature, a.top_p, a.top_k, a.seed, a.batch_prompts, a.prefill,
-                  a.prefill_chunk) == std::tie(b.max_new_tokens, b.stop_at_eos, b.temperature, b.top_p, b.top_k,
-                                               b.seed, b.batch_prompts, b.prefill, b.prefill_chunk);
-}
-
+bool operator==(const ModelSettings& a, const ModelSettings& b) { return equal_fields(a, b, model_fields()); }
+bool operator==(const DecodingSettings& a, const DecodingSettings& b) { return equal_fields(a, b, decoding_fields()); }
 bool operator==(const QuantizerSettings& a, const QuantizerSettings& b) {
-  return std::tie(a.name, a.method, a.params) == std::tie(b.name, b.method, b.params);
+  return equal_fields(a, b, quantizer_fields());
 }
-
-bool operator==(const MetricSettings& a, const MetricSettings& b) {
-  return std::tie(a.layer_stride, a.token_scale, a.attention_error) ==
-         std::tie(b.layer_stride, b.token_scale, b.attention_error);
-}
-
-bool operator==(const OutputSettings& a, const OutputSettings& b) {
-  return std::tie(a.path, a.flush_seconds) == std::tie(b.path, b.flush_seconds);
-}
+bool operator==(const MetricSettings& a, const MetricSettings& b) { return equal_fields(a, b, metric_fields()); }
+bool operator==(const OutputSettings& a, const OutputSettings& b) { return equal_fields(a, b, output_fields()); }
 
 bool operator==(const RunConfig& a, const RunConfig& b) {
   // PromptSource belongs to io/prompts.h, so its comparison stays here rather than as its operator==.
-  const auto prompt_fields = [](const PromptSettings& p) {
-    return std::tie(p.kind, p.texts, p.path, p.separator, p.field, p.template_text, p.answer_field, p.ids, p.offset,
-                    p.limit, p.add_bos, p.chat_template, p.system_prompt);
-  };
-  return prompt_fields(a.prompts) == prompt_fields(b.prompts) &&
+  return equal_fields(a.prompts, b.prompts, prompt_fields()) &&
          std::tie(a.model, a.decoding, a.quantizers, a.lanes, a.metrics, a.output) ==
              std::tie(b.model, b.decoding, b.quantizers, b.lanes, b.metrics, b.output);
 }

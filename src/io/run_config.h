@@ -15,9 +15,24 @@
 #include <string>
 #include <vector>
 
+#include "core/enum_names.h"
 #include "io/prompts.h"
 
 namespace kvdrift {
+
+// The lanes a run compares with its full-precision reference (SPEC §2). Their names ("static",
+// "teacher_forced", "free_running") appear only in config files and run logs.
+enum class Lane { Static, TeacherForced, FreeRunning };
+inline constexpr EnumName<Lane> kLaneNames[] = {
+    {Lane::Static, "static"}, {Lane::TeacherForced, "teacher_forced"}, {Lane::FreeRunning, "free_running"}};
+inline const char* lane_name(Lane lane) { return enum_name(kLaneNames, lane); }
+std::vector<std::string> lane_names(const std::vector<Lane>& lanes);
+
+// decoding.prefill (docs/engine.md).
+enum class PrefillMode { Full, Chunked };
+inline constexpr EnumName<PrefillMode> kPrefillModeNames[] = {{PrefillMode::Full, "full"},
+                                                              {PrefillMode::Chunked, "chunked"}};
+inline const char* prefill_mode_name(PrefillMode mode) { return enum_name(kPrefillModeNames, mode); }
 
 // Optional strings below use "" for "not given"; the YAML may also leave such a key out, set it to
 // null or to "".
@@ -48,7 +63,7 @@ struct DecodingSettings {
   // full: the prompt in one prefill whose attention reads it in full precision (deployment).
   // chunked: the prompt pseudo-decoded in chunks of prefill_chunk tokens, each reading the earlier
   // chunks as its quantizer's cache holds them (the KVarN paper's accumulation protocol).
-  std::string prefill = "full";
+  PrefillMode prefill = PrefillMode::Full;
   int64_t prefill_chunk = 128;
 };
 
@@ -75,7 +90,7 @@ struct RunConfig {
   PromptSettings prompts;
   DecodingSettings decoding;
   std::vector<QuantizerSettings> quantizers;
-  std::vector<std::string> lanes = {"static", "teacher_forced", "free_running"};  // in the order given
+  std::vector<Lane> lanes = {Lane::Static, Lane::TeacherForced, Lane::FreeRunning};  // in the order given
   MetricSettings metrics;
   OutputSettings output;
   std::string source_path;  // the config file as named by the caller

@@ -7,11 +7,22 @@
 #include <string>
 #include <vector>
 
+#include "core/enum_names.h"
 #include "io/prompts.h"
+#include "io/run_config.h"
 
 namespace kvdrift {
 
-// A host copy of one metric array, row-major float32 (names and shapes: docs/hdf5-schema.md).
+// How a free-running lane's tokens relate to the reference's (SPEC §3): equal throughout, a token
+// that differs, one stream ending before the other, or no difference before the step limit.
+enum class Outcome { Identical, TokenMismatch, LengthOnly, Censored };
+inline constexpr EnumName<Outcome> kOutcomeNames[] = {{Outcome::Identical, "identical"},
+                                                      {Outcome::TokenMismatch, "token_mismatch"},
+                                                      {Outcome::LengthOnly, "length_only"},
+                                                      {Outcome::Censored, "censored"}};
+inline const char* outcome_name(Outcome outcome) { return enum_name(kOutcomeNames, outcome); }
+
+// A host copy of one metric array, row-major float32 (names and axes: metrics/metric_table.h).
 struct HostArray {
   std::vector<float> values;
   std::vector<int64_t> shape;
@@ -19,12 +30,8 @@ struct HostArray {
 
 struct LaneResult {
   std::string quantizer;  // the quantizer's name in the config
-  std::string lane;       // static | teacher_forced | free_running
-  // teacher_forced: kl, top1_agree, logp_delta [steps]; attn_rel_l2, attn_cos [logged steps, layers]
-  // static: attn_rel_l2, attn_cos [logged steps, layers]
-  // free_running: match [steps]
-  // all: token scale "{key,value}/{quant,drift}/{E_M,E_D,E_T,norm_ratio}" [positions, layers]
-  //      (drift only for teacher_forced and free_running), mean over kv heads
+  Lane lane = Lane::Static;
+  // Named and shaped as metrics/metric_table.h defines them.
   std::map<std::string, HostArray> arrays;
   std::map<std::string, double> scalars;  // e.g. key/quant/worst5_magnitude_share, bits_per_element
   std::vector<int64_t> tokens;            // free_running: its generated tokens
@@ -33,7 +40,7 @@ struct LaneResult {
   // (the same as `text` unless decoding.stop_at_eos is false and decoding went on past it).
   std::string reply;
   int64_t first_divergence = 0;           // free_running: longest common prefix with the reference
-  std::string outcome;                    // free_running: identical | token_mismatch | length_only | censored
+  Outcome outcome = Outcome::Censored;    // free_running
 };
 
 struct SampleResult {

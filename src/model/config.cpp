@@ -23,10 +23,8 @@ void ModelConfig::validate(const std::string& where) const {
   if (head_dim % 2 != 0) fail("{}: head_dim = {} must be even for RoPE", where, head_dim);
   if (rope_theta <= 0) fail("{}: rope_theta = {} must be positive", where, rope_theta);
   if (norm_eps <= 0) fail("{}: norm eps = {} must be positive", where, norm_eps);
-  if (rope_scaling.type != "none" && rope_scaling.type != "linear" && rope_scaling.type != "llama3")
-    fail("{}: unsupported rope_scaling type '{}' (supported: linear, llama3)", where, rope_scaling.type);
   if (rope_scaling.factor <= 0) fail("{}: rope_scaling factor = {} must be positive", where, rope_scaling.factor);
-  if (rope_scaling.type == "llama3" && rope_scaling.high_freq_factor <= rope_scaling.low_freq_factor)
+  if (rope_scaling.type == RopeScalingType::Llama3 && rope_scaling.high_freq_factor <= rope_scaling.low_freq_factor)
     fail("{}: rope_scaling high_freq_factor must exceed low_freq_factor", where);
 }
 
@@ -138,9 +136,11 @@ ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& w
   if (json.contains(rope_key) && !json.at(rope_key).is_null()) {
     const auto& rs = json.at(rope_key);
     const std::string rs_where = where + " " + rope_key;
-    c.rope_scaling.type = rs.contains("rope_type") ? required<std::string>(rs, "rope_type", rs_where)
-                                                   : required<std::string>(rs, "type", rs_where);
-    if (c.rope_scaling.type == "default") c.rope_scaling.type = "none";
+    const std::string type = rs.contains("rope_type") ? required<std::string>(rs, "rope_type", rs_where)
+                                                      : required<std::string>(rs, "type", rs_where);
+    const auto known = parse_enum(kRopeScalingTypeNames, type == "default" ? "none" : type);
+    if (!known) fail("{}: unsupported rope_scaling type '{}' (supported: linear, llama3)", where, type);
+    c.rope_scaling.type = *known;
     c.rope_scaling.factor = optional<double>(rs, "factor", 1.0, rs_where);
     c.rope_scaling.low_freq_factor = optional<double>(rs, "low_freq_factor", 1.0, rs_where);
     c.rope_scaling.high_freq_factor = optional<double>(rs, "high_freq_factor", 4.0, rs_where);
@@ -176,9 +176,10 @@ nlohmann::json config_to_hf_json(const ModelConfig& c) {
   if (c.bos_token_id >= 0) json["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_ids.size() == 1) json["eos_token_id"] = c.eos_token_ids[0];
   if (c.eos_token_ids.size() > 1) json["eos_token_id"] = c.eos_token_ids;
-  if (c.rope_scaling.type != "none") {
-    json["rope_scaling"] = {{"rope_type", c.rope_scaling.type}, {"factor", c.rope_scaling.factor}};
-    if (c.rope_scaling.type == "llama3") {
+  if (c.rope_scaling.type != RopeScalingType::None) {
+    json["rope_scaling"] = {{"rope_type", enum_name(kRopeScalingTypeNames, c.rope_scaling.type)},
+                            {"factor", c.rope_scaling.factor}};
+    if (c.rope_scaling.type == RopeScalingType::Llama3) {
       json["rope_scaling"]["low_freq_factor"] = c.rope_scaling.low_freq_factor;
       json["rope_scaling"]["high_freq_factor"] = c.rope_scaling.high_freq_factor;
       json["rope_scaling"]["original_max_position_embeddings"] = c.rope_scaling.original_max_position;

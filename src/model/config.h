@@ -7,14 +7,21 @@
 #include <utility>
 #include <vector>
 
+#include "core/enum_names.h"
+
 namespace kvdrift {
 
 // How RoPE pairs the channels of a head: llama2.c/Meta rotate adjacent pairs (2i, 2i+1);
 // Hugging Face checkpoints rotate (i, i + head_dim/2) (their q/k rows are permuted to match).
 enum class RopeStyle { Interleaved, HalfSplit };
 
+// How RoPE's frequencies are stretched for long contexts (config.json's rope_scaling.rope_type).
+enum class RopeScalingType { None, Linear, Llama3 };
+inline constexpr EnumName<RopeScalingType> kRopeScalingTypeNames[] = {
+    {RopeScalingType::None, "none"}, {RopeScalingType::Linear, "linear"}, {RopeScalingType::Llama3, "llama3"}};
+
 struct RopeScaling {
-  std::string type = "none";  // none | linear | llama3
+  RopeScalingType type = RopeScalingType::None;
   double factor = 1.0;
   double low_freq_factor = 1.0;   // llama3 only
   double high_freq_factor = 4.0;  // llama3 only

@@ -15,9 +15,15 @@ namespace kvdrift {
 using WeightMap = std::map<std::string, torch::Tensor>;
 
 // Where a model came from, for logs and outputs.
+// The checkpoint layouts kvdrift reads (docs/model.md).
+enum class ModelFormat { Llama2c, HuggingFace, Synthetic };
+inline constexpr EnumName<ModelFormat> kModelFormatNames[] = {
+    {ModelFormat::Llama2c, "llama2c"}, {ModelFormat::HuggingFace, "hf"}, {ModelFormat::Synthetic, "synthetic"}};
+inline const char* model_format_name(ModelFormat format) { return enum_name(kModelFormatNames, format); }
+
 struct ModelSource {
-  std::string path;    // file, directory or "synthetic:NAME"
-  std::string format;  // llama2c | hf | synthetic
+  std::string path;  // file, directory or "synthetic:NAME"
+  ModelFormat format = ModelFormat::Llama2c;
 };
 
 // What a forward's layer hands its observer: the rows' positions (`spans`, and `query_positions` as

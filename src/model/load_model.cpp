@@ -13,16 +13,16 @@ LlamaModel load_model(const std::string& spec, torch::Device device, torch::Scal
   if (spec.rfind(synthetic_prefix, 0) == 0) {
     const std::string name = spec.substr(synthetic_prefix.size());
     auto checkpoint = synthetic_checkpoint(name, seed, device, dtype);
-    return LlamaModel(checkpoint.config, checkpoint.weights, {spec, "synthetic"}, device, dtype);
+    return LlamaModel(checkpoint.config, checkpoint.weights, {spec, ModelFormat::Synthetic}, device, dtype);
   }
   std::error_code ec;
   if (std::filesystem::is_directory(spec, ec)) {
     auto checkpoint = read_hf_checkpoint(spec, device, dtype);
-    return LlamaModel(checkpoint.config, checkpoint.weights, {spec, "hf"}, device, dtype);
+    return LlamaModel(checkpoint.config, checkpoint.weights, {spec, ModelFormat::HuggingFace}, device, dtype);
   }
   if (!std::filesystem::exists(spec, ec)) fail("model file not found: {}", spec);
   auto checkpoint = read_llama2c_checkpoint(spec, device, dtype);
-  return LlamaModel(checkpoint.config, checkpoint.weights, {spec, "llama2c"}, device, dtype);
+  return LlamaModel(checkpoint.config, checkpoint.weights, {spec, ModelFormat::Llama2c}, device, dtype);
 }
 
 ModelConfig read_model_config(const std::string& spec) {
@@ -35,8 +35,8 @@ ModelConfig read_model_config(const std::string& spec) {
 }
 
 std::string checkpoint_sha256(const ModelSource& source) {
-  if (source.format == "synthetic") return "";
-  if (source.format == "llama2c") return sha256_file(source.path);
+  if (source.format == ModelFormat::Synthetic) return "";
+  if (source.format == ModelFormat::Llama2c) return sha256_file(source.path);
   std::vector<std::string> files;
   for (const auto& entry : std::filesystem::directory_iterator(source.path)) {
     const std::string name = entry.path().filename().string();

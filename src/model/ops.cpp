@@ -17,9 +17,9 @@ std::vector<double> rope_inverse_frequencies(const ModelConfig& config) {
   for (int64_t i = 0; i < half; ++i)
     inv_freq[i] = 1.0 / std::pow(config.rope_theta, static_cast<double>(2 * i) / config.head_dim);
   const RopeScaling& s = config.rope_scaling;
-  if (s.type == "linear") {
+  if (s.type == RopeScalingType::Linear) {
     for (double& f : inv_freq) f /= s.factor;
-  } else if (s.type == "llama3") {
+  } else if (s.type == RopeScalingType::Llama3) {
     // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     const double low_freq_wavelen = s.original_max_position / s.low_freq_factor;
     const double high_freq_wavelen = s.original_max_position / s.high_freq_factor;

@@ -30,7 +30,7 @@ ModelConfig llama3_config(int64_t dim, int64_t hidden, int64_t layers, int64_t h
   c.vocab_size = 128256;
   c.max_seq_len = 131072;
   c.rope_theta = 500000.0;
-  c.rope_scaling = {"llama3", rope_factor, 1.0, 4.0, 8192};
+  c.rope_scaling = {RopeScalingType::Llama3, rope_factor, 1.0, 4.0, 8192};
   c.norm_eps = 1e-5;
   c.tie_embeddings = tied;
   c.bos_token_id = 128000;

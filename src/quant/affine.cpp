@@ -6,20 +6,32 @@
 
 namespace kvdrift::quant {
 
-const std::vector<std::string>& scale_dtypes() {
-  static const std::vector<std::string> dtypes = {"float16", "float8_e4m3", "float32"};
-  return dtypes;
+namespace {
+
+// A floating-point storage dtype parameter, `fallback` when not given.
+StoredDtype read_float_dtype(ParamReader& params, const std::string& key, StoredDtype fallback) {
+  const std::vector<std::string> choices = {"float16", "float8_e4m3", "float32"};
+  return *parse_enum(kStoredDtypeNames, params.choice(key, stored_dtype_name(fallback), choices));
 }
 
-std::string read_zero_dtype(ParamReader& params, const std::string& scale_dtype) {
-  return params.choice("zero_dtype", scale_dtype == "float8_e4m3" ? "float16" : scale_dtype, scale_dtypes());
+}  // namespace
+
+StoredDtype read_scale_dtype(ParamReader& params) {
+  return read_float_dtype(params, "scale_dtype", StoredDtype::Float16);
 }
 
-int64_t storage_bits(const std::string& dtype) {
-  if (dtype == "float32") return 32;
-  if (dtype == "float16") return 16;
-  if (dtype == "float8_e4m3" || dtype == "uint8") return 8;
-  fail("unknown storage dtype '{}'", dtype);
+StoredDtype read_zero_dtype(ParamReader& params, StoredDtype scale_dtype) {
+  return read_float_dtype(params, "zero_dtype", scale_dtype == StoredDtype::Float8E4M3 ? StoredDtype::Float16 : scale_dtype);
+}
+
+int64_t storage_bits(StoredDtype dtype) {
+  switch (dtype) {
+    case StoredDtype::Float32: return 32;
+    case StoredDtype::Float16: return 16;
+    case StoredDtype::Float8E4M3:
+    case StoredDtype::UInt8: return 8;
+  }
+  internal_error("every stored dtype has a width", __FILE__, __LINE__);
 }
 
 namespace {
@@ -37,11 +49,14 @@ torch::Tensor round_to_e4m3(const torch::Tensor& x) {
 
 }  // namespace
 
-torch::Tensor round_to_storage(const torch::Tensor& x, const std::string& dtype) {
-  if (dtype == "float32") return x.to(torch::kFloat32);
-  if (dtype == "float16") return x.to(torch::kFloat16).to(torch::kFloat32);
-  if (dtype == "float8_e4m3") return round_to_e4m3(x.to(torch::kFloat32));
-  fail("unknown scale dtype '{}' (expected float16, float8_e4m3 or float32)", dtype);
+torch::Tensor round_to_storage(const torch::Tensor& x, StoredDtype dtype) {
+  switch (dtype) {
+    case StoredDtype::Float32:
+    case StoredDtype::UInt8: return x.to(torch::kFloat32);
+    case StoredDtype::Float16: return x.to(torch::kFloat16).to(torch::kFloat32);
+    case StoredDtype::Float8E4M3: return round_to_e4m3(x.to(torch::kFloat32));
+  }
+  internal_error("every stored dtype has a rounding", __FILE__, __LINE__);
 }
 
 MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip) {

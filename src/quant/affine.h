@@ -10,17 +10,17 @@
 
 namespace kvdrift::quant {
 
-// Storage dtypes of quantizer parameters.
-const std::vector<std::string>& scale_dtypes();  // float16, float8_e4m3, float32
-// The `zero_dtype` parameter of a method with floating-point zero points (minima): one of
-// scale_dtypes(). Its default is the scale dtype, except that fp8 scales keep float16 zero points:
-// the layout the KVarN paper measures (FP8 scales, FP16 zero points), since a zero point carries
-// the group's offset, whose fp8 rounding error is not scaled down by the codes.
-std::string read_zero_dtype(ParamReader& params, const std::string& scale_dtype);
-int64_t storage_bits(const std::string& dtype);  // also "uint8" for integer zero points
+// The `scale_dtype` parameter of a method: float16 (default), float8_e4m3 or float32.
+StoredDtype read_scale_dtype(ParamReader& params);
+// The `zero_dtype` parameter of a method with floating-point zero points (minima), from the same
+// choices. Its default is the scale dtype, except that fp8 scales keep float16 zero points: the layout
+// the KVarN paper measures (FP8 scales, FP16 zero points), since a zero point carries the group's
+// offset, whose fp8 rounding error is not scaled down by the codes.
+StoredDtype read_zero_dtype(ParamReader& params, StoredDtype scale_dtype);
+int64_t storage_bits(StoredDtype dtype);
 // The value `dtype` stores for each element of float32 `x` (round-half-to-even; float8_e4m3 saturates
-// at +-448 and has subnormals down to 2^-9), as float32.
-torch::Tensor round_to_storage(const torch::Tensor& x, const std::string& dtype);
+// at +-448 and has subnormals down to 2^-9), as float32. UInt8 holds integer zero points: as they are.
+torch::Tensor round_to_storage(const torch::Tensor& x, StoredDtype dtype);
 
 // The scale guard of min/max quantization (RTN, KIVI, QuaRot's float-minimum values): a constant
 // group gets this scale instead of 0. KVarN's RTN uses the spec's own 1e-10.

@@ -49,10 +49,10 @@ QuantBenchRow bench_quantizer(const QuantBenchCase& bench_case, int64_t heads, i
     return 1000.0 * elapsed / static_cast<double>(repeats);
   };
   const double quantize_ms = time_loop([&] {
-    for (size_t r = 0; r < 2; ++r) stored[r] = quantizer->quantize(roles[r].second, roles[r].first);
+    for (size_t r = 0; r < 2; ++r) stored[r] = quantizer->quantize(roles[r].second, roles[r].first, 0);
   });
   const double dequantize_ms = time_loop([&] {
-    for (size_t r = 0; r < 2; ++r) quantizer->dequantize(stored[r], roles[r].first);
+    for (size_t r = 0; r < 2; ++r) quantizer->dequantize(stored[r], roles[r].first, 0);
   });
   for (size_t r = 0; r < 2; ++r) bits += stored_bits_per_element(stored[r], data.numel()) / 2.0;
   const double elements = 2.0 * static_cast<double>(data.numel());

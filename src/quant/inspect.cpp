@@ -25,8 +25,8 @@ Inspection inspect_quantizer(const Quantizer& quantizer, const torch::Tensor& x,
   if (count > 0) {
     auto region = result.dequantized.narrow(1, result.first_quantized, count);
     auto tiles = region.reshape({-1, rule.block, head_dim});  // head-major: tile = head * blocks + block
-    result.stored = quantizer.quantize(tiles, role);
-    region.copy_(quantizer.dequantize(result.stored, role).reshape({heads, count, head_dim}));
+    result.stored = quantizer.quantize(tiles, role, 0);
+    region.copy_(quantizer.dequantize(result.stored, role, 0).reshape({heads, count, head_dim}));
     result.quantized_bits_per_element = stored_bits_per_element(result.stored, tiles.numel());
     quantized_bits = result.quantized_bits_per_element * static_cast<double>(tiles.numel());
   }

@@ -27,7 +27,7 @@ class KiviQuantizer final : public Quantizer {
     value_group_ = params.integer("value_group_size", paper ? std::min<int64_t>(group_, head_dim) : group_, 1, 1 << 20);
     residual_ = params.integer("residual_length", 128, 1, 1 << 20);
     sink_ = params.integer("sink_tokens", paper ? 128 : 0, 0, 1 << 20);
-    scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     if (head_dim % value_group_ != 0)
       params.reject(fmt::format("{} {} does not divide head_dim {}",
@@ -47,8 +47,8 @@ class KiviQuantizer final : public Quantizer {
             {"value_group_size", std::to_string(value_group_)},
             {"residual_length", std::to_string(residual_)},
             {"sink_tokens", std::to_string(sink_)},
-            {"scale_dtype", scale_dtype_},
-            {"zero_dtype", zero_dtype_}};
+            {"scale_dtype", stored_dtype_name(scale_dtype_)},
+            {"zero_dtype", stored_dtype_name(zero_dtype_)}};
   }
 
   RolePolicy policy(Role role) const override {
@@ -57,7 +57,7 @@ class KiviQuantizer final : public Quantizer {
     return {sink_, 1, -residual_};
   }
 
-  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t) const override {
     if (role == Role::Key && x.size(1) != residual_)
       fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
     const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
@@ -71,7 +71,7 @@ class KiviQuantizer final : public Quantizer {
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t) const override {
     auto codes = to_groups(tiles.codes.to(torch::kFloat32), role);
     auto scale = tiles.params.at("scale").values.unsqueeze(-1);
     auto minimum = tiles.params.at("minimum").values.unsqueeze(-1);
@@ -94,7 +94,8 @@ class KiviQuantizer final : public Quantizer {
   }
 
   int64_t head_dim_, k_bits_, v_bits_, group_, value_group_, residual_, sink_;
-  std::string preset_, scale_dtype_, zero_dtype_;
+  std::string preset_;
+  StoredDtype scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

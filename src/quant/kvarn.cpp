@@ -100,7 +100,7 @@ class KVarNQuantizer final : public Quantizer {
     iters_ = params.integer("iters", 8, 0, 64);
     rotate_ = params.boolean("rotate", true);
     sink_ = params.boolean("sink", true);
-    scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     if (params.has("preset") && (params.has("k_bits") || params.has("v_bits")))
       params.reject("give either preset or k_bits/v_bits, not both");
@@ -124,13 +124,13 @@ class KVarNQuantizer final : public Quantizer {
             {"iters", std::to_string(iters_)},
             {"rotate", rotate_ ? "true" : "false"},
             {"sink", sink_ ? "true" : "false"},
-            {"scale_dtype", scale_dtype_},
-            {"zero_dtype", zero_dtype_}};
+            {"scale_dtype", stored_dtype_name(scale_dtype_)},
+            {"zero_dtype", stored_dtype_name(zero_dtype_)}};
   }
 
   RolePolicy policy(Role) const override { return {sink_ ? tile_size_ : 0, tile_size_, 0}; }
 
-  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t) const override {
     if (x.dim() != 3 || x.size(2) != head_dim_)
       fail("quantizer 'kvarn': expected tiles [N, tokens, {}], got [{}]", head_dim_, fmt::join(x.sizes(), ", "));
     if (x.size(1) != tile_size_)
@@ -160,7 +160,7 @@ class KVarNQuantizer final : public Quantizer {
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t) const override {
     auto codes = tiles.codes.to(torch::kFloat32);  // [N, T, D]
     const auto& p = tiles.params;
     torch::Tensor rotated;
@@ -182,13 +182,13 @@ class KVarNQuantizer final : public Quantizer {
     store(tiles, name, values, scale_dtype_);
   }
   static void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values,
-                    const std::string& dtype) {
+                    StoredDtype dtype) {
     tiles.params[name] = {quant::round_to_storage(values, dtype), dtype};
   }
 
   int64_t head_dim_, k_bits_, v_bits_, tile_size_, iters_;
   bool rotate_, sink_;
-  std::string scale_dtype_, zero_dtype_;
+  StoredDtype scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

@@ -16,11 +16,11 @@ class NoQuantizer final : public Quantizer {
     // A lag so negative that no position is ever due.
     return {0, 1, std::numeric_limits<int32_t>::min()};
   }
-  QuantizedTiles quantize(const torch::Tensor& x, Role) const override {
+  QuantizedTiles quantize(const torch::Tensor& x, Role, int64_t) const override {
     // Identity: codes are unused; the values themselves are the (float32) stored parameter.
-    return {torch::empty({0}, torch::kUInt8), 8, {{"values", {x.to(torch::kFloat32), "float32"}}}};
+    return {torch::empty({0}, torch::kUInt8), 8, {{"values", {x.to(torch::kFloat32), StoredDtype::Float32}}}};
   }
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role) const override { return tiles.params.at("values").values; }
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role, int64_t) const override { return tiles.params.at("values").values; }
 };
 
 }  // namespace

@@ -6,10 +6,13 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "core/enum_names.h"
 
 namespace kvdrift {
 
@@ -36,9 +39,15 @@ struct RolePolicy {
 // The stored form of N tiles. `codes` holds one integer code per element (uint8, unpacked) in the
 // layout the method chose; `params` holds the method's stored parameters (scales, zero points, token
 // scales), already rounded to their storage dtype but kept as float32 tensors.
+enum class StoredDtype { Float32, Float16, Float8E4M3, UInt8 };  // UInt8: integer zero points
+inline constexpr EnumName<StoredDtype> kStoredDtypeNames[] = {{StoredDtype::Float32, "float32"},
+                                                              {StoredDtype::Float16, "float16"},
+                                                              {StoredDtype::Float8E4M3, "float8_e4m3"},
+                                                              {StoredDtype::UInt8, "uint8"}};
+inline const char* stored_dtype_name(StoredDtype dtype) { return enum_name(kStoredDtypeNames, dtype); }
 struct StoredParam {
   torch::Tensor values;  // float32, exactly representable in `dtype`
-  std::string dtype;     // float32 | float16 | float8_e4m3 | uint8 (integer zero points)
+  StoredDtype dtype = StoredDtype::Float32;
 };
 struct QuantizedTiles {
   torch::Tensor codes;  // uint8
@@ -55,11 +64,13 @@ class Quantizer {
   // Every parameter with its resolved value (defaults filled in), for logs and outputs.
   virtual ParamMap resolved_params() const = 0;
   virtual RolePolicy policy(Role role) const = 0;
-  // x: float32 [N, tokens, head_dim], N independent tiles of one role in the model's frame (keys after
-  // RoPE). `tokens` is policy(role).block, or any count when the block is 1.
-  virtual QuantizedTiles quantize(const torch::Tensor& x, Role role) const = 0;
+  // x: float32 [N, tokens, head_dim], N independent tiles of one role of transformer layer `layer`
+  // (from 0), in the model's frame (keys after RoPE). `tokens` is policy(role).block, or any count when
+  // the block is 1. The layer lets a method treat layers differently (per-layer bit widths); tools that
+  // quantize tiles of no particular layer (kvdrift quantize, bench quant, kvdrift bits) pass 0.
+  virtual QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const = 0;
   // Back to float32 [N, tokens, head_dim] in the model's frame (a rotating method rotates back).
-  virtual torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const = 0;
+  virtual torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t layer) const = 0;
 };
 
 // Builds `method` with `params` for heads of `head_dim`. Unknown methods, unknown or misspelled
@@ -67,6 +78,15 @@ class Quantizer {
 // axis, a head dim without a Hadamard construction) throw Error naming the method and the key.
 std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const ParamMap& params, int64_t head_dim);
 std::vector<std::string> quantizer_methods();
+
+// A method's factory: reads every parameter it has from the reader (quant/params.h) and builds the
+// quantizer for heads of `head_dim`.
+class ParamReader;
+using QuantizerFactory = std::function<std::unique_ptr<Quantizer>(ParamReader& params, int64_t head_dim)>;
+// Adds a method defined outside src/quant (a test's toy method, an experiment's prototype) to the
+// registry, for make_quantizer, configs and every tool; the built-in methods are listed in
+// registry.cpp. Registering a name twice is an InternalError.
+void register_quantizer_method(const std::string& method, QuantizerFactory factory);
 
 // Bits actually stored per element of the quantized tiles: codes (at their packed width, see
 // packed_code_bits) plus every stored parameter at its storage width.

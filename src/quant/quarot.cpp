@@ -36,7 +36,7 @@ class QuarotQuantizer final : public Quantizer {
     if (clip <= 0.0) params.reject(fmt::format("clip_ratio {} is not in (0, 1]", clip));
     key_.clip_ratio = clip_given ? clip : default_clip_ratio(key_.bits);
     value_.clip_ratio = clip_given ? clip : default_clip_ratio(value_.bits);
-    scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     integer_value_zero_ = params.choice("value_zero_point", "integer", {"integer", "float_minimum"}) == "integer";
     if (!quant::has_hadamard(head_dim))
@@ -57,8 +57,8 @@ class QuarotQuantizer final : public Quantizer {
             {"v_bits", std::to_string(value_.bits)},
             {"group_size", std::to_string(group_)},
             {"clip_ratio", clip_ratio},
-            {"scale_dtype", scale_dtype_},
-            {"zero_dtype", zero_dtype_},
+            {"scale_dtype", stored_dtype_name(scale_dtype_)},
+            {"zero_dtype", stored_dtype_name(zero_dtype_)},
             {"value_zero_point", integer_value_zero_ ? "integer" : "float_minimum"}};
   }
 
@@ -67,17 +67,17 @@ class QuarotQuantizer final : public Quantizer {
     return {0, 1, 1};
   }
 
-  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t) const override {
     const int64_t n = x.size(0), tokens = x.size(1);
     auto groups = quant::hadamard_rotate(x).reshape({n, tokens, head_dim_ / group_, group_});
-    QuantizedTiles tiles = role == Role::Key    ? quantize_integer_zero(groups, key_, true, "uint8")
+    QuantizedTiles tiles = role == Role::Key    ? quantize_integer_zero(groups, key_, true, StoredDtype::UInt8)
                            : integer_value_zero_ ? quantize_integer_zero(groups, value_, false, zero_dtype_)
                                                  : quantize_float_minimum(groups);
     tiles.codes = tiles.codes.reshape({n, tokens, head_dim_});
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role, int64_t) const override {
     const int64_t n = tiles.codes.size(0), tokens = tiles.codes.size(1);
     auto codes = tiles.codes.to(torch::kFloat32).reshape({n, tokens, head_dim_ / group_, group_});
     auto scale = tiles.params.at("scale").values.unsqueeze(-1);
@@ -91,7 +91,7 @@ class QuarotQuantizer final : public Quantizer {
   // QuaRot's asymmetric quantizer with an integer zero point, on [min, max] * clip, widened to contain
   // 0 when `contain_zero` (keys: the zero point then fits `bits`, stored as uint8).
   QuantizedTiles quantize_integer_zero(const torch::Tensor& groups, const RoleSettings& role, bool contain_zero,
-                                       const std::string& zero_dtype) const {
+                                       StoredDtype zero_dtype) const {
     const double levels = std::pow(2.0, static_cast<double>(role.bits)) - 1.0;
     auto low = std::get<0>(groups.min(-1, /*keepdim=*/true));
     auto high = std::get<0>(groups.max(-1, /*keepdim=*/true));
@@ -116,8 +116,7 @@ class QuarotQuantizer final : public Quantizer {
     tiles.codes = codes.to(torch::kUInt8);
     tiles.bits = role.bits;
     tiles.params["scale"] = {quant::round_to_storage(scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["zero"] = {quant::round_to_storage(zero.squeeze(-1), zero_dtype == "uint8" ? "float32" : zero_dtype),
-                            zero_dtype};
+    tiles.params["zero"] = {quant::round_to_storage(zero.squeeze(-1), zero_dtype), zero_dtype};
     return tiles;
   }
 
@@ -133,7 +132,7 @@ class QuarotQuantizer final : public Quantizer {
 
   int64_t head_dim_, group_;
   RoleSettings key_, value_;
-  std::string scale_dtype_, zero_dtype_;
+  StoredDtype scale_dtype_, zero_dtype_;
   bool integer_value_zero_ = true;
 };
 

@@ -1,5 +1,7 @@
-// The one list of quantization methods: a new method adds its factory declaration and one line here.
+// The one list of quantization methods: a new method adds its factory declaration and one line here
+// (docs/quantizers.md, "Adding a method").
 #include <functional>
+#include <mutex>
 
 #include "core/error.h"
 #include "quant/affine.h"
@@ -17,34 +19,51 @@ std::unique_ptr<Quantizer> make_kvarn(ParamReader& params, int64_t head_dim);
 
 namespace {
 
-using Factory = std::function<std::unique_ptr<Quantizer>(ParamReader&, int64_t)>;
-
-const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> methods = {
+struct Registry {
+  std::mutex mutex;  // methods registered from outside (tests) may race with lookups
+  std::map<std::string, QuantizerFactory> methods = {
       {"none", make_none}, {"rtn", make_rtn}, {"kivi", make_kivi}, {"quarot", make_quarot}, {"kvarn", make_kvarn},
   };
-  return methods;
+};
+
+Registry& registry() {
+  static Registry instance;
+  return instance;
 }
 
 }  // namespace
 
+void register_quantizer_method(const std::string& method, QuantizerFactory factory) {
+  Registry& methods = registry();
+  const std::lock_guard<std::mutex> lock(methods.mutex);
+  KVDRIFT_CHECK(methods.methods.count(method) == 0 && method != "wrap");
+  methods.methods.emplace(method, std::move(factory));
+}
+
 std::vector<std::string> quantizer_methods() {
+  Registry& methods = registry();
+  const std::lock_guard<std::mutex> lock(methods.mutex);
   std::vector<std::string> names;
-  for (const auto& [name, factory] : registry()) names.push_back(name);
+  for (const auto& [name, factory] : methods.methods) names.push_back(name);
   return names;
 }
 
 std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const ParamMap& params, int64_t head_dim) {
-  auto it = registry().find(method);
-  if (it == registry().end())
-    fail("unknown quantizer method '{}' (known: {})", method, fmt::join(quantizer_methods(), ", "));
+  QuantizerFactory factory;
+  {
+    Registry& methods = registry();
+    const std::lock_guard<std::mutex> lock(methods.mutex);
+    const auto it = methods.methods.find(method);
+    if (it != methods.methods.end()) factory = it->second;
+  }
+  if (!factory) fail("unknown quantizer method '{}' (known: {})", method, fmt::join(quantizer_methods(), ", "));
   // `wrap` belongs to no method: it puts a causal wrapper around any of them (quant/wrappers.h).
   ParamMap method_params = params;
   const auto wrap = method_params.find("wrap");
   const std::string wrapper = wrap == method_params.end() ? "" : wrap->second;
   if (wrap != method_params.end()) method_params.erase(wrap);
   ParamReader reader(method, method_params);
-  auto quantizer = it->second(reader, head_dim);
+  auto quantizer = factory(reader, head_dim);
   reader.finish();
   return wrapper.empty() ? std::move(quantizer) : wrap_quantizer(std::move(quantizer), wrapper);
 }

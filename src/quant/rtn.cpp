@@ -19,7 +19,7 @@ class RtnQuantizer final : public Quantizer {
     clip_ratio_ = params.real("clip_ratio", 1.0, 1e-3, 1.0);
     residual_ = params.integer("residual_length", 0, 0, 1 << 20);
     sink_ = params.integer("sink", 0, 0, 1 << 20);
-    scale_dtype_ = params.choice("scale_dtype", "float16", quant::scale_dtypes());
+    scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
     if (per_token_ && head_dim % group_ != 0)
       params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
@@ -35,7 +35,7 @@ class RtnQuantizer final : public Quantizer {
             {"axis", per_token_ ? "per_token" : "per_channel"},
             {"group_size", std::to_string(group_)},      {"clip_ratio", fmt::format("{}", clip_ratio_)},
             {"residual_length", std::to_string(residual_)}, {"sink", std::to_string(sink_)},
-            {"scale_dtype", scale_dtype_},                {"zero_dtype", zero_dtype_}};
+            {"scale_dtype", stored_dtype_name(scale_dtype_)},                {"zero_dtype", stored_dtype_name(zero_dtype_)}};
   }
 
   RolePolicy policy(Role) const override {
@@ -44,7 +44,7 @@ class RtnQuantizer final : public Quantizer {
     return {sink_, group_, -residual_};
   }
 
-  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t) const override {
     const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
     const int64_t n = x.size(0), tokens = x.size(1), dim = x.size(2);
     if (!per_token_ && tokens % group_ != 0)
@@ -62,7 +62,7 @@ class RtnQuantizer final : public Quantizer {
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role, int64_t) const override {
     const int64_t n = tiles.codes.size(0), tokens = tiles.codes.size(1), dim = tiles.codes.size(2);
     auto scale = tiles.params.at("scale").values.unsqueeze(-1);
     auto minimum = tiles.params.at("minimum").values.unsqueeze(-1);
@@ -78,7 +78,7 @@ class RtnQuantizer final : public Quantizer {
   int64_t k_bits_, v_bits_, group_, residual_, sink_;
   bool per_token_;
   double clip_ratio_;
-  std::string scale_dtype_, zero_dtype_;
+  StoredDtype scale_dtype_, zero_dtype_;
 };
 
 }  // namespace

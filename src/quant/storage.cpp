@@ -23,7 +23,7 @@ StorageCost storage_cost(const Quantizer& quantizer, int64_t head_dim, int64_t l
     const int64_t held_quantized = std::max<int64_t>(0, end - policy.sink);
     // One block of data stands for every block: a method stores the same for each.
     const auto tile = torch::randn({1, policy.block, head_dim}, torch::kFloat32);
-    const QuantizedTiles stored = quantizer.quantize(tile, role);
+    const QuantizedTiles stored = quantizer.quantize(tile, role, 0);
     const double elements = static_cast<double>(tile.numel());
     const double code_bits = static_cast<double>(stored.codes.numel() * packed_code_bits(stored.bits)) / elements;
     const double tile_bits = stored_bits_per_element(stored, tile.numel());

@@ -26,21 +26,21 @@ class TrueScaleOrDirection final : public Quantizer {
   }
   RolePolicy policy(Role role) const override { return inner_->policy(role); }
 
-  QuantizedTiles quantize(const torch::Tensor& x, Role role) const override {
-    QuantizedTiles tiles = inner_->quantize(x, role);
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const override {
+    QuantizedTiles tiles = inner_->quantize(x, role, layer);
     const auto x32 = x.to(torch::kFloat32);
     if (true_scale_) {
-      tiles.params["true_norm"] = {x32.norm(2, -1), "float32"};  // [N, T]
+      tiles.params["true_norm"] = {x32.norm(2, -1), StoredDtype::Float32};  // [N, T]
     } else {
-      tiles.params["true_vector"] = {x32.clone(), "float32"};  // [N, T, D]
+      tiles.params["true_vector"] = {x32.clone(), StoredDtype::Float32};  // [N, T, D]
     }
     return tiles;
   }
 
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role) const override {
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t layer) const override {
     QuantizedTiles inner_tiles = tiles;
     inner_tiles.params.erase(true_scale_ ? "true_norm" : "true_vector");
-    const auto restored = inner_->dequantize(inner_tiles, role);
+    const auto restored = inner_->dequantize(inner_tiles, role, layer);
     const auto norm = restored.norm(2, -1, /*keepdim=*/true);
     if (true_scale_) {
       // A vector quantized to 0 has no direction to rescale: it stays 0.

@@ -1,7 +1,6 @@
 #include "run/run_log.h"
 
 #include <fmt/format.h>
-#include <hdf5.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include "core/line_difference.h"
 #include "metrics/sample_result.h"
 #include "io/hdf5.h"
+#include "metrics/metric_table.h"
 #include "metrics/statistics.h"
 
 namespace kvdrift {
@@ -34,40 +34,13 @@ const h5::AppendableOptions kStepArrays{256, kGzipLevel, true};
 // How long a write waits for readers holding the file open before giving up.
 constexpr std::chrono::seconds kReaderWait{60};
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// Where each log keeps the metric table (metrics/metric_table.h) its samples follow.
+constexpr const char* kMetricTablePath = "schema/metrics";
 
 // --- Array layout ---
 
-// The axes of the metric arrays the engine logs (decode/engine.h), outermost first, as stored in
-// each dataset's `axes` attribute. Arrays of other names are stored as given, without one.
-const std::map<std::string, std::string>& metric_axes() {
-  static const std::map<std::string, std::string> axes = [] {
-    std::map<std::string, std::string> table = {{"kl", "step"},
-                                                {"top1_agree", "step"},
-                                                {"logp_delta", "step"},
-                                                {"kl_sampled", "step"},
-                                                {"match", "step"},
-                                                {"attn_rel_l2", "logged_step,layer"},
-                                                {"attn_cos", "logged_step,layer"}};
-    for (const char* role : {"key", "value"}) {
-      for (const char* against : {"quant", "drift"}) {
-        for (const char* component : {"E_M", "E_D", "E_T", "norm_ratio"}) {
-          table[fmt::format("{}/{}/{}", role, against, component)] = "position,layer";
-        }
-      }
-    }
-    return table;
-  }();
-  return axes;
-}
-
-// Arrays whose outermost axis counts decoding steps grow along it: unlimited, chunked, compressed.
-bool grows_along_steps(const std::string& axes) {
-  const std::string outermost = axes.substr(0, axes.find(','));
-  return outermost == "step" || outermost == "logged_step";
-}
-
-// Checks that `values` fill `shape` and that the shape has one axis per name in `axes` ("" for arrays
-// the schema does not know); returns the shape as HDF5 dimensions.
+// Checks that `values` fill `shape` and that the shape has one axis per name in `axes` ("a,b");
+// returns the shape as HDF5 dimensions.
 std::vector<hsize_t> checked_dims(const h5::Group& group, const std::string& name, size_t value_count,
                                   const std::vector<int64_t>& shape, const std::string& axes) {
   std::vector<hsize_t> dims;
@@ -82,7 +55,7 @@ std::vector<hsize_t> checked_dims(const h5::Group& group, const std::string& nam
          fmt::join(shape, ", "));
   }
   const size_t axis_count = static_cast<size_t>(std::count(axes.begin(), axes.end(), ',')) + 1;
-  if (!axes.empty() && dims.size() != axis_count) {
+  if (dims.size() != axis_count) {
     fail("{}: dataset '{}/{}': shape [{}] does not match the schema's axes [{}]", group.file_path(), group.path(), name,
          fmt::join(shape, ", "), axes);
   }
@@ -94,8 +67,7 @@ template <typename T>
 void write_array(h5::Group& group, const std::string& name, const std::vector<T>& values,
                  const std::vector<int64_t>& shape, const std::string& axes) {
   const auto dims = checked_dims(group, name, values.size(), shape, axes);
-  auto dataset = group.write(name, values, dims, kGzipLevel);
-  if (!axes.empty()) dataset.set_attribute("axes", axes);
+  group.write(name, values, dims, kGzipLevel).set_attribute("axes", axes);
 }
 
 // Appends the rows of `values` (shape [rows, ...]) beyond those `group`/`name` holds already,
@@ -123,25 +95,6 @@ template <typename T>
 void append_new_values(h5::Group& group, const std::string& name, const std::vector<T>& values,
                        const std::string& axes) {
   append_new_rows(group, name, values, {static_cast<int64_t>(values.size())}, axes);
-}
-
-// --- Small pieces the h5 layer does not cover ---
-
-// Seeds are full uint64 values, beyond the h5 layer's int64 attributes.
-void set_uint64_attribute(h5::Object& object, const std::string& name, uint64_t value) {
-  const h5::Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-  const h5::Handle attribute(
-      H5Acreate2(object.id(), name.c_str(), H5T_STD_U64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  if (space.get() < 0 || attribute.get() < 0 || H5Awrite(attribute.get(), H5T_NATIVE_UINT64, &value) < 0) {
-    fail("{}: cannot write attribute '{}' of '{}'", object.file_path(), name, object.path());
-  }
-}
-
-// Unlinks `name` from `group`. HDF5 does not reclaim the space (h5repack does).
-void remove_link(h5::Group& group, const std::string& name) {
-  if (H5Ldelete(group.id(), name.c_str(), H5P_DEFAULT) < 0) {
-    fail("{}: cannot delete '{}' from group '{}'", group.file_path(), name, group.path());
-  }
 }
 
 // Quantizer and lane names become group names.
@@ -217,13 +170,14 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
   file.set_attribute("created_utc", utc_now());
   file.set_attribute("device", metadata.device);
   file.set_attribute("dtype", metadata.dtype);
-  set_uint64_attribute(file, "decoding_seed", metadata.decoding_seed);
-  set_uint64_attribute(file, "weights_seed", metadata.weights_seed);
+  file.set_uint64_attribute("decoding_seed", metadata.decoding_seed);
+  file.set_uint64_attribute("weights_seed", metadata.weights_seed);
   file.set_attribute("prompts_sha256", metadata.prompts_sha256);
-  file.set_attribute("prefill", metadata.prefill);
+  file.set_attribute("prefill", prefill_mode_name(metadata.prefill));
   file.set_attribute("prefill_chunk", metadata.prefill_chunk);
   file.set_attribute("complete", 0);
   file.write_string("config/yaml", resolved_config_yaml);
+  file.write_string(kMetricTablePath, metric_table_json());
 
   h5::Group model = file.create_group("model");
   model.set_attribute("path", metadata.model_path);
@@ -284,6 +238,10 @@ void check_resumable(const h5::File& file, const std::string& resolved_config_ya
          "to replace it",
          path, stored_prompts, metadata.prompts_sha256);
   }
+  // Samples logged by another metric table would mix two meanings under one schema.
+  if (file.exists(kMetricTablePath) && file.read_string(kMetricTablePath) != metric_table_json())
+    fail("{} was written by a kvdrift that logs other metrics ({} differs); pass --overwrite to replace it", path,
+         kMetricTablePath);
 }
 
 bool is_complete(const h5::Object& object) {
@@ -302,7 +260,7 @@ std::set<int64_t> finished_samples(h5::Group& samples) {
     if (is_complete(samples.open_group(name))) {
       finished.insert(std::stoll(name));
     } else {
-      remove_link(samples, name);
+      samples.remove(name);
     }
   }
   return finished;
@@ -313,21 +271,14 @@ std::set<int64_t> finished_samples(h5::Group& samples) {
 void mark_unfinished(h5::File& file) {
   file.set_attribute("complete", 0);
   for (const char* name : {"summary", "scores"})
-    if (file.exists(name)) remove_link(file, name);
+    if (file.exists(name)) file.remove(name);
 }
 
 // --- Samples ---
 
-// The schema's axes of a lane array; "" for names it does not know.
-std::string axes_of(const std::string& name) {
-  const auto axes = metric_axes().find(name);
-  return axes == metric_axes().end() ? "" : axes->second;
-}
-
 h5::Group lane_group(h5::Group& sample, const LaneResult& lane) {
   check_group_name(sample.file_path(), "quantizer", lane.quantizer);
-  check_group_name(sample.file_path(), "lane", lane.lane);
-  return sample.require_group(lane.quantizer + "/" + lane.lane);
+  return sample.require_group(lane.quantizer + "/" + lane_name(lane.lane));
 }
 
 // The arrays that grow while the sample decodes: what the file lacks of them is appended.
@@ -337,10 +288,11 @@ void append_step_arrays(h5::Group& sample, const SampleResult& result) {
   for (const LaneResult& lane : result.lanes) {
     h5::Group group = lane_group(sample, lane);
     for (const auto& [name, array] : lane.arrays) {
-      const std::string axes = axes_of(name);
-      if (!axes.empty() && grows_along_steps(axes)) append_new_rows(group, name, array.values, array.shape, axes);
+      const MetricSpec& spec = metric_spec(name);
+      KVDRIFT_CHECK(spec.is_array());
+      if (spec.grows_along_steps()) append_new_rows(group, name, array.values, array.shape, spec.axes_text());
     }
-    if (lane.lane == "free_running") append_new_values(group, "tokens", lane.tokens, "step");
+    if (lane.lane == Lane::FreeRunning) append_new_values(group, "tokens", lane.tokens, "step");
   }
 }
 
@@ -358,10 +310,11 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
   for (const LaneResult& lane : result.lanes) {
     h5::Group group = lane_group(sample, lane);
     for (const auto& [name, array] : lane.arrays) {
-      const std::string axes = axes_of(name);
-      if (axes.empty() || !grows_along_steps(axes)) write_array(group, name, array.values, array.shape, axes);
+      const MetricSpec& spec = metric_spec(name);
+      if (!spec.grows_along_steps()) write_array(group, name, array.values, array.shape, spec.axes_text());
     }
     for (const auto& [name, value] : lane.scalars) {
+      KVDRIFT_CHECK(!metric_spec(name).is_array());
       // "key/quant/worst5_magnitude_share" goes to group key/quant, beside the arrays it summarizes.
       const size_t slash = name.rfind('/');
       if (slash == std::string::npos) {
@@ -370,9 +323,9 @@ void write_final_contents(h5::Group& sample, const SampleResult& result) {
         group.require_group(name.substr(0, slash)).set_attribute(name.substr(slash + 1), value);
       }
     }
-    if (lane.lane == "free_running") {
+    if (lane.lane == Lane::FreeRunning) {
       group.set_attribute("first_divergence", lane.first_divergence);
-      group.set_attribute("outcome", lane.outcome);
+      group.set_attribute("outcome", outcome_name(lane.outcome));
       group.set_attribute("continuation", lane.text);
       group.set_attribute("reply", lane.reply);
     }
@@ -462,9 +415,9 @@ void set_slope_with_interval(h5::Group& group, const std::string& name, const Pe
 
 // Per logged step of a lane: its attention-output error, mean over layers (none when not logged).
 std::vector<double> attention_by_step(const h5::Group& lane) {
-  if (!lane.exists("attn_rel_l2")) return {};
+  if (!lane.exists(metric::attn_rel_l2)) return {};
   std::vector<hsize_t> shape;
-  const std::vector<float> values = lane.read<float>("attn_rel_l2", &shape);
+  const std::vector<float> values = lane.read<float>(metric::attn_rel_l2, &shape);
   std::vector<double> means;
   if (shape.size() != 2 || shape[1] == 0) return means;
   for (hsize_t step = 0; step < shape[0]; ++step) {
@@ -488,10 +441,10 @@ struct Worst5Shares {
 
   void add(const h5::Group& lane) {
     for (const char* role : {"key", "value"}) {
-      const std::string group = std::string(role) + "/quant";
+      const std::string group = metric::token_scale_group(role, "quant");
       if (!lane.exists(group)) continue;
       const h5::Group quant = lane.open_group(group);
-      for (const char* name : {"worst5_magnitude_share", "worst5_magnitude_share_mean_of_ratios"})
+      for (const char* name : metric::worst5_shares)
         if (quant.has_attribute(name))
           worst5[fmt::format("{}_quant_{}_mean", role, name)].next().add(0, quant.attribute<double>(name));
     }
@@ -532,9 +485,9 @@ struct TeacherForcedTotals {
 
   void add(const h5::Group& lane, const std::vector<int64_t>& logged_steps) {
     worst5.add(lane);
-    const std::vector<float> sample_kl = lane.read<float>("kl");
-    const std::vector<float> agree = lane.read<float>("top1_agree");
-    const std::vector<float> delta = lane.read<float>("logp_delta");
+    const std::vector<float> sample_kl = lane.read<float>(metric::kl);
+    const std::vector<float> agree = lane.read<float>(metric::top1_agree);
+    const std::vector<float> delta = lane.read<float>(metric::logp_delta);
     stats::LineSums &kl_sample = kl_by_step.next(), &agree_sample = top1_disagreement.next(),
                     &delta_sample = logp_delta.next(), &final_sample = final_kl.next();
     for (size_t step = static_cast<size_t>(first_step); step < sample_kl.size(); ++step) {
@@ -544,10 +497,10 @@ struct TeacherForcedTotals {
       delta_sample.add(static_cast<double>(step), delta[step]);
     }
     if (sample_kl.size() > static_cast<size_t>(first_step)) final_sample.add(0, sample_kl.back());
-    if (lane.exists("kl_sampled")) {
+    if (lane.exists(metric::kl_sampled)) {
       has_kl_sampled = true;
       stats::LineSums& sampled = kl_sampled.next();
-      const std::vector<float> values = lane.read<float>("kl_sampled");
+      const std::vector<float> values = lane.read<float>(metric::kl_sampled);
       for (size_t step = static_cast<size_t>(first_step); step < values.size(); ++step) {
         kl_sampled_infinite.add(std::isinf(values[step]) ? 1.0 : 0.0);
         sampled.add(static_cast<double>(step), values[step]);  // LineSums skips the infinite ones
@@ -581,15 +534,17 @@ struct FreeRunningTotals {
   std::vector<double> times;
   std::vector<bool> diverged;
   // Every class the spec names is counted, even when no sample falls in it.
-  std::map<std::string, int64_t> outcomes = {
-      {"identical", 0}, {"token_mismatch", 0}, {"length_only", 0}, {"censored", 0}};
+  std::map<Outcome, int64_t> outcomes = {
+      {Outcome::Identical, 0}, {Outcome::TokenMismatch, 0}, {Outcome::LengthOnly, 0}, {Outcome::Censored, 0}};
 
   void add(const h5::Group& lane, const std::vector<int64_t>&) {
     worst5.add(lane);
-    const std::string outcome = lane.attribute<std::string>("outcome");
+    const std::string text = lane.attribute<std::string>("outcome");
+    const std::optional<Outcome> outcome = parse_enum(kOutcomeNames, text);
+    if (!outcome) fail("{}: '{}' has an unknown outcome '{}'", lane.file_path(), lane.path(), text);
     times.push_back(static_cast<double>(lane.attribute<int64_t>("first_divergence")));
-    diverged.push_back(outcome == "token_mismatch" || outcome == "length_only");
-    ++outcomes[outcome];
+    diverged.push_back(*outcome == Outcome::TokenMismatch || *outcome == Outcome::LengthOnly);
+    ++outcomes[*outcome];
   }
   void write(h5::Group& group) const {
     const stats::Survival survival = stats::kaplan_meier(times, diverged);
@@ -598,9 +553,10 @@ struct FreeRunningTotals {
     group.set_attribute("first_divergence_at_risk", survival.at_risk_at_median);
     group.set_attribute("first_divergence_events", survival.events);
     group.set_attribute("first_divergence_censored", survival.censored);
-    for (const auto& [outcome, count] : outcomes) group.set_attribute("outcome_" + outcome, count);
+    for (const auto& [outcome, count] : outcomes)
+      group.set_attribute(std::string("outcome_") + outcome_name(outcome), count);
     group.set_attribute("identical_fraction",
-                        static_cast<double>(outcomes.at("identical")) / static_cast<double>(times.size()));
+                        static_cast<double>(outcomes.at(Outcome::Identical)) / static_cast<double>(times.size()));
     worst5.write(group);
   }
 };
@@ -612,9 +568,9 @@ class QuantizerTotals {
 
   void add(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
     ++samples_;
-    add_lane(quantizer, "static", static_, logged_steps);
-    add_lane(quantizer, "teacher_forced", teacher_forced_, logged_steps);
-    add_lane(quantizer, "free_running", free_running_, logged_steps);
+    add_lane(quantizer, Lane::Static, static_, logged_steps);
+    add_lane(quantizer, Lane::TeacherForced, teacher_forced_, logged_steps);
+    add_lane(quantizer, Lane::FreeRunning, free_running_, logged_steps);
     add_gap(quantizer, logged_steps);
   }
 
@@ -631,9 +587,9 @@ class QuantizerTotals {
       set_mean_with_interval(group, "attn_gap_mean", gap_);
       set_slope_with_interval(group, "attn_gap_slope", gap_);
     }
-    write_lane(group, "static", static_);
-    write_lane(group, "teacher_forced", teacher_forced_);
-    write_lane(group, "free_running", free_running_);
+    write_lane(group, Lane::Static, static_);
+    write_lane(group, Lane::TeacherForced, teacher_forced_);
+    write_lane(group, Lane::FreeRunning, free_running_);
     const auto& tf = teacher_forced_.totals;
     return {name, tf.kl_by_step.mean(Weights(tf.kl_by_step.count(), 1.0)),
             stats::kaplan_meier(free_running_.totals.times, free_running_.totals.diverged).median,
@@ -642,14 +598,15 @@ class QuantizerTotals {
 
  private:
   template <typename Totals>
-  struct Lane {
+  struct LaneTotals {
     int64_t samples = 0;
     Totals totals;
   };
 
   template <typename Totals>
-  void add_lane(const h5::Group& quantizer, const char* name, Lane<Totals>& lane_totals,
+  void add_lane(const h5::Group& quantizer, Lane kind, LaneTotals<Totals>& lane_totals,
                 const std::vector<int64_t>& logged_steps) {
+    const char* name = lane_name(kind);
     if (!quantizer.exists(name)) return;
     const h5::Group lane = quantizer.open_group(name);
     ++lane_totals.samples;
@@ -662,18 +619,22 @@ class QuantizerTotals {
 
   // Teacher-forced minus static attention error at the same logged steps: what earlier errors add.
   void add_gap(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
-    if (!quantizer.exists("static/attn_rel_l2") || !quantizer.exists("teacher_forced/attn_rel_l2")) return;
-    const std::vector<double> static_error = attention_by_step(quantizer.open_group("static"));
-    const std::vector<double> teacher_error = attention_by_step(quantizer.open_group("teacher_forced"));
+    const char* static_lane = lane_name(Lane::Static);
+    const char* teacher_lane = lane_name(Lane::TeacherForced);
+    if (!quantizer.exists(fmt::format("{}/{}", static_lane, metric::attn_rel_l2)) ||
+        !quantizer.exists(fmt::format("{}/{}", teacher_lane, metric::attn_rel_l2)))
+      return;
+    const std::vector<double> static_error = attention_by_step(quantizer.open_group(static_lane));
+    const std::vector<double> teacher_error = attention_by_step(quantizer.open_group(teacher_lane));
     std::vector<double> gap(std::min(static_error.size(), teacher_error.size()));
     for (size_t i = 0; i < gap.size(); ++i) gap[i] = teacher_error[i] - static_error[i];
     add_by_step(gap_.next(), gap, logged_steps);
   }
 
   template <typename Totals>
-  static void write_lane(h5::Group& group, const char* name, const Lane<Totals>& lane_totals) {
+  static void write_lane(h5::Group& group, Lane kind, const LaneTotals<Totals>& lane_totals) {
     if (lane_totals.samples == 0) return;
-    h5::Group lane = group.create_group(name);
+    h5::Group lane = group.create_group(lane_name(kind));
     lane.set_attribute("samples", lane_totals.samples);
     lane_totals.totals.write(lane);
   }
@@ -681,9 +642,9 @@ class QuantizerTotals {
   int64_t samples_ = 0;
   Mean bits_per_element_, key_quant_E_T_, value_quant_E_T_;
   PerSample gap_;
-  Lane<StaticTotals> static_;
-  Lane<TeacherForcedTotals> teacher_forced_;
-  Lane<FreeRunningTotals> free_running_;
+  LaneTotals<StaticTotals> static_;
+  LaneTotals<TeacherForcedTotals> teacher_forced_;
+  LaneTotals<FreeRunningTotals> free_running_;
 };
 
 }  // namespace
@@ -717,6 +678,7 @@ RunLog RunLog::open(const std::string& path, const std::string& resolved_config_
   log.reserve_for(0);
   h5::File file = open_for_writing(path);
   mark_unfinished(file);
+  if (!file.exists(kMetricTablePath)) file.write_string(kMetricTablePath, metric_table_json());  // an older log
   file.close();
   return log;
 }
@@ -751,7 +713,7 @@ SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const st
         if (is_complete(samples.open_group(name))) {
           fail("{}: sample {} is already written (is another kvdrift run writing this file?)", path_, indices[i]);
         }
-        remove_link(samples, name);
+        samples.remove(name);
       }
       const Prompt& prompt = prompts[i];
       h5::Group sample = samples.create_group(name);
@@ -825,7 +787,8 @@ std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quanti
     mark_unfinished(file);
     h5::Group summary = file.create_group("summary");
     // A chunked prefill runs the prompt through the quantized caches, so step 0 can differ too.
-    const bool chunked = file.has_attribute("prefill") && file.attribute<std::string>("prefill") == "chunked";
+    const bool chunked = file.has_attribute("prefill") &&
+                         file.attribute<std::string>("prefill") == prefill_mode_name(PrefillMode::Chunked);
     const int64_t first_step = chunked ? 0 : 1;
     for (const std::string& name : quantizer_names) {
       check_group_name(path_, "quantizer", name);

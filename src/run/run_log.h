@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "io/hdf5.h"
+#include "io/run_config.h"
 
 namespace kvdrift {
 
@@ -41,8 +42,8 @@ struct RunMetadata {
   std::map<std::string, std::string> model_config;
   uint64_t decoding_seed = 0;
   uint64_t weights_seed = 0;
-  std::string prefill = "full";  // decoding.prefill: full | chunked
-  int64_t prefill_chunk = 0;     // its chunk size; 0 with a full prefill
+  PrefillMode prefill = PrefillMode::Full;  // decoding.prefill
+  int64_t prefill_chunk = 0;                // its chunk size; 0 with a full prefill
   std::vector<std::string> quantizer_names;
   std::map<std::string, std::map<std::string, std::string>> quantizer_params;  // name -> param -> value
 };

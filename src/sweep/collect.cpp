@@ -1,6 +1,5 @@
 #include "sweep/collect.h"
 
-#include <hdf5.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,26 +27,11 @@ const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 using Metrics = std::map<std::string, double>;  // column name -> value
 
-// A numeric attribute as float64; nullopt for text or other kinds (the summary has none today).
-std::optional<double> numeric_attribute(const h5::Object& object, const std::string& name) {
-  const h5::Handle attribute(H5Aopen(object.id(), name.c_str(), H5P_DEFAULT), H5Aclose);
-  if (attribute.get() < 0) return std::nullopt;
-  const h5::Handle type(H5Aget_type(attribute.get()), H5Tclose);
-  const H5T_class_t type_class = H5Tget_class(type.get());
-  if (type_class == H5T_INTEGER) return static_cast<double>(object.attribute<int64_t>(name));
-  if (type_class == H5T_FLOAT) return object.attribute<double>(name);
-  return std::nullopt;
-}
-
 // The attributes of `group` as `prefix + name`, and those of its subgroups as `prefix + sub.name`.
 void read_metrics(const h5::Group& group, const std::string& prefix, Metrics& metrics) {
   for (const std::string& name : group.attribute_names())
-    if (const auto value = numeric_attribute(group, name)) metrics[prefix + name] = *value;
-  for (const std::string& child : group.children()) {
-    const h5::Handle object(H5Oopen(group.id(), child.c_str(), H5P_DEFAULT), H5Oclose);
-    if (object.get() >= 0 && H5Iget_type(object.get()) == H5I_GROUP)
-      read_metrics(group.open_group(child), prefix + child + ".", metrics);
-  }
+    if (const auto value = group.numeric_attribute(name)) metrics[prefix + name] = *value;
+  for (const std::string& child : group.child_groups()) read_metrics(group.open_group(child), prefix + child + ".", metrics);
 }
 
 struct Row {

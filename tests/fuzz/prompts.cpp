@@ -11,7 +11,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   kvdrift::PromptSource source;
   const uint8_t choice = data[0];
   if (choice % 2 == 0) {
-    source.kind = "jsonl";
+    source.kind = kvdrift::PromptKind::Jsonl;
     source.path = kvdrift::fuzz::write_input("prompts.jsonl", data + 1, size - 1);
     if (choice & 2)
       source.template_text = "Q: {question}\nA:";
@@ -19,7 +19,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       source.field = "question";
     source.answer_field = "answer";
   } else {
-    source.kind = "text_file";
+    source.kind = kvdrift::PromptKind::TextFile;
     source.path = kvdrift::fuzz::write_input("prompts.txt", data + 1, size - 1);
     if (choice & 2) source.separator = "<|endoftext|>";
   }
