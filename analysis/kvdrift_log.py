@@ -63,21 +63,31 @@ def _is_lock_error(error):
     return any(hint in message for hint in _LOCK_HINTS)
 
 
-# What h5py and the readers raise on a damaged file (a flipped byte, what a full disk left): a bad
-# checksum, a missing object, undecodable text, an array of an unexpected shape.
+# What a damaged file (a flipped byte, what a full disk left) raises while it is read: an HDF5 error,
+# a missing object, a datatype, value or shape the reader cannot take, text that is not UTF-8.
 _DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
+
+
+def _where(error):
+    """`TypeError at kvdrift_log.py:164`: the kind of error and the line that raised it, so that a bug
+    of the analysis turned into this one line can still be found."""
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return f"{type(error).__name__} at {os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno}"
 
 
 @contextlib.contextmanager
 def reading(path):
-    """Turns what a damaged file raises inside the block into one LogError naming `path`."""
+    """Turns what a damaged file raises inside the block into one LogError naming `path` and where it
+    was raised."""
     try:
         yield
     except LogError:
         raise
     except _DAMAGE as error:
         detail = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise LogError(f"{path}: {detail} (a damaged file, or not one kvdrift wrote)") from None
+        raise LogError(f"{path}: {detail} ({_where(error)}; a damaged file, or not one kvdrift wrote)") from None
 
 
 @contextlib.contextmanager

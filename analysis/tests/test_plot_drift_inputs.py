@@ -2,6 +2,7 @@
 lack lanes) and its errors for bad input."""
 import os
 import re
+import sys
 import time
 import unittest
 
@@ -152,6 +153,17 @@ class PlotDriftErrors(unittest.TestCase):
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertTrue(result.stderr.startswith(f"plot_drift.py: error: {damaged_path}: "), result.stderr)
             self.assertIn("checksum", result.stderr)
+
+    def test_an_error_inside_a_read_names_its_kind_and_line(self):
+        """reading() turns what a damaged file raises into one line, which names the error and the
+        line that raised it: a bug of the analysis turned into that line can still be found."""
+        from analysis import kvdrift_log
+        with self.assertRaises(kvdrift_log.LogError) as caught:
+            with kvdrift_log.reading("run.h5"):
+                line = sys._getframe().f_lineno + 1
+                [][0]
+        self.assertEqual(str(caught.exception), "run.h5: list index out of range (IndexError at "
+                         f"test_plot_drift_inputs.py:{line}; a damaged file, or not one kvdrift wrote)")
 
     def test_no_finished_samples(self):
         samples = fixture_samples()[3:]

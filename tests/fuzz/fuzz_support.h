@@ -46,6 +46,12 @@ void refuse_or_accept(Parse&& parse) {
   }
 }
 
+// Encoded ids must lie in the tokenizer's vocabulary.
+inline void check_ids_in_vocabulary(const Tokenizer& tokenizer, const std::vector<TokenId>& ids) {
+  for (auto id : ids)
+    if (id < 0 || id >= tokenizer.vocab_size()) __builtin_trap();
+}
+
 // The input as a tokenizer file named `file_name`; one that loads must encode `text` (BOS and EOS
 // added) to ids in its vocabulary, and decode them.
 inline void load_and_use_tokenizer(const std::string& file_name, const uint8_t* data, size_t size, const char* text) {
@@ -53,8 +59,7 @@ inline void load_and_use_tokenizer(const std::string& file_name, const uint8_t* 
   refuse_or_accept([&] {
     const auto tokenizer = load_tokenizer(path);
     const auto ids = tokenizer->encode(text, true, true);
-    for (auto id : ids)
-      if (id < 0 || id >= tokenizer->vocab_size()) __builtin_trap();
+    check_ids_in_vocabulary(*tokenizer, ids);
     tokenizer->decode(ids);
   });
 }
