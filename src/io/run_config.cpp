@@ -163,7 +163,7 @@ class Value {
     return text;
   }
 
-  // The enum value named by a string of `table`; `fallback` when null.
+  // The enum value named by a string of `table`, with `fallback` (second form) when null.
   template <typename Enum, size_t N>
   Enum choice(const EnumName<Enum> (&table)[N], const std::string& noun) const {
     return *parse_enum(table, one_of(enum_names(table), noun));
@@ -318,19 +318,19 @@ struct Field {
   bool (*written)(const S&) = nullptr;  // the resolved YAML holds it only when this is true (null: always)
   bool flow = false;                    // written in YAML flow style ([a, b], {k: v})
 
-  Field when(bool (*condition)(const S&)) const { return with([&](Field& f) { f.written = condition; }); }
-  Field in_flow() const { return with([](Field& f) { f.flow = true; }); }
-
- private:
-  template <typename Change>
-  Field with(Change change) const {
+  Field when(bool (*condition)(const S&)) const {
     Field copy = *this;
-    change(copy);
+    copy.written = condition;
+    return copy;
+  }
+  Field in_flow() const {
+    Field copy = *this;
+    copy.flow = true;
     return copy;
   }
 };
 
-// A field read generically: a bool, a number within `range`, a string, or an enum named in its table.
+// A field read generically: a bool, a number within `range`, or an enum named in its table.
 template <typename S, typename T>
 Field<S> plain(const char* key, T S::*member, Range range = kAnyNumber, const char* noun = "") {
   return {key, member, range, noun};

@@ -2,8 +2,9 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-
 #include <nlohmann/json.hpp>
+
+#include <map>
 
 #include "core/error.h"
 
