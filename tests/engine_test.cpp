@@ -21,28 +21,6 @@
 namespace kvdrift {
 namespace {
 
-std::string write_config(const std::string& dir, const std::string& quantizers, int64_t steps,
-                         const std::string& prompts = "[\"Once upon a time, there was a little girl named Lily.\"]") {
-  const std::string model = test::stories260k_dir();
-  const std::string path = dir + "/run.yaml";
-  test::write_file(path, fmt::format(R"(model:
-  path: {0}/stories260K.bin
-  tokenizer: {0}/tok512.bin
-prompts:
-  source: inline
-  texts: {1}
-decoding:
-  max_new_tokens: {2}
-  stop_at_eos: false
-quantizers:
-{3}
-output:
-  path: {4}/run.h5
-)",
-                                     model, prompts, steps, quantizers, dir));
-  return path;
-}
-
 struct Run {
   RunConfig config;
   RunInputs inputs;
@@ -72,7 +50,7 @@ double mean_of(const HostArray& a) {
 // kernels) and require identical tokens.
 TEST(Engine, NoneLanesEqualTheReference) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir, "  - {name: none, method: none}", 48));
+  auto run = load(test::write_stories260k_config(dir, "  - {name: none, method: none}", 48));
   const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto result = engine.run(run.inputs.prompts[0]);
   ASSERT_EQ(result.reference_tokens.size(), 48u);
@@ -94,7 +72,7 @@ TEST(Engine, NoneLanesEqualTheReference) {
 
 TEST(Engine, KVarN8BitDriftsALittleAndTwoBitMore) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir,
+  auto run = load(test::write_stories260k_config(dir,
                                "  - {name: k8, method: kvarn, params: {k_bits: 8, v_bits: 8, tile_size: 8}}\n"
                                "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 8}}",
                                64));
@@ -120,7 +98,7 @@ TEST(Engine, KVarN8BitDriftsALittleAndTwoBitMore) {
 // whose cache is always a quantized copy of the reference's.
 TEST(Engine, StaticLaneDoesNotAccumulateTeacherForcedDoes) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir, "  - {name: q2, method: quarot, params: {k_bits: 2, v_bits: 2}}", 64));
+  auto run = load(test::write_stories260k_config(dir, "  - {name: q2, method: quarot, params: {k_bits: 2, v_bits: 2}}", 64));
   const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto result = engine.run(run.inputs.prompts[0]);
   const auto& fixed = lane_of(result, "q2", "static").arrays.at("attn_rel_l2");
@@ -144,7 +122,7 @@ TEST(Engine, WholePromptGoesThroughTheQuantizedCache) {
       "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
       "a big, red ball. She wanted to play with it, but it was too high. Lily's mom said, \"Lily, let's go to the "
       "park.\" Lily was sad and didn't know what to do.";
-  auto run = load(write_config(dir,
+  auto run = load(test::write_stories260k_config(dir,
                                "  - {name: kivi, method: kivi, params: {group_size: 8, residual_length: 16}}\n"
                                "  - {name: kvarn, method: kvarn, params: {tile_size: 16}}",
                                9, "\n    - >-\n      " + text));
@@ -173,7 +151,7 @@ TEST(Engine, EndedLanesLeaveTheBatch) {
       "  - {name: none, method: none}\n"
       "  - {name: kivi, method: kivi, params: {group_size: 8, k_bits: 2, v_bits: 2}}\n"
       "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}";
-  auto run = load(write_config(dir, quantizers, 400));
+  auto run = load(test::write_stories260k_config(dir, quantizers, 400));
   run.config.decoding.stop_at_eos = true;
   const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto result = engine.run(run.inputs.prompts[0]);
@@ -199,7 +177,7 @@ TEST(Engine, EndedLanesLeaveTheBatch) {
   EXPECT_EQ(lane_of(result, "none", "free_running").tokens, result.reference_tokens);
 
   auto kivi_alone =
-      load(write_config(dir, "  - {name: kivi, method: kivi, params: {group_size: 8, k_bits: 2, v_bits: 2}}", 400));
+      load(test::write_stories260k_config(dir, "  - {name: kivi, method: kivi, params: {group_size: 8, k_bits: 2, v_bits: 2}}", 400));
   kivi_alone.config.decoding.stop_at_eos = true;
   const auto alone = Engine(*kivi_alone.inputs.model, kivi_alone.config, kivi_alone.inputs.tokenizer.get())
                          .run(kivi_alone.inputs.prompts[0]);
@@ -221,7 +199,7 @@ TEST(Engine, PromptsOfOneBatchGiveWhatEachGivesAlone) {
       "  - {name: kivi, method: kivi, params: {group_size: 8, residual_length: 16}}";
   const std::string prompts =
       "[\"Once upon a time\", \"Lily and Ben were playing in the park with a big red ball when\", \"The cat\"]";
-  auto run = load(write_config(dir, quantizers, 300, prompts));
+  auto run = load(test::write_stories260k_config(dir, quantizers, 300, prompts));
   run.config.decoding.stop_at_eos = true;
   run.config.metrics.layer_stride = 3;
   const auto& all = run.inputs.prompts;
@@ -294,7 +272,7 @@ TEST(Engine, PromptsOfOneBatchGiveWhatEachGivesAlone) {
 // per-step arrays are prefixes of the final ones, and each names every array the sample will have.
 TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(
+  auto run = load(test::write_stories260k_config(
       dir, "  - {name: none, method: none}\n  - {name: kivi, method: kivi, params: {group_size: 8}}", 200, "[\"\"]"));
   run.config.output.flush_seconds = 1e-6;  // a report after every step
   const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
@@ -340,7 +318,7 @@ TEST(Engine, ProgressShowsTheSampleSoFarAndTextsAreTheKnownGoodOutput) {
 // ends there: it is the continuation a run that stops at the end token gets.
 TEST(Engine, ReplyEndsAtTheFirstEndTokenWhenDecodingGoesOn) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir, "  - {name: none, method: none}", 300, "[\"The cat\"]"));
+  auto run = load(test::write_stories260k_config(dir, "  - {name: none, method: none}", 300, "[\"The cat\"]"));
   ASSERT_FALSE(run.config.decoding.stop_at_eos);
   const Engine going_on(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto past = going_on.run(run.inputs.prompts[0]);
@@ -363,7 +341,7 @@ const char* kLongPrompt =
 
 TEST(Protocol, ChunkedPrefillWithoutQuantizationEqualsTheFullPrefill) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir, "  - {name: none, method: none}", 24,
+  auto run = load(test::write_stories260k_config(dir, "  - {name: none, method: none}", 24,
                                fmt::format("[{}, \"The cat\"]", kLongPrompt)));
   ASSERT_GT(run.inputs.prompts[0].tokens.size(), 48u);
   const Engine full(*run.inputs.model, run.config, run.inputs.tokenizer.get());
@@ -387,7 +365,7 @@ TEST(Protocol, ChunkedPrefillWithoutQuantizationEqualsTheFullPrefill) {
 // token's distribution already differs; the full prefill reads the prompt in full precision.
 TEST(Protocol, ChunkedPrefillCarriesQuantizationErrorIntoStepZero) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir,
+  auto run = load(test::write_stories260k_config(dir,
                                "  - {name: kvarn, method: kvarn, params: {preset: k2v2, tile_size: 16}}\n"
                                "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}",
                                8, fmt::format("[{}, \"Lily and Ben were playing in the park\"]", kLongPrompt)));
@@ -423,7 +401,7 @@ TEST(Protocol, ChunkedPrefillCarriesQuantizationErrorIntoStepZero) {
 // the first token's logits.
 TEST(Protocol, AOneTokenPromptIsAPrefill) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(dir, "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}", 4, "[\"\"]"));
+  auto run = load(test::write_stories260k_config(dir, "  - {name: quarot, method: quarot, params: {k_bits: 2, v_bits: 2}}", 4, "[\"\"]"));
   ASSERT_EQ(run.inputs.prompts[0].tokens.size(), 1u);
   const Engine engine(*run.inputs.model, run.config, run.inputs.tokenizer.get());
   const auto result = engine.run(run.inputs.prompts[0]);
@@ -457,7 +435,7 @@ TEST(Protocol, SamplingDistributionAndItsKL) {
 
 TEST(Protocol, SampledRunsLogTheKLOfTheDistributionsSampledFrom) {
   const std::string dir = test::scratch_dir();
-  auto run = load(write_config(
+  auto run = load(test::write_stories260k_config(
       dir, "  - {name: none, method: none}\n  - {name: kvarn, method: kvarn, params: {preset: k2v2, tile_size: 8}}", 32));
   run.config.decoding.temperature = 0.7;
   run.config.decoding.seed = 3;
@@ -479,7 +457,7 @@ TEST(Protocol, SampledRunsLogTheKLOfTheDistributionsSampledFrom) {
 TEST(Protocol, BadPrefillAndSinkSettingsNameTheKey) {
   const std::string dir = test::scratch_dir();
   const std::string path =
-      write_config(dir, "  - {name: k, method: kivi, params: {group_size: 8, sink_tokens: 100000}}", 4);
+      test::write_stories260k_config(dir, "  - {name: k, method: kivi, params: {group_size: 8, sink_tokens: 100000}}", 4);
   EXPECT_EQ(test::error_message([&] { load_run_config(path, {"decoding.prefill_chunk=0"}); }),
             "--set decoding.prefill_chunk=0: decoding.prefill_chunk must be >= 1");
   const std::string unknown = test::error_message([&] { load_run_config(path, {"decoding.prefill=partial"}); });

@@ -96,24 +96,8 @@ TEST(QuantizerRegistration, AToyMethodQuantizesAndCountsItsStorageByHand) {
 
 TEST(QuantizerRegistration, AToyMethodRunsInTheEngineOnEveryLayerAndIsLogged) {
   register_toy();
-  const std::string dir = test::scratch_dir();
-  const std::string model = test::stories260k_dir();
-  const std::string config_path = dir + "/run.yaml";
-  test::write_file(config_path, fmt::format(R"(model:
-  path: {0}/stories260K.bin
-  tokenizer: {0}/tok512.bin
-prompts:
-  source: inline
-  texts: ["Once upon a time"]
-decoding:
-  max_new_tokens: 8
-  stop_at_eos: false
-quantizers:
-  - {{name: toy, method: toy-sign}}
-output:
-  path: {1}/run.h5
-)",
-                                            model, dir));
+  const std::string config_path = test::write_stories260k_config(
+      test::scratch_dir(), "  - {name: toy, method: toy-sign}", 8, "[\"Once upon a time\"]");
   const RunConfig config = load_run_config(config_path, {});
   const RunInputs inputs = load_run_inputs(config);
   {

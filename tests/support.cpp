@@ -115,6 +115,28 @@ void write_file(const std::string& path, const std::string& contents) {
   if (!out) throw std::runtime_error("cannot write " + path);
 }
 
+std::string write_stories260k_config(const std::string& dir, const std::string& quantizers, int64_t steps,
+                                     const std::string& prompts) {
+  const std::string model = stories260k_dir();
+  const std::string path = dir + "/run.yaml";
+  write_file(path, fmt::format(R"(model:
+  path: {0}/stories260K.bin
+  tokenizer: {0}/tok512.bin
+prompts:
+  source: inline
+  texts: {1}
+decoding:
+  max_new_tokens: {2}
+  stop_at_eos: false
+quantizers:
+{3}
+output:
+  path: {4}/run.h5
+)",
+                               model, prompts, steps, quantizers, dir));
+  return path;
+}
+
 void exec_cli(const std::vector<std::string>& args) {
   std::string exe = KVDRIFT_CLI;
   std::vector<std::string> copies = args;

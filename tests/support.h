@@ -3,6 +3,7 @@
 // kvdrift CLI as a separate process to check exit codes and messages.
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -41,5 +42,11 @@ int run_python(const std::string& dir, const std::string& name, const std::strin
 
 std::string read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& contents);
+
+// DIR/run.yaml: a run of stories260K on inline `prompts` (a YAML list) for `steps` new tokens past
+// any end token, with `quantizers` (YAML list entries, indented two spaces) and output DIR/run.h5.
+std::string write_stories260k_config(
+    const std::string& dir, const std::string& quantizers, int64_t steps,
+    const std::string& prompts = "[\"Once upon a time, there was a little girl named Lily.\"]");
 
 }  // namespace kvdrift::test
