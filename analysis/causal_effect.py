@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much of a method's teacher-forced drift its causal wrappers remove (docs/analysis.md).
 
-    causal_effect.py RUN.h5 [RUN2.h5 ...] [--pair BASE:WRAPPED ...] [-o OUT.csv]
+    causal_effect.py RUN.h5 [RUN2.h5 ...] [--pair BASE:WRAPPED ...] [-o OUT.csv] [--figure STEM]
 
 For each pair of quantizers run side by side (by default every X with X-ts / X-td, the `wrap:
 true_scale` / `wrap: true_direction` versions of X), on the finished samples of every run (pooled:
@@ -12,6 +12,8 @@ the prompts are independent units):
 and the fraction of each the wrapper removes, 1 - wrapped / base, with a 95% percentile bootstrap
 interval over samples, the two quantizers resampled together (paired; 1000 resamples, seed 0).
 If token scale drives accumulation, true_scale removes most of the slope and true_direction little.
+Any two methods run side by side compare the same way (`--pair kivi-paper:kvarn`: how much lower
+KVarN's drift is); `--figure` draws each pair's KL per step and their paired difference.
 """
 import argparse
 import csv
@@ -53,8 +55,9 @@ def mean(sums, weights):
     return (weights * sums[:, 2]).sum() / count if count > 0 else np.nan
 
 
-def read_sums(paths, quantizers, wait_seconds):
-    """Per quantizer: one row of sums per finished sample of every run (the same samples for all)."""
+def read_kl(paths, quantizers, wait_seconds):
+    """Per quantizer: (teacher-forced KL per step, first compared step) of every finished sample of
+    every run, in the same sample order for all."""
     rows = {q: [] for q in quantizers}
     for path in paths:
         with log.open_run_file(path, wait_seconds=wait_seconds) as handle:
@@ -69,8 +72,12 @@ def read_sums(paths, quantizers, wait_seconds):
                     lane = handle[f"samples/{index}/{q}"]
                     if "teacher_forced" not in lane:
                         raise log.LogError(f"{path}: samples/{index}/{q} has no teacher_forced lane")
-                    rows[q].append(sample_sums(lane["teacher_forced/kl"][()], first_step))
-    return {q: np.array(r).reshape(-1, 5) for q, r in rows.items()}
+                    rows[q].append((lane["teacher_forced/kl"][()].astype(np.float64), first_step))
+    return rows
+
+
+def sums_of(samples):
+    return np.array([sample_sums(kl, first_step) for kl, first_step in samples]).reshape(-1, 5)
 
 
 def effect(base, wrapped, statistic):
@@ -90,6 +97,101 @@ def effect(base, wrapped, statistic):
     return b, w, (1 - w / b) if b != 0 else np.nan, low, high
 
 
+def trailing_mean(matrix, window):
+    """Each sample's mean over steps [t - window + 1, t] (NaN past its end)."""
+    valid = np.isfinite(matrix)
+    # cumulative sums with `window` leading zero columns: a window's sum is a difference of two
+    totals = np.pad(np.cumsum(np.where(valid, matrix, 0.0), axis=1), ((0, 0), (window, 0)))
+    counts = np.pad(np.cumsum(valid, axis=1), ((0, 0), (window, 0)))
+    steps = matrix.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (totals[:, window:] - totals[:, :steps]) / (counts[:, window:] - counts[:, :steps])
+    return np.where(valid, out, np.nan)
+
+
+def step_means(matrix, weights):
+    """Per step, the weighted mean over samples (rows of weights: one resample each)."""
+    valid = np.isfinite(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ np.where(valid, matrix, 0.0)) / (weights @ valid)
+
+
+def step_curves(base_kl, other_kl, window):
+    """CSV rows of the paired figure: per step, the mean over samples of base, other and other − base
+    (each sample's trailing `window`-step mean KL), with 95% percentile bootstrap bands over samples
+    resampled together."""
+    base = trailing_mean(log.stack_padded([kl for kl, _ in base_kl]), window)
+    other = trailing_mean(log.stack_padded([kl for kl, _ in other_kl]), window)
+    samples = len(base)
+    rng = np.random.default_rng(SEED)
+    weights = np.stack([np.bincount(rng.integers(0, samples, samples), minlength=samples)
+                        for _ in range(RESAMPLES)]).astype(np.float64)
+    rows = []
+    for series, matrix in (("base", base), ("other", other), ("difference", other - base)):
+        center = step_means(matrix, np.ones((1, samples)))[0]
+        low, high = np.nanpercentile(step_means(matrix, weights), [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2],
+                                     axis=0)
+        present = np.isfinite(matrix).sum(axis=0)
+        rows += [{"series": series, "step": step, "samples": int(present[step]), "center": center[step],
+                  "low": low[step], "high": high[step]} for step in range(matrix.shape[1]) if present[step]]
+    return rows
+
+
+def paired_figure(path_stem, pairs, kl, effects, window, caption):
+    """PATH.png/.pdf/.csv: per pair, both methods' teacher-forced KL per step and their paired
+    difference, with bootstrap bands."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.2 * len(pairs) + 1.0), squeeze=False)
+    csv_rows = []
+    for row, (base, other) in enumerate(pairs):
+        curves = step_curves(kl[base], kl[other], window)
+        csv_rows += [dict(base=base, other=other, **r) for r in curves]
+        ax_kl, ax_diff = axes[row]
+        for series, name, color in (("base", base, "tab:orange"), ("other", other, "tab:red"),
+                                    ("difference", f"{other} − {base}", "tab:blue")):
+            mine = [r for r in curves if r["series"] == series]
+            ax = ax_diff if series == "difference" else ax_kl
+            steps = [r["step"] for r in mine]
+            ax.plot(steps, [r["center"] for r in mine], color=color, linewidth=1.4, label=name)
+            ax.fill_between(steps, [r["low"] for r in mine], [r["high"] for r in mine], color=color, alpha=0.2,
+                            linewidth=0)
+        samples = len(kl[base])
+        slope, mean_kl = effects[base, other]
+        ax_kl.set_title(f"({chr(97 + 2 * row)}) teacher-forced KL, mean over {samples} samples", fontsize=10)
+        ax_kl.set_ylabel(f"KL(p_ref ‖ p_lane) [nats], trailing {window}-step mean")
+        ax_diff.axhline(0.0, color="gray", linewidth=0.8)
+        ax_diff.set_title(f"({chr(98 + 2 * row)}) paired difference {other} − {base}\n"
+                          f"{other}'s KL slope {_lower(slope)}, mean KL {_lower(mean_kl)} than {base}'s",
+                          fontsize=10)
+        ax_diff.set_ylabel("difference in KL [nats]")
+        for ax in (ax_kl, ax_diff):
+            ax.set_xlabel("decoding step [tokens]")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=9, loc="upper left")
+    fig.suptitle("Paired comparison of teacher-forced drift: lines = mean over samples, bands = 95% "
+                 f"percentile bootstrap over samples ({RESAMPLES} resamples, paired)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
+    fig.text(0.5, 0.08 / fig.get_figheight(), caption, ha="center", va="bottom", fontsize=8.5, color="#333333")
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{path_stem}.{ext}", dpi=130)
+    plt.close(fig)
+    columns = ["base", "other", "series", "step", "samples", "center", "low", "high"]
+    with open(f"{path_stem}.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in csv_rows)
+
+
+def _lower(effect):
+    """'29% [22, 35] lower' from (fraction removed, low, high)."""
+    fraction, low, high = effect
+    return f"{100 * fraction:.0f}% [{100 * low:.0f}, {100 * high:.0f}] lower"
+
+
 def default_pairs(paths, wait_seconds):
     with log.open_run_file(paths[0], wait_seconds=wait_seconds) as handle:
         quantizers = log.RunInfo(handle, paths[0]).quantizers
@@ -106,21 +208,34 @@ def main(argv=None):
     parser.add_argument("--pair", action="append", default=[], metavar="BASE:WRAPPED",
                         help="quantizer names (repeatable; default: every X with X-ts / X-td)")
     parser.add_argument("-o", "--output", help="also write the table as CSV (must not exist)")
+    parser.add_argument("--figure", metavar="STEM",
+                        help="also draw each pair's KL per step and paired difference: STEM.png, STEM.pdf, "
+                             "STEM.csv (none may exist)")
+    parser.add_argument("--window", type=int, default=16,
+                        help="the figure's trailing mean over steps, per sample (default 16)")
     args = parser.parse_args(argv)
+    if args.window < 1:
+        parser.error(f"--window must be at least 1, got {args.window}")
     try:
         pairs = [tuple(p.split(":", 1)) for p in args.pair] or default_pairs(args.runs, 10.0)
         for pair in pairs:
             if len(pair) != 2 or not all(pair):
                 raise log.LogError(f"--pair {':'.join(pair)}: expected BASE:WRAPPED")
-        if args.output and os.path.exists(args.output):
-            raise log.LogError(f"{args.output} exists; remove it or choose another path")
-        sums = read_sums(args.runs, sorted({q for pair in pairs for q in pair}), 10.0)
+        outputs = ([args.output] if args.output else []) + (
+            [f"{args.figure}.{ext}" for ext in ("png", "pdf", "csv")] if args.figure else [])
+        for path in outputs:
+            if os.path.exists(path):
+                raise log.LogError(f"{path} exists; remove it or choose another path")
+        kl = read_kl(args.runs, sorted({q for pair in pairs for q in pair}), 10.0)
+        captions = [log.load_run_info(path, 10.0).caption() for path in args.runs] if args.figure else []
     except (log.LogError, OSError) as error:
         log.fail_cli(PROG, error)
-    rows = []
+    sums = {q: sums_of(samples) for q, samples in kl.items()}
+    rows, effects = [], {}
     for base, wrapped in pairs:
         for name, statistic in (("kl_slope", slope), ("kl_mean", mean)):
             b, w, fraction, low, high = effect(sums[base], sums[wrapped], statistic)
+            effects.setdefault((base, wrapped), []).append((fraction, low, high))
             rows.append({"base": base, "wrapped": wrapped, "statistic": name, "samples": len(sums[base]),
                          "base_value": b, "wrapped_value": w, "fraction_removed": fraction,
                          "fraction_removed_ci_low": low, "fraction_removed_ci_high": high})
@@ -135,6 +250,8 @@ def main(argv=None):
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+    if args.figure:
+        paired_figure(args.figure, pairs, kl, effects, args.window, " | ".join(dict.fromkeys(captions)))
     return 0
 
 

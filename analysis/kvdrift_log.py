@@ -348,6 +348,21 @@ class MeanAccumulator:
         self.total[:values.shape[0]][valid] += values[valid]
         self.count[:values.shape[0]] += valid
 
+    def absorb(self, other):
+        """Adds every array `other` has accumulated."""
+        if other.total is None:
+            return
+        if self.total is None:
+            self.total, self.count = other.total.copy(), other.count.copy()
+            return
+        length = max(len(self.total), len(other.total))
+        total = np.zeros((length,) + self.total.shape[1:])
+        count = np.zeros((length,) + self.count.shape[1:], dtype=np.int64)
+        for part in (self, other):
+            total[:len(part.total)] += part.total
+            count[:len(part.count)] += part.count
+        self.total, self.count = total, count
+
     def mean(self):
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
@@ -367,6 +382,10 @@ class LaneAttention:
         dense = np.full((int(steps.max()) + 1 if len(steps) else 0, rel_l2.shape[1]), np.nan)
         dense[steps] = rel_l2
         self.heat.add(dense)
+
+    def absorb(self, other):
+        self.per_sample += other.per_sample
+        self.heat.absorb(other.heat)
 
     def step_matrix(self):
         """(steps, [samples x steps] layer-mean matrix with NaN where a sample has no value)."""
@@ -400,6 +419,49 @@ class SeriesData:
         self.first_divergence = []
         self.outcome = []
         self.free_running_steps = []  # max(len(lane tokens), len(reference tokens)) per sample
+
+    def absorb(self, other):
+        """Adds the samples of `other` (the same quantizer in another run)."""
+        self.samples += [(other.run.path, index) for index in other.samples]
+        for name in ("kl", "top1_agree", "first_divergence", "outcome", "free_running_steps"):
+            getattr(self, name).extend(getattr(other, name))
+        for lane, attention in self.attention.items():
+            attention.absorb(other.attention[lane])
+        for tensor in TENSORS:
+            for part, accumulator in self.token_scale[tensor].items():
+                accumulator.absorb(other.token_scale[tensor][part])
+            self.worst5_share[tensor] += other.worst5_share[tensor]
+
+
+class PooledRuns:
+    """Stands for the runs whose samples a pooled series holds (`path`: their paths joined by
+    " + ", as the CSVs' `run` column shows it)."""
+
+    def __init__(self, runs):
+        self.runs = runs
+        self.path = " + ".join(run.path for run in runs)
+        self.methods = runs[0].methods
+
+
+def pool_series(series):
+    """One series per quantizer name holding the samples of every run that has it (`--pool`: the
+    runs' prompts are independent units). A name must mean the same settings in every run."""
+    by_name = {}
+    for data in series:
+        by_name.setdefault(data.quantizer, []).append(data)
+    pooled = []
+    for name, group in by_name.items():
+        label = group[0].run.quantizer_label(name)
+        for data in group[1:]:
+            if data.run.quantizer_label(name) != label:
+                raise LogError(f"--pool: quantizer '{name}' is {label} in {group[0].run.path} but "
+                               f"{data.run.quantizer_label(name)} in {data.run.path}; pool only runs of the "
+                               "same quantizers")
+        merged = SeriesData(PooledRuns([data.run for data in group]), name, label)
+        for data in group:
+            merged.absorb(data)
+        pooled.append(merged)
+    return pooled
 
 
 def check_quantizers(runs, wanted):

@@ -327,10 +327,14 @@ def finish_figure(fig, caption, legend=None):
                     labels.append(label)
     else:
         handles, labels = legend
-    columns = 2 if max((len(label) for label in labels), default=0) > 40 else 4
+    # as many columns (at most 4) as the longest label fits across the figure: ~0.075 in a character
+    longest = max((len(label) for label in labels), default=0)
+    columns = max(1, min(4, int(fig.get_figwidth() / (0.075 * longest + 0.7))))
     legend_rows = math.ceil(len(labels) / columns)
     height = fig.get_figheight()
-    caption_in, legend_in = 0.3, (0.12 + 0.2 * legend_rows if labels else 0.0)
+    caption = "\n".join(textwrap.wrap(caption, int(13 * fig.get_figwidth())))  # ~13 characters per inch
+    caption_in = 0.15 + 0.15 * (caption.count("\n") + 1)
+    legend_in = 0.12 + 0.2 * legend_rows if labels else 0.0
     fig.tight_layout(rect=(0, (caption_in + legend_in) / height, 1, 1 - 0.45 / height))
     if labels:
         fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False,
@@ -425,7 +429,7 @@ def _summary_note(run):
                      f"seed {seed})" for first, level, resamples, seed in settings)
 
 
-def write_report(out_dir, runs, series, produced, skipped):
+def write_report(out_dir, runs, series, produced, skipped, pooled):
     rows = table_rows(series)
     write_csv(os.path.join(out_dir, "summary_table.csv"), TABLE_COLUMNS, rows)
     scored = any(run.scores for run in runs)
@@ -475,6 +479,9 @@ def write_report(out_dir, runs, series, produced, skipped):
               "attention-output error ‖a − a_ref‖/‖a_ref‖ (mean over layers) per logged step, its mean "
               "and its least-squares slope. Accuracy: `/scores` (score.py), 95% percentile bootstrap "
               "over the scored samples. Numbers: `summary_table.csv`.", "", "## Figures", ""]
+    if pooled:
+        lines += ["The figures pool each quantizer's samples over every run (`--pool`); the table above is "
+                  "per run.", ""]
     for name, _, title in FIGURES:
         if name in produced:
             lines += [f"### {title}", "", f"![{title}]({name}.png)", "",
@@ -492,15 +499,18 @@ def render(args, wait_seconds):
     runs, series = log.read_runs(args.runs, args.quantizer, args.token_scale_lane,
                                  args.token_scale_kind, wait_seconds)
     args.caption = " | ".join(dict.fromkeys(run.caption() for run in runs))
+    if args.pool:
+        args.caption = f"pooled over {len(runs)} runs ({sum(len(run.samples) for run in runs)} samples): {args.caption}"
     empty = [run.path for run in runs if not run.samples]
     if empty:
         if args.follow:
             return runs  # nothing to draw yet
         raise log.LogError(f"{empty[0]}: no finished samples to plot")
+    figure_series = log.pool_series(series) if args.pool else series
     os.makedirs(args.output_dir, exist_ok=True)
     produced, skipped = {}, {}
     for name, make, _ in FIGURES:
-        fig, tables, note = make(series, args)
+        fig, tables, note = make(figure_series, args)
         if fig is None:
             skipped[name] = note
             continue
@@ -510,7 +520,7 @@ def render(args, wait_seconds):
             fig.savefig(os.path.join(args.output_dir, f"{name}.{ext}"), dpi=130)
         plt.close(fig)
         produced[name] = list(tables)
-    write_report(args.output_dir, runs, series, produced, skipped)
+    write_report(args.output_dir, runs, series, produced, skipped, args.pool)
     return runs
 
 
@@ -548,6 +558,9 @@ def parse_args(argv):
     parser.add_argument("--token-scale-kind", choices=("quant", "drift"), default="quant",
                         help="quant: what attention reads vs what the lane wrote; drift: the lane's "
                              "cache vs the reference's (default quant)")
+    parser.add_argument("--pool", action="store_true",
+                        help="figures: one series per quantizer over the samples of every run (a name "
+                             "must have the same settings in each); the report table stays per run")
     parser.add_argument("--follow", action="store_true",
                         help="re-render from a run still being written until it is complete")
     parser.add_argument("--interval", type=float, default=10.0, metavar="S",

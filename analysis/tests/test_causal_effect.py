@@ -51,6 +51,34 @@ class HandMade(unittest.TestCase):
                 self.assertAlmostEqual(float(row[column]), removed, places=5, msg=(wrapped, column))
         self.assertIn("kvarn            kvarn-ts", result.stdout)
 
+    def test_paired_figure_by_hand(self):
+        directory = support.scratch_dir("causal-figure")
+        path = os.path.join(directory, "run.h5")
+        hand_run(path, [[9, 1, 2, 3], [9, 5, 7]], {"kvarn": 1.0, "kvarn-ts": 0.25, "kvarn-td": 0.9})
+        stem = os.path.join(directory, "paired")
+        result = support.run_script("causal_effect.py", path, "--pair", "kvarn:kvarn-ts", "--figure", stem,
+                                    "--window", "2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(stem + ".png", "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        with open(stem + ".pdf", "rb") as f:
+            self.assertEqual(f.read(5), b"%PDF-")
+        rows = support.read_csv(stem + ".csv")
+        curve = lambda series, column: [support.num(r[column]) for r in rows if r["series"] == series]
+        # trailing 2-step means: sample 0 9, 5, 1.5, 2.5; sample 1 9, 7, 6 -> mean 9, 6, 3.75, 2.5
+        self.assertEqual(curve("base", "center"), [9.0, 6.0, 3.75, 2.5])
+        self.assertEqual([r["samples"] for r in rows if r["series"] == "base"], ["2", "2", "2", "1"])
+        self.assertEqual(curve("other", "center"), [2.25, 1.5, 0.9375, 0.625])
+        self.assertEqual(curve("difference", "center"), [-6.75, -4.5, -2.8125, -1.875])
+        # step 1's resampled means are 5, 6 or 7 (a quarter each at the ends): the band is [5, 7];
+        # step 0 (both 9) and step 3 (one sample) have no spread
+        self.assertEqual(curve("base", "low")[:2] + curve("base", "low")[3:], [9.0, 5.0, 2.5])
+        self.assertEqual(curve("base", "high")[:2] + curve("base", "high")[3:], [9.0, 7.0, 2.5])
+        self.assertEqual({(r["base"], r["other"]) for r in rows}, {("kvarn", "kvarn-ts")})
+        result = support.run_script("causal_effect.py", path, "--figure", stem)  # never replaced
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, f"causal_effect.py: error: {stem}.png exists; remove it or choose another path\n")
+
     def test_bad_input_is_one_line(self):
         directory = support.scratch_dir("causal-bad")
         path = os.path.join(directory, "run.h5")
@@ -83,7 +111,8 @@ output: {{path: {directory}/run.h5}}
 """)
         subprocess.run([support.CLI, "run", config], check=True, capture_output=True)
         path = os.path.join(directory, "run.h5")
-        sums = causal_effect.read_sums([path], ["kivi", "kivi-ts"], 10.0)
+        sums = {q: causal_effect.sums_of(samples)
+                for q, samples in causal_effect.read_kl([path], ["kivi", "kivi-ts"], 10.0).items()}
         with h5py.File(path, "r") as f:
             for name in ("kivi", "kivi-ts"):
                 summary = f[f"summary/{name}/teacher_forced"].attrs

@@ -192,6 +192,57 @@ class PlotDriftFixture(unittest.TestCase):
         self.assertIn("3 samples, run not complete", report)
 
 
+class Pooled(unittest.TestCase):
+    """--pool: the figures hold one series per quantizer over the samples of every run."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = support.scratch_dir("plot_drift_pool")
+        # two runs of the fixture (3 finished samples each) and one whose alpha has other settings
+        cls.runs = [support.write_run(os.path.join(cls.dir, f"{name}.h5"), QUANTIZERS, fixture_samples(),
+                                      max_new_tokens=4, summary=SUMMARY) for name in ("a", "b")]
+        cls.out = os.path.join(cls.dir, "out")
+        cls.result = support.run_script("plot_drift.py", *cls.runs, "-o", cls.out, "--pool")
+
+    def test_one_series_per_quantizer_over_both_runs(self):
+        self.assertEqual(self.result.returncode, 0, self.result.stderr)
+        rows = read_csv(os.path.join(self.out, "drift_curves.csv"))
+        pooled_run = " + ".join(self.runs)
+        self.assertEqual({r["run"] for r in rows}, {pooled_run})
+        kl = rows_of(rows, quantizer="alpha", metric="kl")
+        # step 0: 0.5, 1, 0.25 twice -> median 0.5; quartiles at positions 1.25 and 3.75 of the sorted
+        # 0.25, 0.25, 0.5, 0.5, 1, 1: 0.3125 and 0.875
+        self.assertEqual((num(kl[0]["center"]), num(kl[0]["low"]), num(kl[0]["high"]), kl[0]["samples"]),
+                         (0.5, 0.3125, 0.875, "6"))
+        survival = rows_of(read_csv(os.path.join(self.out, "survival.csv")), quantizer="alpha")
+        # each run's Kaplan–Meier steps with twice the samples at risk: the same curve
+        for row, expected in zip(survival, [1.0, 2 / 3, 1 / 3, 1 / 3]):
+            self.assertAlmostEqual(num(row["survival"]), expected, places=15)
+        self.assertEqual([r["at_risk"] for r in survival], ["6", "6", "4", "0"])
+        heat = rows_of(read_csv(os.path.join(self.out, "attention_heatmap.csv")), quantizer="alpha",
+                       lane="static", step=3, layer=0)
+        self.assertEqual((num(heat[0]["attn_rel_l2_mean"]), heat[0]["samples"]), (1.5, "4"))
+        shares = rows_of(read_csv(os.path.join(self.out, "token_scale_worst5.csv")), quantizer="alpha", tensor="key")
+        self.assertEqual((num(shares[0]["worst5_magnitude_share"]), shares[0]["samples"]), (0.5, "6"))
+        # the report's table stays per run: 2 runs x 2 quantizers
+        table = read_csv(os.path.join(self.out, "summary_table.csv"))
+        self.assertEqual([(r["run"], r["quantizer"], r["samples"]) for r in table],
+                         [(run, q, "3") for run in self.runs for q in ("alpha", "beta")])
+        with open(os.path.join(self.out, "report.md")) as f:
+            self.assertIn("The figures pool each quantizer's samples over every run (`--pool`)", f.read())
+
+    def test_a_name_with_other_settings_is_refused(self):
+        other = [("alpha", "rtn", {"k_bits": 4}), QUANTIZERS[1]]
+        path = support.write_run(os.path.join(self.dir, "c.h5"), other, fixture_samples(), max_new_tokens=4)
+        out = os.path.join(self.dir, "refused")
+        result = support.run_script("plot_drift.py", self.runs[0], path, "-o", out, "--pool")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, f"plot_drift.py: error: --pool: quantizer 'alpha' is alpha (rtn k_bits=2) in "
+                                        f"{self.runs[0]} but alpha (rtn k_bits=4) in {path}; pool only runs of the "
+                                        "same quantizers\n")
+        self.assertFalse(os.path.exists(out))
+
+
 class KaplanMeier(unittest.TestCase):
     def test_curve_ties_and_censoring(self):
         # (first_divergence, outcome): events at 1, 2, 4; censored at 2 (tie with the event at 2),
