@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kvdrift_log as log  # noqa: E402
+import plot_drift  # noqa: E402  (sets the Agg backend)
+import matplotlib.pyplot as plt  # noqa: E402
 
 PROG = "causal_effect.py"
 RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
@@ -57,11 +59,13 @@ def mean(sums, weights):
 
 def read_kl(paths, quantizers, wait_seconds):
     """Per quantizer: (teacher-forced KL per step, first compared step) of every finished sample of
-    every run, in the same sample order for all."""
+    every run, in the same sample order for all; and each run's caption."""
     rows = {q: [] for q in quantizers}
+    captions = []
     for path in paths:
         with log.open_run_file(path, wait_seconds=wait_seconds) as handle:
             info = log.RunInfo(handle, path)
+            captions.append(info.caption())
             missing = [q for q in quantizers if q not in info.quantizers]
             if missing:
                 raise log.LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
@@ -73,11 +77,18 @@ def read_kl(paths, quantizers, wait_seconds):
                     if "teacher_forced" not in lane:
                         raise log.LogError(f"{path}: samples/{index}/{q} has no teacher_forced lane")
                     rows[q].append((lane["teacher_forced/kl"][()].astype(np.float64), first_step))
-    return rows
+    return rows, captions
 
 
 def sums_of(samples):
     return np.array([sample_sums(kl, first_step) for kl, first_step in samples]).reshape(-1, 5)
+
+
+def resample_weights(samples):
+    """[RESAMPLES x samples]: how often each sample is drawn in each bootstrap resample (seed SEED)."""
+    rng = np.random.default_rng(SEED)
+    return np.stack([np.bincount(rng.integers(0, samples, samples), minlength=samples)
+                     for _ in range(RESAMPLES)]).astype(np.float64)
 
 
 def effect(base, wrapped, statistic):
@@ -85,10 +96,8 @@ def effect(base, wrapped, statistic):
     samples = len(base)
     ones = np.ones(samples)
     b, w = statistic(base, ones), statistic(wrapped, ones)
-    rng = np.random.default_rng(SEED)
     fractions = []
-    for _ in range(RESAMPLES):
-        weights = np.bincount(rng.integers(0, samples, samples), minlength=samples).astype(np.float64)
+    for weights in resample_weights(samples):
         rb, rw = statistic(base, weights), statistic(wrapped, weights)
         if np.isfinite(rb) and np.isfinite(rw) and rb != 0:
             fractions.append(1 - rw / rb)
@@ -123,9 +132,7 @@ def step_curves(base_kl, other_kl, window):
     base = trailing_mean(log.stack_padded([kl for kl, _ in base_kl]), window)
     other = trailing_mean(log.stack_padded([kl for kl, _ in other_kl]), window)
     samples = len(base)
-    rng = np.random.default_rng(SEED)
-    weights = np.stack([np.bincount(rng.integers(0, samples, samples), minlength=samples)
-                        for _ in range(RESAMPLES)]).astype(np.float64)
+    weights = resample_weights(samples)
     rows = []
     for series, matrix in (("base", base), ("other", other), ("difference", other - base)):
         center = step_means(matrix, np.ones((1, samples)))[0]
@@ -140,10 +147,6 @@ def step_curves(base_kl, other_kl, window):
 def paired_figure(path_stem, pairs, kl, effects, window, caption):
     """PATH.png/.pdf/.csv: per pair, both methods' teacher-forced KL per step and their paired
     difference, with bootstrap bands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.2 * len(pairs) + 1.0), squeeze=False)
     csv_rows = []
     for row, (base, other) in enumerate(pairs):
@@ -178,12 +181,8 @@ def paired_figure(path_stem, pairs, kl, effects, window, caption):
     for ext in ("png", "pdf"):
         fig.savefig(f"{path_stem}.{ext}", dpi=130)
     plt.close(fig)
-    columns = ["base", "other", "series", "step", "samples", "center", "low", "high"]
-    with open(f"{path_stem}.csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()}
-                         for r in csv_rows)
+    plot_drift.write_csv(f"{path_stem}.csv", ["base", "other", "series", "step", "samples", "center", "low", "high"],
+                         csv_rows)
 
 
 def _lower(effect):
@@ -226,8 +225,7 @@ def main(argv=None):
         for path in outputs:
             if os.path.exists(path):
                 raise log.LogError(f"{path} exists; remove it or choose another path")
-        kl = read_kl(args.runs, sorted({q for pair in pairs for q in pair}), 10.0)
-        captions = [log.load_run_info(path, 10.0).caption() for path in args.runs] if args.figure else []
+        kl, captions = read_kl(args.runs, sorted({q for pair in pairs for q in pair}), 10.0)
     except (log.LogError, OSError) as error:
         log.fail_cli(PROG, error)
     sums = {q: sums_of(samples) for q, samples in kl.items()}

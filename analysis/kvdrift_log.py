@@ -438,7 +438,6 @@ class PooledRuns:
     " + ", as the CSVs' `run` column shows it)."""
 
     def __init__(self, runs):
-        self.runs = runs
         self.path = " + ".join(run.path for run in runs)
         self.methods = runs[0].methods
 

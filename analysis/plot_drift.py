@@ -500,7 +500,8 @@ def render(args, wait_seconds):
                                  args.token_scale_kind, wait_seconds)
     args.caption = " | ".join(dict.fromkeys(run.caption() for run in runs))
     if args.pool:
-        args.caption = f"pooled over {len(runs)} runs ({sum(len(run.samples) for run in runs)} samples): {args.caption}"
+        samples = sum(len(run.samples) for run in runs)
+        args.caption = f"pooled over {len(runs)} runs ({samples} samples): {args.caption}"
     empty = [run.path for run in runs if not run.samples]
     if empty:
         if args.follow:

@@ -112,7 +112,7 @@ output: {{path: {directory}/run.h5}}
         subprocess.run([support.CLI, "run", config], check=True, capture_output=True)
         path = os.path.join(directory, "run.h5")
         sums = {q: causal_effect.sums_of(samples)
-                for q, samples in causal_effect.read_kl([path], ["kivi", "kivi-ts"], 10.0).items()}
+                for q, samples in causal_effect.read_kl([path], ["kivi", "kivi-ts"], 10.0)[0].items()}
         with h5py.File(path, "r") as f:
             for name in ("kivi", "kivi-ts"):
                 summary = f[f"summary/{name}/teacher_forced"].attrs
