@@ -281,9 +281,10 @@ def read_summary(handle):
 
 
 def read_scores(handle):
-    """/scores (written by score.py) as {'task', 'reference', 'free_running': {quantizer: ...}},
-    each lane's entry a dict of correct, scored, accuracy, accuracy_ci_low, accuracy_ci_high (NaN
-    when the scores predate the interval); None when the run is not scored."""
+    """/scores (written by score.py) as {'task', 'interval', 'reference', 'free_running': {quantizer:
+    ...}}, each lane's entry a dict of correct, scored, accuracy, accuracy_ci_low, accuracy_ci_high
+    (NaN when the scores predate the interval); None when the run is not scored. 'interval' names
+    the interval's kind (scores written before it was recorded used a percentile bootstrap)."""
     if "scores" not in handle:
         return None
     group = handle["scores"]
@@ -296,6 +297,7 @@ def read_scores(handle):
     free_running = {name: lane(g["free_running"]) for name, g in group.items()
                     if isinstance(g, h5py.Group) and "free_running" in g}
     return {"task": attr_str(group.attrs, "task"),
+            "interval": attr_str(group.attrs, "interval", "95% percentile bootstrap"),
             "reference": lane(group["reference"]) if "reference" in group else None,
             "free_running": free_running}
 

@@ -317,7 +317,8 @@ def survival(series, args):
 
 def finish_figure(fig, caption, legend=None):
     """Shared legend under the panels (the axes' labelled artists unless `legend` is given) and
-    the caption line at the bottom."""
+    the caption line at the bottom. The figure grows by their height, so that the panels keep theirs
+    however many series the legend lists."""
     if legend is None:
         handles, labels = [], []
         for ax in fig.axes:
@@ -331,10 +332,11 @@ def finish_figure(fig, caption, legend=None):
     longest = max((len(label) for label in labels), default=0)
     columns = max(1, min(4, int(fig.get_figwidth() / (0.075 * longest + 0.7))))
     legend_rows = math.ceil(len(labels) / columns)
-    height = fig.get_figheight()
     caption = "\n".join(textwrap.wrap(caption, int(13 * fig.get_figwidth())))  # ~13 characters per inch
     caption_in = 0.15 + 0.15 * (caption.count("\n") + 1)
     legend_in = 0.12 + 0.2 * legend_rows if labels else 0.0
+    height = fig.get_figheight() + caption_in + legend_in
+    fig.set_figheight(height)
     fig.tight_layout(rect=(0, (caption_in + legend_in) / height, 1, 1 - 0.45 / height))
     if labels:
         fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False,
@@ -442,7 +444,7 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
         if run.scores:
             reference = run.scores["reference"]
             if reference:
-                lines.append(f"  - task `{run.scores['task']}`, reference accuracy "
+                lines.append(f"  - task `{run.scores['task']}` ({run.scores['interval']} intervals), reference accuracy "
                              f"{_interval(*(reference['accuracy' + e] for e in INTERVAL), '.3f')} "
                              f"({reference['correct']}/{reference['scored']})")
     lines += ["", "| quantizer | bits / element | mean KL [nats] | final-step KL [nats] | KL slope [nats/step] "
@@ -477,8 +479,8 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
               "teacher-forced key quantization error (`key/quant`) as the ratio of sums ΣE_M / ΣE_T over "
               "the worst 5% of rows by E_T, mean over samples. Attention gap: teacher-forced minus static "
               "attention-output error ‖a − a_ref‖/‖a_ref‖ (mean over layers) per logged step, its mean "
-              "and its least-squares slope. Accuracy: `/scores` (score.py), 95% percentile bootstrap "
-              "over the scored samples. Numbers: `summary_table.csv`.", "", "## Figures", ""]
+              "and its least-squares slope. Accuracy: `/scores` (score.py), with the interval named in "
+              "the run's line above. Numbers: `summary_table.csv`.", "", "## Figures", ""]
     if pooled:
         lines += ["The figures pool each quantizer's samples over every run (`--pool`); the table above is "
                   "per run.", ""]

@@ -169,7 +169,9 @@ class PlotDriftFixture(unittest.TestCase):
         self.assertIn("  - summary (`/summary`): means over decode steps from step 1 on; intervals: 95% percentile "
                       "bootstrap over samples (1000 resamples, seed 7)", report)
         self.assertIn("as the ratio of sums ΣE_M / ΣE_T over the worst 5% of rows by E_T", report)
-        self.assertIn("reference accuracy 0.667 [0.333, 1.000] (2/3)", report)
+        # scores without an `interval` attribute were written by score.py's earlier bootstrap
+        self.assertIn("  - task `math` (95% percentile bootstrap intervals), reference accuracy 0.667 [0.333, 1.000] "
+                      "(2/3)", report)
         self.assertIn("1 sample(s) not finished yet are left out", report)
         for figure in FIGURES:
             self.assertIn(f"]({figure}.png)", report)
@@ -266,3 +268,30 @@ class KaplanMeier(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Layout(unittest.TestCase):
+    def test_legend_and_caption_never_cover_the_panels(self):
+        # The legend under the panels grows with the series: with 34 long labels (two runs of 17
+        # quantizers) it once covered the axes. The figure must grow instead, leaving the panels'
+        # height as it was.
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import plot_drift
+        for series in (4, 34):
+            fig, ax = plt.subplots(figsize=(10, 6.5))
+            for i in range(series):
+                ax.plot([0, 1], [i, i], label=f"run-{i % 2}: quantizer-{i} (kvarn k_bits=2 scale_dtype="
+                                              f"float8_e4m3 tile_size=128 v_bits=2 wrap=true_direction)")
+            ax.set_xlabel("decoding step [tokens]")
+            plot_drift.finish_figure(fig, "model m · data d · 16 samples · max 512 new tokens " * 4)
+            renderer = fig.canvas.get_renderer()
+            panel = ax.get_tightbbox(renderer)  # with its tick labels and axis label
+            legend = fig.legends[0].get_window_extent(renderer)
+            caption = fig.texts[-1].get_window_extent(renderer)
+            self.assertLessEqual(legend.y1, panel.y0, f"{series} series: the legend reaches into the panel")
+            self.assertLessEqual(caption.y1, legend.y0, f"{series} series: the caption reaches into the legend")
+            self.assertGreaterEqual(caption.y0, 0, f"{series} series: the caption is cut off")
+            self.assertGreater(ax.get_window_extent(renderer).height, 4 * fig.dpi, f"{series} series")
+            plt.close(fig)

@@ -12,9 +12,11 @@ import numpy as np
 from analysis.tests import support
 
 sys.path.insert(0, support.ANALYSIS_DIR)
+import kvdrift_log as log  # noqa: E402
 import score  # noqa: E402
 
 QUANTIZERS = [("alpha", "rtn", {"k_bits": 2}), ("beta", "kivi", {"k_bits": 2})]
+Z2 = 1.959963984540054 ** 2  # the squared two-sided 95% normal quantile
 
 
 def scored_run(path, prompts_path, texts, complete=True, with_continuations=True):
@@ -73,15 +75,21 @@ class ScoreMath(unittest.TestCase):
         self.assertEqual(lanes["beta/free_running"][:5], (1, 3, 1 / 3, [0, 1, 2], [0, 1, 0]))
         self.assertEqual(lanes["alpha/free_running"][5], ["0.5", "", "(3, \\frac{\\pi}{2})"])
         self.assertIn("alpha free-running                              2       3     0.667", result.stdout)
-        # 95% bootstrap intervals over 3 samples: a resample mean is k/3; all three resampled samples
-        # correct (p = 1) or all wrong (p = 0) each have probability >= 1/27 (~37 of 1000 resamples,
-        # more than the 25 beyond each 2.5% tail) whenever the lane has both, so [0, 1]
-        self.assertEqual(lanes["reference"][6], (1.0, 1.0))
-        self.assertEqual(lanes["alpha/free_running"][6], (0.0, 1.0))
-        self.assertEqual(lanes["beta/free_running"][6], (0.0, 1.0))
-        self.assertIn("reference                                       3       3     1.000  [1.000, 1.000]",
-                      result.stdout)
-        self.assertIn("alpha free-running                              2       3     0.667  [0.000, 1.000]",
+        # Wilson intervals: k of n all correct gives [n / (n + z^2), 1]; k and n - k of n mirror each
+        # other about 1/2
+        low, high = lanes["reference"][6]
+        self.assertAlmostEqual(low, 3 / (3 + Z2), places=12)  # 0.4385
+        self.assertEqual(high, 1.0)
+        alpha, beta = lanes["alpha/free_running"][6], lanes["beta/free_running"][6]
+        self.assertAlmostEqual(alpha[0], 1 - beta[1], places=12)
+        self.assertAlmostEqual(alpha[1], 1 - beta[0], places=12)
+        self.assertTrue(0 < beta[0] < 1 / 3 < beta[1] < 1)
+        self.assertEqual(score.INTERVAL, "95% Wilson score")
+        with h5py.File(path, "r") as f:
+            self.assertEqual(f["scores"].attrs["interval"], "95% Wilson score")
+            self.assertEqual(log.read_scores(f)["interval"], "95% Wilson score")  # as reports name it
+        self.assertIn("accuracy  95% CI (Wilson)", result.stdout)
+        self.assertIn("reference                                       3       3     1.000  [0.439, 1.000]",
                       result.stdout)
         # scoring again replaces /scores rather than adding to it
         again = support.run_script("score.py", path, "--task", "aime")
@@ -116,9 +124,14 @@ class ScoreGsm8k(unittest.TestCase):
         self.assertEqual(lanes["alpha/free_running"][5], ["1,200", "18"])
         self.assertEqual(lanes["alpha/free_running"][:5], (2, 2, 1.0, [0, 1], [1, 1]))
         self.assertEqual(lanes["beta/free_running"][:5], (0, 2, 0.0, [0, 1], [0, 0]))
-        # 2 samples, one correct: resample means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4 -> [0, 1]
-        self.assertEqual([lanes[k][6] for k in ("reference", "alpha/free_running", "beta/free_running")],
-                         [(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)])
+        # Wilson: 1 of 2 is symmetric about 1/2; 2 of 2 is [2 / (2 + z^2), 1]; 0 of 2 is [0, z^2 / (2 + z^2)]
+        low, high = lanes["reference"][6]
+        self.assertAlmostEqual(low + high, 1.0, places=12)
+        self.assertTrue(0 < low < 0.5 < high < 1)
+        self.assertEqual(lanes["alpha/free_running"][6][1], 1.0)
+        self.assertAlmostEqual(lanes["alpha/free_running"][6][0], 2 / (2 + Z2), places=12)
+        self.assertEqual(lanes["beta/free_running"][6][0], 0.0)
+        self.assertAlmostEqual(lanes["beta/free_running"][6][1], Z2 / (2 + Z2), places=12)
 
 
     def test_replies_are_scored_not_what_follows_them(self):
@@ -140,16 +153,22 @@ class ScoreGsm8k(unittest.TestCase):
 
 
 class AccuracyInterval(unittest.TestCase):
-    def test_bootstrap_interval(self):
-        flags = [1] * 30 + [0] * 10
-        correct, scored, accuracy, low, high = score.accuracy_summary(flags)
-        self.assertEqual((correct, scored, accuracy), (30, 40, 0.75))
-        # about the normal approximation 0.75 -+ 1.96 sqrt(0.75 * 0.25 / 40) = [0.616, 0.884]
-        self.assertAlmostEqual(low, 0.616, delta=0.03)
-        self.assertAlmostEqual(high, 0.884, delta=0.03)
-        self.assertEqual(score.accuracy_summary(flags), (correct, scored, accuracy, low, high))  # seeded
-        self.assertEqual(score.accuracy_summary([1] * 7)[2:], (1.0, 1.0, 1.0))
-        self.assertEqual(score.accuracy_summary([0] * 7)[2:], (0.0, 0.0, 0.0))
+    def test_wilson_interval(self):
+        # Newcombe (1998), "Two-sided confidence intervals for the single proportion: comparison of
+        # seven methods", Statistics in Medicine 17:857-872, Table I, method 3 (Wilson score, no
+        # continuity correction), to the four decimals printed there
+        for (k, n), (low, high) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605),
+                                    (0, 20): (0.0, 0.1611), (1, 29): (0.0061, 0.1718)}.items():
+            correct, scored, accuracy, ci_low, ci_high = score.accuracy_summary([1] * k + [0] * (n - k))
+            self.assertEqual((correct, scored, accuracy), (k, n, k / n))
+            self.assertAlmostEqual(ci_low, low, delta=5e-5, msg=f"{k}/{n}")
+            self.assertAlmostEqual(ci_high, high, delta=5e-5, msg=f"{k}/{n}")
+        # None or all correct: one end exactly 0 or 1, the other z^2 / (n + z^2) from it (not the
+        # degenerate [0, 0] a bootstrap gives)
+        self.assertEqual(score.accuracy_summary([0] * 16)[2:4], (0.0, 0.0))
+        self.assertAlmostEqual(score.accuracy_summary([0] * 16)[4], Z2 / (16 + Z2), places=12)  # 0.1936
+        self.assertEqual(score.accuracy_summary([1] * 7)[2:5:2], (1.0, 1.0))
+        self.assertAlmostEqual(score.accuracy_summary([1] * 7)[3], 7 / (7 + Z2), places=12)
 
     def test_nothing_scored_is_nan(self):
         correct, scored, *rest = score.accuracy_summary([])
