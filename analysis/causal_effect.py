@@ -19,6 +19,7 @@ import argparse
 import csv
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -166,9 +167,9 @@ def paired_figure(path_stem, pairs, kl, effects, window, caption):
         ax_kl.set_title(f"({chr(97 + 2 * row)}) teacher-forced KL, mean over {samples} samples", fontsize=10)
         ax_kl.set_ylabel(f"KL(p_ref ‖ p_lane) [nats], trailing {window}-step mean")
         ax_diff.axhline(0.0, color="gray", linewidth=0.8)
+        verdict = f"{other}'s KL slope {_lower(slope)}, mean KL {_lower(mean_kl)} than {base}'s"
         ax_diff.set_title(f"({chr(98 + 2 * row)}) paired difference {other} − {base}\n"
-                          f"{other}'s KL slope {_lower(slope)}, mean KL {_lower(mean_kl)} than {base}'s",
-                          fontsize=10)
+                          + "\n".join(textwrap.wrap(verdict, 80)), fontsize=10)
         ax_diff.set_ylabel("difference in KL [nats]")
         for ax in (ax_kl, ax_diff):
             ax.set_xlabel("decoding step [tokens]")
@@ -186,9 +187,14 @@ def paired_figure(path_stem, pairs, kl, effects, window, caption):
 
 
 def _lower(effect):
-    """'29% [22, 35] lower' from (fraction removed, low, high)."""
-    fraction, low, high = effect
-    return f"{100 * fraction:.0f}% [{100 * low:.0f}, {100 * high:.0f}] lower"
+    """'29% [22, 35] lower' from (fraction removed, low, high); '5% [-12, 21] higher' when the point
+    estimate is an increase."""
+    if not all(np.isfinite(effect)):
+        return "n/a (a zero or undefined base)"
+    fraction, low, high = (round(100 * value) for value in effect)  # whole percents, never "-0"
+    if fraction < 0:
+        return f"{-fraction}% [{-high}, {-low}] higher"
+    return f"{fraction}% [{low}, {high}] lower"
 
 
 def default_pairs(paths, wait_seconds):
@@ -249,7 +255,8 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)
     if args.figure:
-        paired_figure(args.figure, pairs, kl, effects, args.window, " | ".join(dict.fromkeys(captions)))
+        samples = len(next(iter(kl.values())))
+        paired_figure(args.figure, pairs, kl, effects, args.window, plot_drift.runs_caption(captions, samples))
     return 0
 
 

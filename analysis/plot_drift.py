@@ -496,14 +496,20 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
         out.write("\n".join(lines) + "\n")
 
 
+def runs_caption(captions, samples):
+    """The caption line of figures drawn over runs with these captions (one per run) and `samples`
+    samples in all: more than one run says they are pooled."""
+    joined = " | ".join(dict.fromkeys(captions))
+    return f"pooled over {len(captions)} runs ({samples} samples): {joined}" if len(captions) > 1 else joined
+
+
 def render(args, wait_seconds):
     """Reads the runs and writes every figure, its CSVs and the report. Returns the runs."""
     runs, series = log.read_runs(args.runs, args.quantizer, args.token_scale_lane,
                                  args.token_scale_kind, wait_seconds)
-    args.caption = " | ".join(dict.fromkeys(run.caption() for run in runs))
-    if args.pool:
-        samples = sum(len(run.samples) for run in runs)
-        args.caption = f"pooled over {len(runs)} runs ({samples} samples): {args.caption}"
+    captions = [run.caption() for run in runs]
+    args.caption = (runs_caption(captions, sum(len(run.samples) for run in runs)) if args.pool
+                    else " | ".join(dict.fromkeys(captions)))
     empty = [run.path for run in runs if not run.samples]
     if empty:
         if args.follow:

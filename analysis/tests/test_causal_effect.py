@@ -79,6 +79,18 @@ class HandMade(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr, f"causal_effect.py: error: {stem}.png exists; remove it or choose another path\n")
 
+    def test_figure_wording(self):
+        # a negative fraction removed is an increase, said as one with its interval turned round
+        self.assertEqual(causal_effect._lower((0.29, 0.22, 0.35)), "29% [22, 35] lower")
+        self.assertEqual(causal_effect._lower((-0.05, -0.21, 0.12)), "5% [-12, 21] higher")
+        self.assertEqual(causal_effect._lower((0.10, -0.004, 0.21)), "10% [0, 21] lower")
+        self.assertEqual(causal_effect._lower((float("nan"),) * 3), "n/a (a zero or undefined base)")
+        # the caption names the pooling when the samples come from more than one run
+        self.assertEqual(causal_effect.plot_drift.runs_caption(["model m · 4 samples"] * 3, 12),
+                         "pooled over 3 runs (12 samples): model m · 4 samples")
+        self.assertEqual(causal_effect.plot_drift.runs_caption(["a", "b"], 5), "pooled over 2 runs (5 samples): a | b")
+        self.assertEqual(causal_effect.plot_drift.runs_caption(["model m · 4 samples"], 4), "model m · 4 samples")
+
     def test_bad_input_is_one_line(self):
         directory = support.scratch_dir("causal-bad")
         path = os.path.join(directory, "run.h5")
