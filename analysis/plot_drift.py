@@ -444,8 +444,8 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
         if run.scores:
             reference = run.scores["reference"]
             if reference:
-                lines.append(f"  - task `{run.scores['task']}` ({run.scores['interval']} intervals), reference accuracy "
-                             f"{_interval(*(reference['accuracy' + e] for e in INTERVAL), '.3f')} "
+                lines.append(f"  - task `{run.scores['task']}` ({run.scores['interval']} intervals), "
+                             f"reference accuracy {_interval(*(reference['accuracy' + e] for e in INTERVAL), '.3f')} "
                              f"({reference['correct']}/{reference['scored']})")
     lines += ["", "| quantizer | bits / element | mean KL [nats] | final-step KL [nats] | KL slope [nats/step] "
               "| top-1 disagreement | first divergence, KM median [step] | at risk / censored / identical "

@@ -88,7 +88,8 @@ class HandMade(unittest.TestCase):
         # the caption names the pooling when the samples come from more than one run
         self.assertEqual(causal_effect.plot_drift.runs_caption(["model m · 4 samples"] * 3, 12),
                          "pooled over 3 runs (12 samples): model m · 4 samples")
-        self.assertEqual(causal_effect.plot_drift.runs_caption(["a", "b"], 5), "pooled over 2 runs (5 samples): a | b")
+        self.assertEqual(causal_effect.plot_drift.runs_caption(["a", "b"], 5),
+                         "pooled over 2 runs (5 samples): a | b")
         self.assertEqual(causal_effect.plot_drift.runs_caption(["model m · 4 samples"], 4), "model m · 4 samples")
 
     def test_bad_input_is_one_line(self):
