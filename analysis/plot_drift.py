@@ -496,20 +496,21 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
         out.write("\n".join(lines) + "\n")
 
 
-def runs_caption(captions, samples):
-    """The caption line of figures drawn over runs with these captions (one per run) and `samples`
-    samples in all: more than one run says they are pooled."""
+def runs_caption(captions, pooled_samples=None):
+    """The caption line of figures drawn over runs with these captions (one per run); when their
+    samples are pooled (`pooled_samples` of them in all) over more than one run, it says so."""
     joined = " | ".join(dict.fromkeys(captions))
-    return f"pooled over {len(captions)} runs ({samples} samples): {joined}" if len(captions) > 1 else joined
+    if pooled_samples is None or len(captions) < 2:
+        return joined
+    return f"pooled over {len(captions)} runs ({pooled_samples} samples): {joined}"
 
 
 def render(args, wait_seconds):
     """Reads the runs and writes every figure, its CSVs and the report. Returns the runs."""
     runs, series = log.read_runs(args.runs, args.quantizer, args.token_scale_lane,
                                  args.token_scale_kind, wait_seconds)
-    captions = [run.caption() for run in runs]
-    args.caption = (runs_caption(captions, sum(len(run.samples) for run in runs)) if args.pool
-                    else " | ".join(dict.fromkeys(captions)))
+    args.caption = runs_caption([run.caption() for run in runs],
+                                sum(len(run.samples) for run in runs) if args.pool else None)
     empty = [run.path for run in runs if not run.samples]
     if empty:
         if args.follow:

@@ -91,6 +91,7 @@ class HandMade(unittest.TestCase):
         self.assertEqual(causal_effect.plot_drift.runs_caption(["a", "b"], 5),
                          "pooled over 2 runs (5 samples): a | b")
         self.assertEqual(causal_effect.plot_drift.runs_caption(["model m · 4 samples"], 4), "model m · 4 samples")
+        self.assertEqual(causal_effect.plot_drift.runs_caption(["a", "b", "a"]), "a | b")  # not pooled
 
     def test_bad_input_is_one_line(self):
         directory = support.scratch_dir("causal-bad")

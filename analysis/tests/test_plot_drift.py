@@ -15,6 +15,8 @@ from analysis.tests.support import num, read_csv
 
 sys.path.insert(0, support.ANALYSIS_DIR)
 import kvdrift_log  # noqa: E402
+import plot_drift  # noqa: E402  (sets the Agg backend)
+import matplotlib.pyplot as plt  # noqa: E402
 
 # summary_table.csv's columns, in order
 TABLE_COLUMNS = (
@@ -266,19 +268,11 @@ class KaplanMeier(unittest.TestCase):
         self.assertEqual((curve.tolist(), at_risk.tolist()), ([1.0, 1.0], [0, 0]))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class Layout(unittest.TestCase):
     def test_legend_and_caption_never_cover_the_panels(self):
         # The legend under the panels grows with the series: with 34 long labels (two runs of 17
         # quantizers) it once covered the axes. The figure must grow instead, leaving the panels'
         # height as it was.
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import plot_drift
         for series in (4, 34):
             fig, ax = plt.subplots(figsize=(10, 6.5))
             for i in range(series):
@@ -295,3 +289,7 @@ class Layout(unittest.TestCase):
             self.assertGreaterEqual(caption.y0, 0, f"{series} series: the caption is cut off")
             self.assertGreater(ax.get_window_extent(renderer).height, 4 * fig.dpi, f"{series} series")
             plt.close(fig)
+
+
+if __name__ == "__main__":
+    unittest.main()
