@@ -37,8 +37,6 @@ def sample_sums(kl, first_step):
     """(n, sum x, sum y, sum xx, sum xy) of one sample's compared steps."""
     y = np.asarray(kl, dtype=np.float64)[first_step:]
     x = np.arange(first_step, first_step + len(y), dtype=np.float64)
-    keep = np.isfinite(y)
-    x, y = x[keep], y[keep]
     return np.array([len(y), x.sum(), y.sum(), (x * x).sum(), (x * y).sum()])
 
 
@@ -60,12 +58,15 @@ def mean(sums, weights):
 
 def read_kl(paths, quantizers, wait_seconds):
     """Per quantizer: (teacher-forced KL per step, first compared step) of every finished sample of
-    every run, in the same sample order for all; and each run's caption."""
+    every run, in the same sample order for all; and each run's caption. The runs must pool (one
+    model, each name the same settings) and hold at least two finished samples in all; a KL that is
+    not finite is a broken run, refused rather than dropped (dropping it would unpair the samples)."""
     rows = {q: [] for q in quantizers}
-    captions = []
+    captions, infos = [], []
     for path in paths:
         with log.open_run_file(path, wait_seconds=wait_seconds) as handle:
             info = log.RunInfo(handle, path)
+            infos.append(info)
             captions.append(info.caption())
             missing = [q for q in quantizers if q not in info.quantizers]
             if missing:
@@ -77,7 +78,17 @@ def read_kl(paths, quantizers, wait_seconds):
                     lane = handle[f"samples/{index}/{q}"]
                     if "teacher_forced" not in lane:
                         raise log.LogError(f"{path}: samples/{index}/{q} has no teacher_forced lane")
-                    rows[q].append((lane["teacher_forced/kl"][()].astype(np.float64), first_step))
+                    kl = log.require(lane["teacher_forced"], "kl")[()].astype(np.float64)
+                    bad = np.flatnonzero(~np.isfinite(kl))
+                    if len(bad):
+                        raise log.LogError(f"{path}: samples/{index}/{q}/teacher_forced/kl is {kl[bad[0]]} at step "
+                                           f"{bad[0]}: a broken run, not a measurement")
+                    rows[q].append((kl, first_step))
+    log.check_poolable(infos, quantizers, "pooled runs")
+    samples = len(rows[quantizers[0]])
+    if samples < 2:
+        raise log.LogError(f"{', '.join(paths)}: {samples} finished sample{'' if samples == 1 else 's'} in all; "
+                           "a paired bootstrap interval needs at least 2")
     return rows, captions
 
 
@@ -222,15 +233,24 @@ def main(argv=None):
     if args.window < 1:
         parser.error(f"--window must be at least 1, got {args.window}")
     try:
+        log.check_distinct(args.runs)
         pairs = [tuple(p.split(":", 1)) for p in args.pair] or default_pairs(args.runs, 10.0)
-        for pair in pairs:
+        for i, pair in enumerate(pairs):
             if len(pair) != 2 or not all(pair):
                 raise log.LogError(f"--pair {':'.join(pair)}: expected BASE:WRAPPED")
+            if pair[0] == pair[1]:
+                raise log.LogError(f"--pair {':'.join(pair)}: a quantizer against itself")
+            if pair in pairs[:i]:
+                raise log.LogError(f"--pair {':'.join(pair)}: given twice")
         outputs = ([args.output] if args.output else []) + (
             [f"{args.figure}.{ext}" for ext in ("png", "pdf", "csv")] if args.figure else [])
-        for path in outputs:
+        for i, path in enumerate(outputs):
             if os.path.exists(path):
                 raise log.LogError(f"{path} exists; remove it or choose another path")
+            if os.path.abspath(path) in map(os.path.abspath, outputs[:i]):
+                raise log.LogError(f"{path}: both the table (-o) and the figure's CSV; choose another path")
+            if not os.path.isdir(os.path.dirname(path) or "."):
+                raise log.LogError(f"{path}: no directory {os.path.dirname(path)}")
         kl, captions = read_kl(args.runs, sorted({q for pair in pairs for q in pair}), 10.0)
     except (log.LogError, OSError) as error:
         log.fail_cli(PROG, error)

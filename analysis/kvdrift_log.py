@@ -214,6 +214,7 @@ class RunInfo:
         self.samples, self.unfinished = finished_samples(handle)
         self.model_path = attr_str(handle["model"].attrs, "path") if "model" in handle else ""
         self.model_format = attr_str(handle["model"].attrs, "format") if "model" in handle else ""
+        self.model_sha256 = attr_str(handle["model"].attrs, "sha256") if "model" in handle else ""
         self.quantizers = [q["name"] for q in self.config.get("quantizers") or []]
         self.methods = {q["name"]: q.get("method", "") for q in self.config.get("quantizers") or []}
         self.params = {q["name"]: q.get("params") or {} for q in self.config.get("quantizers") or []}
@@ -444,23 +445,49 @@ class PooledRuns:
         self.methods = runs[0].methods
 
 
+def check_distinct(paths):
+    """Each run at most once: a file named twice (or once through a link) would count its samples twice."""
+    seen = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise LogError(f"{path}: the same file as {seen[real]}; give each run once")
+        seen[real] = path
+
+
+def check_poolable(runs, names, what):
+    """Runs pooled as one sample set (`what`, as the error names it) must decode one model, and each of
+    `names` must mean the same settings in every run that has it."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.model_sha256 != first.model_sha256:
+            raise LogError(f"{what}: {first.path} decodes {os.path.basename(first.model_path) or '?'} (sha256 "
+                           f"{first.model_sha256[:12] or '?'}) but {run.path} decodes "
+                           f"{os.path.basename(run.model_path) or '?'} (sha256 {run.model_sha256[:12] or '?'}); "
+                           "pool only runs of one model")
+    for name in names:
+        having = [run for run in runs if name in run.quantizers]
+        label = having[0].quantizer_label(name) if having else ""
+        for run in having[1:]:
+            if run.quantizer_label(name) != label:
+                raise LogError(f"{what}: quantizer '{name}' is {label} in {having[0].path} but "
+                               f"{run.quantizer_label(name)} in {run.path}; pool only runs of the same quantizers")
+
+
 def pool_series(series):
     """One series per quantizer name holding the samples of every run that has it (`--pool`: the
-    runs' prompts are independent units). A name must mean the same settings in every run."""
+    runs' prompts are independent units), labelled with its sample and run counts. The runs must
+    decode one model, and a name must mean the same settings in every run."""
     by_name = {}
     for data in series:
         by_name.setdefault(data.quantizer, []).append(data)
+    check_poolable(list(dict.fromkeys(data.run for data in series)), list(by_name), "--pool")
     pooled = []
     for name, group in by_name.items():
-        label = group[0].run.quantizer_label(name)
-        for data in group[1:]:
-            if data.run.quantizer_label(name) != label:
-                raise LogError(f"--pool: quantizer '{name}' is {label} in {group[0].run.path} but "
-                               f"{data.run.quantizer_label(name)} in {data.run.path}; pool only runs of the "
-                               "same quantizers")
-        merged = SeriesData(PooledRuns([data.run for data in group]), name, label)
+        merged = SeriesData(PooledRuns([data.run for data in group]), name, group[0].run.quantizer_label(name))
         for data in group:
             merged.absorb(data)
+        merged.label += f" · {len(merged.samples)} samples of {len(group)} run{'s' if len(group) > 1 else ''}"
         pooled.append(merged)
     return pooled
 
@@ -482,6 +509,7 @@ def read_runs(paths, quantizers, token_scale_lane, token_scale_kind, wait_second
     `quantizers` empty selects all. Series are labelled by the quantizer's settings, prefixed by
     the file name when there are several runs.
     """
+    check_distinct(paths)
     check_quantizers([load_run_info(p, wait_seconds) for p in paths], quantizers)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     runs, series = [], []
@@ -513,6 +541,14 @@ def metrics_read(token_scale_kind):
                for tensor in TENSORS for part in ("E_M", "E_D")}}
 
 
+def require(group, name, is_attribute=False):
+    """`group`'s dataset or attribute `name`, which every finished sample has: missing, the file is damaged."""
+    if name not in (group.attrs if is_attribute else group):
+        raise LogError(f"{group.file.filename}: {group.name} has no {'attribute ' if is_attribute else ''}{name} "
+                       "(a finished sample always has it: a damaged file)")
+    return group.attrs[name] if is_attribute else group[name]
+
+
 def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts_kind):
     data.samples.append(index)
     for lane in LANES:
@@ -523,12 +559,10 @@ def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts
             rel_l2 = lane_group["attn_rel_l2"][:]
             data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2)
         if lane == "teacher_forced":
-            if "kl" in lane_group:
-                data.kl.append(lane_group["kl"][:].astype(np.float64))
-            if "top1_agree" in lane_group:
-                data.top1_agree.append(lane_group["top1_agree"][:].astype(np.float64))
-        if lane == "free_running" and "first_divergence" in lane_group.attrs:
-            data.first_divergence.append(int(lane_group.attrs["first_divergence"]))
+            data.kl.append(require(lane_group, "kl")[:].astype(np.float64))
+            data.top1_agree.append(require(lane_group, "top1_agree")[:].astype(np.float64))
+        if lane == "free_running":
+            data.first_divergence.append(int(require(lane_group, "first_divergence", is_attribute=True)))
             data.outcome.append(attr_str(lane_group.attrs, "outcome"))
             tokens = len(lane_group["tokens"]) if "tokens" in lane_group else 0
             data.free_running_steps.append(max(tokens, reference_length))

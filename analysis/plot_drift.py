@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Drift figures and a one-page report from kvdrift run logs (docs/analysis.md).
 
-    plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--follow [--interval S]]
+    plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--pool] [--overwrite]
+                  [--follow [--interval S]]
 
 Writes, per figure, NAME.png, NAME.pdf and NAME.csv (exactly the numbers drawn), plus report.md
-and summary_table.csv. The figures use the finished samples (complete = 1); the report's summary
-figures come from the engine's /summary of a finished run (root complete = 1).
+and summary_table.csv; an earlier plot's files in OUTDIR are replaced only with --overwrite. The
+figures use the finished samples (complete = 1); the report's summary figures come from the
+engine's /summary of a finished run (root complete = 1).
 """
 import argparse
 import csv
 import math
 import textwrap
 import os
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -355,6 +359,9 @@ FIGURES = (
     ("attention_heatmap", attention_heatmap, "Attention-output error, layer x step"),
     ("survival", survival, "Free-running survival (Kaplan–Meier)"),
 )
+# Every file a render may write into the output directory: what --overwrite replaces, and nothing else.
+OUTPUT_FILES = (["report.md", "summary_table.csv", "token_scale_worst5.csv"]
+                + [f"{name}.{ext}" for name, _, _ in FIGURES for ext in ("png", "pdf", "csv")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,45 +513,71 @@ def runs_caption(captions, pooled_samples=None):
 
 
 def render(args, wait_seconds):
-    """Reads the runs and writes every figure, its CSVs and the report. Returns the runs."""
+    """Reads the runs and writes every figure, its CSVs and the report. Returns the runs, and whether
+    it drew (with --follow, nothing is drawn while a run has no finished sample)."""
     runs, series = log.read_runs(args.runs, args.quantizer, args.token_scale_lane,
                                  args.token_scale_kind, wait_seconds)
     args.caption = runs_caption([run.caption() for run in runs],
                                 sum(len(run.samples) for run in runs) if args.pool else None)
     empty = [run.path for run in runs if not run.samples]
     if empty:
-        if args.follow:
-            return runs  # nothing to draw yet
+        if args.follow and not all(run.complete for run in runs):
+            return runs, False  # nothing to draw yet
         raise log.LogError(f"{empty[0]}: no finished samples to plot")
     figure_series = log.pool_series(series) if args.pool else series
-    os.makedirs(args.output_dir, exist_ok=True)
-    produced, skipped = {}, {}
-    for name, make, _ in FIGURES:
-        fig, tables, note = make(figure_series, args)
-        if fig is None:
-            skipped[name] = note
-            continue
-        for csv_name, (columns, rows) in tables.items():
-            write_csv(os.path.join(args.output_dir, csv_name), columns, rows)
-        for ext in ("png", "pdf"):
-            fig.savefig(os.path.join(args.output_dir, f"{name}.{ext}"), dpi=130)
-        plt.close(fig)
-        produced[name] = list(tables)
-    write_report(args.output_dir, runs, series, produced, skipped, args.pool)
-    return runs
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise log.LogError(f"{out}: not a directory")
+    earlier = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(out, name))]
+    for name in earlier:
+        if os.path.isdir(os.path.join(out, name)):
+            raise log.LogError(f"{os.path.join(out, name)} is a directory, where the plot writes a file")
+    if earlier and not args.overwrite:
+        raise log.LogError(f"{os.path.join(out, earlier[0])} exists (an earlier plot?); pass --overwrite to "
+                           f"replace the plot's files in {out}")
+    made_dir = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    # Drawn into a staging directory and moved in once all is written: a failure leaves `out` as it was,
+    # and a figure not drawn this time does not leave an earlier render's file beside the new report.
+    stage = tempfile.mkdtemp(prefix=".plot-", dir=out)
+    try:
+        produced, skipped = {}, {}
+        for name, make, _ in FIGURES:
+            fig, tables, note = make(figure_series, args)
+            if fig is None:
+                skipped[name] = note
+                continue
+            for csv_name, (columns, rows) in tables.items():
+                write_csv(os.path.join(stage, csv_name), columns, rows)
+            for ext in ("png", "pdf"):
+                fig.savefig(os.path.join(stage, f"{name}.{ext}"), dpi=130)
+            plt.close(fig)
+            produced[name] = list(tables)
+        write_report(stage, runs, series, produced, skipped, args.pool)
+        for name in earlier:
+            os.remove(os.path.join(out, name))
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made_dir and not os.listdir(out):
+            os.rmdir(out)
+    return runs, True
 
 
 def follow(args):
     """Re-renders every --interval seconds until every run's root `complete` is 1."""
     while True:
         try:
-            runs = render(args, wait_seconds=0.0)
+            runs, drawn = render(args, wait_seconds=0.0)
+            args.overwrite = args.overwrite or drawn  # later renders replace this one's files
         except log.FileBusy:
             runs = None  # the writer holds the file: try again next round
         if runs is not None:
             done = sum(len(run.samples) for run in runs)
             stamp = datetime.now().strftime("%H:%M:%S")
-            print(f"{PROG}: {stamp} rendered {done} finished sample(s) into {args.output_dir}",
+            print(f"{PROG}: {stamp} " + (f"rendered {done} finished sample(s) into {args.output_dir}" if drawn
+                                         else "waiting for every run's first finished sample"),
                   file=sys.stderr, flush=True)
             if all(run.complete for run in runs):
                 return
@@ -571,6 +604,8 @@ def parse_args(argv):
     parser.add_argument("--pool", action="store_true",
                         help="figures: one series per quantizer over the samples of every run (a name "
                              "must have the same settings in each); the report table stays per run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier plot in OUTDIR (refused otherwise)")
     parser.add_argument("--follow", action="store_true",
                         help="re-render from a run still being written until it is complete")
     parser.add_argument("--interval", type=float, default=10.0, metavar="S",

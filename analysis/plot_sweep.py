@@ -175,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--errorbar", choices=("std", "minmax"), default="std",
                         help="error bars: sample standard deviation or min-max (default std)")
     parser.add_argument("--yscale", choices=("auto", "log", "linear"), default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier plot of the same metric and x")
     args = parser.parse_args(argv)
     try:
         summary = Summary(args.summary)
@@ -206,11 +207,14 @@ def main(argv=None):
             print(f"{PROG}: skipped {dropped} done row(s) without a value of {args.metric}", file=sys.stderr)
         if not series:
             raise log.LogError(f"{args.summary}: no done row has a value of {args.metric}")
+        stem = os.path.join(args.output_dir, f"sweep_{safe_name(args.metric)}_vs_{safe_name(args.x)}")
+        earlier = [f"{stem}.{ext}" for ext in ("csv", "png", "pdf") if os.path.lexists(f"{stem}.{ext}")]
+        if earlier and not args.overwrite:
+            raise log.LogError(f"{earlier[0]} exists (an earlier plot?); pass --overwrite to replace it")
     except log.LogError as error:
         log.fail_cli(PROG, error)
     rows = rows_for(series, args.errorbar, summary.is_numeric(args.x))
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, f"sweep_{safe_name(args.metric)}_vs_{safe_name(args.x)}")
     plot_drift.write_csv(stem + ".csv", COLUMNS, rows)
     caption = (f"sweep {summary.name or os.path.basename(os.path.dirname(os.path.abspath(args.summary)))} · "
                f"{len({summary.data['point'][i] for i in done})} done points"

@@ -28,14 +28,23 @@ Z_95 = 1.959963984540054
 INTERVAL = "95% Wilson score"
 
 
-def infer_task(run):
+def infer_task(run, given=None):
+    """The task named by a directory of prompts.path; `given` (--task) is needed where none or several
+    are, and refused where it contradicts the one named (it would score the replies against the
+    wrong rules)."""
     path = str(run.prompts.get("path") or "")
     parts = [p.lower() for p in path.replace("\\", "/").split("/")]
     found = {TASK_DIRECTORIES[p] for p in parts if p in TASK_DIRECTORIES}
     if len(found) != 1:
+        if given:
+            return given
         raise log.LogError(f"{run.path}: cannot tell the task from prompts.path '{path or '(none)'}' "
                            f"(expected a directory named {', '.join(TASK_DIRECTORIES)}); pass --task")
-    return found.pop()
+    task = found.pop()
+    if given and given != task:
+        raise log.LogError(f"{run.path}: --task {given}, but prompts.path '{path}' holds {task} prompts; "
+                           "leave --task out")
+    return task
 
 
 class Lane:
@@ -145,11 +154,11 @@ def accuracy_summary(correct):
 
 
 def write_scores(path, task, lanes, results):
-    """Replaces /scores: built under a temporary name and moved into place once whole."""
+    """Replaces /scores: built under a temporary name and moved into place once whole (an interrupted
+    scoring leaves the earlier /scores)."""
     with log.open_run_file(path, mode="r+") as handle:
-        for name in ("scores", "scores_incomplete"):
-            if name in handle:
-                del handle[name]
+        if "scores_incomplete" in handle:
+            del handle["scores_incomplete"]
         group = handle.create_group("scores_incomplete")
         group.attrs["task"] = task
         group.attrs["interval"] = INTERVAL
@@ -167,6 +176,8 @@ def write_scores(path, task, lanes, results):
             target.create_dataset("correct", data=correct)
             target.create_dataset("extracted", data=[d for _, d in lane_results],
                                   dtype=h5py.string_dtype("utf-8"))
+        if "scores" in handle:
+            del handle["scores"]
         handle.move("scores_incomplete", "scores")
 
 
@@ -194,7 +205,7 @@ def main(argv=None):
                                    "finish or resume it before scoring")
             if not run.samples:
                 raise log.LogError(f"{args.run}: no finished samples to score")
-            task = args.task or infer_task(run)
+            task = infer_task(run, args.task)
             lanes, info = read_lanes(handle, run)
         if task == "humaneval":
             results = score_humaneval(lanes, info, run, args.timeout, args.jobs)

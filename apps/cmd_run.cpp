@@ -64,15 +64,21 @@ RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const
   return metadata;
 }
 
-// A live line on a terminal; plain periodic lines otherwise (cluster logs).
+// A live line on a terminal; plain periodic lines otherwise (cluster logs). The ETA extrapolates the
+// samples this process has finished (a resumed run's earlier ones took no time here); "--" until one has.
 class Progress {
  public:
-  explicit Progress(size_t total) : total_(total), terminal_(::isatty(STDERR_FILENO) == 1) {}
+  Progress(size_t total, size_t done_before)
+      : total_(total), done_before_(done_before), terminal_(::isatty(STDERR_FILENO) == 1) {}
   void update(size_t done, int64_t steps) {
     steps_ += steps;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - done) : 0.0;
-    const std::string line = fmt::format("samples {}/{}  {:.1f} steps/s  elapsed {:.0f}s  ETA {:.0f}s", done, total_,
+    const size_t done_here = done - done_before_;
+    const std::string eta =
+        done_here == 0 ? std::string("--")
+                       : fmt::format("{:.0f}s", elapsed / static_cast<double>(done_here) *
+                                                    static_cast<double>(total_ - done));
+    const std::string line = fmt::format("samples {}/{}  {:.1f} steps/s  elapsed {:.0f}s  ETA {}", done, total_,
                                          steps_ / std::max(elapsed, 1e-9), elapsed, eta);
     if (terminal_) {
       std::cerr << "\r" << line << (done == total_ ? "\n" : "") << std::flush;
@@ -83,7 +89,7 @@ class Progress {
   }
 
  private:
-  size_t total_;
+  size_t total_, done_before_;
   bool terminal_;
   int64_t steps_ = 0;
   double last_log_ = -1e9;
@@ -110,12 +116,12 @@ void run_main_job(const RunOptions& options) {
   spdlog::info("{}: {} prompts, {} quantizers, lanes {}, on {} in {}", options.config, prompts.size(),
                config.quantizers.size(), fmt::join(lane_names(config.lanes), ","), describe_device(model.device()),
                dtype_name(model.dtype()));
-  Progress progress(prompts.size());
   // The prompts still to run (a resumed run skips the finished ones), decoding.batch_prompts at a time.
   std::vector<int64_t> pending;
   for (size_t i = 0; i < prompts.size(); ++i)
     if (!log.has_sample(static_cast<int64_t>(i))) pending.push_back(static_cast<int64_t>(i));
   size_t done = prompts.size() - pending.size();
+  Progress progress(prompts.size(), done);
   progress.update(done, 0);
   for (size_t first = 0; first < pending.size(); first += static_cast<size_t>(config.decoding.batch_prompts)) {
     const size_t count = std::min(pending.size() - first, static_cast<size_t>(config.decoding.batch_prompts));

@@ -255,6 +255,14 @@ TEST(RunCli, ResumeAfterSigkillGivesTheSameArrays) {
   EXPECT_FALSE(complete(killed));
   const auto resumed = test::run_cli({"run", config, "--output", killed});
   ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  // Progress: no ETA before this process finishes a sample (the killed run's samples took no time here),
+  // then the time left, 0 s at the end.
+  const auto line_of = [&](const std::string& start) {
+    const size_t at = resumed.err.find(start);
+    return at == std::string::npos ? std::string() : resumed.err.substr(at, resumed.err.find('\n', at) - at);
+  };
+  EXPECT_NE(line_of("samples ").find("ETA --"), std::string::npos) << resumed.err;
+  EXPECT_NE(line_of("samples 3/3").find("ETA 0s"), std::string::npos) << resumed.err;
   const auto uninterrupted = test::run_cli({"run", config, "--output", whole});
   ASSERT_EQ(uninterrupted.exit_code, 0) << uninterrupted.err;
   {

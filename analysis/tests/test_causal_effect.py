@@ -106,6 +106,42 @@ class HandMade(unittest.TestCase):
         result = support.run_script("causal_effect.py", path, "-o", existing)
         self.assertEqual(result.stderr, f"causal_effect.py: error: {existing} exists; remove it or choose another path\n")
 
+    def test_inputs_that_would_give_a_wrong_figure_are_refused(self):
+        """Each case: one error line, exit 1, nothing written; each would otherwise print a plausible
+        number (a run counted twice, unpaired samples, a one-sample 'interval') or fail half-way."""
+        directory = support.scratch_dir("causal-refused")
+        path = os.path.join(directory, "run.h5")
+        factors = {"kvarn": 1.0, "kvarn-ts": 0.5, "kvarn-td": 1.0}
+        hand_run(path, [[0, 1, 2], [0, 2, 3]], factors)
+        link = os.path.join(directory, "link.h5")
+        os.symlink(path, link)
+        one = os.path.join(directory, "one.h5")
+        hand_run(one, [[0, 1, 2]], factors)
+        broken = os.path.join(directory, "broken.h5")
+        hand_run(broken, [[0, 1, 2], [0, float("nan"), 3]], factors)
+        other_model = os.path.join(directory, "other-model.h5")
+        hand_run(other_model, [[0, 1, 2], [0, 2, 3]], factors)
+        with h5py.File(other_model, "r+") as f:
+            f["model"].attrs["sha256"] = "ab" * 32
+        stem, table = os.path.join(directory, "fig"), os.path.join(directory, "fig.csv")
+        cases = [
+            ((path, link), f"{link}: the same file as {path}; give each run once"),
+            ((path, "--pair", "kvarn:kvarn"), "--pair kvarn:kvarn: a quantizer against itself"),
+            ((path, "--pair", "kvarn:kvarn-ts", "--pair", "kvarn:kvarn-ts"), "--pair kvarn:kvarn-ts: given twice"),
+            ((path, "-o", table, "--figure", stem),
+             f"{table}: both the table (-o) and the figure's CSV; choose another path"),
+            ((path, "-o", os.path.join(directory, "no", "t.csv")), f"{directory}/no/t.csv: no directory {directory}/no"),
+            ((one,), f"{one}: 1 finished sample in all; a paired bootstrap interval needs at least 2"),
+            ((broken,), f"{broken}: samples/1/kvarn/teacher_forced/kl is nan at step 1: a broken run, not a "
+                        "measurement"),
+            ((path, other_model), f"pooled runs: {path} decodes tiny.bin (sha256 ?) but {other_model} decodes "
+                                  "tiny.bin (sha256 abababababab); pool only runs of one model"),
+        ]
+        for args, message in cases:
+            result = support.run_script("causal_effect.py", *args)
+            self.assertEqual((result.returncode, result.stderr), (1, f"causal_effect.py: error: {message}\n"), args)
+        self.assertEqual(sorted(os.listdir(directory)), ["broken.h5", "link.h5", "one.h5", "other-model.h5", "run.h5"])
+
 
 class AgreesWithTheRunLogSummary(unittest.TestCase):
     def test_slope_and_mean_are_the_summary_ones(self):

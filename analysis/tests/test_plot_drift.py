@@ -246,6 +246,33 @@ class Pooled(unittest.TestCase):
                                         "same quantizers\n")
         self.assertFalse(os.path.exists(out))
 
+    def test_series_are_labelled_with_their_sample_and_run_counts(self):
+        only_alpha = support.write_run(os.path.join(self.dir, "alpha-only.h5"), QUANTIZERS[:1], fixture_samples(),
+                                       max_new_tokens=4)
+        _, series = kvdrift_log.read_runs([*self.runs, only_alpha], [], "teacher_forced", "quant")
+        self.assertEqual([data.label for data in kvdrift_log.pool_series(series)],
+                         ["alpha (rtn k_bits=2) · 9 samples of 3 runs",
+                          "beta (kivi k_bits=4 group_size=8) · 6 samples of 2 runs"])
+
+    def test_a_run_twice_or_another_model_is_refused(self):
+        """Either would pool into a plausible figure: a run's samples counted twice, or two models' drift
+        as one."""
+        link = os.path.join(self.dir, "link.h5")
+        if not os.path.exists(link):
+            os.symlink(self.runs[0], link)
+        other = support.write_run(os.path.join(self.dir, "other-model.h5"), QUANTIZERS, fixture_samples(),
+                                  max_new_tokens=4)
+        with h5py.File(other, "r+") as f:
+            f["model"].attrs.update({"path": "/models/big.bin", "sha256": "cd" * 32})
+        out = os.path.join(self.dir, "refused-twice")
+        for runs, message in (((self.runs[0], link), f"{link}: the same file as {self.runs[0]}; give each run once"),
+                              ((self.runs[0], other), f"--pool: {self.runs[0]} decodes tiny.bin (sha256 ?) but {other} "
+                                                      "decodes big.bin (sha256 cdcdcdcdcdcd); pool only runs of one "
+                                                      "model")):
+            result = support.run_script("plot_drift.py", *runs, "-o", out, "--pool")
+            self.assertEqual((result.returncode, result.stderr), (1, f"plot_drift.py: error: {message}\n"))
+            self.assertFalse(os.path.exists(out))
+
 
 class KaplanMeier(unittest.TestCase):
     def test_curve_ties_and_censoring(self):

@@ -61,6 +61,39 @@ class PlotDriftOptions(unittest.TestCase):
         self.assertIn("- `attention_heatmap` not drawn: no attention-output errors (metrics.attention_error) "
                       "in the selected runs", report)
 
+    def test_an_earlier_plot_is_replaced_only_when_asked(self):
+        out = os.path.join(self.dir, "again")
+        os.makedirs(out)
+        with open(os.path.join(out, "notes.txt"), "w") as f:
+            f.write("mine\n")
+        self.assertEqual(support.run_script("plot_drift.py", self.run_path, "-o", out).returncode, 0)
+        with open(os.path.join(out, "report.md"), "rb") as f:
+            report = f.read()
+        # a second plot into the same directory is refused, and changes nothing
+        refused = support.run_script("plot_drift.py", self.run_path, "-o", out, "--quantizer", "alpha")
+        self.assertEqual((refused.returncode, refused.stderr),
+                         (1, f"plot_drift.py: error: {out}/report.md exists (an earlier plot?); pass --overwrite to "
+                             f"replace the plot's files in {out}\n"))
+        with open(os.path.join(out, "report.md"), "rb") as f:
+            self.assertEqual(f.read(), report)
+        # with --overwrite a run of free-running lanes only replaces the plot: no figure of the earlier one
+        # is left beside its report, and files that are not the plot's stay
+        samples = fixture_samples()[:3]
+        for sample in samples:
+            sample["lanes"] = {k: v for k, v in sample["lanes"].items() if k[1] == "free_running"}
+        free_only = support.write_run(os.path.join(self.dir, "free_only_again.h5"), QUANTIZERS, samples)
+        result = support.run_script("plot_drift.py", free_only, "-o", out, "--overwrite")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(os.listdir(out)), ["notes.txt", "report.md", "summary_table.csv", "survival.csv",
+                                                   "survival.pdf", "survival.png"])
+        # a directory where the plot writes a file is refused before anything is replaced
+        os.makedirs(os.path.join(out, "drift_curves.png"))
+        blocked = support.run_script("plot_drift.py", self.run_path, "-o", out, "--overwrite")
+        self.assertEqual((blocked.returncode, blocked.stderr),
+                         (1, f"plot_drift.py: error: {out}/drift_curves.png is a directory, where the plot writes "
+                             "a file\n"))
+        self.assertEqual(len(os.listdir(out)), 7)
+
 
 class PlotDriftErrors(unittest.TestCase):
     @classmethod
@@ -80,7 +113,7 @@ class PlotDriftErrors(unittest.TestCase):
         with open(target, "w") as f:
             f.write("kept\n")
         result = support.run_script("plot_drift.py", path, "-o", target)
-        self.assertEqual((result.returncode, result.stderr), (1, f"plot_drift.py: error: {target}: File exists\n"))
+        self.assertEqual((result.returncode, result.stderr), (1, f"plot_drift.py: error: {target}: not a directory\n"))
         with open(target) as f:
             self.assertEqual(f.read(), "kept\n")
 
@@ -169,6 +202,19 @@ class PlotDriftErrors(unittest.TestCase):
         samples = fixture_samples()[3:]
         path = support.write_run(os.path.join(self.dir, "empty.h5"), QUANTIZERS, samples, complete=False)
         self.assert_error([path], f"{path}: no finished samples to plot")
+        # --follow waits for a running run's first sample, but a complete one with none has nothing to wait for
+        done = support.write_run(os.path.join(self.dir, "empty-done.h5"), QUANTIZERS, samples)
+        self.assert_error([done, "--follow", "--interval", "0.1"], f"{done}: no finished samples to plot")
+
+    def test_a_finished_sample_without_its_arrays_is_damage(self):
+        """Skipping the sample would leave the figures one sample short of the report's count."""
+        for lane, name, is_attribute in (("teacher_forced", "kl", False), ("free_running", "first_divergence", True)):
+            path = support.write_run(os.path.join(self.dir, f"no-{name}.h5"), QUANTIZERS, fixture_samples())
+            with h5py.File(path, "r+") as f:
+                group = f[f"samples/1/beta/{lane}"]
+                del (group.attrs if is_attribute else group)[name]
+            self.assert_error([path], f"{path}: /samples/1/beta/{lane} has no {'attribute ' if is_attribute else ''}"
+                                      f"{name} (a finished sample always has it: a damaged file)")
 
 
 if __name__ == "__main__":

@@ -91,8 +91,18 @@ class PlotSweep(unittest.TestCase):
                           (("kvarn", 0.0), "2", 5.0), (("kvarn", 1.0), "1", 5.0)])
         out = os.path.join(self.dir, "minmax_kl")
         result = support.run_script("plot_sweep.py", self.summary, "-o", out, "--errorbar", "minmax")
-        rows = by_series(read_csv(os.path.join(out, f"sweep_teacher_forced.kl_mean_vs_{BITS}.csv")))
+        table = os.path.join(out, f"sweep_teacher_forced.kl_mean_vs_{BITS}.csv")
+        rows = by_series(read_csv(table))
         self.assertEqual((num(rows["kivi", 2.0]["low"]), num(rows["kivi", 2.0]["high"])), (1.0, 3.0))
+        # the same plot again replaces the earlier one only when asked
+        again = support.run_script("plot_sweep.py", self.summary, "-o", out)
+        self.assertEqual((again.returncode, again.stderr.splitlines()[-1]),
+                         (1, f"plot_sweep.py: error: {table} exists (an earlier plot?); pass --overwrite to "
+                             "replace it"))
+        self.assertEqual(by_series(read_csv(table)), rows)
+        again = support.run_script("plot_sweep.py", self.summary, "-o", out, "--overwrite")
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual(num(by_series(read_csv(table))["kivi", 2.0]["low"]), 2 - 2 ** 0.5)
 
     def test_two_quantizers_of_one_method_are_separate_lines(self):
         rows = (point("p0", 2, 0, **{"kvarn-a": ("kvarn", 1.0), "kvarn-b": ("kvarn", 2.0)})

@@ -92,11 +92,17 @@ class ScoreMath(unittest.TestCase):
         self.assertIn("reference                                       3       3     1.000  [0.439, 1.000]",
                       result.stdout)
         # scoring again replaces /scores rather than adding to it
-        again = support.run_script("score.py", path, "--task", "aime")
+        again = support.run_script("score.py", path, "--task", "math")
         self.assertEqual(again.returncode, 0, again.stderr)
-        attrs, lanes_again = read_scores(path)
-        self.assertEqual(attrs["task"], "aime")
+        attrs_again, lanes_again = read_scores(path)
+        self.assertEqual(attrs_again["task"], "math")
         self.assertEqual(lanes_again, lanes)
+        # a --task that contradicts prompts.path is refused, and the scores stay
+        wrong = support.run_script("score.py", path, "--task", "gsm8k")
+        self.assertEqual(wrong.returncode, 1)
+        self.assertEqual(wrong.stderr, f"score.py: error: {path}: --task gsm8k, but prompts.path "
+                                       "'/data/math500/test.jsonl' holds math prompts; leave --task out\n")
+        self.assertEqual(read_scores(path), (attrs_again, lanes))
 
     def test_unfinished_samples_are_not_scored(self):
         directory = support.scratch_dir("score_partial")

@@ -33,22 +33,22 @@ done
 
 # Figures over the 32 prompts of both runs (--pool): headline methods at matched bits; KVarN's
 # ablations; the causal wrappers. The tables stay per run.
-"$kvdrift" plot "${both[@]}" --pool -o "$out/methods" --quantizer kivi --quantizer kivi-paper \
+"$kvdrift" plot --overwrite "${both[@]}" --pool -o "$out/methods" --quantizer kivi --quantizer kivi-paper \
   --quantizer quarot --quantizer kvarn --quantizer rtn-token --quantizer rtn-channel
-"$kvdrift" plot "${both[@]}" --pool -o "$out/ablations" --quantizer kvarn \
+"$kvdrift" plot --overwrite "${both[@]}" --pool -o "$out/ablations" --quantizer kvarn \
   --quantizer kvarn-no-rotation --quantizer kvarn-no-varn --quantizer kvarn-no-sink
-"$kvdrift" plot "${both[@]}" --pool -o "$out/causal" --quantizer kivi-paper --quantizer kivi-paper-ts \
+"$kvdrift" plot --overwrite "${both[@]}" --pool -o "$out/causal" --quantizer kivi-paper --quantizer kivi-paper-ts \
   --quantizer kivi-paper-td --quantizer kvarn --quantizer kvarn-ts --quantizer kvarn-td
 # Every quantizer of both runs in one table (summary figures with their intervals); the accuracy
 # runs' table carries the scores of the replies.
-"$kvdrift" plot "${both[@]}" -o "$out/all"
-"$kvdrift" plot "$out/gsm8k-accuracy.h5" "$out/math500-accuracy.h5" -o "$out/accuracy"
-# Paired comparisons: what the causal wrappers remove; claim (c), KVarN against the paper's KIVI.
+"$kvdrift" plot --overwrite "${both[@]}" -o "$out/all"
+"$kvdrift" plot --overwrite "$out/gsm8k-accuracy.h5" "$out/math500-accuracy.h5" -o "$out/accuracy"
+# Paired comparisons: what the causal wrappers remove; claim (c), KVarN against KIVI (both) and QuaRot.
 rm -f "$out/causal_effect.csv" "$out/paired_causal".* "$out/paired_methods".*
 $python analysis/causal_effect.py "${both[@]}" -o "$out/causal_effect.csv"
 $python analysis/causal_effect.py "${both[@]}" --pair kvarn:kvarn-ts --pair kvarn:kvarn-td \
   --figure "$out/paired_causal"
-$python analysis/causal_effect.py "${both[@]}" --pair kivi-paper:kvarn --pair kivi:kvarn \
+$python analysis/causal_effect.py "${both[@]}" --pair kivi-paper:kvarn --pair kivi:kvarn --pair quarot:kvarn \
   --figure "$out/paired_methods"
 
 # Protocol variants: per setting, both datasets' runs scored, tabled, and KVarN against KIVI-paper.
@@ -61,7 +61,7 @@ for name in chunked sampled 3bit; do
     ln -sfn "$(realpath "$run")" "$out/protocol-$name-$dataset.h5"
     runs+=("$out/protocol-$name-$dataset.h5")
   done
-  "$kvdrift" plot "${runs[@]}" --pool -o "$out/protocol-$name"
+  "$kvdrift" plot --overwrite "${runs[@]}" --pool -o "$out/protocol-$name"
   rm -f "$out/protocol-$name-paired".* "$out/protocol-$name-effect.csv"
   $python analysis/causal_effect.py "${runs[@]}" --pair kivi-paper:kvarn -o "$out/protocol-$name-effect.csv" \
     --figure "$out/protocol-$name-paired"
