@@ -159,7 +159,7 @@ def step_curves(base_kl, other_kl, window):
 def paired_figure(path_stem, pairs, kl, effects, window, caption):
     """PATH.png/.pdf/.csv: per pair, both methods' teacher-forced KL per step and their paired
     difference, with bootstrap bands."""
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.2 * len(pairs) + 1.0), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.2 * len(pairs) + 0.5), squeeze=False)
     csv_rows = []
     for row, (base, other) in enumerate(pairs):
         curves = step_curves(kl[base], kl[other], window)
@@ -180,7 +180,7 @@ def paired_figure(path_stem, pairs, kl, effects, window, caption):
         ax_diff.axhline(0.0, color="gray", linewidth=0.8)
         verdict = f"{other}'s KL slope {_lower(slope)}, mean KL {_lower(mean_kl)} than {base}'s"
         ax_diff.set_title(f"({chr(98 + 2 * row)}) paired difference {other} − {base}\n"
-                          + "\n".join(textwrap.wrap(verdict, 80)), fontsize=10)
+                          + "\n".join(textwrap.wrap(verdict, 80, break_on_hyphens=False)), fontsize=10)
         ax_diff.set_ylabel("difference in KL [nats]")
         for ax in (ax_kl, ax_diff):
             ax.set_xlabel("decoding step [tokens]")
@@ -188,8 +188,7 @@ def paired_figure(path_stem, pairs, kl, effects, window, caption):
             ax.legend(fontsize=9, loc="upper left")
     fig.suptitle("Paired comparison of teacher-forced drift: lines = mean over samples, bands = 95% "
                  f"percentile bootstrap over samples ({RESAMPLES} resamples, paired)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
-    fig.text(0.5, 0.08 / fig.get_figheight(), caption, ha="center", va="bottom", fontsize=8.5, color="#333333")
+    plot_drift.finish_figure(fig, caption, legend=([], []))  # the caption wrapped below, room for the title above
     for ext in ("png", "pdf"):
         fig.savefig(f"{path_stem}.{ext}", dpi=130)
     plt.close(fig)
