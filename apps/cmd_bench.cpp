@@ -97,6 +97,19 @@ void run_bench_quant(const BenchQuantOptions& options) {
                                total_ms / rtn_ms.at(bench_case.bits));
     }
   }
+  if (!device.is_cpu()) return;
+  // The transform every per-token Hadamard method runs per layer, role and step: one decode step of one
+  // sequence (a vector per head), and the tile set above.
+  std::cout << fmt::format("\n{:<34} {:>8} {:>16} {:>13} {:>9}\n", "walsh-hadamard transform [rows, d]", "head_dim",
+                           "torch passes ms", "cpu kernel ms", "speed-up");
+  for (int64_t head_dim : options.head_dims) {
+    if (head_dim < 2 || (head_dim & (head_dim - 1)) != 0) continue;  // powers of two only
+    for (int64_t rows : {options.heads, options.heads * options.tokens}) {
+      const auto row = bench_walsh_hadamard(rows, head_dim, options.min_seconds);
+      std::cout << fmt::format("{:<34} {:>8} {:>16.4f} {:>13.4f} {:>8.1f}x\n", fmt::format("rows {}", rows), head_dim,
+                               row.reference_ms, row.kernel_ms, row.reference_ms / row.kernel_ms);
+    }
+  }
 }
 
 struct BenchRunOptions {

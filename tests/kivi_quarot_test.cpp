@@ -86,6 +86,27 @@ TEST(KnownHadamard, RotationRoundTripsAndPreservesNorms) {
   }
 }
 
+// The CPU kernel against its reference (torch operations): equal bit for bit, on contiguous and strided
+// inputs, magnitudes from 1e-30 to 1e30, every power-of-two length up to 256; the input is left as it was.
+TEST(WalshHadamard, CpuKernelEqualsTheReferenceBitForBit) {
+  torch::manual_seed(11);
+  for (int64_t d : {1, 2, 4, 8, 16, 32, 64, 128, 256}) {
+    const auto magnitudes = torch::pow(10.0, torch::randint(-30, 31, {3, 5, 1}).to(torch::kFloat32));
+    const auto x = torch::randn({3, 5, d}) * magnitudes;
+    const auto before = x.clone();
+    const auto kernel = quant::walsh_hadamard_cpu(x);
+    EXPECT_TRUE(torch::equal(kernel, quant::walsh_hadamard_reference(x))) << d;
+    EXPECT_TRUE(torch::equal(x, before)) << d;
+    EXPECT_TRUE(torch::equal(quant::walsh_hadamard(x), kernel)) << d;  // the kernel is what float32 CPU gets
+    const auto strided = torch::randn({2 * d, 6}).t();                  // last dimension of stride 6
+    EXPECT_TRUE(torch::equal(quant::walsh_hadamard_cpu(strided), quant::walsh_hadamard_reference(strided))) << d;
+  }
+  // H_4 by hand on one vector: rows of [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]
+  const auto e = quant::walsh_hadamard_cpu(torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}));
+  EXPECT_TRUE(torch::equal(e, torch::tensor({10.0f, -2.0f, -4.0f, 0.0f})));
+  expect_error_naming([] { quant::walsh_hadamard_cpu(torch::ones({4}, torch::kFloat64)); }, {"float32 CPU", "Double"});
+}
+
 // --- KIVI -----------------------------------------------------------------------------------------
 
 // Four tokens x four channels; with G = R = 4 the key groups are the columns, the value groups the rows.

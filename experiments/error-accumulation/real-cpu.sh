@@ -2,7 +2,7 @@
 # The real-model study end to end (README.md here): runs its three sweeps (each resumes whatever is
 # finished), scores the replies, and writes the figures and tables the README shows.
 #   experiments/error-accumulation/real-cpu.sh [BUILD_DIR]     # BUILD_DIR default build
-# On 2 cores: the drift sweep (real-cpu.yaml) 66 min on the machine it first ran on and ~130 min
+# On 2 cores: the drift sweep (real-cpu.yaml) 66 min on the machine it first ran on and ~80 min
 # on a 2-core AMD EPYC one; there, the accuracy sweep ~50 min and the protocol variants ~95 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

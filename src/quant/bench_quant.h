@@ -31,4 +31,12 @@ std::vector<QuantBenchCase> default_quant_bench_cases();
 QuantBenchRow bench_quantizer(const QuantBenchCase& bench_case, int64_t heads, int64_t tokens, int64_t head_dim,
                               torch::Device device, double min_seconds);
 
+// The Walsh-Hadamard transform of a [rows, head_dim] float32 CPU tensor, ms per call: the reference's
+// torch operations and the CPU kernel beside it, timed in the same process.
+struct HadamardBenchRow {
+  int64_t rows, head_dim;
+  double reference_ms, kernel_ms;
+};
+HadamardBenchRow bench_walsh_hadamard(int64_t rows, int64_t head_dim, double min_seconds);
+
 }  // namespace kvdrift

@@ -1,5 +1,7 @@
 #include "quant/hadamard.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 
 #include "core/error.h"
@@ -20,8 +22,9 @@ int64_t known_factor(int64_t d) {
   return 0;
 }
 
-// Unnormalised Sylvester transform over the last dimension: each pass pairs index i with i + h.
-torch::Tensor walsh_hadamard(const torch::Tensor& x) {
+}  // namespace
+
+torch::Tensor walsh_hadamard_reference(const torch::Tensor& x) {
   const int64_t d = x.size(-1);
   auto y = x;
   for (int64_t h = 1; h < d; h *= 2) {
@@ -32,6 +35,38 @@ torch::Tensor walsh_hadamard(const torch::Tensor& x) {
   }
   return y;
 }
+
+torch::Tensor walsh_hadamard_cpu(const torch::Tensor& x) {
+  if (!x.device().is_cpu() || x.scalar_type() != torch::kFloat32)
+    fail("walsh_hadamard_cpu takes float32 CPU tensors, got {} on {}", c10::toString(x.scalar_type()),
+         x.device().str());
+  const int64_t d = x.size(-1);
+  auto y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
+  y.copy_(x);
+  if (d < 2 || y.numel() == 0) return y;
+  float* data = y.data_ptr<float>();
+  // The reference's passes, in place: the same pairs, each a + b and a - b rounded once, so bit for bit.
+  at::parallel_for(0, y.numel() / d, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* v = data + row * d;
+      for (int64_t h = 1; h < d; h *= 2)
+        for (int64_t block = 0; block < d; block += 2 * h)
+          for (int64_t i = block; i < block + h; ++i) {
+            const float a = v[i], b = v[i + h];
+            v[i] = a + b;
+            v[i + h] = a - b;
+          }
+    }
+  });
+  return y;
+}
+
+torch::Tensor walsh_hadamard(const torch::Tensor& x) {
+  return x.device().is_cpu() && x.scalar_type() == torch::kFloat32 ? walsh_hadamard_cpu(x)
+                                                                    : walsh_hadamard_reference(x);
+}
+
+namespace {
 
 torch::Tensor rotate(const torch::Tensor& x, bool transpose) {
   const int64_t d = x.size(-1);
