@@ -105,6 +105,7 @@ TEST(WalshHadamard, CpuKernelEqualsTheReferenceBitForBit) {
   const auto e = quant::walsh_hadamard_cpu(torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}));
   EXPECT_TRUE(torch::equal(e, torch::tensor({10.0f, -2.0f, -4.0f, 0.0f})));
   expect_error_naming([] { quant::walsh_hadamard_cpu(torch::ones({4}, torch::kFloat64)); }, {"float32 CPU", "Double"});
+  expect_error_naming([] { quant::walsh_hadamard_cpu(torch::ones({2, 12})); }, {"length 12", "power of two"});
 }
 
 // --- KIVI -----------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ torch::Tensor walsh_hadamard_cpu(const torch::Tensor& x) {
     fail("walsh_hadamard_cpu takes float32 CPU tensors, got {} on {}", c10::toString(x.scalar_type()),
          x.device().str());
   const int64_t d = x.size(-1);
+  // Another length would pair indices past the row's end.
+  if (d >= 2 && !is_power_of_two(d)) fail("walsh_hadamard_cpu: length {} is not a power of two", d);
   auto y = torch::empty(x.sizes(), x.options().memory_format(torch::MemoryFormat::Contiguous));
   y.copy_(x);
   if (d < 2 || y.numel() == 0) return y;
