@@ -8,7 +8,9 @@ continuation (docs/analysis.md; the /scores layout is in docs/hdf5-schema.md).
 """
 import argparse
 import os
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 
 import h5py
@@ -125,9 +127,13 @@ def score_humaneval(lanes, info, run, timeout, jobs):
             if task_id not in records:
                 raise log.LogError(f"{run.path}: samples/{index} has prompt_id '{task_id}', which is not a "
                                    f"task_id of {path}")
-            programs.append(humaneval.program_text(records[task_id], text))
+            programs.append(humaneval.program(records[task_id], text))
             where.append(lane_index)
-    outcomes = humaneval.run_programs(programs, timeout=timeout, jobs=jobs)
+    try:
+        outcomes = humaneval.run_programs(programs, timeout=timeout, jobs=jobs)
+    except humaneval.SandboxUnavailable as error:
+        raise log.LogError(f"{run.path}: cannot score HumanEval: {error} (its programs run only in a "
+                           "sandbox, never unconfined; docs/analysis.md)") from None
     results = [[] for _ in lanes]
     for lane_index, outcome in zip(where, outcomes):
         detail = outcome.status + (f": {outcome.detail}" if outcome.detail else "")
@@ -181,7 +187,30 @@ def write_scores(path, task, lanes, results):
         handle.move("scores_incomplete", "scores")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that the HumanEval sandboxes are stopped and their
+    folders removed on the way out (humaneval.run_programs); the process then dies of the signal."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main(argv)
+    except (_Terminated, KeyboardInterrupt) as stop:
+        # Everything this process started is gone (and would be killed with it anyway: the sandboxes'
+        # PR_SET_PDEATHSIG); die of the signal, as a caller expects of SIGTERM and SIGINT.
+        number = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        raise
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(
         prog=PROG, description="Scores a finished kvdrift run's reference and free-running continuations "
                                "(MATH500, AIME24, GSM8K, HumanEval) and writes /scores into the run file.")

@@ -14,6 +14,7 @@ PACKAGES=(
   libgtest-dev libbenchmark-dev
   slurm-wlm munge                     # the single-node Slurm the sweep tests start (scripts/slurm/)
   clang libclang-rt-14-dev            # libFuzzer and the sanitizers' runtimes (scripts/fuzz.sh)
+  bubblewrap                          # bwrap: the HumanEval sandbox of score.py (docs/analysis.md)
 )
 
 missing=()
