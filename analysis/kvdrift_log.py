@@ -15,7 +15,7 @@ import yaml
 import numpy as np
 
 SUPPORTED_SCHEMA_VERSION = 1
-LANES = ("static", "teacher_forced", "free_running")
+LANES = ("static", "teacher_forced", "one_step", "free_running")
 TENSORS = ("key", "value")
 
 
@@ -174,6 +174,8 @@ def read_config(handle, path):
 
 
 METRIC_TABLE = "schema/metrics"
+# How post-onset slopes are measured when neither /summary nor the config says (docs/analysis.md).
+ONSET_DEFAULTS = {"onset_margin": 16, "min_post_onset_steps": 64}
 
 
 def read_metric_table(handle, path):
@@ -211,6 +213,7 @@ class RunInfo:
         self.config = read_config(handle, path)
         self.complete = attr_int(handle.attrs, "complete") == 1
         self.kvdrift_version = attr_str(handle.attrs, "kvdrift_version", "unknown")
+        self.git_revision = attr_str(handle.attrs, "git_revision", "unknown")
         self.samples, self.unfinished = finished_samples(handle)
         self.model_path = attr_str(handle["model"].attrs, "path") if "model" in handle else ""
         self.model_format = attr_str(handle["model"].attrs, "format") if "model" in handle else ""
@@ -236,6 +239,22 @@ class RunInfo:
             raise LogError(f"{self.path}: metric '{name}' has axes [{', '.join(axes)}]; this analysis reads "
                            f"[{', '.join(expected)}]")
         return axes
+
+    def onset_settings(self):
+        """{"onset_margin", "min_post_onset_steps"}: each from the /summary/<q> attributes when the run
+        has them, else from the config's `analysis:` section, else the defaults 16 and 64."""
+        section = self.config.get("analysis") or {}
+        settings = {}
+        for name, default in ONSET_DEFAULTS.items():
+            recorded = [s[""][name] for s in self.summary.values() if name in s.get("", {})]
+            settings[name] = int(recorded[0] if recorded else section.get(name, default))
+        return settings
+
+    def lacks_onset(self):
+        """The one-line error for a log written without the onset arrays (`onset_step` of every lane)."""
+        return LogError(f"{self.path}: written by kvdrift {self.kvdrift_version} (git {self.git_revision}), which "
+                        "did not log onset arrays (onset_step); rerun it with this kvdrift to get them: "
+                        "`kvdrift run CONFIG --overwrite`")
 
     @property
     def prompts(self):
@@ -376,27 +395,26 @@ class LaneAttention:
 
     def __init__(self):
         self.per_sample = []  # (logged steps, mean over layers) per sample
+        self.onsets = []      # the lane's onset_step per sample (None: not logged)
         self.heat = MeanAccumulator()  # over samples, of [step x layer] with NaN at unlogged steps
 
-    def add(self, steps, rel_l2):
+    def add(self, steps, rel_l2, onset=None):
         steps = np.asarray(steps, dtype=np.int64)
         rel_l2 = np.asarray(rel_l2, dtype=np.float64)
         self.per_sample.append((steps, rel_l2.mean(axis=1)))
+        self.onsets.append(onset)
         dense = np.full((int(steps.max()) + 1 if len(steps) else 0, rel_l2.shape[1]), np.nan)
         dense[steps] = rel_l2
         self.heat.add(dense)
 
     def absorb(self, other):
         self.per_sample += other.per_sample
+        self.onsets += other.onsets
         self.heat.absorb(other.heat)
 
     def step_matrix(self):
         """(steps, [samples x steps] layer-mean matrix with NaN where a sample has no value)."""
-        steps = np.unique(np.concatenate([s for s, _ in self.per_sample] or [np.zeros(0, np.int64)]))
-        matrix = np.full((len(self.per_sample), len(steps)), np.nan)
-        for row, (sample_steps, values) in enumerate(self.per_sample):
-            matrix[row, np.searchsorted(steps, sample_steps)] = values
-        return steps, matrix
+        return step_matrix(self.per_sample)
 
     def heatmap(self):
         """(logged steps, [steps x layers] mean over samples, [steps] number of samples)."""
@@ -405,6 +423,26 @@ class LaneAttention:
         counts = self.heat.count[:, 0]
         steps = np.nonzero(counts)[0]
         return steps, self.heat.mean()[steps], counts[steps]
+
+
+def step_matrix(per_sample):
+    """(the steps any sample has, [samples x steps] matrix with NaN where a sample has no value) of
+    (steps, values) pairs, one per sample."""
+    steps = np.unique(np.concatenate([s for s, _ in per_sample] or [np.zeros(0, np.int64)]))
+    matrix = np.full((len(per_sample), len(steps)), np.nan)
+    for row, (sample_steps, values) in enumerate(per_sample):
+        matrix[row, np.searchsorted(steps, sample_steps)] = values
+    return steps, matrix
+
+
+def since_onset(steps, values, onset):
+    """(steps − onset, values) from the onset on, for a sample whose lane read a quantized position
+    (onset >= 0); None for one that never did."""
+    if onset is None or onset < 0:
+        return None
+    steps = np.asarray(steps)
+    keep = steps >= onset
+    return steps[keep] - onset, np.asarray(values)[keep]
 
 
 class SeriesData:
@@ -416,6 +454,7 @@ class SeriesData:
         self.samples = []
         self.kl = []             # teacher-forced KL per sample
         self.top1_agree = []     # teacher-forced top-1 agreement per sample
+        self.kl_onset = []       # the teacher-forced lane's onset_step per sample (None: not logged)
         self.attention = {lane: LaneAttention() for lane in ("static", "teacher_forced")}
         self.token_scale = {t: {"E_M": MeanAccumulator(), "E_D": MeanAccumulator()} for t in TENSORS}
         self.worst5_share = {t: [] for t in TENSORS}
@@ -426,7 +465,7 @@ class SeriesData:
     def absorb(self, other):
         """Adds the samples of `other` (the same quantizer in another run)."""
         self.samples += [(other.run.path, index) for index in other.samples]
-        for name in ("kl", "top1_agree", "first_divergence", "outcome", "free_running_steps"):
+        for name in ("kl", "top1_agree", "kl_onset", "first_divergence", "outcome", "free_running_steps"):
             getattr(self, name).extend(getattr(other, name))
         for lane, attention in self.attention.items():
             attention.absorb(other.attention[lane])
@@ -549,6 +588,15 @@ def require(group, name, is_attribute=False):
     return group.attrs[name] if is_attribute else group[name]
 
 
+def onset_step(lane_group):
+    """The lane's `onset_step`: the first step whose forward read a quantized position, -1 when none
+    did; None in a log written before kvdrift logged it."""
+    if "onset_step" not in lane_group.attrs:
+        return None
+    value = float(lane_group.attrs["onset_step"])
+    return int(value) if value >= 0 else -1
+
+
 def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts_kind):
     data.samples.append(index)
     for lane in LANES:
@@ -557,10 +605,11 @@ def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts
         lane_group = group[lane]
         if lane in data.attention and "attn_rel_l2" in lane_group:
             rel_l2 = lane_group["attn_rel_l2"][:]
-            data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2)
+            data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2, onset_step(lane_group))
         if lane == "teacher_forced":
             data.kl.append(require(lane_group, "kl")[:].astype(np.float64))
             data.top1_agree.append(require(lane_group, "top1_agree")[:].astype(np.float64))
+            data.kl_onset.append(onset_step(lane_group))
         if lane == "free_running":
             data.first_divergence.append(int(require(lane_group, "first_divergence", is_attribute=True)))
             data.outcome.append(attr_str(lane_group.attrs, "outcome"))

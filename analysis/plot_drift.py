@@ -2,7 +2,7 @@
 """Drift figures and a one-page report from kvdrift run logs (docs/analysis.md).
 
     plot_drift.py RUN.h5 [RUN2.h5 ...] -o OUTDIR [--quantizer NAME ...] [--pool] [--overwrite]
-                  [--follow [--interval S]]
+                  [--align step|onset] [--follow [--interval S]]
 
 Writes, per figure, NAME.png, NAME.pdf and NAME.csv (exactly the numbers drawn), plus report.md
 and summary_table.csv; an earlier plot's files in OUTDIR are replaced only with --overwrite. The
@@ -87,10 +87,10 @@ def quartile_rows(data, lane, metric, steps, matrix):
     return rows
 
 
-def windowed_disagreement_rows(data, window):
+def windowed_disagreement_rows(data, window, top1_agree):
     """Fraction of (sample, step) pairs in the trailing window [t-window+1, t] where the
-    teacher-forced lane's top-1 token differs from the reference's."""
-    disagree = 1.0 - log.stack_padded(data.top1_agree)
+    teacher-forced lane's top-1 token differs from the reference's (`top1_agree`: per sample)."""
+    disagree = 1.0 - log.stack_padded(top1_agree)
     rows = []
     for step in range(disagree.shape[1]):
         present = ~np.isnan(disagree[:, step])
@@ -107,26 +107,61 @@ def windowed_disagreement_rows(data, window):
 # Figures. Each returns (figure or None, {csv name: (columns, rows)}, note when not drawn).
 
 DRIFT_COLUMNS = ["run", "quantizer", "lane", "metric", "step", "samples", "center", "low", "high"]
+SINCE_ONSET = "steps_since_onset"  # the x column of drift_curves.csv with --align onset
+
+
+def aligned_arrays(data, align):
+    """Per lane, what the drift figure draws of one series: teacher-forced KL and top-1 agreement per
+    sample, and per attention lane (steps, layer means) per sample. `align` "onset": each sample's steps
+    counted from its lane's onset_step, the samples whose lane never read a quantized position left out."""
+    if align != "onset":
+        return data.kl, data.top1_agree, {lane: data.attention[lane].per_sample for lane in ("static", "teacher_forced")}
+    kept = [i for i, onset in enumerate(data.kl_onset) if onset >= 0]
+    attention = {}
+    for lane in ("static", "teacher_forced"):
+        shifted = [log.since_onset(steps, values, onset)
+                   for (steps, values), onset in zip(data.attention[lane].per_sample, data.attention[lane].onsets)]
+        attention[lane] = [pair for pair in shifted if pair is not None]
+    return ([data.kl[i][data.kl_onset[i]:] for i in kept], [data.top1_agree[i][data.kl_onset[i]:] for i in kept],
+            attention)
+
+
+def check_onsets(series):
+    """--align onset needs every drawn lane's onset_step: a run written without it fails with one line."""
+    for data in series:
+        onsets = data.kl_onset + [o for lane in ("static", "teacher_forced") for o in data.attention[lane].onsets]
+        if any(onset is None for onset in onsets):
+            raise data.run.lacks_onset()
+
+
+def drift_rows(data, args):
+    """The drift figure's rows of one series, by panel."""
+    kl, top1_agree, attention = aligned_arrays(data, args.align)
+    rows = {"kl": [], "top1_disagreement": [], "static": [], "teacher_forced": []}
+    if kl:
+        matrix = log.stack_padded(kl)
+        rows["kl"] = quartile_rows(data, "teacher_forced", "kl", np.arange(matrix.shape[1]), matrix)
+    if top1_agree:
+        rows["top1_disagreement"] = windowed_disagreement_rows(data, args.window, top1_agree)
+    for lane in ("static", "teacher_forced"):
+        if attention[lane]:
+            rows[lane] = quartile_rows(data, lane, "attn_rel_l2", *log.step_matrix(attention[lane]))
+    return rows
 
 
 def drift_curves(series, args):
     rows = {"kl": [], "top1_disagreement": [], "static": [], "teacher_forced": []}
     for data in series:
-        if data.kl:
-            matrix = log.stack_padded(data.kl)
-            rows["kl"] += quartile_rows(data, "teacher_forced", "kl", np.arange(matrix.shape[1]), matrix)
-        if data.top1_agree:
-            rows["top1_disagreement"] += windowed_disagreement_rows(data, args.window)
-        for lane in ("static", "teacher_forced"):
-            if data.attention[lane].per_sample:
-                steps, matrix = data.attention[lane].step_matrix()
-                rows[lane] += quartile_rows(data, lane, "attn_rel_l2", steps, matrix)
+        for panel, panel_rows in drift_rows(data, args).items():
+            rows[panel] += panel_rows
     all_rows = [r for part in rows.values() for r in part]
     if not all_rows:
         return None, {}, "no teacher-forced or static lane metrics in the selected runs"
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
-    (ax_kl, ax_top1), (ax_static, ax_tf) = axes
+    aligned = args.align == "onset"
+    fig = plt.figure(figsize=(13, 12.0 if aligned else 9.5))
+    grid = fig.add_gridspec(3 if aligned else 2, 2, height_ratios=[1, 1, 0.5] if aligned else [1, 1])
+    ax_kl, ax_top1, ax_static, ax_tf = (fig.add_subplot(grid[r, c]) for r, c in ((0, 0), (0, 1), (1, 0), (1, 1)))
     panels = [
         (ax_kl, rows["kl"], "(a) teacher-forced: KL divergence per step",
          "KL(p_ref ‖ p_lane) [nats]", True),
@@ -141,7 +176,7 @@ def drift_curves(series, args):
     attention_values = [r["center"] for r in rows["static"] + rows["teacher_forced"]]
     for ax, panel_rows, title, ylabel, has_band in panels:
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("decoding step [tokens]")
+        ax.set_xlabel(STEP_LABEL[args.align])
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if not panel_rows:
@@ -177,10 +212,43 @@ def drift_curves(series, args):
         high = max(ax_static.get_ylim()[1], ax_tf.get_ylim()[1])
         ax_static.set_ylim(low, high)
         ax_tf.set_ylim(low, high)
+    columns = DRIFT_COLUMNS
+    if aligned:
+        sample_counts(fig.add_subplot(grid[2, :]), series, rows["kl"] or rows["static"])
+        for row in all_rows:
+            row[SINCE_ONSET] = row.pop("step")
+        columns = [SINCE_ONSET if c == "step" else c for c in DRIFT_COLUMNS]
     fig.suptitle("Drift against the full-precision reference: lines = median over samples, "
-                 "bands = interquartile range", fontsize=12)
+                 "bands = interquartile range" + ("\naligned at each lane's first read of a quantized position "
+                                                  "(x = step − onset_step of that lane and sample)" if aligned else ""),
+                 fontsize=12)
     finish_figure(fig, args.caption)
-    return fig, {"drift_curves.csv": (DRIFT_COLUMNS, all_rows)}, None
+    return fig, {"drift_curves.csv": (columns, all_rows)}, None
+
+
+STEP_LABEL = {"step": "decoding step [tokens]", "onset": "steps since the lane's first quantized read [tokens]"}
+
+
+def sample_counts(ax, series, panel_rows):
+    """Panel (e) of the aligned drift figure: how many samples each point of `panel_rows` averages."""
+    lane = panel_rows[0]["lane"].replace("_", "-") if panel_rows else "teacher-forced"
+    metric = "KL" if panel_rows and panel_rows[0]["metric"] == "kl" else "attention error"
+    never = []
+    for i, data in enumerate(series):
+        mine = [r for r in panel_rows if r["run"] == data.run.path and r["quantizer"] == data.quantizer]
+        onsets = data.kl_onset if metric == "KL" else data.attention["static"].onsets
+        if onsets.count(-1):
+            never.append(f"{data.quantizer} {onsets.count(-1)} of {len(onsets)}")
+        if mine:
+            ax.step([r["step"] for r in mine], [r["samples"] for r in mine], where="mid", linewidth=1.4,
+                    **series_style(i))
+    ax.set_title(f"(e) samples averaged at each point ({lane} {metric}; samples enter as they reach the step)"
+                 + (f"\nnever read a quantized position, left out: {', '.join(never)}" if never else ""), fontsize=10)
+    ax.set_xlabel(STEP_LABEL["onset"])
+    ax.set_ylabel("samples")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
 
 
 TOKEN_SCALE_COLUMNS = ["run", "quantizer", "lane", "kind", "tensor", "position", "samples", "E_M", "E_D"]
@@ -438,7 +506,7 @@ def _summary_note(run):
                      f"seed {seed})" for first, level, resamples, seed in settings)
 
 
-def write_report(out_dir, runs, series, produced, skipped, pooled):
+def write_report(out_dir, runs, series, produced, skipped, pooled, aligned=False):
     rows = table_rows(series)
     write_csv(os.path.join(out_dir, "summary_table.csv"), TABLE_COLUMNS, rows)
     scored = any(run.scores for run in runs)
@@ -491,6 +559,10 @@ def write_report(out_dir, runs, series, produced, skipped, pooled):
     if pooled:
         lines += ["The figures pool each quantizer's samples over every run (`--pool`); the table above is "
                   "per run.", ""]
+    if aligned:
+        lines += ["The drift curves are aligned at each lane's first read of a quantized position (`--align "
+                  "onset`): x = step − onset_step of that lane and sample; samples whose lane never read one are "
+                  "left out, and panel (e) counts the samples behind each point.", ""]
     for name, _, title in FIGURES:
         if name in produced:
             lines += [f"### {title}", "", f"![{title}]({name}.png)", "",
@@ -524,6 +596,8 @@ def render(args, wait_seconds):
         if args.follow and not all(run.complete for run in runs):
             return runs, False  # nothing to draw yet
         raise log.LogError(f"{empty[0]}: no finished samples to plot")
+    if args.align == "onset":
+        check_onsets(series)
     figure_series = log.pool_series(series) if args.pool else series
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
@@ -553,7 +627,7 @@ def render(args, wait_seconds):
                 fig.savefig(os.path.join(stage, f"{name}.{ext}"), dpi=130)
             plt.close(fig)
             produced[name] = list(tables)
-        write_report(stage, runs, series, produced, skipped, args.pool)
+        write_report(stage, runs, series, produced, skipped, args.pool, args.align == "onset")
         for name in earlier:
             os.remove(os.path.join(out, name))
         for name in os.listdir(stage):
@@ -601,6 +675,10 @@ def parse_args(argv):
     parser.add_argument("--token-scale-kind", choices=("quant", "drift"), default="quant",
                         help="quant: what attention reads vs what the lane wrote; drift: the lane's "
                              "cache vs the reference's (default quant)")
+    parser.add_argument("--align", choices=("step", "onset"), default="step",
+                        help="x axis of the drift curves: the decoding step (default), or steps since each "
+                             "lane's first read of a quantized position (onset_step), with a panel of the "
+                             "samples each point averages")
     parser.add_argument("--pool", action="store_true",
                         help="figures: one series per quantizer over the samples of every run (a name "
                              "must have the same settings in each); the report table stays per run")

@@ -104,11 +104,20 @@ void run_quantize(const QuantizeOptions& options) {
       auto dataset = out.write("params/" + name, to_vector<float>(values32), shape_of(values32), 4);
       dataset.set_attribute("storage_dtype", stored_dtype_name(param.dtype));
       dataset.set_attribute("layout", "[tiles, ...]: tile = head * tiles_per_head + block");
+      dataset.set_attribute("saturated", param.saturated);
+      dataset.set_attribute("flushed_to_zero", param.flushed_to_zero);
     }
     for (const auto& [name, tensor] : {std::pair{"E_M", error.magnitude}, std::pair{"E_D", error.direction},
                                        std::pair{"E_T", error.total}, std::pair{"norm_ratio", error.norm_ratio}})
       out.write(std::string("rows/") + name, to_vector<double>(tensor), shape_of(tensor), 4);
   });
+  // A parameter its storage dtype cannot hold gives a plausible-looking but wrong dequantization.
+  for (const auto& [name, param] : result.stored.params)
+    if (param.saturated + param.flushed_to_zero > 0)
+      spdlog::warn("{}: {} of {} stored parameters '{}' exceed {}'s largest finite value (saturated or inf) and {} "
+                   "rounded to 0; see params/{} in {}",
+                   quantizer->method(), param.saturated, param.values.numel(), name, stored_dtype_name(param.dtype),
+                   param.flushed_to_zero, name, options.output);
   spdlog::info("{} {} ({}): {:.4f} bits/element, relative MSE {:.3e}; wrote {}", quantizer->method(), role_name(role),
                options.cache_policy, result.bits_per_element, relative_mse, options.output);
 }

@@ -165,7 +165,8 @@ TEST(Kivi, KVarNPaperPresetSinkAndValueGroups) {
   auto paper = build(make_kivi, "kivi", {{"preset", "kvarn-paper"}}, 128);
   const ParamMap expected = {{"preset", "kvarn-paper"}, {"k_bits", "2"},             {"v_bits", "2"},
                              {"group_size", "128"},     {"value_group_size", "128"}, {"residual_length", "128"},
-                             {"sink_tokens", "128"},    {"scale_dtype", "float16"},  {"zero_dtype", "float16"}};
+                             {"sink_tokens", "128"},    {"scale_dtype", "float16"},  {"zero_dtype", "float16"},
+                             {"scale_rounding", "after_codes"}};
   EXPECT_EQ(paper->resolved_params(), expected);
   for (Role role : {Role::Key, Role::Value}) EXPECT_EQ(paper->policy(role).sink, 128);
   // Keys flush R = 128 at a time counted from the sink: at token 255 nothing, at 256 [128, 256).
@@ -188,7 +189,8 @@ TEST(Kivi, DefaultsShapesAndPolicy) {
   auto kivi = build(make_kivi, "kivi", {}, 64);
   const ParamMap expected = {{"preset", "kivi"},         {"k_bits", "2"},           {"v_bits", "2"},
                              {"group_size", "32"},       {"value_group_size", "32"}, {"residual_length", "128"},
-                             {"sink_tokens", "0"},       {"scale_dtype", "float16"}, {"zero_dtype", "float16"}};
+                             {"sink_tokens", "0"},       {"scale_dtype", "float16"}, {"zero_dtype", "float16"},
+                             {"scale_rounding", "after_codes"}};
   EXPECT_EQ(kivi->resolved_params(), expected);
   auto keys = kivi->quantize(torch::randn({3, 128, 64}), Role::Key, 0);
   EXPECT_EQ(keys.codes.sizes(), (std::vector<int64_t>{3, 128, 64}));
@@ -319,7 +321,7 @@ TEST(QuaRot, DefaultsAndGivenClipRatioApplyToBothRoles) {
   auto defaults = build(make_quarot, "quarot", {}, 128);
   const ParamMap expected = {{"k_bits", "4"},           {"v_bits", "4"},          {"group_size", "128"},
                              {"clip_ratio", "0.95"},     {"scale_dtype", "float16"}, {"zero_dtype", "float16"},
-                             {"value_zero_point", "integer"}};
+                             {"value_zero_point", "integer"}, {"scale_rounding", "after_codes"}};
   EXPECT_EQ(defaults->resolved_params(), expected);
   auto given = build(make_quarot, "quarot", {{"k_bits", "8"}, {"clip_ratio", "0.9"}}, 128);
   EXPECT_EQ(given->resolved_params().at("clip_ratio"), "0.9");

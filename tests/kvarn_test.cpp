@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "metrics/token_scale.h"
 #include "quant/quantizer.h"
 #include "support.h"
 
@@ -259,11 +260,42 @@ TEST(KVarN, Float8ScalesKeepFloat16ZeroPointsThePapersLayout) {
   EXPECT_NE(bad.find("zero_dtype"), std::string::npos) << bad;
 }
 
+// scale_rounding (docs/quantizers.md). The default is the authors' order, after_codes: codes against
+// the float32 VarN and RTN scales, the stored ones rounded afterwards. With float8 token scales that
+// leaves each key token's norm off by up to the e4m3 rounding of its kT (6.25%); before_codes
+// normalizes the tile by the stored kT and codes it against the stored kS, kZ, which absorbs most of
+// it. (Values carry their token scale in vS, which both orders round alike.)
+TEST(KVarN, RoundingScalesBeforeTheCodesAbsorbsTheirRounding) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(5);
+  auto x = torch::randn({4, 64, 64}, generator, torch::kFloat32);
+  x.mul_(torch::linspace(1.0, 40.0, 64).reshape({1, 64, 1}));  // token norms over a wide range
+  const ParamMap fp8 = {{"preset", "k4v2"}, {"tile_size", "64"}, {"scale_dtype", "float8_e4m3"}};
+  ParamMap before = fp8;
+  before["scale_rounding"] = "before_codes";
+  const auto after_codes = kvarn(fp8, 64), before_codes = kvarn(before, 64);
+  EXPECT_EQ(after_codes->resolved_params().at("scale_rounding"), "after_codes");
+  EXPECT_EQ(kvarn({}, 64)->resolved_params().at("scale_rounding"), "after_codes");
+  EXPECT_EQ(before_codes->resolved_params().at("scale_rounding"), "before_codes");
+  for (Role role : {Role::Key, Role::Value}) {
+    SCOPED_TRACE(role_name(role));
+    const auto stored_after = after_codes->quantize(x, role, 0), stored_before = before_codes->quantize(x, role, 0);
+    const std::string column = role == Role::Key ? "kT" : "vC";  // the same stored VarN column scale
+    EXPECT_TRUE(torch::equal(stored_after.params.at(column).values, stored_before.params.at(column).values));
+    EXPECT_FALSE(torch::equal(stored_after.codes, stored_before.codes));
+  }
+  const auto magnitude = [&](const Quantizer& q) {
+    return metrics::token_scale_error(x, q.dequantize(q.quantize(x, Role::Key, 0), Role::Key, 0))
+        .magnitude.sum()
+        .item<double>();
+  };
+  EXPECT_LT(magnitude(*before_codes), 0.5 * magnitude(*after_codes));
+}
+
 TEST(KVarN, ParametersPolicyAndChecks) {
   auto q = kvarn({{"preset", "k2v2"}, {"tile_size", "64"}, {"sink", "false"}}, 128);
   const ParamMap expected = {{"preset", "k2v2"}, {"k_bits", "2"},    {"v_bits", "2"},   {"tile_size", "64"},
                              {"iters", "8"},     {"rotate", "true"}, {"sink", "false"}, {"scale_dtype", "float16"},
-                             {"zero_dtype", "float16"}};
+                             {"zero_dtype", "float16"}, {"scale_rounding", "after_codes"}};
   EXPECT_EQ(q->resolved_params(), expected);
   for (Role role : {Role::Key, Role::Value}) {
     EXPECT_EQ(q->policy(role).sink, 0);

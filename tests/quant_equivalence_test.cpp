@@ -20,9 +20,9 @@ struct Case {
   ParamMap params;
 };
 
-std::vector<Case> cases_for(int bits, const std::string& scale_dtype) {
+std::vector<Case> cases_for(int bits, const std::string& scale_dtype, const std::string& scale_rounding) {
   const ParamMap common = {{"k_bits", std::to_string(bits)}, {"v_bits", std::to_string(bits)},
-                           {"scale_dtype", scale_dtype}};
+                           {"scale_dtype", scale_dtype}, {"scale_rounding", scale_rounding}};
   auto with = [&](ParamMap extra) {
     extra.insert(common.begin(), common.end());
     return extra;
@@ -49,6 +49,7 @@ reference::ReferenceSettings settings_of(const Quantizer& q, Role role) {
   s.bits = std::stoi(p.at(role == Role::Key ? "k_bits" : "v_bits"));
   s.scale_dtype = p.at("scale_dtype");
   s.zero_dtype = p.at("zero_dtype");
+  s.round_before_codes = p.at("scale_rounding") == "before_codes";
   if (s.method == "kvarn") {
     s.group_size = std::stoi(p.at("tile_size"));
     s.iters = std::stoi(p.at("iters"));
@@ -135,10 +136,10 @@ std::vector<torch::Device> devices() {
   return list;
 }
 
-void check_all(const std::string& scale_dtype) {
+void check_all(const std::string& scale_dtype, const std::string& scale_rounding = "after_codes") {
   for (const auto& device : devices()) {
     for (int bits : {2, 3, 4, 8}) {
-      for (const auto& c : cases_for(bits, scale_dtype)) {
+      for (const auto& c : cases_for(bits, scale_dtype, scale_rounding)) {
         const auto q = make_quantizer(c.method, c.params, 64);
         for (Role role : {Role::Key, Role::Value}) {
           const int64_t block = q->policy(role).block;
@@ -160,6 +161,9 @@ void check_all(const std::string& scale_dtype) {
 TEST(QuantEquivalence, MatchesOracleWithFloat32Scales) { check_all("float32"); }
 TEST(QuantEquivalence, MatchesOracleWithFloat16Scales) { check_all("float16"); }
 TEST(QuantEquivalence, MatchesOracleWithFloat8Scales) { check_all("float8_e4m3"); }
+// scale_rounding: before_codes, the codes computed against the parameters as stored.
+TEST(QuantEquivalence, MatchesOracleWithFloat16ScalesRoundedBeforeCodes) { check_all("float16", "before_codes"); }
+TEST(QuantEquivalence, MatchesOracleWithFloat8ScalesRoundedBeforeCodes) { check_all("float8_e4m3", "before_codes"); }
 
 }  // namespace
 }  // namespace kvdrift

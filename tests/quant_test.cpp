@@ -411,6 +411,80 @@ TEST(ScaleStorage, Float8E4M3RoundsToRepresentableValues) {
   for (size_t i = 0; i < expected.size(); ++i) EXPECT_EQ(r[i].item<float>(), expected[i]) << i;
 }
 
+// A stored parameter the dtype cannot hold is counted: float16 overflows above 65504 (to inf), float8
+// e4m3 saturates above 448, and nonzero values below half the smallest subnormal round to 0.
+TEST(ScaleStorage, CountsSaturatedAndFlushedParameters) {
+  const auto x = torch::tensor({1e5f, -70000.0f, 500.0f, 65504.0f, 1e-9f, 0.0f, 3.0f});
+  const auto half = quant::stored_param(x, StoredDtype::Float16);
+  EXPECT_EQ(half.saturated, 2);        // 1e5 and -70000 (65504 is the largest finite float16 itself)
+  EXPECT_EQ(half.flushed_to_zero, 1);  // 1e-9 < 2^-25
+  EXPECT_TRUE(std::isinf(half.values[0].item<float>()));
+  const auto e4m3 = quant::stored_param(x, StoredDtype::Float8E4M3);
+  EXPECT_EQ(e4m3.saturated, 4);        // every magnitude above 448
+  EXPECT_EQ(e4m3.flushed_to_zero, 1);
+  EXPECT_EQ(e4m3.values[2].item<float>(), 448.0f);
+  const auto full = quant::stored_param(x, StoredDtype::Float32);
+  EXPECT_EQ(full.saturated + full.flushed_to_zero, 0);
+}
+
+// Worst rows ranked like for like, by hand: layer 0 holds rows with relative errors E_T/|x|^2 of
+// 0.5, 0.1, 0.2 (|x|^2 = 100, 1, 4) and a full-precision row that is left out; 5% of 3 rows is the
+// worst one (E_M/|x|^2 = 0.3 of 0.5: share 0.6). Layer 1 has one row, relative 0.04 with E_M 0.01:
+// share 0.25. Pooled: (0.3 + 0.01) / (0.5 + 0.04). A layer with no selected row is NaN.
+TEST(Metrics, WorstRowsRelativeShareComparesLikeWithLike) {
+  metrics::TokenScaleError error;
+  auto d = torch::TensorOptions().dtype(torch::kFloat64);
+  error.norm = torch::tensor({10.0, 1.0, 2.0, 3.0, 5.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0}, d).reshape({3, 1, 4});
+  error.total = torch::tensor({50.0, 0.1, 0.8, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0, 9.0, 9.0, 9.0}, d).reshape({3, 1, 4});
+  error.magnitude = torch::tensor({30.0, 0.1, 0.0, 0.0, 0.25, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0}, d).reshape({3, 1, 4});
+  error.direction = error.total - error.magnitude;
+  auto selected = torch::tensor({1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0}, torch::kBool).reshape({3, 1, 4});
+  const auto share = metrics::worst_rows_relative_share(error, selected);
+  ASSERT_EQ(share.per_layer.size(), 3u);
+  EXPECT_DOUBLE_EQ(share.per_layer[0], 0.6);
+  EXPECT_DOUBLE_EQ(share.per_layer[1], 0.25);
+  EXPECT_TRUE(std::isnan(share.per_layer[2]));
+  EXPECT_DOUBLE_EQ(share.pooled, (0.3 + 0.01) / (0.5 + 0.04));
+}
+
+// A mirroring row (the engine's one-step lane) holds its source's keys and values at every earlier
+// position, quantized by its own method, and its own at the position it is writing; also after rows
+// before it retire. A per-token method quantizes the own token at its step and the source's after.
+TEST(QuantizedCache, MirroredRowsHoldTheirSourcesRows) {
+  const int64_t n = 12, layers = 2, heads = 2, head_dim = 64;
+  const std::shared_ptr<const Quantizer> none = make_quantizer("none", {}, head_dim);
+  const std::shared_ptr<const Quantizer> rtn =
+      make_quantizer("rtn", {{"group_size", "32"}, {"k_bits", "2"}, {"v_bits", "2"}}, head_dim);
+  QuantizedKVCache cache({none, none, rtn, rtn}, layers, heads, n + 4, head_dim, torch::kFloat32, torch::kCPU);
+  cache.mirror(3, 1);  // row 3 holds row 1's rows, quantized like row 2 would quantize them
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
+  const auto k = torch::randn({4, heads, n + 4, head_dim}, generator, torch::kFloat32);
+  const auto v = torch::randn({4, heads, n + 4, head_dim}, generator, torch::kFloat32);
+  for (int64_t layer = 0; layer < layers; ++layer) cache.update(layer, 0, k.narrow(2, 0, n), v.narrow(2, 0, n));
+  cache.retire(0);
+  for (int64_t layer = 0; layer < layers; ++layer)
+    cache.update(layer, n, k.narrow(0, 1, 3).narrow(2, n, 1), v.narrow(0, 1, 3).narrow(2, n, 1));
+  for (int64_t layer = 0; layer < layers; ++layer)  // a second decode step: position n becomes row 1's
+    cache.update(layer, n + 1, k.narrow(0, 1, 3).narrow(2, n + 1, 1), v.narrow(0, 1, 3).narrow(2, n + 1, 1));
+  for (Role role : {Role::Key, Role::Value}) {
+    const auto& x = role == Role::Key ? k : v;
+    const auto mirrored = cache.row_contents(role, 3, false)[0];  // layer 0: [heads, n + 2, head_dim]
+    EXPECT_TRUE(torch::equal(mirrored.narrow(1, 0, n + 1), x[1].narrow(1, 0, n + 1)));
+    EXPECT_TRUE(torch::equal(mirrored.narrow(1, n + 1, 1), x[3].narrow(1, n + 1, 1)));  // its own, this step
+    EXPECT_TRUE(torch::equal(cache.row_contents(role, 2, false)[0], x[2].narrow(1, 0, n + 2)));
+    // RTN per token (lag 1) reads every position quantized: row 3 reads row 1's rows as row 2's method
+    // stores them, so it reads what a row holding them would.
+    QuantizedKVCache alone({rtn}, 1, heads, n + 4, head_dim, torch::kFloat32, torch::kCPU);
+    alone.update(0, 0, x[1].narrow(1, 0, n + 1).unsqueeze(0), x[1].narrow(1, 0, n + 1).unsqueeze(0));
+    alone.update(0, n + 1, x[3].narrow(1, n + 1, 1).unsqueeze(0), x[3].narrow(1, n + 1, 1).unsqueeze(0));
+    EXPECT_TRUE(torch::allclose(cache.row_contents(role, 3, true)[0].narrow(1, 0, n + 1),
+                                alone.row_contents(role, 0, true)[0].narrow(1, 0, n + 1), 1e-6, 1e-6));
+  }
+  EXPECT_GT(cache.quantized_positions(Role::Key, 0, 3), 0);
+  const std::string error = test::error_message([&] { cache.retire(1); });
+  EXPECT_EQ(error, "KV cache row 3 mirrors row 1, which was retired before it");
+}
+
 TEST(Quantizers, BadParametersGetOneClearError) {
   auto expect_error = [](const std::string& method, const ParamMap& params, int64_t head_dim, const std::string& text) {
     const std::string message = test::error_message([&] { make_quantizer(method, params, head_dim); });

@@ -84,6 +84,47 @@ TEST(QuantizeCli, WritesDequantizedCodesParamsAndRowErrors) {
   }
 }
 
+// `--set wrap=equal_error_*` writes the wrapped method's dequantized rows: all of their error in one part.
+TEST(QuantizeCli, EqualErrorWrappersWriteTheirRows) {
+  const std::string dir = test::scratch_dir();
+  const std::string input = write_input(dir);
+  for (const std::string wrap : {"equal_error_scale", "equal_error_direction"}) {
+    const std::string output = dir + "/" + wrap + ".h5";
+    const auto result = test::run_cli({"quantize", "--input", input, "--dataset", "kv/keys", "--role", "key", "--method",
+                                       "kvarn", "--set", "tile_size=64", "--set", "preset=k2v2", "--set",
+                                       "wrap=" + wrap, "--output", output});
+    ASSERT_EQ(result.exit_code, 0) << result.err;
+    const auto file = h5::File::open_read(output);
+    EXPECT_EQ(file.attribute<std::string>("param.wrap"), wrap);
+    const auto e_t = file.read<double>("rows/E_T"), e_m = file.read<double>("rows/E_M"), e_d = file.read<double>("rows/E_D");
+    const auto& kept = wrap == "equal_error_scale" ? e_m : e_d;
+    for (size_t row = 0; row < e_t.size(); ++row) {
+      ASSERT_GT(e_t[row], 0) << row;
+      EXPECT_NEAR(kept[row], e_t[row], 1e-4 * e_t[row]) << wrap << " row " << row;
+    }
+  }
+}
+
+// Float16 scales of values beyond 65504 overflow to inf: the parameters say how many, and a warning
+// says so, instead of an output that looks like any other.
+TEST(QuantizeCli, ParametersTheStorageDtypeCannotHoldAreReported) {
+  const std::string dir = test::scratch_dir();
+  auto x = torch::ones({1, 64, 64}) * 1e6;
+  x.select(2, 0).fill_(-1e6);
+  const std::string input = dir + "/huge.h5";
+  h5::File::create(input, true).write("x", x.data_ptr<float>(), {1, 64, 64});
+  const std::string output = dir + "/out.h5";
+  const auto result = test::run_cli({"quantize", "--input", input, "--dataset", "x", "--role", "value", "--method",
+                                     "kivi", "--set", "group_size=64", "--output", output});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  EXPECT_NE(result.err.find("kivi: 64 of 64 stored parameters 'scale' exceed float16's largest finite value"),
+            std::string::npos)
+      << result.err;
+  const auto file = h5::File::open_read(output);
+  EXPECT_EQ(file.open_dataset("params/scale").attribute<int64_t>("saturated"), 64);
+  EXPECT_EQ(file.open_dataset("params/minimum").attribute<int64_t>("saturated"), 64);
+}
+
 TEST(QuantizeCli, CachePolicyFullKeepsSinkAndTailOfAStoriesPrefill) {
   const std::string dir = test::scratch_dir();
   const std::string model = test::stories260k_dir();

@@ -295,6 +295,9 @@ metrics:
   layer_stride: 1
   token_scale: true
   attention_error: true
+analysis:
+  onset_margin: 16
+  min_post_onset_steps: 64
 output:
   path: )" + cwd_path("out.h5") + R"(
   flush_seconds: 5
@@ -303,7 +306,7 @@ output:
 
 TEST(RunConfig, UnknownTopLevelKeyNamesLineAndKnownKeys) {
   EXPECT_EQ(load_error(kMinimal + "metric:\n  layer_stride: 2\n"),
-            "demo.yaml:11: unknown key 'metric' (known: model, prompts, decoding, quantizers, lanes, metrics, output)");
+            "demo.yaml:11: unknown key 'metric' (known: model, prompts, decoding, quantizers, lanes, metrics, analysis, output)");
 }
 
 // Nine levels of nine aliases (9^9 values in ~300 bytes) are refused before anything walks them.
@@ -414,7 +417,7 @@ output: {path: out.h5}
 TEST(RunConfig, LanesMustBeKnownDistinctAndSome) {
   EXPECT_EQ(load_error(kMinimal + "lanes: []\n"), "demo.yaml:11: lanes: empty list names no lane");
   EXPECT_EQ(load_error(kMinimal + "lanes:\n  - static\n  - free-running\n"),
-            "demo.yaml:13: lanes[1]: unknown lane 'free-running' (known: static, teacher_forced, free_running)");
+            "demo.yaml:13: lanes[1]: unknown lane 'free-running' (known: static, teacher_forced, one_step, free_running)");
   EXPECT_EQ(load_error(kMinimal + "lanes: [static, teacher_forced, static]\n"),
             "demo.yaml:11: lanes[2]: lane 'static' is listed twice");
   EXPECT_EQ(load_error(kMinimal, {"quantizers=[]"}), "--set quantizers=[]: quantizers: empty list names no quantizer");
@@ -463,7 +466,7 @@ TEST(RunConfig, SetToUnknownKeyNamesIt) {
             "temperature, top_p, top_k, seed, batch_prompts, prefill, prefill_chunk)");
   EXPECT_EQ(load_error(kMinimal, {"decodng.max_new_tokens=5"}),
             "--set decodng.max_new_tokens=5: unknown key 'decodng' (known: model, prompts, decoding, quantizers, "
-            "lanes, metrics, output)");
+            "lanes, metrics, analysis, output)");
   EXPECT_EQ(load_error(kMinimal, {"max_new_tokens"}),
             "--set max_new_tokens: expected KEY=VALUE, e.g. decoding.max_new_tokens=64");
   EXPECT_EQ(load_error(kMinimal, {"decoding..seed=1"}),
@@ -513,7 +516,7 @@ TEST(RunConfig, YamlSyntaxErrorNamesLine) {
             "demo.yaml:12: a config is one YAML document, but a second one starts here");
   EXPECT_EQ(load_error("- model\n- prompts\n"),
             "demo.yaml: the config must be a mapping of sections (model, prompts, decoding, quantizers, lanes, "
-            "metrics, output)");
+            "metrics, analysis, output)");
 }
 
 TEST(RunConfig, KeyGivenTwice) {

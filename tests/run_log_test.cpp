@@ -404,12 +404,14 @@ assert samples['1'].attrs['prompt_text'] == 'The cat' and samples['1'].attrs['co
 # The metric table: what every lane array and scalar is, as the file's own datasets carry it.
 import json
 table = {e['name']: e for e in json.loads(f['schema/metrics'].asstr()[()])}
-assert table['kl']['axes'] == ['step'] and table['kl']['lanes'] == ['teacher_forced'], table['kl']
-assert table['attn_rel_l2']['lanes'] == ['static', 'teacher_forced']
+assert table['kl']['axes'] == ['step'] and table['kl']['lanes'] == ['teacher_forced', 'one_step'], table['kl']
+assert table['attn_rel_l2']['lanes'] == ['static', 'teacher_forced', 'one_step']
 assert table['key/drift/E_M']['axes'] == ['position', 'layer'] and table['key/drift/E_M']['dtype'] == 'float32'
 assert table['key/drift/E_M']['lanes'] == ['teacher_forced', 'free_running']
 assert table['bits_per_element']['axes'] == [] and table['bits_per_element']['dtype'] == 'float64'
-assert len(table) == 10 + 2 * 2 * 6, sorted(table)
+assert table['onset_step_per_layer']['axes'] == ['layer']
+# per role: quant 6 + 2 like-for-like shares + 2 norms + 2 counts, drift 6 + 2
+assert len(table) == 13 + 2 * (12 + 8), sorted(table)
 def check(name, node):
     if isinstance(node, h5py.Dataset) and name.count('/') >= 3 and not name.endswith('/tokens'):
         metric = name.split('/', 3)[3]

@@ -1,12 +1,13 @@
-// The causal wrappers (`wrap: true_scale | true_direction`) on synthetic tiles: each removes exactly
-// one part of the token-scale error and keeps the other, the identity E_T = E_M + E_D still holds,
-// and their storage states the side information they keep.
+// The causal wrappers on synthetic tiles: true_scale / true_direction each remove exactly one part of
+// the token-scale error and keep the other, the equal-error ones move the whole error into one part,
+// the identity E_T = E_M + E_D still holds, and their storage states the side information they keep.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include "core/error.h"
 #include "metrics/token_scale.h"
 #include "quant/quantizer.h"
+#include "quant/wrappers.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -84,7 +85,92 @@ TEST(Wrappers, StorageStatesTheSideInformation) {
   EXPECT_DOUBLE_EQ(bits("true_scale"), 3.25);
   EXPECT_DOUBLE_EQ(bits("true_direction"), 34.75);
   const std::string bad = test::error_message([] { make_quantizer("kivi", {{"wrap", "true_norm"}}, 64); });
-  EXPECT_EQ(bad, "quantizer 'kivi': parameter wrap = 'true_norm' is not one of true_scale, true_direction");
+  EXPECT_EQ(bad,
+            "quantizer 'kivi': parameter wrap = 'true_norm' is not one of true_scale, true_direction, "
+            "equal_error_scale, equal_error_direction");
+  EXPECT_DOUBLE_EQ(bits("equal_error_scale"), 34.75);  // it keeps the true vector too
+}
+
+// The equal-error wrappers keep each token's error energy E_T = |x - x_hat|^2 and put all of it in one
+// component: E_M' = E_T, E_D' = 0 (scale), or E_D' = E_T, E_M' = 0 (direction; at most 4 |x|^2, a
+// turn by pi), to 1e-6 of E_T plus the float32 rounding of the wrapped vector.
+TEST(Wrappers, EqualErrorMovesTheWholeErrorIntoOneComponent) {
+  const std::vector<std::pair<std::string, ParamMap>> methods = {
+      {"rtn", {{"k_bits", "2"}, {"v_bits", "2"}, {"group_size", "16"}}},
+      {"kivi", {{"group_size", "16"}, {"residual_length", "32"}}},
+      {"quarot", {{"k_bits", "2"}, {"v_bits", "2"}}},
+      {"kvarn", {{"preset", "k2v2"}, {"tile_size", "32"}}},
+  };
+  auto x = outlier_tiles(11);
+  x.select(1, 3).zero_();  // a zero token vector stays the method's (zero) vector
+  for (const auto& [method, params] : methods) {
+    for (Role role : {Role::Key, Role::Value}) {
+      SCOPED_TRACE(method + " " + role_name(role));
+      auto plain = make_quantizer(method, params, 64);
+      const auto x_hat = plain->dequantize(plain->quantize(x, role, 0), role, 0);
+      const auto energy = metrics::token_scale_error(x, x_hat).total;
+      for (const std::string wrap : {"equal_error_scale", "equal_error_direction"}) {
+        ParamMap wrapped_params = params;
+        wrapped_params["wrap"] = wrap;
+        auto wrapped = make_quantizer(method, wrapped_params, 64);
+        EXPECT_EQ(wrapped->resolved_params().at("wrap"), wrap);
+        EXPECT_EQ(wrapped->policy(role).block, plain->policy(role).block);
+        const auto moved = wrapped->dequantize(wrapped->quantize(x, role, 0), role, 0);
+        const auto error = metrics::token_scale_error(x, moved);
+        const bool scale = wrap == "equal_error_scale";
+        const auto& kept = scale ? error.magnitude : error.direction;
+        const auto& removed = scale ? error.direction : error.magnitude;
+        // A turn by pi is as far as a direction error goes: E_D' = 4 |x|^2 where E_T exceeds it.
+        const auto squared_norm = x.to(torch::kFloat64).pow(2).sum(-1);
+        const auto energy_kept = scale ? energy : torch::minimum(energy, 4 * squared_norm);
+        // The wrapped vector is float32: its norm is off by ~1e-7 |x|, which moves E_M' = (sqrt(E_T) +- that)^2
+        // by ~2e-7 |x| sqrt(E_T), and either component by ~1e-14 |x|^2.
+        const auto bound = 1e-6 * energy + 1e-6 * squared_norm.sqrt() * energy.sqrt() + 1e-12 * squared_norm + 1e-12;
+        EXPECT_TRUE(((kept - energy_kept).abs() <= bound).all().item<bool>()) << wrap;
+        // Except at the zero vector, which keeps the method's x_hat and so all its error as magnitude.
+        const auto nonzero = squared_norm > 0;
+        EXPECT_TRUE((removed.abs() <= bound).masked_select(nonzero).all().item<bool>()) << wrap;
+        EXPECT_TRUE(torch::equal(moved.select(1, 3), x_hat.select(1, 3))) << wrap;
+        if (scale) {
+          // The sign of the method's norm error is kept where |x| - sqrt(E_T) stays non-negative.
+          const auto norm = x.norm(2, -1), hat_norm = x_hat.norm(2, -1), moved_norm = moved.norm(2, -1);
+          const auto keeps = (norm - energy.sqrt().to(torch::kFloat32) > 1e-3) & (hat_norm < norm - 1e-3);
+          EXPECT_TRUE((moved_norm.masked_select(keeps) < norm.masked_select(keeps)).all().item<bool>());
+        }
+      }
+    }
+  }
+}
+
+// A pure magnitude error of the same energy: by hand, x = (3, 4) (|x| = 5) and a method that gives
+// (0, 4): E_T = 9, norm falls (4 < 5), so x_hat' = x / 5 * (5 - 3) = (1.2, 1.6). The direction arm
+// turns x by theta with 2 * 25 * (1 - cos theta) = 9, towards (-4, 3)'s side (x_hat's part orthogonal
+// to x is (0, 4) - 16/25 (3, 4) = (-1.92, 1.44)): cos = 0.82, sin = sqrt(1 - 0.6724).
+TEST(Wrappers, EqualErrorByHand) {
+  class Fixed final : public Quantizer {
+   public:
+    std::string method() const override { return "fixed"; }
+    ParamMap resolved_params() const override { return {}; }
+    RolePolicy policy(Role) const override { return {0, 1, 1}; }
+    QuantizedTiles quantize(const torch::Tensor& x, Role, int64_t) const override {
+      return {torch::zeros(x.sizes(), torch::kUInt8), 8, {}};
+    }
+    torch::Tensor dequantize(const QuantizedTiles& tiles, Role, int64_t) const override {
+      return torch::tensor({0.0f, 4.0f}).expand(tiles.codes.sizes()).clone();
+    }
+  };
+  const auto x = torch::tensor({3.0f, 4.0f}).reshape({1, 1, 2});
+  auto scale = wrap_quantizer(std::make_unique<Fixed>(), "equal_error_scale");
+  const auto scaled = scale->dequantize(scale->quantize(x, Role::Key, 0), Role::Key, 0).flatten();
+  EXPECT_NEAR(scaled[0].item<double>(), 1.2, 1e-6);
+  EXPECT_NEAR(scaled[1].item<double>(), 1.6, 1e-6);
+  auto direction = wrap_quantizer(std::make_unique<Fixed>(), "equal_error_direction");
+  const auto turned = direction->dequantize(direction->quantize(x, Role::Key, 0), Role::Key, 0).flatten();
+  const double sine = std::sqrt(1 - 0.82 * 0.82);
+  EXPECT_NEAR(turned[0].item<double>(), 0.82 * 3 - sine * 4, 1e-5);
+  EXPECT_NEAR(turned[1].item<double>(), 0.82 * 4 + sine * 3, 1e-5);
+  EXPECT_EQ(test::error_message([] { make_quantizer("none", {{"wrap", "equal_error_scale"}}, 64); }),
+            "quantizer 'none': wrap = 'equal_error_scale' needs a method with an error to redistribute; 'none' has none");
 }
 
 }  // namespace

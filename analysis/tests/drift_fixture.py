@@ -136,3 +136,24 @@ SUMMARY = {
 
 def rows_of(rows, **where):
     return [r for r in rows if all(r[k] == str(v) for k, v in where.items())]
+
+
+# onset_step per sample (0..3, the last cut short) of each (quantizer, lane) in the onset tests: alpha's
+# teacher-forced lane reads a quantized position from step 1, never, from step 2; its static lane from
+# step 2, 1, 1; every other lane from step 0.
+ONSETS = {("alpha", "teacher_forced"): [1, -1, 2, 1], ("alpha", "static"): [2, 1, 1, 1]}
+
+
+def with_onsets(samples, onsets=ONSETS):
+    """The samples with what kvdrift logs of the onset in every lane group: the attribute `onset_step`
+    (float64, -1 = never), `onset_step_per_layer` (two layers, both at the lane's onset) and
+    `fraction_read_quantized` (0 before the onset, 1 from it on)."""
+    for sample in samples:
+        steps = len(sample["reference_tokens"])
+        for key, content in sample["lanes"].items():
+            onset = onsets.get(key, [0] * 4)[sample["index"]]
+            read = (np.arange(steps) >= onset) & (onset >= 0)
+            content["attrs"] = dict(content.get("attrs", {}), onset_step=float(onset))
+            content["data"] = dict(content["data"], onset_step_per_layer=np.full(2, onset),
+                                   fraction_read_quantized=read.astype(np.float32))
+    return samples

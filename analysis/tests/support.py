@@ -53,8 +53,10 @@ def num(text):
 # -------------------------------------------------------------------------------------------------
 # Run-log fixtures.
 
-def config_yaml(quantizers, prompts=None, max_new_tokens=8, lanes=("static", "teacher_forced", "free_running")):
-    """Resolved-config text in the block style kvdrift writes. quantizers: (name, method, params)."""
+def config_yaml(quantizers, prompts=None, max_new_tokens=8, lanes=("static", "teacher_forced", "free_running"),
+                extra=""):
+    """Resolved-config text in the block style kvdrift writes. quantizers: (name, method, params);
+    `extra`: more top-level YAML (e.g. an `analysis:` section), appended as given."""
     prompts = prompts or {"source": "inline"}
     lines = ["model:", "  path: /models/tiny.bin", "  device: cpu", "prompts:"]
     lines += [f"  {k}: {v}" for k, v in prompts.items()]
@@ -63,21 +65,24 @@ def config_yaml(quantizers, prompts=None, max_new_tokens=8, lanes=("static", "te
         flow = ", ".join(f"{k}: {v}" for k, v in params.items())
         lines += [f"  - name: {name}", f"    method: {method}", f"    params: {{{flow}}}"]
     lines += [f"lanes: [{', '.join(lanes)}]", "metrics:", "  layer_stride: 1", "output:", "  path: /tmp/run.h5"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 def _axes(name):
-    if name in ("kl", "top1_agree", "logp_delta", "match", "tokens"):
+    if name in ("kl", "top1_agree", "logp_delta", "match", "tokens", "fraction_read_quantized"):
         return "step"
     if name.startswith("attn_"):
         return "logged_step,layer"
+    if name == "onset_step_per_layer":
+        return "layer"
     return "position,layer"
 
 
 def metric_table(axes=None):
     """A /schema/metrics table for the fixture logs: the metric names they use, axes as kvdrift logs
     them unless `axes` ({name: list}) says otherwise."""
-    names = ["kl", "top1_agree", "logp_delta", "match", "attn_rel_l2", "attn_cos"]
+    names = ["kl", "top1_agree", "logp_delta", "match", "attn_rel_l2", "attn_cos", "fraction_read_quantized",
+             "onset_step_per_layer"]
     names += [f"{t}/{kind}/{part}" for t in ("key", "value") for kind in ("quant", "drift")
               for part in ("E_M", "E_D", "E_T", "norm_ratio")]
     return [{"name": n, "axes": (axes or {}).get(n, _axes(n.rsplit("/", 1)[-1]).split(",")), "dtype": "float32",
@@ -85,7 +90,7 @@ def metric_table(axes=None):
 
 
 def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complete=True, schema_version=1,
-              root_attrs=None, summary=None, libver="earliest", metrics=metric_table()):
+              root_attrs=None, summary=None, libver="earliest", metrics=metric_table(), config_extra=""):
     """Writes a run log (libver "latest": checksummed metadata, as kvdrift writes).
 
     samples: list of dicts {index, complete (default 1), attrs, reference_tokens, logged_steps,
@@ -94,6 +99,7 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
     summary: {quantizer: {"": attributes of /summary/<quantizer>, lane: attributes of its lane
     subgroup}}, written as given (ints as int64, floats as float64).
     metrics: the /schema/metrics table (metric_table()); None leaves it out, as kvdrift before it did.
+    config_extra: more top-level YAML for /config/yaml (config_yaml's `extra`).
     """
     text = h5py.string_dtype("utf-8")
     with h5py.File(path, "w", libver=libver) as f:
@@ -102,7 +108,8 @@ def write_run(path, quantizers, samples, prompts=None, max_new_tokens=8, complet
         f.attrs["complete"] = np.int64(1 if complete else 0)
         for key, value in (root_attrs or {}).items():
             f.attrs[key] = value
-        f.create_dataset("config/yaml", data=config_yaml(quantizers, prompts, max_new_tokens), dtype=text)
+        f.create_dataset("config/yaml", data=config_yaml(quantizers, prompts, max_new_tokens, extra=config_extra),
+                         dtype=text)
         if metrics is not None:
             f.create_dataset("schema/metrics", data=json.dumps(metrics), dtype=text)
         f.create_group("model").attrs.update({"path": "/models/tiny.bin", "format": "llama2c", "sha256": ""})

@@ -45,11 +45,66 @@ class HandMade(unittest.TestCase):
                                      ("kvarn-td", "kl_mean")})
         self.assertAlmostEqual(float(rows["kvarn-ts", "kl_slope"]["base_value"]), 1.2, places=6)
         self.assertAlmostEqual(float(rows["kvarn-ts", "kl_mean"]["base_value"]), 18 / 5, places=6)
+        # Two samples (< 8): no percentile interval; each sample's own fraction removed and their range
+        # instead. Per-sample slope differences -0.75 and -1.5 (kvarn-ts): of the 4 sign patterns two reach
+        # |mean| 1.125, p = 0.5; the same for every row. Holm over the 4 rows: 1.
         for (wrapped, _), row in rows.items():
             removed = 0.75 if wrapped == "kvarn-ts" else 0.1
-            for column in ("fraction_removed", "fraction_removed_ci_low", "fraction_removed_ci_high"):
+            for column in ("fraction_removed", "per_sample_min", "per_sample_max"):
                 self.assertAlmostEqual(float(row[column]), removed, places=5, msg=(wrapped, column))
+            self.assertEqual([round(float(v), 5) for v in row["per_sample_values"].split()], [removed] * 2)
+            for column in ("fraction_removed_ci_low", "difference_ci_high", "base_ci_low", "wrapped_ci_high"):
+                self.assertEqual(row[column], "", column)
+            self.assertEqual((row["interval"], row["reported_as"], row["p_value"], row["test_samples"], row["p_holm"]),
+                             ("per-sample", "fraction", "0.5", "2", "1.0"))
+        self.assertAlmostEqual(float(rows["kvarn-ts", "kl_slope"]["difference"]), 0.3 - 1.2, places=6)
         self.assertIn("kvarn            kvarn-ts", result.stdout)
+        self.assertIn("removed 75% (n=2 < 8: per-sample values [75%, 75%], range [75%, 75%]) · p = 0.5", result.stdout)
+        self.assertIn("note: kl_slope_post_onset: not computed, the runs did not log onset_step", result.stdout)
+
+    def test_eight_samples_get_bootstrap_intervals(self):
+        directory = support.scratch_dir("causal-eight")
+        path = os.path.join(directory, "run.h5")
+        # sample i from step 1: i+1, 2(i+1), 3(i+1) (slope i+1); the wrappers scale every value, so every
+        # resample removes the same fraction and the difference is -0.75 (kvarn-ts) times kvarn's value
+        hand_run(path, [[9, i + 1, 2 * (i + 1), 3 * (i + 1)] for i in range(8)],
+                 {"kvarn": 1.0, "kvarn-ts": 0.25, "kvarn-td": 0.9})
+        out = os.path.join(directory, "effect.csv")
+        result = support.run_script("causal_effect.py", path, "-o", out, "--claim", "kvarn:kvarn-ts:kl_slope")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = {(r["wrapped"], r["statistic"]): r for r in support.read_csv(out)}
+        row = rows["kvarn-ts", "kl_slope"]
+        self.assertEqual((row["interval"], row["reported_as"], row["per_sample_values"]), ("bootstrap", "fraction", ""))
+        for column in ("fraction_removed", "fraction_removed_ci_low", "fraction_removed_ci_high"):
+            self.assertAlmostEqual(float(row[column]), 0.75, places=5)
+        low, high = float(row["base_ci_low"]), float(row["base_ci_high"])
+        self.assertTrue(1 < low < 4.5 < high < 8, (low, high))
+        self.assertAlmostEqual(float(row["difference_ci_low"]), -0.75 * high, places=5)
+        self.assertAlmostEqual(float(row["wrapped_ci_high"]), 0.25 * high, places=5)
+        # every per-sample difference negative: 2 of the 2^8 sign patterns; only this claim is adjusted
+        self.assertEqual(float(row["p_value"]), 2 / 256)
+        self.assertEqual(float(row["p_holm"]), 2 / 256)
+        self.assertEqual(rows["kvarn-td", "kl_slope"]["p_holm"], "")
+        self.assertIn("claims (Holm's step-down adjustment over 1):\n  kvarn:kvarn-ts:kl_slope  p = 0.007812, "
+                      "Holm-adjusted p = 0.007812", result.stdout)
+
+    def test_a_base_interval_containing_0_gives_a_difference(self):
+        directory = support.scratch_dir("causal-sign")
+        path = os.path.join(directory, "run.h5")
+        # per-sample slopes -1, 2, -3, 4, -5, 6, -7, 8 around a level of 30: kvarn's slope interval
+        # contains 0, so its change is reported as a difference; its mean KL (about 30) as a fraction
+        slopes = [(-1) ** (i + 1) * (i + 1) for i in range(8)]
+        hand_run(path, [[9, 30, 30 + s, 30 + 2 * s] for s in slopes], {"kvarn": 1.0, "kvarn-ts": 0.25, "kvarn-td": 0.9})
+        out = os.path.join(directory, "effect.csv")
+        result = support.run_script("causal_effect.py", path, "-o", out, "--pair", "kvarn:kvarn-ts")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = {r["statistic"]: r for r in support.read_csv(out)}
+        self.assertLess(float(rows["kl_slope"]["base_ci_low"]), 0)
+        self.assertGreater(float(rows["kl_slope"]["base_ci_high"]), 0)
+        self.assertEqual((rows["kl_slope"]["reported_as"], rows["kl_mean"]["reported_as"]), ("difference", "fraction"))
+        self.assertAlmostEqual(float(rows["kl_slope"]["difference"]), -0.75 * 0.5, places=6)
+        self.assertIn("kl_slope                   0.5 [", result.stdout)
+        self.assertIn("difference (wrapped − base) -0.375 [", result.stdout)
 
     def test_paired_figure_by_hand(self):
         directory = support.scratch_dir("causal-figure")
@@ -75,6 +130,13 @@ class HandMade(unittest.TestCase):
         self.assertEqual(curve("base", "low")[:2] + curve("base", "low")[3:], [9.0, 5.0, 2.5])
         self.assertEqual(curve("base", "high")[:2] + curve("base", "high")[3:], [9.0, 7.0, 2.5])
         self.assertEqual({(r["base"], r["other"]) for r in rows}, {("kvarn", "kvarn-ts")})
+        # the max-t band: steps 0 and 3 have no spread (zero width); steps 1 and 2 resample the same two
+        # samples alike, so their studentized deviations agree and each band runs between the two samples
+        for column in ("simultaneous_low", "simultaneous_high"):
+            self.assertEqual([curve("base", column)[i] for i in (0, 3)], [9.0, 2.5])
+        for step, (low, high) in ((1, (5.0, 7.0)), (2, (1.5, 6.0))):
+            self.assertAlmostEqual(curve("base", "simultaneous_low")[step], low, places=9)
+            self.assertAlmostEqual(curve("base", "simultaneous_high")[step], high, places=9)
         result = support.run_script("causal_effect.py", path, "--figure", stem)  # never replaced
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr, f"causal_effect.py: error: {stem}.png exists; remove it or choose another path\n")
@@ -143,6 +205,136 @@ class HandMade(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(directory)), ["broken.h5", "link.h5", "one.h5", "other-model.h5", "run.h5"])
 
 
+# Equal-error wrappers of one method; per sample, steps 0..5: (x-ees teacher-forced KL, x-ees one_step KL,
+# x-eed KL in both lanes, onset_step of x-ees, of x-eed). The teacher-forced attention error is 3 (x-ees)
+# and 1 (x-eed) times the static one, which is 1 at logged steps 1 and 2.
+EQUAL_ERROR = [("x-ees", "kvarn", {"wrap": "equal_error_scale"}), ("x-eed", "kvarn", {"wrap": "equal_error_direction"})]
+ACCUMULATION = [([0, 1, 2, 3, 4, 5], [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], 1, 2),
+                ([0, 2, 4, 6, 8, 10], [0, 2, 2, 2, 2, 2], [0, 2, 2, 2, 2, 2], 2, 1),
+                ([0, 2, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], 1, -1)]
+
+
+def accumulation_run(path, **write_args):
+    samples = []
+    for index, (ees, ees_one_step, eed, ees_onset, eed_onset) in enumerate(ACCUMULATION):
+        static = {"attn_rel_l2": np.ones((2, 2))}
+        lanes = {}
+        for name, tf, one_step, onset, tf_attn in (("x-ees", ees, ees_one_step, ees_onset, [[2, 2], [4, 4]]),
+                                                    ("x-eed", eed, eed, eed_onset, np.ones((2, 2)))):
+            lanes[name, "teacher_forced"] = {"attrs": {"onset_step": float(onset)},
+                                             "data": {"kl": tf, "attn_rel_l2": tf_attn}}
+            lanes[name, "one_step"] = {"attrs": {"onset_step": float(onset)}, "data": {"kl": one_step}}
+            lanes[name, "static"] = {"attrs": {"onset_step": float(onset)}, "data": static}
+        samples.append({"index": index, "reference_tokens": np.arange(6), "logged_steps": [1, 2], "lanes": lanes})
+    return support.write_run(path, EQUAL_ERROR, samples, **write_args)
+
+
+class Accumulation(unittest.TestCase):
+    """Post-onset slopes, amplification over the one_step and static lanes, and Holm's adjustment."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = support.scratch_dir("causal-accumulation")
+        cls.path = accumulation_run(os.path.join(cls.dir, "run.h5"))
+        cls.out = os.path.join(cls.dir, "effect.csv")
+        cls.result = support.run_script(
+            "causal_effect.py", cls.path, "-o", cls.out, "--onset-margin", "1", "--min-post-onset-steps", "2",
+            "--claim", "x-ees:x-eed:kl_amplification_one_step", "--claim", "x-ees:x-eed:attn_amplification_static")
+        cls.rows = {r["statistic"]: r for r in support.read_csv(cls.out)} if cls.result.returncode == 0 else {}
+
+    def check(self, statistic, **expected):
+        row = self.rows[statistic]
+        for column, value in expected.items():
+            if isinstance(value, str):
+                self.assertEqual(row[column], value, (statistic, column))
+            else:
+                self.assertAlmostEqual(float(row[column]), value, places=6, msg=(statistic, column))
+
+    def test_default_pair_is_equal_error_scale_against_direction(self):
+        self.assertEqual(self.result.returncode, 0, self.result.stderr)
+        self.assertEqual({(r["base"], r["wrapped"]) for r in self.rows.values()}, {("x-ees", "x-eed")})
+        self.assertEqual(list(self.rows), ["kl_slope", "kl_mean", "kl_slope_post_onset", "kl_amplification_one_step",
+                                           "attn_amplification_static"])
+
+    def test_post_onset_slope_from_the_later_onset(self):
+        # later onsets 2, 2 and never (sample 2): steps 3..5, three each (>= 2): x-ees 3, 4, 5 and 6, 8, 10
+        # (slopes 1 and 2, pooled 1.5), x-eed flat; per-sample differences -1, -2: p = 2/4
+        self.check("kl_slope_post_onset", samples=2, base_value=1.5, wrapped_value=0.0, difference=-1.5,
+                   fraction_removed=1.0, reported_as="fraction", per_sample_values="1.0 1.0", p_value=0.5)
+        self.assertIn("post-onset slopes: steps from onset + 1 on, samples with at least 2 such steps", self.result.stdout)
+
+    def test_whole_run_slope_is_a_difference_when_a_sample_has_none(self):
+        # from step 1: x-ees slopes 1, 2, 0 (pooled 30 / 30), x-eed 0; the per-sample range [0, 2] of the
+        # base holds 0, so the change is a difference: -1, -2, 0 (p: 4 of 8 patterns)
+        self.check("kl_slope", samples=3, base_value=1.0, wrapped_value=0.0, reported_as="difference",
+                   per_sample_values="-1.0 -2.0 0.0", per_sample_min=-2.0, p_value=0.5)
+        # means 3, 6, 2 against 1, 2, 1: pooled 55/15 and 20/15, removed 1 - 20/55
+        self.check("kl_mean", base_value=55 / 15, wrapped_value=20 / 15, fraction_removed=1 - 20 / 55,
+                   reported_as="fraction", p_value=0.25)
+
+    def test_amplification_over_one_step_and_static(self):
+        # teacher-forced / one_step mean KL: x-ees 55/20 pooled (3, 3, 2 per sample), x-eed 1: differences
+        # -2, -2, -1 (all one sign: 2 of 8 patterns)
+        self.check("kl_amplification_one_step", base_value=2.75, wrapped_value=1.0, difference=-1.75,
+                   reported_as="difference", per_sample_values="-2.0 -2.0 -1.0", p_value=0.25)
+        # teacher-forced / static attention error: 3 against 1 in every sample
+        self.check("attn_amplification_static", base_value=3.0, wrapped_value=1.0, difference=-2.0,
+                   reported_as="difference", p_value=0.25)
+
+    def test_holm_over_the_claims(self):
+        # two claims at p = 0.25: 0.25 x 2 = 0.5 for both; rows not claimed are not adjusted
+        self.check("kl_amplification_one_step", p_holm=0.5)
+        self.check("attn_amplification_static", p_holm=0.5)
+        self.check("kl_mean", p_holm="")
+        self.assertIn("x-ees:x-eed:attn_amplification_static  p = 0.25, Holm-adjusted p = 0.5", self.result.stdout)
+        self.assertIn("claims (Holm's step-down adjustment over 2):", self.result.stdout)
+        refused = support.run_script("causal_effect.py", self.path, "--claim", "x-ees:x-eed:kl_slopes")
+        self.assertEqual((refused.returncode, refused.stderr),
+                         (1, "causal_effect.py: error: --claim x-ees:x-eed:kl_slopes: no such row (rows: "
+                             "x-ees:x-eed:kl_slope, x-ees:x-eed:kl_mean, x-ees:x-eed:kl_amplification_one_step, "
+                             "x-ees:x-eed:attn_amplification_static)\n"))
+
+    def test_onset_settings_from_the_run(self):
+        # no option: /summary's attributes, else the config's analysis section, else 16 and 64
+        extra = "analysis:\n  onset_margin: 4\n  min_post_onset_steps: 8\n"
+        summary = {name: {"": {"onset_margin": 1, "min_post_onset_steps": 2, "first_step": 1}}
+                   for name, _, _ in EQUAL_ERROR}
+        cases = [({}, {"onset_margin": 16, "min_post_onset_steps": 64}),
+                 ({"config_extra": extra}, {"onset_margin": 4, "min_post_onset_steps": 8}),
+                 ({"config_extra": extra, "summary": summary}, {"onset_margin": 1, "min_post_onset_steps": 2})]
+        for i, (write_args, expected) in enumerate(cases):
+            path = accumulation_run(os.path.join(self.dir, f"settings-{i}.h5"), **write_args)
+            self.assertEqual(causal_effect.log.load_run_info(path).onset_settings(), expected)
+        result = support.run_script("causal_effect.py", path)  # the summary's 1 and 2: as with the options
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("x-ees            x-eed              kl_slope_post_onset        1.5 · 0 · removed 100%", result.stdout)
+        default = support.run_script("causal_effect.py", os.path.join(self.dir, "settings-0.h5"))
+        self.assertIn("note: kl_slope_post_onset: not computed, 0 of 3 samples have at least 64 steps from onset + 16 "
+                      "on (a paired interval needs 2)", default.stdout)
+        mixed = support.run_script("causal_effect.py", os.path.join(self.dir, "settings-0.h5"), path)
+        self.assertEqual(mixed.stderr, f"causal_effect.py: error: pooled runs: onset_margin is 16 in "
+                                       f"{self.dir}/settings-0.h5 but 1 in {path}; pass --onset-margin\n")
+        bad = support.run_script("causal_effect.py", path, "--min-post-onset-steps", "1")
+        self.assertIn("--min-post-onset-steps must be at least 2, got 1", bad.stderr)
+
+
+class PostOnsetSlope(unittest.TestCase):
+    def test_by_hand(self):
+        kl = [[0, 0, 0, 1, 2, 3, 4], [0, 0, 5, 5, 7, 9], [0, 1, 2, 3], [1, 2, 3]]
+        onsets = [2, 1, -1, 0]
+        # margin 1: sample 0 from step 3 (1, 2, 3, 4: centred sums xy 5, xx 5), sample 1 from step 2
+        # (5, 5, 7, 9: xy 7, xx 5), sample 2 never read a quantized position, sample 3 has 2 steps (< 3)
+        self.assertEqual(causal_effect.post_onset_slope(kl, onsets, 1, 3), (12 / 10, 2))
+        # with 2 steps enough sample 3 enters (2, 3 at steps 1, 2: xy 0.5, xx 0.5)
+        slope, count = causal_effect.post_onset_slope(kl, onsets, 1, 2)
+        self.assertEqual(count, 3)
+        self.assertAlmostEqual(slope, 12.5 / 10.5, places=12)
+        # onsets 1 and no margin: the whole-run within-sample slope from step 1
+        samples = [causal_effect.Sample(np.asarray(k, dtype=float), 1, 1, None, {}) for k in kl]
+        whole = causal_effect.slope(causal_effect.sums_of(samples), np.ones(4))
+        self.assertAlmostEqual(causal_effect.post_onset_slope(kl, [1] * 4, 0, 2)[0], whole, places=12)
+
+
 class AgreesWithTheRunLogSummary(unittest.TestCase):
     def test_slope_and_mean_are_the_summary_ones(self):
         directory = support.scratch_dir("causal-real")
@@ -156,21 +348,32 @@ decoding: {{max_new_tokens: 24, stop_at_eos: false}}
 quantizers:
   - {{name: kivi, method: kivi, params: {{group_size: 8, residual_length: 8}}}}
   - {{name: kivi-ts, method: kivi, params: {{group_size: 8, residual_length: 8, wrap: true_scale}}}}
-lanes: [teacher_forced]
+lanes: [teacher_forced, one_step]
+analysis: {{onset_margin: 2, min_post_onset_steps: 4}}
 output: {{path: {directory}/run.h5}}
 """)
         subprocess.run([support.CLI, "run", config], check=True, capture_output=True)
         path = os.path.join(directory, "run.h5")
-        sums = {q: causal_effect.sums_of(samples)
-                for q, samples in causal_effect.read_kl([path], ["kivi", "kivi-ts"], 10.0)[0].items()}
+        samples = causal_effect.read_kl([path], ["kivi", "kivi-ts"], 10.0)[0]
         with h5py.File(path, "r") as f:
             for name in ("kivi", "kivi-ts"):
+                sums = causal_effect.sums_of(samples[name])
                 summary = f[f"summary/{name}/teacher_forced"].attrs
-                ones = np.ones(len(sums[name]))
-                self.assertAlmostEqual(causal_effect.slope(sums[name], ones), summary["kl_slope"],
-                                       delta=1e-9 * abs(summary["kl_slope"]) + 1e-15)
-                self.assertAlmostEqual(causal_effect.mean(sums[name], ones), summary["kl_mean"],
-                                       delta=1e-9 * abs(summary["kl_mean"]) + 1e-15)
+                ones = np.ones(len(sums))
+                for value, attribute in ((causal_effect.slope(sums, ones), "kl_slope"),
+                                         (causal_effect.mean(sums, ones), "kl_mean")):
+                    self.assertAlmostEqual(value, summary[attribute], delta=1e-9 * abs(summary[attribute]) + 1e-15)
+                # the post-onset slope and the amplification over one_step: the summary's too
+                kl, onsets = [s.kl for s in samples[name]], [s.onset for s in samples[name]]
+                slope, count = causal_effect.post_onset_slope(kl, onsets, 2, 4)
+                self.assertEqual(count, summary["post_onset_samples"])
+                self.assertGreater(count, 0)
+                self.assertAlmostEqual(slope, summary["post_onset_kl_slope"],
+                                       delta=1e-9 * abs(summary["post_onset_kl_slope"]) + 1e-15)
+                one_step = np.array([causal_effect.sample_sums(s.one_step, s.first_step) for s in samples[name]])
+                ratio = causal_effect.ratio_of_means(sums, one_step)(ones)
+                expected = f[f"summary/{name}"].attrs["tf_over_one_step_kl_ratio"]
+                self.assertAlmostEqual(ratio, expected, delta=1e-9 * abs(expected))
 
 
 if __name__ == "__main__":

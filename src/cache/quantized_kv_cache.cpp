@@ -78,6 +78,7 @@ std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, 
     fail("KV cache capacity of {} positions exceeded (writing positions up to {})", capacity(), spans.end() - 1);
   if (keys.size(0) != active_rows_ || spans.rows() != active_rows_)
     fail("KV cache update of {} rows; the cache has {} active rows", keys.size(0), active_rows_);
+  restore_mirrors(layer, spans);
   for (const auto& [role, source] : {std::pair{Role::Key, &keys}, std::pair{Role::Value, &values}}) {
     write_rows(written_[index(role)][layer], spans, *source);
     write_rows(read_[index(role)][layer], spans, *source);
@@ -90,6 +91,49 @@ std::pair<torch::Tensor, torch::Tensor> QuantizedKVCache::update(int64_t layer, 
   }
   return {read_[0][layer].narrow(0, 0, active_rows_).narrow(2, 0, spans.end()),
           read_[1][layer].narrow(0, 0, active_rows_).narrow(2, 0, spans.end())};
+}
+
+void QuantizedKVCache::mirror(int64_t row, int64_t source) {
+  if (slot(row) < 0 || slot(source) < 0 || row == source)
+    fail("KV cache row {} cannot mirror row {}: both must be active and different", row, source);
+  accounts_[row].source = source;
+  accounts_[row].own_from.assign(written_[0].size(0), 0);
+}
+
+void QuantizedKVCache::check_mirrors() const {
+  for (size_t row = 0; row < accounts_.size(); ++row) {
+    const RowAccount& account = accounts_[row];
+    if (account.active && account.source >= 0 && !accounts_[account.source].active)
+      fail("KV cache row {} mirrors row {}, which was retired before it", row, account.source);
+  }
+}
+
+void QuantizedKVCache::restore_mirrors(int64_t layer, const RowSpans& spans) {
+  for (size_t row = 0; row < accounts_.size(); ++row) {
+    RowAccount& account = accounts_[row];
+    if (!account.active || account.source < 0) continue;
+    const int64_t slot = slots_[row], begin = account.own_from[layer], end = spans.start(slot);
+    account.own_from[layer] = std::max(begin, end);
+    if (end <= begin) continue;
+    const RowGroup& group = group_of(static_cast<int64_t>(row));
+    for (Role role : {Role::Key, Role::Value}) {
+      const size_t r = index(role);
+      const auto source = written_[r][layer].select(0, slots_[account.source]).narrow(1, begin, end - begin);
+      written_[r][layer].select(0, slot).narrow(1, begin, end - begin).copy_(source);
+      read_[r][layer].select(0, slot).narrow(1, begin, end - begin).copy_(source);
+      // Positions its policy has already quantized ([sink, flushed_end)) are read as its method
+      // stores the source's rows. Only a per-token policy quantizes a token at its own step, so these
+      // are single-token tiles.
+      const int64_t from = std::max(begin, group.policies[r].sink), to = std::min(end, account.flushed_end[r][layer]);
+      if (to <= from) continue;
+      KVDRIFT_CHECK(group.policies[r].block == 1);
+      const int64_t head_dim = written_[r].size(4);
+      const auto tiles = written_[r][layer].select(0, slot).narrow(1, from, to - from).to(torch::kFloat32);
+      const auto restored =
+          group.quantizer->dequantize(group.quantizer->quantize(tiles.reshape({-1, 1, head_dim}), role, layer), role, layer);
+      read_[r][layer].select(0, slot).narrow(1, from, to - from).copy_(restored.reshape(tiles.sizes()));
+    }
+  }
 }
 
 void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const RowSpans& spans) {
@@ -136,6 +180,11 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
   auto stored = group.quantizer->quantize(tiles, role, layer);
   const double total_tiles = static_cast<double>(tiles.size(0));
   const double total_bits = stored_bits_per_element(stored, tiles.numel()) * static_cast<double>(tiles.numel());
+  double saturated = 0, flushed_to_zero = 0;
+  for (const auto& [name, param] : stored.params) {
+    saturated += static_cast<double>(param.saturated);
+    flushed_to_zero += static_cast<double>(param.flushed_to_zero);
+  }
   torch::Tensor restored;
   if (mode_ == StorageMode::Packed) {
     group.packed[r].push_back(pack(stored));
@@ -157,6 +206,8 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
       account->flushed_end[r][layer] = run.end;
       account->stored_bits[r][layer] += total_bits * share;
       account->seconds += seconds * share;
+      account->saturated[r] += saturated * share;
+      account->flushed_to_zero[r] += flushed_to_zero * share;
     }
   }
 }
@@ -180,6 +231,7 @@ void QuantizedKVCache::retire(int64_t row) {
   for (auto& group : groups_) {
     if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) --group.active;
   }
+  check_mirrors();
 }
 
 int64_t QuantizedKVCache::slot(int64_t row) const {
@@ -206,6 +258,18 @@ const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const 
 
 int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer, int64_t row) const {
   return accounts_.at(row).flushed_end[index(role)][layer] - group_of(row).policies[index(role)].sink;
+}
+
+int64_t QuantizedKVCache::quantized_end(Role role, int64_t layer, int64_t row) const {
+  return accounts_.at(row).flushed_end[index(role)][layer];
+}
+
+double QuantizedKVCache::saturated_params(Role role, int64_t row) const {
+  return accounts_.at(row).saturated[index(role)];
+}
+
+double QuantizedKVCache::flushed_to_zero_params(Role role, int64_t row) const {
+  return accounts_.at(row).flushed_to_zero[index(role)];
 }
 
 torch::Tensor QuantizedKVCache::whole_batch(const std::array<torch::Tensor, 2>& buffers, Role role,

@@ -46,9 +46,15 @@ class QuantizedKVCache final : public KVCache {
   std::pair<torch::Tensor, torch::Tensor> update(int64_t layer, const RowSpans& spans, const torch::Tensor& keys,
                                                  const torch::Tensor& values) override;
   int64_t capacity() const override { return written_[0].size(3); }
+  int64_t layers() const { return written_[0].size(0); }
 
   // Positions held by the longest row.
   int64_t length() const;
+  // From now on `row` holds `source`'s keys and values at every position before the one it is
+  // writing (the engine's one_step lane: the reference's rows, quantized by the row's own method);
+  // only what it writes in the current forward is its own, and the next update replaces that too.
+  // Both rows must be active, and `row` must be retired no later than `source`.
+  void mirror(int64_t row, int64_t source);
   // Removes `row` from the batch update() works on. Moves the rows behind it forward by one (a copy of
   // their contents, once per retirement, never per step).
   void retire(int64_t row);
@@ -57,8 +63,13 @@ class QuantizedKVCache final : public KVCache {
   int64_t slot(int64_t row) const;
   // Positions `row` holds (its real tokens written so far; kept as of its retirement).
   int64_t row_length(int64_t row) const;
-  // Positions of `role` in `layer` that `row` currently reads quantized.
+  // Positions of `role` in `layer` that `row` currently reads quantized: [sink, quantized_end).
   int64_t quantized_positions(Role role, int64_t layer, int64_t row = 0) const;
+  int64_t quantized_end(Role role, int64_t layer, int64_t row) const;
+  // Stored parameters of `row`'s blocks of `role` that their storage dtype could not hold (StoredParam),
+  // over all layers, shared among the rows quantized together like the bits.
+  double saturated_params(Role role, int64_t row) const;
+  double flushed_to_zero_params(Role role, int64_t row) const;
   // [batch, kv_heads, length, head_dim] views of a cache whose rows are all active and equally long:
   // what the lanes wrote, and what their attention reads.
   torch::Tensor written(Role role, int64_t layer) const;
@@ -80,8 +91,11 @@ class QuantizedKVCache final : public KVCache {
     std::array<std::vector<int64_t>, 2> flushed_end;  // per layer: positions [sink, end) are quantized
     std::array<std::vector<double>, 2> stored_bits;   // per layer: bits held by the quantized blocks
     double seconds = 0;                               // its share of flush() time
+    std::array<double, 2> saturated{}, flushed_to_zero{};  // its share of the stored parameters' overflows
     int64_t length = 0;                               // positions held
     bool active = true;                               // false once retired
+    int64_t source = -1;                              // mirror(): the row whose keys and values it holds
+    std::vector<int64_t> own_from;                    // mirror(), per layer: its own positions start here
   };
   // Rows sharing one quantizer, consecutive in the batch; their active ones are flushed together.
   struct RowGroup {
@@ -92,6 +106,10 @@ class QuantizedKVCache final : public KVCache {
     std::array<std::vector<QuantizedTiles>, 2> packed;  // Packed mode: every flushed block's storage
   };
   void flush(RowGroup& group, Role role, int64_t layer, const RowSpans& spans);
+  // Each mirroring row's own positions before `spans` (its previous forward's) become its source's,
+  // quantized by its own method where its policy already reads them quantized.
+  void restore_mirrors(int64_t layer, const RowSpans& spans);
+  void check_mirrors() const;
   const RowGroup& group_of(int64_t row) const;
   torch::Tensor whole_batch(const std::array<torch::Tensor, 2>& buffers, Role role, int64_t layer) const;
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <optional>
 
 #include "cache/quantized_kv_cache.h"
@@ -43,9 +44,28 @@ std::pair<torch::Tensor, torch::Tensor> attention_error(const torch::Tensor& out
   return {rel_l2, cosine};
 }
 
+HostArray layer_array(const std::vector<double>& per_layer) {
+  return {std::vector<float>(per_layer.begin(), per_layer.end()), {static_cast<int64_t>(per_layer.size())}};
+}
+
+// Which rows [layers, kv_heads, positions] `row` reads quantized: positions [sink, end) of each layer.
+torch::Tensor quantized_rows(const QuantizedKVCache& cache, Role role, int64_t row, int64_t kv_heads,
+                             int64_t positions) {
+  const int64_t layers = cache.layers();
+  auto selected = torch::zeros({layers, kv_heads, positions}, torch::kBool);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const int64_t end = std::min(cache.quantized_end(role, layer, row), positions);
+    const int64_t sink = cache.quantized_end(role, layer, row) - cache.quantized_positions(role, layer, row);
+    if (end > sink) selected[layer].narrow(1, sink, end - sink).fill_(true);
+  }
+  return selected;
+}
+
 // Token-scale error of rows `x` against `x_hat` [layers, kv_heads, positions, head_dim], mean over kv
-// heads: [positions, layers] per component, and the worst-5% magnitude share over every row.
-void log_token_scale(LaneResult& lane, const std::string& group, const torch::Tensor& x, const torch::Tensor& x_hat) {
+// heads: [positions, layers] per component; the worst-5% magnitude share over every row, and over the
+// `quantized` rows per layer by relative error; with `norms`, the norms of the quantized rows per layer.
+void log_token_scale(LaneResult& lane, const std::string& group, const torch::Tensor& x, const torch::Tensor& x_hat,
+                     const torch::Tensor& quantized, bool norms) {
   const auto error = metrics::token_scale_error(x, x_hat);  // [layers, kv_heads, positions]
   const torch::Tensor components[] = {error.magnitude, error.direction, error.total, error.norm_ratio};
   for (size_t i = 0; i < std::size(components); ++i)  // in the table's order: E_M, E_D, E_T, norm_ratio
@@ -53,6 +73,20 @@ void log_token_scale(LaneResult& lane, const std::string& group, const torch::Te
   const auto worst = metrics::worst_rows_magnitude_share(error);
   lane.scalars[group + "/" + metric::worst5_shares[0]] = worst.of_sums;
   lane.scalars[group + "/" + metric::worst5_shares[1]] = worst.mean_of_ratios;
+  const auto selected = quantized.to(error.total.device());
+  const auto relative = metrics::worst_rows_relative_share(error, selected);
+  lane.arrays[group + "/" + metric::worst5_relative_per_layer] = layer_array(relative.per_layer);
+  lane.scalars[group + "/" + metric::worst5_relative_pooled] = relative.pooled;
+  if (!norms) return;
+  std::vector<double> mean, max;
+  for (int64_t layer = 0; layer < error.norm.size(0); ++layer) {
+    const auto held = error.norm[layer].masked_select(selected[layer]);
+    const bool any = held.numel() > 0;
+    mean.push_back(any ? held.mean().item<double>() : std::numeric_limits<double>::quiet_NaN());
+    max.push_back(any ? held.max().item<double>() : std::numeric_limits<double>::quiet_NaN());
+  }
+  lane.arrays[group + "/" + metric::norm_mean_per_layer] = layer_array(mean);
+  lane.arrays[group + "/" + metric::norm_max_per_layer] = layer_array(max);
 }
 
 // Longest common prefix and outcome class of a free-running lane against the reference.
@@ -74,7 +108,7 @@ void classify(LaneResult& lane, const std::vector<int64_t>& reference, bool refe
 
 // Where the lanes that compare with a reference sit in the batch, on the device, so that indexing
 // them costs no copy from the host at every step; rebuilt when lanes end. Entries of one list pair
-// up: the i-th teacher-forced row compares with the reference at teacher_reference_slots[i].
+// up: the i-th teacher-forced or one-step row compares with the reference at teacher_reference_slots[i].
 struct BatchIndex {
   torch::Tensor teacher_slots, teacher_reference_slots;
   std::vector<int64_t> teacher_slot_list, teacher_reference_slot_list;  // the same on the host
@@ -150,9 +184,9 @@ class StepObserver final : public AttentionObserver {
 // One quantizer's lanes of one prompt: their rows (-1 where the lane does not run) and their places
 // in the prompt's result.
 struct QuantizerLanes {
-  int64_t teacher_row = -1, free_row = -1;  // in the main cache
-  int64_t static_row = -1;                  // in the static cache
-  size_t teacher_lane = 0, free_lane = 0, static_lane = 0;  // index into SampleResult::lanes
+  int64_t teacher_row = -1, one_step_row = -1, free_row = -1;  // in the main cache
+  int64_t static_row = -1;                                     // in the static cache
+  size_t teacher_lane = 0, one_step_lane = 0, free_lane = 0, static_lane = 0;  // index into SampleResult::lanes
   bool free_stopped = false;
 };
 
@@ -163,9 +197,16 @@ struct BatchSample {
   std::vector<QuantizerLanes> quantizers;  // in config order
 };
 
-// A lane whose metrics are computed in the batch: which prompt and quantizer it is.
+// Where a lane first read quantized positions: the step, overall and per layer (-1: not yet).
+struct Onset {
+  int64_t step = -1;
+  std::vector<float> per_layer;
+};
+
+// A lane whose metrics are computed in the batch: which prompt, quantizer and lane it is.
 struct LaneKey {
   size_t prompt, quantizer;
+  size_t QuantizerLanes::*lane;  // its index in the prompt's SampleResult::lanes
 };
 
 }  // namespace
@@ -211,6 +252,7 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
   for (Lane lane : config_.lanes) {
     static_lane_ = static_lane_ || lane == Lane::Static;
     teacher_forced_ = teacher_forced_ || lane == Lane::TeacherForced;
+    one_step_ = one_step_ || lane == Lane::OneStep;
     free_running_ = free_running_ || lane == Lane::FreeRunning;
   }
   end_ids_ = stop_tokens(model_, tokenizer_);
@@ -247,9 +289,11 @@ class Engine::Batch {
  private:
   void declare_lanes();
   void locate_lanes();
+  // After the forward that gives step `step`'s logits: what each lane's attention read quantized.
+  void note_reads(int64_t step);
   void drain_metrics();
   void drain_attention(std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
-                       const std::vector<LaneKey>& order, size_t QuantizerLanes::*lane_of);
+                       const std::vector<LaneKey>& order);
   void account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t reference_row, bool drift) const;
   std::string decode_text(const std::vector<int64_t>& tokens, bool stopped) const;
   std::string reply_text(const std::vector<int64_t>& tokens) const;
@@ -257,8 +301,9 @@ class Engine::Batch {
   torch::Tensor to_device(const std::vector<int64_t>& values) const {
     return torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device_);
   }
-  // The caches' rows: the references first, then per quantizer, per prompt, its teacher-forced and
-  // free-running rows (a quantizer's rows are consecutive: its blocks are quantized in one call).
+  // The caches' rows: the references first, then per quantizer, per prompt, its teacher-forced,
+  // one-step and free-running rows (a quantizer's rows are consecutive: its blocks are quantized in
+  // one call).
   // Static cache rows: per quantizer, per prompt.
   static std::vector<std::shared_ptr<const Quantizer>> row_quantizers(const Engine& engine,
                                                                       std::vector<BatchSample>& samples,
@@ -274,6 +319,7 @@ class Engine::Batch {
   const bool kl_sampled_;
   std::vector<BatchSample> samples_;
   std::vector<SampleResult> results_;  // in prompt order
+  std::vector<std::vector<Onset>> onsets_;  // per prompt, per lane of its result (moved into it at the end)
   std::vector<size_t> row_prompt_;     // per row: its prompt
   QuantizedKVCache cache_;
   std::unique_ptr<QuantizedKVCache> static_cache_;
@@ -281,10 +327,11 @@ class Engine::Batch {
   std::vector<int64_t> prompt_lengths_;  // per row
   std::vector<Sampler> samplers_;        // per row
   // The lanes compared with a reference, as index_ holds them, in its order: rebuilt when lanes end.
+  // teacher_order_ holds the teacher-forced and one-step lanes: fed the reference's tokens.
   BatchIndex index_;
   std::vector<LaneKey> teacher_order_, static_order_;
   StepObserver observer_;
-  std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher rows, 3 or 4]
+  std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher_order_ rows, 3 or 4]
 };
 
 std::vector<std::shared_ptr<const Quantizer>> Engine::Batch::row_quantizers(const Engine& engine,
@@ -306,6 +353,7 @@ std::vector<std::shared_ptr<const Quantizer>> Engine::Batch::row_quantizers(cons
     for (size_t p = 0; p < samples.size(); ++p) {
       QuantizerLanes& lanes = samples[p].quantizers[q];
       if (engine.teacher_forced_) lanes.teacher_row = add_row(q, p);
+      if (engine.one_step_) lanes.one_step_row = add_row(q, p);
       if (engine.free_running_) lanes.free_row = add_row(q, p);
       if (engine.static_lane_) lanes.static_row = static_cast<int64_t>(q * samples.size() + p);
     }
@@ -336,6 +384,7 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
       kl_sampled_(sampling_.reshapes_distribution()),
       samples_(prompts.size()),
       results_(prompts.size()),
+      onsets_(prompts.size()),
       cache_(row_quantizers(engine, samples_, row_prompt_), engine.model_.config().n_layers,
              engine.model_.config().n_kv_heads, longest_prompt_ + max_new_, engine.model_.config().head_dim,
              engine.model_.dtype(), device_),
@@ -349,6 +398,10 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
   }
   for (int64_t row = 0; row < rows_; ++row)
     prompt_lengths_.push_back(static_cast<int64_t>(prompts[row_prompt_[row]].tokens.size()));
+  // A one-step row's cache holds its reference's keys and values, never its own (docs/engine.md).
+  for (const BatchSample& sample : samples_)
+    for (const QuantizerLanes& lanes : sample.quantizers)
+      if (lanes.one_step_row >= 0) cache_.mirror(lanes.one_step_row, sample.reference_row);
   declare_lanes();
   locate_lanes();
 }
@@ -367,13 +420,16 @@ void Engine::Batch::declare_lanes() {
       for (const char* name : step_arrays) lane.arrays[name] = {{}, {0}};
       if (attention && engine_.config_.metrics.attention_error)
         for (const char* name : {metric::attn_rel_l2, metric::attn_cos}) lane.arrays[name] = {{}, {0, layers}};
+      lane.arrays[metric::fraction_read_quantized] = {{}, {0}};
       results_[p].lanes.push_back(std::move(lane));
+      onsets_[p].push_back({-1, std::vector<float>(layers, -1.0f)});
       return results_[p].lanes.size() - 1;
     };
     for (size_t q = 0; q < samples_[p].quantizers.size(); ++q) {
       QuantizerLanes& lanes = samples_[p].quantizers[q];
       if (engine_.static_lane_) lanes.static_lane = add_lane(q, Lane::Static, {}, true);
       if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, Lane::TeacherForced, teacher_arrays, true);
+      if (engine_.one_step_) lanes.one_step_lane = add_lane(q, Lane::OneStep, teacher_arrays, true);
       if (engine_.free_running_) lanes.free_lane = add_lane(q, Lane::FreeRunning, {metric::match}, false);
     }
   }
@@ -389,14 +445,17 @@ void Engine::Batch::locate_lanes() {
       const BatchSample& sample = samples_[p];
       if (!sample.reference_active) continue;
       const int64_t reference_slot = cache_.slot(sample.reference_row);
-      if (engine_.teacher_forced_) {
-        teacher_slots.push_back(cache_.slot(sample.quantizers[q].teacher_row));
+      const QuantizerLanes& lanes = sample.quantizers[q];
+      for (const auto& [row, lane] : {std::pair{lanes.teacher_row, &QuantizerLanes::teacher_lane},
+                                      std::pair{lanes.one_step_row, &QuantizerLanes::one_step_lane}}) {
+        if (row < 0) continue;
+        teacher_slots.push_back(cache_.slot(row));
         teacher_reference_slots.push_back(reference_slot);
-        teacher_order_.push_back({p, q});
+        teacher_order_.push_back({p, q, lane});
       }
       if (engine_.static_lane_) {
         index_.static_reference_slot_list.push_back(reference_slot);
-        static_order_.push_back({p, q});
+        static_order_.push_back({p, q, &QuantizerLanes::static_lane});
       }
     }
   }
@@ -435,6 +494,7 @@ torch::Tensor Engine::Batch::prefill() {
       logits = logits.index_copy(0, ended, chunk_logits.index_select(0, ended));
     }
   }
+  note_reads(0);
   return logits;
 }
 
@@ -456,7 +516,7 @@ void Engine::Batch::measure(const torch::Tensor& step_logits, const std::vector<
   if (teacher_order_.empty()) return;
   // In float64: KL of nearly equal distributions must not come out negative from rounding.
   std::vector<int64_t> reference_tokens;
-  for (const auto& [p, q] : teacher_order_) reference_tokens.push_back(next[samples_[p].reference_row]);
+  for (const LaneKey& key : teacher_order_) reference_tokens.push_back(next[samples_[key.prompt].reference_row]);
   const auto reference_token = to_device(reference_tokens).unsqueeze(1);
   auto reference_logits = step_logits.index_select(0, index_.teacher_reference_slots);
   auto lane_logits = step_logits.index_select(0, index_.teacher_slots);
@@ -504,11 +564,12 @@ void Engine::Batch::record(const std::vector<int64_t>& next) {
       if (is_stop(token)) {
         result.reference_stopped = true;
         sample.reference_active = false;
-        ended_rows.push_back(sample.reference_row);
         for (const QuantizerLanes& lanes : sample.quantizers) {
-          if (lanes.teacher_row >= 0) ended_rows.push_back(lanes.teacher_row);
+          for (int64_t row : {lanes.teacher_row, lanes.one_step_row})
+            if (row >= 0) ended_rows.push_back(row);
           if (lanes.static_row >= 0) ended_static_rows.push_back(lanes.static_row);
         }
+        ended_rows.push_back(sample.reference_row);  // after the one-step rows that mirror it
       }
     }
     for (QuantizerLanes& lanes : sample.quantizers) {
@@ -539,8 +600,8 @@ torch::Tensor Engine::Batch::decode_one_token(const std::vector<int64_t>& next, 
   }
   for (const BatchSample& sample : samples_)
     for (const QuantizerLanes& lanes : sample.quantizers)
-      if (lanes.teacher_row >= 0 && cache_.slot(lanes.teacher_row) >= 0)
-        inputs[cache_.slot(lanes.teacher_row)] = next[sample.reference_row];
+      for (int64_t row : {lanes.teacher_row, lanes.one_step_row})
+        if (row >= 0 && cache_.slot(row) >= 0) inputs[cache_.slot(row)] = next[sample.reference_row];
   const bool references =
       std::any_of(samples_.begin(), samples_.end(), [](const BatchSample& s) { return s.reference_active; });
   const bool logged = step % engine_.config_.metrics.layer_stride == 0 && references;
@@ -550,10 +611,40 @@ torch::Tensor Engine::Batch::decode_one_token(const std::vector<int64_t>& next, 
   for (int64_t r = 0; r < rows_; ++r)
     if (cache_.slot(r) >= 0) ++results_[row_prompt_[r]].decode_row_steps;
   // The observer needs some reference in the batch; the static lanes end with theirs.
-  return engine_.model_.forward(
+  auto logits = engine_.model_.forward(
       torch::tensor(inputs, torch::kInt64).unsqueeze(1).to(device_),
       RowSpans(starts, std::vector<int64_t>(starts.size(), 1), 1, device_, Phase::Decode), cache_,
       /*last_only=*/true, references ? &observer_ : nullptr);
+  note_reads(step + 1);
+  return logits;
+}
+
+void Engine::Batch::note_reads(int64_t step) {
+  const auto note = [step](LaneResult& lane, Onset& onset, const QuantizedKVCache& cache, int64_t row) {
+    if (row < 0 || cache.slot(row) < 0) return;
+    int64_t quantized = 0;
+    for (int64_t layer = 0; layer < cache.layers(); ++layer) {
+      const int64_t in_layer =
+          cache.quantized_positions(Role::Key, layer, row) + cache.quantized_positions(Role::Value, layer, row);
+      if (in_layer > 0 && onset.per_layer[layer] < 0) onset.per_layer[layer] = static_cast<float>(step);
+      quantized += in_layer;
+    }
+    if (quantized > 0 && onset.step < 0) onset.step = step;
+    const double read = 2.0 * static_cast<double>(cache.layers() * cache.row_length(row));
+    HostArray& fraction = lane.arrays[metric::fraction_read_quantized];
+    fraction.values.push_back(read > 0 ? static_cast<float>(static_cast<double>(quantized) / read) : 0.0f);
+    ++fraction.shape[0];
+  };
+  for (size_t p = 0; p < samples_.size(); ++p) {
+    std::vector<LaneResult>& lanes = results_[p].lanes;
+    std::vector<Onset>& onsets = onsets_[p];
+    for (const QuantizerLanes& q : samples_[p].quantizers) {
+      if (q.teacher_row >= 0) note(lanes[q.teacher_lane], onsets[q.teacher_lane], cache_, q.teacher_row);
+      if (q.one_step_row >= 0) note(lanes[q.one_step_lane], onsets[q.one_step_lane], cache_, q.one_step_row);
+      if (q.free_row >= 0) note(lanes[q.free_lane], onsets[q.free_lane], cache_, q.free_row);
+      if (q.static_row >= 0) note(lanes[q.static_lane], onsets[q.static_lane], *static_cache_, q.static_row);
+    }
+  }
 }
 
 // Moves the metrics computed on the device since the last call into the lanes' host arrays, one copy
@@ -564,8 +655,8 @@ void Engine::Batch::drain_metrics() {
     const auto metrics = torch::stack(teacher_step_metrics_, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
     teacher_step_metrics_.clear();
     for (size_t i = 0; i < teacher_order_.size(); ++i) {
-      const auto [p, q] = teacher_order_[i];
-      auto& arrays = results_[p].lanes[samples_[p].quantizers[q].teacher_lane].arrays;
+      const LaneKey& key = teacher_order_[i];
+      auto& arrays = results_[key.prompt].lanes[samples_[key.prompt].quantizers[key.quantizer].*key.lane].arrays;
       const auto own = metrics.select(1, static_cast<int64_t>(i));
       append_rows(arrays[metric::kl], own.select(1, 0));
       append_rows(arrays[metric::top1_agree], own.select(1, 1));
@@ -573,8 +664,8 @@ void Engine::Batch::drain_metrics() {
       if (kl_sampled_) append_rows(arrays[metric::kl_sampled], own.select(1, 3));
     }
   }
-  drain_attention(observer_.static_rel_l2, observer_.static_cos, static_order_, &QuantizerLanes::static_lane);
-  drain_attention(observer_.teacher_rel_l2, observer_.teacher_cos, teacher_order_, &QuantizerLanes::teacher_lane);
+  drain_attention(observer_.static_rel_l2, observer_.static_cos, static_order_);
+  drain_attention(observer_.teacher_rel_l2, observer_.teacher_cos, teacher_order_);
   for (size_t p = 0; p < samples_.size(); ++p) {
     for (const QuantizerLanes& lanes : samples_[p].quantizers) {
       if (lanes.free_row < 0) continue;
@@ -590,15 +681,15 @@ void Engine::Batch::drain_metrics() {
 }
 
 void Engine::Batch::drain_attention(std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
-                                    const std::vector<LaneKey>& order, size_t QuantizerLanes::*lane_of) {
+                                    const std::vector<LaneKey>& order) {
   if (rel_l2.empty()) return;
   const auto rel_l2_host = torch::stack(rel_l2, 0).to(torch::kCPU);  // [logged steps, rows, layers]
   const auto cosine_host = torch::stack(cosine, 0).to(torch::kCPU);
   rel_l2.clear();
   cosine.clear();
   for (size_t i = 0; i < order.size(); ++i) {
-    const auto [p, q] = order[i];
-    auto& arrays = results_[p].lanes[samples_[p].quantizers[q].*lane_of].arrays;
+    const LaneKey& key = order[i];
+    auto& arrays = results_[key.prompt].lanes[samples_[key.prompt].quantizers[key.quantizer].*key.lane].arrays;
     append_rows(arrays[metric::attn_rel_l2], rel_l2_host.select(1, static_cast<int64_t>(i)));
     append_rows(arrays[metric::attn_cos], cosine_host.select(1, static_cast<int64_t>(i)));
   }
@@ -613,12 +704,16 @@ void Engine::Batch::account(LaneResult& lane, const QuantizedKVCache& cache, int
       const std::string name = role_name(role);
       const auto written = cache.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
       const auto read = cache.row_contents(role, row, /*read=*/true);
-      log_token_scale(lane, metric::token_scale_group(name, "quant"), written, read);
+      const auto quantized = quantized_rows(cache, role, row, written.size(1), written.size(2));
+      const std::string quant = metric::token_scale_group(name, "quant");
+      log_token_scale(lane, quant, written, read, quantized, /*norms=*/true);
+      lane.scalars[quant + "/" + metric::saturated_params] = cache.saturated_params(role, row);
+      lane.scalars[quant + "/" + metric::flushed_to_zero_params] = cache.flushed_to_zero_params(role, row);
       if (drift) {
         const auto reference = cache_.row_contents(role, reference_row, /*read=*/false);
         const int64_t common = std::min(reference.size(2), written.size(2));
         log_token_scale(lane, metric::token_scale_group(name, "drift"), reference.narrow(2, 0, common),
-                        written.narrow(2, 0, common));
+                        written.narrow(2, 0, common), quantized.narrow(2, 0, common), /*norms=*/false);
       }
     }
   }
@@ -644,11 +739,20 @@ std::vector<SampleResult> Engine::Batch::finish() {
   for (size_t p = 0; p < samples_.size(); ++p) {
     const BatchSample& sample = samples_[p];
     SampleResult& result = results_[p];
+    for (size_t l = 0; l < result.lanes.size(); ++l) {
+      const Onset& onset = onsets_[p][l];
+      result.lanes[l].scalars[metric::onset_step] = static_cast<double>(onset.step);
+      result.lanes[l].arrays[metric::onset_step_per_layer] = {onset.per_layer,
+                                                               {static_cast<int64_t>(onset.per_layer.size())}};
+    }
     for (const QuantizerLanes& lanes : sample.quantizers) {
       if (lanes.static_row >= 0)
         account(result.lanes[lanes.static_lane], *static_cache_, lanes.static_row, sample.reference_row, false);
       if (lanes.teacher_row >= 0)
         account(result.lanes[lanes.teacher_lane], cache_, lanes.teacher_row, sample.reference_row, true);
+      // A one-step cache holds the reference's rows: it has quantization error, but no drift.
+      if (lanes.one_step_row >= 0)
+        account(result.lanes[lanes.one_step_lane], cache_, lanes.one_step_row, sample.reference_row, false);
       if (lanes.free_row >= 0) {
         LaneResult& lane = result.lanes[lanes.free_lane];
         classify(lane, result.reference_tokens, result.reference_stopped, lanes.free_stopped);

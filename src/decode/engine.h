@@ -1,8 +1,10 @@
 #pragma once
 // The side-by-side decoding engine (SPEC §1): for each prompt, the full-precision reference and, for
-// every quantizer, its teacher-forced and free-running lanes run as rows of one batch, one forward
-// pass per step; the static lanes attend over a quantized copy of the reference cache inside the
-// same step. Several prompts may share the batch (decoding.batch_prompts), each at its own
+// every quantizer, its teacher-forced, one-step and free-running lanes run as rows of one batch, one
+// forward pass per step; the static lanes attend over a quantized copy of the reference cache inside
+// the same step. A one-step row is fed the reference's tokens and its cache holds the reference's keys
+// and values (quantized by its method), so its error passes through every layer of a step but never
+// into a later step (docs/engine.md). Several prompts may share the batch (decoding.batch_prompts), each at its own
 // positions. Metrics (SPEC §3) are kept on the device and copied to the host in chunks: when the
 // caller asks for progress (every output.flush_seconds) and once at the end of the batch.
 #include <cstdint>
@@ -52,7 +54,7 @@ class Engine {
   const Tokenizer* tokenizer_;
   std::vector<std::shared_ptr<const Quantizer>> quantizers_;  // in config order
   std::vector<int64_t> end_ids_;  // the model's end tokens (lanes stop at them with decoding.stop_at_eos)
-  bool static_lane_ = false, teacher_forced_ = false, free_running_ = false;
+  bool static_lane_ = false, teacher_forced_ = false, one_step_ = false, free_running_ = false;
 };
 
 }  // namespace kvdrift

@@ -24,7 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "output"};
+const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "analysis", "output"};
 const std::string kSyntheticPrefix = "synthetic:";
 
 bool is_synthetic(const std::string& model_path) { return model_path.rfind(kSyntheticPrefix, 0) == 0; }
@@ -100,6 +100,7 @@ const Range kAnyNumber;
 const Range kNonNegative{0.0};
 const Range kPositive{0.0, true};
 const Range kAtLeastOne{1.0};
+const Range kAtLeastTwo{2.0};  // a slope needs two points
 const Range kUnitInterval{0.0, true, 1.0};
 
 class Mapping;
@@ -480,6 +481,15 @@ const std::vector<Field<MetricSettings>>& metric_fields() {
   return fields;
 }
 
+const std::vector<Field<AnalysisSettings>>& analysis_fields() {
+  using A = AnalysisSettings;
+  static const std::vector<Field<A>> fields = {
+      plain("onset_margin", &A::onset_margin, kNonNegative),
+      plain("min_post_onset_steps", &A::min_post_onset_steps, kAtLeastTwo),
+  };
+  return fields;
+}
+
 const std::vector<Field<OutputSettings>>& output_fields() {
   using O = OutputSettings;
   static const std::vector<Field<O>> fields = {
@@ -646,6 +656,13 @@ MetricSettings read_metrics(const Mapping& root) {
   return settings;
 }
 
+AnalysisSettings read_analysis(const Mapping& root) {
+  const Mapping analysis = root.at("analysis").mapping(keys_of(analysis_fields()));
+  AnalysisSettings settings;
+  read_plain_fields(analysis, analysis_fields(), settings);
+  return settings;
+}
+
 OutputSettings read_output(const Mapping& root) {
   const Mapping output = root.at("output").mapping(keys_of(output_fields()));
   OutputSettings settings;
@@ -766,6 +783,7 @@ RunConfig load_run_config(const std::string& path, const std::vector<std::string
   config.quantizers = read_quantizers(root);
   config.lanes = read_lanes(root, config.lanes);
   config.metrics = read_metrics(root);
+  config.analysis = read_analysis(root);
   config.output = read_output(root);
   return config;
 }
@@ -786,6 +804,8 @@ std::string RunConfig::resolved_yaml() const {
   key("lanes") << YAML::Flow << lane_names(lanes);
   key("metrics");
   write_fields(out, metrics, metric_fields());
+  key("analysis");
+  write_fields(out, analysis, analysis_fields());
   key("output");
   write_fields(out, output, output_fields());
   out << YAML::EndMap;
@@ -799,13 +819,16 @@ bool operator==(const QuantizerSettings& a, const QuantizerSettings& b) {
   return equal_fields(a, b, quantizer_fields());
 }
 bool operator==(const MetricSettings& a, const MetricSettings& b) { return equal_fields(a, b, metric_fields()); }
+bool operator==(const AnalysisSettings& a, const AnalysisSettings& b) {
+  return equal_fields(a, b, analysis_fields());
+}
 bool operator==(const OutputSettings& a, const OutputSettings& b) { return equal_fields(a, b, output_fields()); }
 
 bool operator==(const RunConfig& a, const RunConfig& b) {
   // PromptSource belongs to io/prompts.h, so its comparison stays here rather than as its operator==.
   return equal_fields(a.prompts, b.prompts, prompt_fields()) &&
-         std::tie(a.model, a.decoding, a.quantizers, a.lanes, a.metrics, a.output) ==
-             std::tie(b.model, b.decoding, b.quantizers, b.lanes, b.metrics, b.output);
+         std::tie(a.model, a.decoding, a.quantizers, a.lanes, a.metrics, a.analysis, a.output) ==
+             std::tie(b.model, b.decoding, b.quantizers, b.lanes, b.metrics, b.analysis, b.output);
 }
 
 }  // namespace kvdrift

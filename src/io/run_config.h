@@ -20,11 +20,13 @@
 
 namespace kvdrift {
 
-// The lanes a run compares with its full-precision reference (SPEC §2). Their names ("static",
-// "teacher_forced", "free_running") appear only in config files and run logs.
-enum class Lane { Static, TeacherForced, FreeRunning };
-inline constexpr EnumName<Lane> kLaneNames[] = {
-    {Lane::Static, "static"}, {Lane::TeacherForced, "teacher_forced"}, {Lane::FreeRunning, "free_running"}};
+// The lanes a run compares with its full-precision reference (SPEC §1; one_step: docs/engine.md). Their
+// names ("static", "teacher_forced", "one_step", "free_running") appear only in config files and run logs.
+enum class Lane { Static, TeacherForced, OneStep, FreeRunning };
+inline constexpr EnumName<Lane> kLaneNames[] = {{Lane::Static, "static"},
+                                                {Lane::TeacherForced, "teacher_forced"},
+                                                {Lane::OneStep, "one_step"},
+                                                {Lane::FreeRunning, "free_running"}};
 inline const char* lane_name(Lane lane) { return enum_name(kLaneNames, lane); }
 std::vector<std::string> lane_names(const std::vector<Lane>& lanes);
 
@@ -80,6 +82,12 @@ struct MetricSettings {
   bool attention_error = true;
 };
 
+// How the run log's summary measures growth after the onset (docs/hdf5-schema.md, "Summary").
+struct AnalysisSettings {
+  int64_t onset_margin = 16;          // post-onset slopes start this many steps after the first quantized read
+  int64_t min_post_onset_steps = 64;  // a sample enters them with at least this many such steps
+};
+
 struct OutputSettings {
   std::string path;            // relative to the current working directory
   double flush_seconds = 5.0;  // > 0
@@ -92,6 +100,7 @@ struct RunConfig {
   std::vector<QuantizerSettings> quantizers;
   std::vector<Lane> lanes = {Lane::Static, Lane::TeacherForced, Lane::FreeRunning};  // in the order given
   MetricSettings metrics;
+  AnalysisSettings analysis;
   OutputSettings output;
   std::string source_path;  // the config file as named by the caller
 
@@ -106,6 +115,7 @@ bool operator==(const ModelSettings& a, const ModelSettings& b);
 bool operator==(const DecodingSettings& a, const DecodingSettings& b);
 bool operator==(const QuantizerSettings& a, const QuantizerSettings& b);
 bool operator==(const MetricSettings& a, const MetricSettings& b);
+bool operator==(const AnalysisSettings& a, const AnalysisSettings& b);
 bool operator==(const OutputSettings& a, const OutputSettings& b);
 bool operator==(const RunConfig& a, const RunConfig& b);
 

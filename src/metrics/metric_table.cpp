@@ -15,10 +15,12 @@ namespace {
 const std::vector<std::string> kStep = {"step"};
 const std::vector<std::string> kLoggedStepLayer = {"logged_step", "layer"};
 const std::vector<std::string> kPositionLayer = {"position", "layer"};
+const std::vector<std::string> kLayer = {"layer"};
 const std::vector<std::string> kScalar = {};
-const std::vector<Lane> kAllLanes = {Lane::Static, Lane::TeacherForced, Lane::FreeRunning};
-const std::vector<Lane> kTeacherForced = {Lane::TeacherForced};
-const std::vector<Lane> kAttentionLanes = {Lane::Static, Lane::TeacherForced};
+const std::vector<Lane> kAllLanes = {Lane::Static, Lane::TeacherForced, Lane::OneStep, Lane::FreeRunning};
+// The lanes fed the reference's tokens, so their logits compare with its at every step.
+const std::vector<Lane> kTeacherForced = {Lane::TeacherForced, Lane::OneStep};
+const std::vector<Lane> kAttentionLanes = {Lane::Static, Lane::TeacherForced, Lane::OneStep};
 const std::vector<Lane> kDecodingLanes = {Lane::TeacherForced, Lane::FreeRunning};
 
 std::vector<MetricSpec> build_table() {
@@ -39,6 +41,12 @@ std::vector<MetricSpec> build_table() {
       {metric::fraction_quantized, kScalar, "float64", kAllLanes, "fraction of the cache's tokens held quantized"},
       {metric::quantize_seconds, kScalar, "float64", kAllLanes,
        "wall time spent quantizing and dequantizing the lane's blocks (host time)"},
+      {metric::onset_step, kScalar, "float64", kAllLanes,
+       "the first step whose forward read at least one quantized key or value position (any layer); -1: none"},
+      {metric::onset_step_per_layer, kLayer, "float32", kAllLanes,
+       "per layer, the first step whose forward read a quantized position of that layer; -1: none"},
+      {metric::fraction_read_quantized, kStep, "float32", kAllLanes,
+       "fraction of the key and value positions the step's forward read (over layers) that were quantized"},
   };
   const std::map<std::string, std::string> component_meanings = {
       {"E_M", "magnitude error (||x|| - ||x_hat||)^2"},
@@ -61,6 +69,24 @@ std::vector<MetricSpec> build_table() {
                        "of sums"});
       table.push_back({group + "/" + metric::worst5_shares[1], kScalar, "float64", lanes,
                        "the same share as the mean over those rows of E_M / E_T (rows with E_T = 0 left out)"});
+      table.push_back({group + "/" + metric::worst5_relative_per_layer, kLayer, "float32", lanes,
+                       "per layer, over the rows read quantized: share of E_M in E_T among the worst 5% of rows "
+                       "(kv-head, position) by relative error E_T / |x|^2, as sum E_M/|x|^2 over sum E_T/|x|^2; NaN "
+                       "where the layer read nothing quantized"});
+      table.push_back({group + "/" + metric::worst5_relative_pooled, kScalar, "float64", lanes,
+                       "the same share over every layer's worst 5% rows together (each layer ranked on its own)"});
+      if (std::string(against) != "quant") continue;
+      table.push_back({group + "/" + metric::norm_mean_per_layer, kLayer, "float32", lanes,
+                       fmt::format("per layer, mean token norm |x| of the {} rows read quantized; NaN where none",
+                                   tensor)});
+      table.push_back({group + "/" + metric::norm_max_per_layer, kLayer, "float32", lanes,
+                       fmt::format("per layer, largest token norm |x| of the {} rows read quantized; NaN where none",
+                                   tensor)});
+      table.push_back({group + "/" + metric::saturated_params, kScalar, "float64", lanes,
+                       "stored parameters beyond their storage dtype's largest finite value (float16: 65504, "
+                       "becoming inf; float8_e4m3: 448, saturating), over the lane's blocks and layers"});
+      table.push_back({group + "/" + metric::flushed_to_zero_params, kScalar, "float64", lanes,
+                       "nonzero stored parameters that their storage dtype rounded to 0"});
     }
   }
   return table;

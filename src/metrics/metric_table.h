@@ -43,11 +43,22 @@ inline constexpr const char* match = "match";
 inline constexpr const char* bits_per_element = "bits_per_element";
 inline constexpr const char* fraction_quantized = "fraction_quantized";
 inline constexpr const char* quantize_seconds = "quantize_seconds";
+inline constexpr const char* onset_step = "onset_step";
+inline constexpr const char* onset_step_per_layer = "onset_step_per_layer";
+inline constexpr const char* fraction_read_quantized = "fraction_read_quantized";
 // Token-scale error of `tensor` (key | value) compared `against` (quant: what attention reads vs what
 // the lane wrote; drift: the lane's cache vs the reference's): "key/quant" and so on.
 std::string token_scale_group(const std::string& tensor, const std::string& against);
 inline constexpr const char* token_scale_components[] = {"E_M", "E_D", "E_T", "norm_ratio"};
 inline constexpr const char* worst5_shares[] = {"worst5_magnitude_share", "worst5_magnitude_share_mean_of_ratios"};
+// The like-for-like worst-rows share (metrics::worst_rows_relative_share), per layer and pooled.
+inline constexpr const char* worst5_relative_per_layer = "worst5_relative_share_per_layer";
+inline constexpr const char* worst5_relative_pooled = "worst5_relative_share_pooled";
+// Of what a lane's cache quantized, per layer (key/quant and value/quant only).
+inline constexpr const char* norm_mean_per_layer = "norm_mean_per_layer";
+inline constexpr const char* norm_max_per_layer = "norm_max_per_layer";
+inline constexpr const char* saturated_params = "saturated_params";
+inline constexpr const char* flushed_to_zero_params = "flushed_to_zero_params";
 }  // namespace metric
 
 }  // namespace kvdrift

@@ -14,6 +14,7 @@ struct TokenScaleError {
   torch::Tensor direction;  // E_D
   torch::Tensor total;      // E_T
   torch::Tensor norm_ratio; // |x_hat| / |x| - 1 (0 where |x| = 0)
+  torch::Tensor norm;       // |x|
 };
 
 TokenScaleError token_scale_error(const torch::Tensor& x, const torch::Tensor& x_hat);
@@ -27,5 +28,17 @@ struct WorstRowsShare {
   double mean_of_ratios = 0;
 };
 WorstRowsShare worst_rows_magnitude_share(const TokenScaleError& error, double fraction = 0.05);
+
+// The like-for-like reading: for rows [layers, kv_heads, positions], among the rows where `selected`
+// (those read quantized) with |x| > 0, per layer the worst `fraction` by relative error E_T / |x|^2,
+// and the share of E_M in E_T over them as a ratio of sums of relative errors (sum E_M/|x|^2 over
+// sum E_T/|x|^2), so no layer's norms outweigh another's; pooled: the same share over every layer's
+// worst rows together. NaN where a layer has no such row; 0 where its worst rows have no error.
+struct LayerWorstRowsShare {
+  std::vector<double> per_layer;
+  double pooled = 0;
+};
+LayerWorstRowsShare worst_rows_relative_share(const TokenScaleError& error, const torch::Tensor& selected,
+                                              double fraction = 0.05);
 
 }  // namespace kvdrift::metrics

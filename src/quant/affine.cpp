@@ -1,6 +1,7 @@
 #include "quant/affine.h"
 
 #include <cmath>
+#include <limits>
 
 #include "core/error.h"
 
@@ -18,6 +19,15 @@ StoredDtype read_float_dtype(ParamReader& params, const std::string& key, Stored
 
 StoredDtype read_scale_dtype(ParamReader& params) {
   return read_float_dtype(params, "scale_dtype", StoredDtype::Float16);
+}
+
+bool read_round_before_codes(ParamReader& params) {
+  return params.choice("scale_rounding", scale_rounding_name(false), {"after_codes", "before_codes"}) ==
+         scale_rounding_name(true);
+}
+
+const char* scale_rounding_name(bool round_before_codes) {
+  return round_before_codes ? "before_codes" : "after_codes";
 }
 
 StoredDtype read_zero_dtype(ParamReader& params, StoredDtype scale_dtype) {
@@ -59,7 +69,20 @@ torch::Tensor round_to_storage(const torch::Tensor& x, StoredDtype dtype) {
   internal_error("every stored dtype has a rounding", __FILE__, __LINE__);
 }
 
-MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip) {
+StoredParam stored_param(const torch::Tensor& x, StoredDtype dtype) {
+  StoredParam param{round_to_storage(x, dtype), dtype};
+  double largest = 0;  // the largest finite value of a floating-point storage dtype
+  if (dtype == StoredDtype::Float16) largest = 65504.0;
+  if (dtype == StoredDtype::Float8E4M3) largest = 448.0;
+  if (largest > 0) {
+    param.saturated = (x.abs() > largest).sum().item<int64_t>();
+    param.flushed_to_zero = ((x != 0) & (param.values == 0)).sum().item<int64_t>();
+  }
+  return param;
+}
+
+MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip,
+                            std::optional<ParamDtypes> round_first) {
   const double levels = std::pow(2.0, static_cast<double>(bits)) - 1.0;
   auto minimum = std::get<0>(groups.min(-1, /*keepdim=*/true));
   auto maximum = std::get<0>(groups.max(-1, /*keepdim=*/true));
@@ -68,7 +91,14 @@ MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double ep
     maximum = maximum * clip;
   }
   auto scale = ((maximum - minimum) / levels).clamp_min(eps);
-  auto codes = torch::round((groups - minimum) / scale).clamp(0.0, levels).to(torch::kUInt8);
+  auto divisor = scale;
+  if (round_first) {
+    scale = round_to_storage(scale, round_first->scale);
+    minimum = round_to_storage(minimum, round_first->zero);
+    // A scale that rounds to 0 dequantizes every code to the minimum: any code will do, but not NaN.
+    divisor = scale.clamp_min(std::numeric_limits<float>::min());
+  }
+  auto codes = torch::round((groups - minimum) / divisor).clamp(0.0, levels).to(torch::kUInt8);
   return {codes, scale, minimum};
 }
 

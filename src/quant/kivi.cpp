@@ -29,6 +29,7 @@ class KiviQuantizer final : public Quantizer {
     sink_ = params.integer("sink_tokens", paper ? 128 : 0, 0, 1 << 20);
     scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    round_before_codes_ = quant::read_round_before_codes(params);
     if (head_dim % value_group_ != 0)
       params.reject(fmt::format("{} {} does not divide head_dim {}",
                                 params.has("value_group_size") || paper ? "value_group_size" : "group_size", value_group_,
@@ -48,7 +49,8 @@ class KiviQuantizer final : public Quantizer {
             {"residual_length", std::to_string(residual_)},
             {"sink_tokens", std::to_string(sink_)},
             {"scale_dtype", stored_dtype_name(scale_dtype_)},
-            {"zero_dtype", stored_dtype_name(zero_dtype_)}};
+            {"zero_dtype", stored_dtype_name(zero_dtype_)},
+            {"scale_rounding", quant::scale_rounding_name(round_before_codes_)}};
   }
 
   RolePolicy policy(Role role) const override {
@@ -61,13 +63,13 @@ class KiviQuantizer final : public Quantizer {
     if (role == Role::Key && x.size(1) != residual_)
       fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
     const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
-    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, quant::kMinMaxScaleEps);
+    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, quant::kMinMaxScaleEps, 1.0, round_first());
     QuantizedTiles tiles;
     tiles.codes = from_groups(minmax.codes, role);
     tiles.bits = bits;
     // Keys [N, T/G, D], values [N, T, D/G].
-    tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
+    tiles.params["scale"] = quant::stored_param(minmax.scale.squeeze(-1), scale_dtype_);
+    tiles.params["minimum"] = quant::stored_param(minmax.minimum.squeeze(-1), zero_dtype_);
     return tiles;
   }
 
@@ -93,9 +95,15 @@ class KiviQuantizer final : public Quantizer {
     return groups.flatten(2, 3);
   }
 
+  std::optional<quant::ParamDtypes> round_first() const {
+    if (!round_before_codes_) return std::nullopt;
+    return quant::ParamDtypes{scale_dtype_, zero_dtype_};
+  }
+
   int64_t head_dim_, k_bits_, v_bits_, group_, value_group_, residual_, sink_;
   std::string preset_;
   StoredDtype scale_dtype_, zero_dtype_;
+  bool round_before_codes_ = false;
 };
 
 }  // namespace

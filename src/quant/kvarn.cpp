@@ -3,6 +3,7 @@
 // keys per channel across the tile's tokens, values per token. The VarN scales are stored with the RTN
 // parameters and folded back at dequantization. Every step is batched over the N tiles on their device.
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "core/error.h"
@@ -102,6 +103,7 @@ class KVarNQuantizer final : public Quantizer {
     sink_ = params.boolean("sink", true);
     scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    round_before_codes_ = quant::read_round_before_codes(params);
     if (params.has("preset") && (params.has("k_bits") || params.has("v_bits")))
       params.reject("give either preset or k_bits/v_bits, not both");
     if ((tile_size_ & (tile_size_ - 1)) != 0)
@@ -125,7 +127,8 @@ class KVarNQuantizer final : public Quantizer {
             {"rotate", rotate_ ? "true" : "false"},
             {"sink", sink_ ? "true" : "false"},
             {"scale_dtype", stored_dtype_name(scale_dtype_)},
-            {"zero_dtype", stored_dtype_name(zero_dtype_)}};
+            {"zero_dtype", stored_dtype_name(zero_dtype_)},
+            {"scale_rounding", quant::scale_rounding_name(round_before_codes_)}};
   }
 
   RolePolicy policy(Role) const override { return {sink_ ? tile_size_ : 0, tile_size_, 0}; }
@@ -137,26 +140,33 @@ class KVarNQuantizer final : public Quantizer {
       fail("quantizer 'kvarn': a tile must hold exactly tile_size = {} tokens, got {}", tile_size_, x.size(1));
     auto x32 = x.to(torch::kFloat32);
     auto rotated = rotate_ ? quant::hadamard_rotate(x32) : x32;
+    // Keys: T = K_rot^T (rows = channels, columns = tokens): Sc is a token scale, stored as kT, Sr a
+    // channel scale, RTN per channel; kS = Sr s, kZ = Sr lo. Values: T = V_rot (rows = tokens): Sc is
+    // a channel scale, stored as vC, Sr a token scale, RTN per token; vS = Sr s, vZ = Sr lo.
+    const bool key = role == Role::Key;
+    const int64_t bits = key ? k_bits_ : v_bits_;
+    const auto t = key ? rotated.transpose(1, 2) : rotated;
+    const auto varn = variance_normalize(t, iters_);
+    // before_codes: the column scale as stored normalizes the tile, so the RTN range and the codes
+    // follow what dequantization multiplies back.
+    const auto column_scale =
+        round_before_codes_ ? quant::round_to_storage(varn.column_scale, scale_dtype_) : varn.column_scale;
+    const auto normalized = round_before_codes_ ? normalize(t, column_scale, varn.row_scale) : varn.normalized;
+    const auto rtn = quant::quantize_minmax(normalized, bits, kScaleEps);
+    const std::string column_name = key ? "kT" : "vC", scale_name = key ? "kS" : "vS", zero_name = key ? "kZ" : "vZ";
     QuantizedTiles tiles;
-    if (role == Role::Key) {
-      // Rows = channels, columns = tokens: Sc is a token scale, Sr a channel scale, RTN per channel.
-      const auto varn = variance_normalize(rotated.transpose(1, 2), iters_);
-      const auto rtn = quant::quantize_minmax(varn.normalized, k_bits_, kScaleEps);
-      tiles.codes = rtn.codes.transpose(1, 2).contiguous();  // token-major [N, T, D]
-      tiles.bits = k_bits_;
-      store(tiles, "kS", varn.row_scale * rtn.scale.squeeze(-1));    // [N, D]
-      store(tiles, "kZ", varn.row_scale * rtn.minimum.squeeze(-1), zero_dtype_);  // [N, D]
-      store(tiles, "kT", varn.column_scale);                         // [N, T]
-    } else {
-      // Rows = tokens, columns = channels: Sc is a channel scale, Sr a token scale, RTN per token.
-      const auto varn = variance_normalize(rotated, iters_);
-      const auto rtn = quant::quantize_minmax(varn.normalized, v_bits_, kScaleEps);
-      tiles.codes = rtn.codes;
-      tiles.bits = v_bits_;
-      store(tiles, "vC", varn.column_scale);                         // [N, D]
-      store(tiles, "vS", varn.row_scale * rtn.scale.squeeze(-1));    // [N, T]
-      store(tiles, "vZ", varn.row_scale * rtn.minimum.squeeze(-1), zero_dtype_);  // [N, T]
+    tiles.bits = bits;
+    store(tiles, column_name, column_scale);                                       // [N, C]
+    store(tiles, scale_name, varn.row_scale * rtn.scale.squeeze(-1));              // [N, R]
+    store(tiles, zero_name, varn.row_scale * rtn.minimum.squeeze(-1), zero_dtype_);  // [N, R]
+    auto codes = rtn.codes;  // [N, R, C]
+    if (round_before_codes_) {
+      // T[r, c] / column[c] = q[r, c] scale[r] + zero[r], with the parameters as stored.
+      const auto& p = tiles.params;
+      codes = codes_against_stored(t / p.at(column_name).values.unsqueeze(1), p.at(scale_name).values.unsqueeze(2),
+                                   p.at(zero_name).values.unsqueeze(2), bits);
     }
+    tiles.codes = key ? codes.transpose(1, 2).contiguous() : codes;  // token-major [N, T, D]
     return tiles;
   }
 
@@ -177,17 +187,27 @@ class KVarNQuantizer final : public Quantizer {
   }
 
  private:
-  // Parameters are computed (and codes derived) in float32, then rounded to their storage dtype.
+  // scale_rounding: before_codes. The codes of `scaled` (the tile divided by its stored token or channel
+  // scale) for its stored RTN scale and zero point: the nearest code for what dequantization reads.
+  static torch::Tensor codes_against_stored(const torch::Tensor& scaled, const torch::Tensor& scale,
+                                            const torch::Tensor& zero, int64_t bits) {
+    const double levels = std::pow(2.0, static_cast<double>(bits)) - 1.0;
+    const auto divisor = scale.clamp_min(std::numeric_limits<float>::min());  // a scale stored as 0: any code
+    return torch::round((scaled - zero) / divisor).clamp(0.0, levels).to(torch::kUInt8);
+  }
+
+  // after_codes: parameters are computed (and codes derived) in float32, then rounded to their storage
+  // dtype, as the authors' kernels do (docs/quantizers.md).
   void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values) const {
     store(tiles, name, values, scale_dtype_);
   }
   static void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values,
                     StoredDtype dtype) {
-    tiles.params[name] = {quant::round_to_storage(values, dtype), dtype};
+    tiles.params[name] = quant::stored_param(values, dtype);
   }
 
   int64_t head_dim_, k_bits_, v_bits_, tile_size_, iters_;
-  bool rotate_, sink_;
+  bool rotate_, sink_, round_before_codes_ = false;
   StoredDtype scale_dtype_, zero_dtype_;
 };
 

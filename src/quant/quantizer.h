@@ -48,6 +48,10 @@ inline const char* stored_dtype_name(StoredDtype dtype) { return enum_name(kStor
 struct StoredParam {
   torch::Tensor values;  // float32, exactly representable in `dtype`
   StoredDtype dtype = StoredDtype::Float32;
+  // Elements that the storage dtype could not hold (quant::stored_param): beyond its largest finite
+  // value (float16 overflows to inf, float8_e4m3 saturates at 448), or nonzero but rounded to 0.
+  int64_t saturated = 0;
+  int64_t flushed_to_zero = 0;
 };
 struct QuantizedTiles {
   torch::Tensor codes;  // uint8

@@ -5,6 +5,7 @@
 // lie outside it and is stored in zero_dtype). value_zero_point: float_minimum keeps the older
 // x_hat = q s + min variant for comparison.
 #include <cmath>
+#include <limits>
 
 #include "core/error.h"
 #include "quant/affine.h"
@@ -38,6 +39,7 @@ class QuarotQuantizer final : public Quantizer {
     value_.clip_ratio = clip_given ? clip : default_clip_ratio(value_.bits);
     scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    round_before_codes_ = quant::read_round_before_codes(params);
     integer_value_zero_ = params.choice("value_zero_point", "integer", {"integer", "float_minimum"}) == "integer";
     if (!quant::has_hadamard(head_dim))
       params.reject(
@@ -59,7 +61,8 @@ class QuarotQuantizer final : public Quantizer {
             {"clip_ratio", clip_ratio},
             {"scale_dtype", stored_dtype_name(scale_dtype_)},
             {"zero_dtype", stored_dtype_name(zero_dtype_)},
-            {"value_zero_point", integer_value_zero_ ? "integer" : "float_minimum"}};
+            {"value_zero_point", integer_value_zero_ ? "integer" : "float_minimum"},
+            {"scale_rounding", quant::scale_rounding_name(round_before_codes_)}};
   }
 
   RolePolicy policy(Role) const override {
@@ -110,23 +113,28 @@ class QuarotQuantizer final : public Quantizer {
     low = torch::where(zero_range, torch::full_like(low, -1.0), low);
     high = torch::where(zero_range, torch::full_like(high, 1.0), high);
     auto scale = (high - low) / levels;
+    // before_codes: the zero point and the codes follow the scale as stored.
+    if (round_before_codes_)
+      scale = quant::round_to_storage(scale, scale_dtype_).clamp_min(std::numeric_limits<float>::min());
     auto zero = torch::round(-low / scale) + 0.0;  // + 0.0 turns the -0 of a group without negatives into +0
     auto codes = (torch::round(groups / scale) + zero).clamp(0.0, levels);
     QuantizedTiles tiles;
     tiles.codes = codes.to(torch::kUInt8);
     tiles.bits = role.bits;
-    tiles.params["scale"] = {quant::round_to_storage(scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["zero"] = {quant::round_to_storage(zero.squeeze(-1), zero_dtype), zero_dtype};
+    tiles.params["scale"] = quant::stored_param(scale.squeeze(-1), scale_dtype_);
+    tiles.params["zero"] = quant::stored_param(zero.squeeze(-1), zero_dtype);
     return tiles;
   }
 
   QuantizedTiles quantize_float_minimum(const torch::Tensor& groups) const {
-    auto minmax = quant::quantize_minmax(groups, value_.bits, quant::kMinMaxScaleEps, value_.clip_ratio);
+    auto minmax = quant::quantize_minmax(groups, value_.bits, quant::kMinMaxScaleEps, value_.clip_ratio,
+                                         round_before_codes_ ? std::optional(quant::ParamDtypes{scale_dtype_, zero_dtype_})
+                                                             : std::nullopt);
     QuantizedTiles tiles;
     tiles.codes = minmax.codes;
     tiles.bits = value_.bits;
-    tiles.params["scale"] = {quant::round_to_storage(minmax.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(minmax.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
+    tiles.params["scale"] = quant::stored_param(minmax.scale.squeeze(-1), scale_dtype_);
+    tiles.params["minimum"] = quant::stored_param(minmax.minimum.squeeze(-1), zero_dtype_);
     return tiles;
   }
 
@@ -134,6 +142,7 @@ class QuarotQuantizer final : public Quantizer {
   RoleSettings key_, value_;
   StoredDtype scale_dtype_, zero_dtype_;
   bool integer_value_zero_ = true;
+  bool round_before_codes_ = false;
 };
 
 }  // namespace

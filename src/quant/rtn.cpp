@@ -21,6 +21,7 @@ class RtnQuantizer final : public Quantizer {
     sink_ = params.integer("sink", 0, 0, 1 << 20);
     scale_dtype_ = quant::read_scale_dtype(params);
     zero_dtype_ = quant::read_zero_dtype(params, scale_dtype_);
+    round_before_codes_ = quant::read_round_before_codes(params);
     if (per_token_ && head_dim % group_ != 0)
       params.reject(fmt::format("group_size {} does not divide head_dim {}", group_, head_dim));
     if (!per_token_ && (residual_ % group_ != 0 || sink_ % group_ != 0))
@@ -35,7 +36,8 @@ class RtnQuantizer final : public Quantizer {
             {"axis", per_token_ ? "per_token" : "per_channel"},
             {"group_size", std::to_string(group_)},      {"clip_ratio", fmt::format("{}", clip_ratio_)},
             {"residual_length", std::to_string(residual_)}, {"sink", std::to_string(sink_)},
-            {"scale_dtype", stored_dtype_name(scale_dtype_)},                {"zero_dtype", stored_dtype_name(zero_dtype_)}};
+            {"scale_dtype", stored_dtype_name(scale_dtype_)},                {"zero_dtype", stored_dtype_name(zero_dtype_)},
+            {"scale_rounding", quant::scale_rounding_name(round_before_codes_)}};
   }
 
   RolePolicy policy(Role) const override {
@@ -52,13 +54,15 @@ class RtnQuantizer final : public Quantizer {
     // Bring each group to the last axis.
     auto groups = per_token_ ? x.reshape({n, tokens, dim / group_, group_})
                              : x.reshape({n, tokens / group_, group_, dim}).transpose(2, 3);
-    auto codes = quant::quantize_minmax(groups, bits, quant::kMinMaxScaleEps, clip_ratio_);
+    auto codes = quant::quantize_minmax(groups, bits, quant::kMinMaxScaleEps, clip_ratio_,
+                                         round_before_codes_ ? std::optional(quant::ParamDtypes{scale_dtype_, zero_dtype_})
+                                                             : std::nullopt);
     QuantizedTiles tiles;
     tiles.codes = per_token_ ? codes.codes.reshape({n, tokens, dim}) : codes.codes.transpose(2, 3).reshape({n, tokens, dim});
     tiles.bits = bits;
     // Parameters [N, T, D/G] (per token) or [N, T/G, D] (per channel).
-    tiles.params["scale"] = {quant::round_to_storage(codes.scale.squeeze(-1), scale_dtype_), scale_dtype_};
-    tiles.params["minimum"] = {quant::round_to_storage(codes.minimum.squeeze(-1), zero_dtype_), zero_dtype_};
+    tiles.params["scale"] = quant::stored_param(codes.scale.squeeze(-1), scale_dtype_);
+    tiles.params["minimum"] = quant::stored_param(codes.minimum.squeeze(-1), zero_dtype_);
     return tiles;
   }
 
@@ -79,6 +83,7 @@ class RtnQuantizer final : public Quantizer {
   bool per_token_;
   double clip_ratio_;
   StoredDtype scale_dtype_, zero_dtype_;
+  bool round_before_codes_ = false;
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -428,10 +429,40 @@ std::vector<double> attention_by_step(const h5::Group& lane) {
   return means;
 }
 
-// One sample's values per logged step as (step, value) points.
-void add_by_step(stats::LineSums& sample, const std::vector<double>& by_step, const std::vector<int64_t>& logged_steps) {
+// One sample's values per logged step as (step, value) points, from step `from` on.
+void add_by_step(stats::LineSums& sample, const std::vector<double>& by_step, const std::vector<int64_t>& logged_steps,
+                 int64_t from = 0) {
   for (size_t i = 0; i < by_step.size() && i < logged_steps.size(); ++i)
-    sample.add(static_cast<double>(logged_steps[i]), by_step[i]);
+    if (logged_steps[i] >= from) sample.add(static_cast<double>(logged_steps[i]), by_step[i]);
+}
+
+// Growth after the onset (docs/hdf5-schema.md): a lane's values from `onset_margin` steps after its
+// first quantized read, in samples that have at least `min_steps` such steps.
+struct PostOnset {
+  AnalysisSettings settings;
+
+  // The first step counted, or -1 where the lane never read anything quantized (a log without onsets
+  // counts nothing either).
+  int64_t first(const h5::Group& lane) const {
+    if (!lane.has_attribute(metric::onset_step)) return -1;
+    const double onset = lane.attribute<double>(metric::onset_step);
+    return onset < 0 ? -1 : static_cast<int64_t>(onset) + settings.onset_margin;
+  }
+  // (step, value) points of `values` (one per step) from `from` on, when there are enough of them.
+  stats::LineSums points(const std::vector<double>& values, int64_t from) const {
+    stats::LineSums sums;
+    if (from < 0 || static_cast<int64_t>(values.size()) - from < settings.min_post_onset_steps) return sums;
+    for (size_t step = static_cast<size_t>(from); step < values.size(); ++step)
+      sums.add(static_cast<double>(step), values[step]);
+    return sums;
+  }
+};
+
+std::vector<double> widened(const std::vector<float>& values) { return {values.begin(), values.end()}; }
+
+// Samples whose PerSample entry has points (those that qualified for a post-onset slope).
+int64_t with_points(const PerSample& values) {
+  return std::count_if(values.samples.begin(), values.samples.end(), [](const stats::LineSums& s) { return s.n > 0; });
 }
 
 // Per sample, per role: the worst-5% magnitude share of what attention reads, in both definitions
@@ -475,11 +506,14 @@ struct StaticTotals {
   }
 };
 
+// The teacher-forced lane, and the one-step lane (the same arrays).
 struct TeacherForcedTotals {
   Worst5Shares worst5;
   int64_t first_step = 1;
+  PostOnset post_onset;
   std::vector<double> kl;  // every compared step of every sample, for percentiles
   PerSample kl_by_step, final_kl, top1_disagreement, logp_delta, attn_rel_l2, kl_sampled;
+  PerSample post_onset_kl, post_onset_attn_rel_l2;
   Mean kl_sampled_infinite;
   bool has_kl_sampled = false;
 
@@ -507,8 +541,18 @@ struct TeacherForcedTotals {
       }
     }
     add_by_step(attn_rel_l2.next(), attention_by_step(lane), logged_steps);
+    const int64_t from = post_onset.first(lane);
+    post_onset_kl.samples.push_back(post_onset.points(widened(sample_kl), from));
+    stats::LineSums& attention = post_onset_attn_rel_l2.next();
+    const auto logged_after = std::count_if(logged_steps.begin(), logged_steps.end(), [&](int64_t s) { return s >= from; });
+    if (from >= 0 && static_cast<int64_t>(sample_kl.size()) - from >= post_onset.settings.min_post_onset_steps &&
+        logged_after >= 2)
+      add_by_step(attention, attention_by_step(lane), logged_steps, from);
   }
   void write(h5::Group& group) const {
+    set_slope_with_interval(group, "post_onset_kl_slope", post_onset_kl);
+    set_slope_with_interval(group, "post_onset_attn_rel_l2_slope", post_onset_attn_rel_l2);
+    group.set_attribute("post_onset_samples", with_points(post_onset_kl));
     set_mean_with_interval(group, "kl_mean", kl_by_step);
     group.set_attribute("kl_median", stats::percentile(kl, 50));
     group.set_attribute("kl_p90", stats::percentile(kl, 90));
@@ -564,14 +608,21 @@ struct FreeRunningTotals {
 // One quantizer's totals over the finished samples, read back from the file.
 class QuantizerTotals {
  public:
-  explicit QuantizerTotals(int64_t first_step) { teacher_forced_.totals.first_step = first_step; }
+  QuantizerTotals(int64_t first_step, const AnalysisSettings& settings) : post_onset_{settings} {
+    for (auto* lane : {&teacher_forced_, &one_step_}) {
+      lane->totals.first_step = first_step;
+      lane->totals.post_onset = post_onset_;
+    }
+  }
 
   void add(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
     ++samples_;
     add_lane(quantizer, Lane::Static, static_, logged_steps);
     add_lane(quantizer, Lane::TeacherForced, teacher_forced_, logged_steps);
+    add_lane(quantizer, Lane::OneStep, one_step_, logged_steps);
     add_lane(quantizer, Lane::FreeRunning, free_running_, logged_steps);
     add_gap(quantizer, logged_steps);
+    add_accumulation(quantizer, logged_steps);
   }
 
   RunSummaryRow write(h5::Group group, const std::string& name) const {
@@ -583,12 +634,16 @@ class QuantizerTotals {
     group.set_attribute("bits_per_element_mean", bits_per_element_.value());
     group.set_attribute("key_quant_E_T_mean", key_quant_E_T_.value());
     group.set_attribute("value_quant_E_T_mean", value_quant_E_T_.value());
+    group.set_attribute("onset_margin", post_onset_.settings.onset_margin);
+    group.set_attribute("min_post_onset_steps", post_onset_.settings.min_post_onset_steps);
     if (gap_.count() > 0) {
       set_mean_with_interval(group, "attn_gap_mean", gap_);
       set_slope_with_interval(group, "attn_gap_slope", gap_);
     }
+    write_accumulation(group);
     write_lane(group, Lane::Static, static_);
     write_lane(group, Lane::TeacherForced, teacher_forced_);
+    write_lane(group, Lane::OneStep, one_step_);
     write_lane(group, Lane::FreeRunning, free_running_);
     const auto& tf = teacher_forced_.totals;
     return {name, tf.kl_by_step.mean(Weights(tf.kl_by_step.count(), 1.0)),
@@ -631,6 +686,41 @@ class QuantizerTotals {
     add_by_step(gap_.next(), gap, logged_steps);
   }
 
+  // Teacher-forced against one-step, per sample: their mean KL and attention error over the compared
+  // steps (the ratio says how much accumulation across steps adds to one step's propagation), and the
+  // TF - one-step KL gap per step after the onset (its slope: does that part grow?).
+  void add_accumulation(const h5::Group& quantizer, const std::vector<int64_t>& logged_steps) {
+    const char* teacher_lane = lane_name(Lane::TeacherForced);
+    const char* one_step_lane = lane_name(Lane::OneStep);
+    if (!quantizer.exists(teacher_lane) || !quantizer.exists(one_step_lane)) return;
+    const h5::Group teacher = quantizer.open_group(teacher_lane), one_step = quantizer.open_group(one_step_lane);
+    const std::vector<float> teacher_kl = teacher.read<float>(metric::kl), one_step_kl = one_step.read<float>(metric::kl);
+    const int64_t first_step = teacher_forced_.totals.first_step;
+    stats::LineSums &teacher_mean = accumulation_kl_[0].next(), &one_step_mean = accumulation_kl_[1].next();
+    std::vector<double> gap(std::min(teacher_kl.size(), one_step_kl.size()));
+    for (size_t step = 0; step < gap.size(); ++step) {
+      gap[step] = static_cast<double>(teacher_kl[step]) - one_step_kl[step];
+      if (static_cast<int64_t>(step) < first_step) continue;
+      teacher_mean.add(static_cast<double>(step), teacher_kl[step]);
+      one_step_mean.add(static_cast<double>(step), one_step_kl[step]);
+    }
+    post_onset_gap_.samples.push_back(post_onset_.points(gap, post_onset_.first(teacher)));
+    add_by_step(accumulation_attention_[0].next(), attention_by_step(teacher), logged_steps);
+    add_by_step(accumulation_attention_[1].next(), attention_by_step(one_step), logged_steps);
+  }
+
+  void write_accumulation(h5::Group& group) const {
+    if (accumulation_kl_[0].count() == 0) return;
+    const auto ratio = [](const std::array<PerSample, 2>& pair) {
+      return [&pair](const Weights& w) { return pair[0].mean(w) / pair[1].mean(w); };
+    };
+    set_with_interval(group, "tf_over_one_step_kl_ratio", accumulation_kl_[0].count(), ratio(accumulation_kl_));
+    set_with_interval(group, "tf_over_one_step_attn_rel_l2_ratio", accumulation_attention_[0].count(),
+                      ratio(accumulation_attention_));
+    set_slope_with_interval(group, "post_onset_tf_minus_one_step_kl_slope", post_onset_gap_);
+    group.set_attribute("post_onset_gap_samples", with_points(post_onset_gap_));
+  }
+
   template <typename Totals>
   static void write_lane(h5::Group& group, Lane kind, const LaneTotals<Totals>& lane_totals) {
     if (lane_totals.samples == 0) return;
@@ -643,7 +733,10 @@ class QuantizerTotals {
   Mean bits_per_element_, key_quant_E_T_, value_quant_E_T_;
   PerSample gap_;
   LaneTotals<StaticTotals> static_;
-  LaneTotals<TeacherForcedTotals> teacher_forced_;
+  LaneTotals<TeacherForcedTotals> teacher_forced_, one_step_;
+  PostOnset post_onset_;
+  std::array<PerSample, 2> accumulation_kl_, accumulation_attention_;  // teacher-forced, one-step
+  PerSample post_onset_gap_;
   LaneTotals<FreeRunningTotals> free_running_;
 };
 
@@ -777,7 +870,8 @@ void SampleWriter::finish(const std::vector<SampleResult>& results) {
     log_.sample_bytes_ = std::max(log_.sample_bytes_, (bytes_after - bytes_before_) / indices_.size());
 }
 
-std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names) {
+std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names,
+                                          const AnalysisSettings& analysis) {
   reserve_for(0);
   h5::File file = open_for_writing(path_);
   std::vector<RunSummaryRow> rows;
@@ -792,7 +886,7 @@ std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quanti
     const int64_t first_step = chunked ? 0 : 1;
     for (const std::string& name : quantizer_names) {
       check_group_name(path_, "quantizer", name);
-      QuantizerTotals totals(first_step);
+      QuantizerTotals totals(first_step, analysis);
       for (int64_t index : finished_) {
         const h5::Group sample = samples.open_group(std::to_string(index));
         if (!sample.exists(name)) continue;

@@ -100,8 +100,10 @@ class RunLog {
   void write_sample(int64_t index, const SampleResult& result);
 
   // Summarizes the finished samples per quantizer, read back from the file, writes /summary and marks
-  // the run complete. Rows come in the order of `quantizer_names`.
-  std::vector<RunSummaryRow> finish(const std::vector<std::string>& quantizer_names);
+  // the run complete; `analysis` says how the post-onset statistics count steps. Rows come in the order
+  // of `quantizer_names`.
+  std::vector<RunSummaryRow> finish(const std::vector<std::string>& quantizer_names,
+                                    const AnalysisSettings& analysis = {});
 
  private:
   friend class SampleWriter;

@@ -180,7 +180,8 @@ ReferenceQuantized empty_result(const Eigen::MatrixXd& x) {
 // (along_tokens: params [T/G, D]) or G consecutive channels (params [T, D/G]). Used by rtn, kivi and
 // kivi; fills `out` (dequantized in x's frame) and out.params "scale", "minimum" (in zero_dtype).
 void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int group, int bits, double clip,
-                            const std::string& dtype, const std::string& zero_dtype, ReferenceQuantized& out) {
+                            const std::string& dtype, const std::string& zero_dtype, bool before_codes,
+                            ReferenceQuantized& out) {
   const int rows = static_cast<int>(x.rows()), cols = static_cast<int>(x.cols());
   const int param_rows = along_tokens ? rows / group : rows;
   const int param_cols = along_tokens ? cols : cols / group;
@@ -203,7 +204,7 @@ void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int gro
       const double s_stored = round_to_storage(s, dtype);
       const double lo_stored = round_to_storage(lo, zero_dtype);
       for (const auto& [r, c] : members) {
-        out.unrounded(r, c) = (x(r, c) - lo) / s;
+        out.unrounded(r, c) = before_codes ? (x(r, c) - lo_stored) / s_stored : (x(r, c) - lo) / s;
         out.codes(r, c) = to_code(out.unrounded(r, c), bits);
         out.dequantized(r, c) = out.codes(r, c) * s_stored + lo_stored;
       }
@@ -220,7 +221,7 @@ void quantize_minmax_groups(const Eigen::MatrixXd& x, bool along_tokens, int gro
 // widened to contain 0, an all-zero one takes [−1, 1]; integer zero point z = round(−lo/s), stored
 // as an integer for keys and in zero_dtype for values. Dequantized stays rotated.
 void quantize_quarot(const Eigen::MatrixXd& xr, bool key, int group, int bits, double clip, const std::string& dtype,
-                     const std::string& zero_dtype, ReferenceQuantized& out) {
+                     const std::string& zero_dtype, bool before_codes, ReferenceQuantized& out) {
   const int rows = static_cast<int>(xr.rows()), groups = static_cast<int>(xr.cols()) / group;
   Eigen::MatrixXd scale(rows, groups), zero(rows, groups);
   for (int t = 0; t < rows; ++t) {
@@ -241,10 +242,11 @@ void quantize_quarot(const Eigen::MatrixXd& xr, bool key, int group, int bits, d
         lo = -1.0;
         hi = 1.0;
       }
-      const double s = (hi - lo) / max_code(bits);  // no eps: the range is never empty here
+      const double s_stored = round_to_storage((hi - lo) / max_code(bits), dtype);
+      // before_codes: the zero point and the codes follow the stored scale.
+      const double s = before_codes ? s_stored : (hi - lo) / max_code(bits);  // no eps: the range is never empty
       const double z_exact = round_half_even(-lo / s);
       const double z = key ? z_exact : round_to_storage(z_exact, zero_dtype);
-      const double s_stored = round_to_storage(s, dtype);
       for (int k = 0; k < group; ++k) {
         const int d = g * group + k;
         const double ratio = xr(t, d) / s;
@@ -271,9 +273,14 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
   const int rows = static_cast<int>(t.rows()), cols = static_cast<int>(t.cols());
   Eigen::MatrixXd row_scale_stored(1, rows), row_zero_stored(1, rows), col_stored(1, cols);
   for (int c = 0; c < cols; ++c) col_stored(0, c) = round_to_storage(v.col_scale(c), s.scale_dtype);
+  // before_codes: the tile normalized by the column scales as stored.
+  Eigen::MatrixXd balanced = v.balanced;
+  if (s.round_before_codes)
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) balanced(r, c) = t(r, c) / col_stored(0, c) / v.row_scale(r);
   for (int r = 0; r < rows; ++r) {
-    const double lo = v.balanced.row(r).minCoeff();
-    const double hi = v.balanced.row(r).maxCoeff();
+    const double lo = balanced.row(r).minCoeff();
+    const double hi = balanced.row(r).maxCoeff();
     const double step = std::max((hi - lo) / max_code(s.bits), kKvarnEps);
     row_scale_stored(0, r) = round_to_storage(v.row_scale(r) * step, s.scale_dtype);
     row_zero_stored(0, r) = round_to_storage(v.row_scale(r) * lo, s.zero_dtype);
@@ -281,7 +288,11 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
       // Row r of T is channel r for keys, token r for values; codes are stored token-major.
       const int token = s.key ? c : r;
       const int channel = s.key ? r : c;
-      out.unrounded(token, channel) = (v.balanced(r, c) - lo) / step;
+      // before_codes: the tile divided by its stored token or channel scale, against the stored RTN scale
+      // and zero point (K_rot[t,d] / kT[t] = q kS[d] + kZ[d]; V_rot[t,d] / vC[d] = q vS[t] + vZ[t]).
+      out.unrounded(token, channel) =
+          s.round_before_codes ? (t(r, c) / col_stored(0, c) - row_zero_stored(0, r)) / row_scale_stored(0, r)
+                               : (balanced(r, c) - lo) / step;
       out.codes(token, channel) = to_code(out.unrounded(token, channel), s.bits);
       // K̂_rot[t,d] = (q·kS[d] + kZ[d])·kT[t];  V̂_rot[t,d] = (q·vS[t] + vZ[t])·vC[d]
       out.dequantized(token, channel) =
@@ -411,21 +422,24 @@ ReferenceQuantized reference_quantize(const Eigen::MatrixXd& x, const ReferenceS
     }
     const bool along_tokens = s.axis == "per_channel";
     check_divides(s.group_size, along_tokens ? tokens : dim, along_tokens ? "token" : "channel");
-    quantize_minmax_groups(x, along_tokens, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype, out);
+    quantize_minmax_groups(x, along_tokens, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype,
+                           s.round_before_codes, out);
     return out;
   }
   if (s.method == "kivi") {
     // Keys per channel over groups of G tokens, values per token over groups of G channels. Only the
     // grouped axis is checked; "G divides head_dim" for keys is a config rule, not a tile one.
     check_divides(s.group_size, s.key ? tokens : dim, s.key ? "token" : "channel");
-    quantize_minmax_groups(x, s.key, s.group_size, s.bits, 1.0, s.scale_dtype, s.zero_dtype, out);
+    quantize_minmax_groups(x, s.key, s.group_size, s.bits, 1.0, s.scale_dtype, s.zero_dtype, s.round_before_codes,
+                           out);
     return out;
   }
   if (s.method == "quarot") {
     check_divides(s.group_size, dim, "channel");
     const Eigen::MatrixXd h = reference_hadamard(dim);
     const Eigen::MatrixXd xr = x * h;
-    quantize_quarot(xr, s.key, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype, out);
+    quantize_quarot(xr, s.key, s.group_size, s.bits, s.clip_ratio, s.scale_dtype, s.zero_dtype, s.round_before_codes,
+                    out);
     out.dequantized = Eigen::MatrixXd(out.dequantized * h.transpose());
     return out;
   }

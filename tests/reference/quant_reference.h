@@ -68,6 +68,9 @@ struct ReferenceSettings {
   std::string zero_dtype = "float16";  // minima / zero points (kvarn kZ, vZ; quarot value zeros)
   int iters = 8;       // kvarn, 0..64
   bool rotate = true;  // kvarn
+  // scale_rounding: false = after_codes (codes against the unrounded parameters), true = before_codes
+  // (codes against the parameters as stored; QuaRot's zero point from the stored scale).
+  bool round_before_codes = false;
 };
 
 // Quantizes one tile x [T tokens, D channels] (keys already after RoPE) and dequantizes it. Throws
