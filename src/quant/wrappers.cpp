@@ -13,6 +13,7 @@
 // float32, so their bits per element are the method's plus that side information.
 #include <fmt/ranges.h>
 
+#include "core/enum_names.h"
 #include "core/error.h"
 #include "quant/quantizer.h"
 #include "quant/wrappers.h"
@@ -21,49 +22,11 @@ namespace kvdrift {
 
 namespace {
 
-class TrueScaleOrDirection final : public Quantizer {
- public:
-  TrueScaleOrDirection(std::unique_ptr<Quantizer> inner, bool true_scale)
-      : inner_(std::move(inner)), true_scale_(true_scale) {}
-
-  std::string method() const override { return inner_->method(); }
-  ParamMap resolved_params() const override {
-    ParamMap params = inner_->resolved_params();
-    params["wrap"] = true_scale_ ? "true_scale" : "true_direction";
-    return params;
-  }
-  RolePolicy policy(Role role) const override { return inner_->policy(role); }
-
-  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const override {
-    QuantizedTiles tiles = inner_->quantize(x, role, layer);
-    const auto x32 = x.to(torch::kFloat32);
-    if (true_scale_) {
-      tiles.params["true_norm"] = {x32.norm(2, -1), StoredDtype::Float32};  // [N, T]
-    } else {
-      tiles.params["true_vector"] = {x32.clone(), StoredDtype::Float32};  // [N, T, D]
-    }
-    return tiles;
-  }
-
-  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t layer) const override {
-    QuantizedTiles inner_tiles = tiles;
-    inner_tiles.params.erase(true_scale_ ? "true_norm" : "true_vector");
-    const auto restored = inner_->dequantize(inner_tiles, role, layer);
-    const auto norm = restored.norm(2, -1, /*keepdim=*/true);
-    if (true_scale_) {
-      // A vector quantized to 0 has no direction to rescale: it stays 0.
-      const auto scale = tiles.params.at("true_norm").values.unsqueeze(-1) / norm;
-      return torch::where(norm > 0, restored * scale, restored);
-    }
-    const auto& truth = tiles.params.at("true_vector").values;
-    const auto true_norm = truth.norm(2, -1, /*keepdim=*/true);
-    return torch::where(true_norm > 0, truth * (norm / true_norm), torch::zeros_like(truth));
-  }
-
- private:
-  std::unique_ptr<Quantizer> inner_;
-  bool true_scale_;
-};
+enum class Wrap { TrueScale, TrueDirection, EqualErrorScale, EqualErrorDirection };
+inline constexpr EnumName<Wrap> kWrapNames[] = {{Wrap::TrueScale, "true_scale"},
+                                                {Wrap::TrueDirection, "true_direction"},
+                                                {Wrap::EqualErrorScale, "equal_error_scale"},
+                                                {Wrap::EqualErrorDirection, "equal_error_direction"}};
 
 // x_hat' with the method's error energy moved entirely into magnitude (scale) or direction, in float64
 // so that E_M' and E_D' come out exact to float32 rounding. x, x_hat: [..., D].
@@ -91,56 +54,74 @@ torch::Tensor equal_error(const torch::Tensor& x32, const torch::Tensor& x_hat32
   return torch::where((norm > 0) & (error > 0), result, x_hat).to(torch::kFloat32);
 }
 
-class EqualError final : public Quantizer {
+// The method quantizes as usual; the truth it needs (the norms for true_scale, the vectors for the
+// others) rides along as a float32 parameter, and dequantization applies the wrap.
+class Wrapped final : public Quantizer {
  public:
-  EqualError(std::unique_ptr<Quantizer> inner, bool scale) : inner_(std::move(inner)), scale_(scale) {}
+  Wrapped(std::unique_ptr<Quantizer> inner, Wrap wrap) : inner_(std::move(inner)), wrap_(wrap) {}
 
   std::string method() const override { return inner_->method(); }
   ParamMap resolved_params() const override {
     ParamMap params = inner_->resolved_params();
-    params["wrap"] = scale_ ? "equal_error_scale" : "equal_error_direction";
+    params["wrap"] = enum_name(kWrapNames, wrap_);
     return params;
   }
   RolePolicy policy(Role role) const override { return inner_->policy(role); }
 
   QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const override {
     QuantizedTiles tiles = inner_->quantize(x, role, layer);
-    tiles.params["true_vector"] = {x.to(torch::kFloat32).clone(), StoredDtype::Float32};  // [N, T, D]
+    const auto x32 = x.to(torch::kFloat32);
+    if (wrap_ == Wrap::TrueScale) {
+      tiles.params[truth_name()] = {x32.norm(2, -1), StoredDtype::Float32};  // [N, T]
+    } else {
+      tiles.params[truth_name()] = {x32.clone(), StoredDtype::Float32};  // [N, T, D]
+    }
     return tiles;
   }
 
   torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t layer) const override {
     QuantizedTiles inner_tiles = tiles;
-    inner_tiles.params.erase("true_vector");
-    return equal_error(tiles.params.at("true_vector").values, inner_->dequantize(inner_tiles, role, layer), scale_);
+    inner_tiles.params.erase(truth_name());
+    const auto restored = inner_->dequantize(inner_tiles, role, layer);
+    const auto& truth = tiles.params.at(truth_name()).values;
+    const auto norm = restored.norm(2, -1, /*keepdim=*/true);
+    switch (wrap_) {
+      case Wrap::TrueScale:
+        // A vector quantized to 0 has no direction to rescale: it stays 0.
+        return torch::where(norm > 0, restored * (truth.unsqueeze(-1) / norm), restored);
+      case Wrap::TrueDirection: {
+        const auto true_norm = truth.norm(2, -1, /*keepdim=*/true);
+        return torch::where(true_norm > 0, truth * (norm / true_norm), torch::zeros_like(truth));
+      }
+      case Wrap::EqualErrorScale:
+      case Wrap::EqualErrorDirection: return equal_error(truth, restored, wrap_ == Wrap::EqualErrorScale);
+    }
+    internal_error("every wrap dequantizes", __FILE__, __LINE__);
   }
 
  private:
+  const char* truth_name() const { return wrap_ == Wrap::TrueScale ? "true_norm" : "true_vector"; }
+
   std::unique_ptr<Quantizer> inner_;
-  bool scale_;
+  Wrap wrap_;
 };
 
 }  // namespace
 
 const std::vector<std::string>& wrapper_names() {
-  static const std::vector<std::string> names = {"true_scale", "true_direction", "equal_error_scale",
-                                                 "equal_error_direction"};
+  static const std::vector<std::string> names = enum_names(kWrapNames);
   return names;
 }
 
 std::unique_ptr<Quantizer> wrap_quantizer(std::unique_ptr<Quantizer> inner, const std::string& wrapper) {
-  if (wrapper == "true_scale") return std::make_unique<TrueScaleOrDirection>(std::move(inner), true);
-  if (wrapper == "true_direction") return std::make_unique<TrueScaleOrDirection>(std::move(inner), false);
-  const bool equal_error_scale = wrapper == "equal_error_scale";
-  if (equal_error_scale || wrapper == "equal_error_direction") {
-    // Without an error there is no energy to move: the wrapper would silently measure `none`.
-    if (inner->method() == "none")
-      fail("quantizer 'none': wrap = '{}' needs a method with an error to redistribute; 'none' has none",
-           wrapper);
-    return std::make_unique<EqualError>(std::move(inner), equal_error_scale);
-  }
-  fail("quantizer '{}': parameter wrap = '{}' is not one of {}", inner->method(), wrapper,
-       fmt::join(wrapper_names(), ", "));
+  const std::optional<Wrap> wrap = parse_enum(kWrapNames, wrapper);
+  if (!wrap)
+    fail("quantizer '{}': parameter wrap = '{}' is not one of {}", inner->method(), wrapper,
+         fmt::join(wrapper_names(), ", "));
+  // Without an error there is no energy to move: an equal-error wrap of `none` would silently measure `none`.
+  if ((*wrap == Wrap::EqualErrorScale || *wrap == Wrap::EqualErrorDirection) && inner->method() == "none")
+    fail("quantizer 'none': wrap = '{}' needs a method with an error to redistribute; 'none' has none", wrapper);
+  return std::make_unique<Wrapped>(std::move(inner), *wrap);
 }
 
 }  // namespace kvdrift
