@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/output_path.h"
 #include "core/sha256.h"
+#include "core/writer_lock.h"
 #include "decode/engine.h"
 #include "run/run_inputs.h"
 #include "io/prompts.h"
@@ -105,6 +106,10 @@ void run_main_job(const RunOptions& options) {
   const RunConfig config = load_run_config(options.config, overrides);
   check_output_kind("output.path", config.output.path,
                     {options.config, config.model.path, config.model.tokenizer, config.prompts.path});
+  // One writer per log, from before it is read (to resume) or replaced (--overwrite) to the end: a
+  // second run on it stops here and leaves it alone.
+  const WriterLock lock(output_lock_path(config.output.path), "output.path " + config.output.path,
+                        "wait for that run to end, or name another output");
   const auto inputs = load_run_inputs(config);
   const LlamaModel& model = *inputs.model;
   const auto& prompts = inputs.prompts;

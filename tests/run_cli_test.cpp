@@ -550,9 +550,37 @@ TEST(RunCli, FullDiskStopsCleanlyAndTheRunResumesOnceThereIsSpace) {
   const std::string finished_log = test::read_file(log);
   ASSERT_TRUE(disk.resize(4 * kMinReserveBytes + 4 * whole_bytes, /*read_only=*/true)) << std::strerror(errno);
   test::expect_one_error_line(test::run_cli({"run", config, "--output", log}),
-                              log + " cannot be written (Read-only file system): make it writable to resume the run, "
-                                    "or name another output");
+                              "output.path " + log + " cannot be written: cannot create its lock file " + log +
+                                  ".lock (Read-only file system)");
   EXPECT_EQ(test::read_file(log), finished_log);
+}
+
+// One writer per log: a second run of the same config on the same output, started while the first
+// runs (held still by SIGSTOP, wherever it is), stops at once with one line naming the first (also
+// with --overwrite, which would replace the log under it); the first then finishes with every sample,
+// and its lock file goes with it.
+TEST(RunCli, ASecondRunOnALogBeingWrittenIsRefusedAndTheFirstFinishes) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir);
+  const std::string log = dir + "/run.h5", lock = fs::weakly_canonical(log).string() + ".lock";
+  const pid_t first = test::start_cli({"run", config}, dir + "/first.txt");
+  ASSERT_TRUE(test::wait_for_lock_holder(lock, first)) << test::read_file(dir + "/first.txt");
+  ::kill(first, SIGSTOP);
+  for (const std::vector<std::string>& more : {std::vector<std::string>{}, std::vector<std::string>{"--overwrite"}}) {
+    std::vector<std::string> args = {"run", config};
+    args.insert(args.end(), more.begin(), more.end());
+    const auto second = test::run_cli(args);
+    EXPECT_EQ(second.exit_code, 1);
+    test::expect_one_error_line(second, fmt::format("kvdrift: error: output.path {} is held by another kvdrift (pid {} "
+                                                    "on host {}; lock file {}): wait for that run to end, or name "
+                                                    "another output",
+                                                    log, first, test::host_name(), lock));
+  }
+  ::kill(first, SIGCONT);
+  ASSERT_EQ(test::wait_exit_code(first), 0) << test::read_file(dir + "/first.txt");
+  EXPECT_TRUE(complete(log));
+  EXPECT_EQ(finished_samples(log), (std::set<int64_t>{0, 1, 2}));
+  EXPECT_FALSE(fs::exists(lock));
 }
 
 TEST(RunCli, ResumeRefusesChangedPrompts) {

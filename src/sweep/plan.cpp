@@ -286,7 +286,8 @@ std::string manifest_path(const SweepFile& sweep) { return (fs::path(sweep.direc
 
 PointFiles point_files(const std::string& sweep_directory, const std::string& id) {
   const std::string dir = (fs::path(sweep_directory) / "runs" / id).string();
-  return {dir, dir + "/config.yaml", dir + "/log.txt", dir + "/exit_status", dir + "/running", dir + "/run.h5"};
+  return {dir, dir + "/config.yaml", dir + "/log.txt", dir + "/exit_status", dir + "/running", dir + "/run.h5",
+          dir + "/point.lock"};
 }
 
 std::string Manifest::describe(const Point& point) const {
@@ -351,7 +352,7 @@ Manifest expand(const SweepFile& sweep) {
   return manifest;
 }
 
-PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out) {
+PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out, std::optional<WriterLock>* lock) {
   const auto start = std::chrono::steady_clock::now();
   const Manifest manifest = expand(sweep);
   PlanSummary summary;
@@ -362,6 +363,11 @@ PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_ou
   enum class Action { Keep, Write, Reset };
   std::vector<Action> actions(manifest.points.size(), Action::Write);
   resolve_configs(sweep, manifest, configs);
+  std::optional<WriterLock> own_lock;
+  std::optional<WriterLock>& held = lock ? *lock : own_lock;
+  if (!held)
+    held.emplace((fs::path(manifest.directory) / "sweep.lock").string(), "sweep " + manifest.directory,
+                 "one `kvdrift sweep plan` or `submit` of a sweep at a time; wait for it to end");
   std::vector<std::string> conflicts;
   for (size_t i = 0; i < manifest.points.size(); ++i) {
     const Point& point = manifest.points[i];
