@@ -72,9 +72,11 @@ void run_generate(const GenerateOptions& options) {
   }
   if (options.json) {
     const std::vector<int64_t> generated(result.tokens.end() - result.generated, result.tokens.end());
+    // Byte-level tokens may stop inside a character: JSON text cannot hold such bytes, so they become
+    // U+FFFD (the ids say exactly what was generated).
     std::cout << nlohmann::json{{"prompt_ids", prompt}, {"ids", generated}, {"text", tokenizer->decode(generated)},
                                 {"stopped", result.stopped}}
-                     .dump()
+                     .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
               << std::endl;
   } else {
     std::cout << tokenizer->decode(result.tokens) << std::endl;
