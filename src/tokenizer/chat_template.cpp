@@ -80,16 +80,34 @@ std::string ChatTemplate::render(const std::string& user, const std::optional<st
   return text + turn("user", user) + "<|im_start|>assistant\n";
 }
 
+// The template transformers' apply_chat_template uses (PreTrainedTokenizerBase.from_pretrained, then
+// get_chat_template): standalone template files come first and replace tokenizer_config.json's entry
+// whole; among them additional_chat_templates/default.jinja, else chat_template.jinja, is the default,
+// and templates there without a default are refused (transformers asks for a template name).
 ChatTemplate load_chat_template(const std::string& tokenizer_json) {
   const fs::path dir = fs::path(tokenizer_json).parent_path();
   const fs::path config_path = dir / "tokenizer_config.json";
   const fs::path jinja_path = dir / "chat_template.jinja";
-  std::optional<std::string> text = template_in_tokenizer_config(config_path);
-  fs::path source = config_path;
+  const fs::path named_dir = dir / "additional_chat_templates";
   std::error_code error;
-  if (!text && fs::is_regular_file(jinja_path, error)) {
-    text = read_file(jinja_path);
-    source = jinja_path;
+  bool named_templates = false;
+  for (fs::directory_iterator entry(named_dir, error), end; !error && entry != end; entry.increment(error))
+    named_templates = named_templates || entry->path().extension() == ".jinja";
+  std::optional<std::string> text;
+  fs::path source;
+  for (const fs::path& file : {named_dir / "default.jinja", jinja_path}) {
+    if (fs::is_regular_file(file, error)) {
+      text = read_file(file);
+      source = file;
+      break;
+    }
+  }
+  if (!text && named_templates)
+    fail("{} holds chat templates but no default.jinja, and there is no {}: name the default one", named_dir.string(),
+         jinja_path.string());
+  if (!text) {
+    text = template_in_tokenizer_config(config_path);
+    source = config_path;
   }
   if (!text)
     fail("no chat template for {}: neither {} (key chat_template) nor {} exists; set prompts.chat_template: false, "
