@@ -473,6 +473,37 @@ TEST(RunCli, OutputsThatAreNotALogOfTheRunAreRefused) {
   EXPECT_EQ(test::read_file(config), config_text);
 }
 
+// Inputs are never outputs, at any depth: a log named as any file under the model directory (its
+// config, its weights, anything beside them), also through a link, is refused as an input, without
+// suggesting --overwrite and also with it, and the file is left as it was.
+TEST(RunCli, FilesUnderTheModelDirectoryAreInputs) {
+  const std::string dir = test::scratch_dir();
+  const std::string hf = dir + "/hf";
+  ASSERT_EQ(test::run_cli({"convert", "--from", "llama2c", test::stories260k_dir() + "/stories260K.bin", "--to", "hf",
+                           hf})
+                .exit_code,
+            0);
+  test::write_file(hf + "/additional_chat_templates/notes.jinja", "keep me");
+  fs::create_symlink(hf + "/model.safetensors", dir + "/link.h5");
+  const std::string config = small_config(dir, "", 4);
+  for (const auto& [output, input] : std::vector<std::pair<std::string, std::string>>{
+           {hf + "/config.json", hf + "/config.json"},
+           {hf + "/model.safetensors", hf + "/model.safetensors"},
+           {hf + "/additional_chat_templates/notes.jinja", hf + "/additional_chat_templates/notes.jinja"},
+           {dir + "/link.h5", hf + "/model.safetensors"}}) {
+    const std::string before = test::read_file(input);
+    for (const std::vector<std::string>& more : {std::vector<std::string>{}, std::vector<std::string>{"--overwrite"}}) {
+      std::vector<std::string> args = {"run", config, "--set", "model.path=" + hf, "--output", output};
+      args.insert(args.end(), more.begin(), more.end());
+      const auto refused = test::run_cli(args);
+      EXPECT_EQ(refused.exit_code, 1) << output;
+      test::expect_one_error_line(refused, "kvdrift: error: output.path " + output + " is the same file as the input " +
+                                               input + "; name another output");
+    }
+    EXPECT_EQ(test::read_file(input), before) << input;
+  }
+}
+
 // A tmpfs of `bytes` mounted at `dir` for the life of the object, where this process may mount one.
 class SmallDisk {
  public:

@@ -201,6 +201,27 @@ launcher: {kind: local, workers: 2}
   EXPECT_EQ(reordered_ids, sorted_ids);
 }
 
+// Outputs are written by replacing, never through a link: a point's config.yaml that is a link to
+// another file is replaced by the point's config, and that file is left as it was.
+TEST(SweepPlan, ALinkedConfigIsReplacedNotWrittenThrough) {
+  const std::string dir = test::scratch_dir();
+  write_base(dir);
+  const std::string sweep = write_sweep(dir, "name: linked\nroot: out\nbase: base.yaml\ngrid: {decoding.seed: [0]}\n"
+                                             "launcher: {kind: local}\n");
+  ASSERT_EQ(test::run_cli({"sweep", "plan", sweep}).exit_code, 0);
+  const std::string config = dir + "/out/linked/runs/" + ids_of(manifest_of(dir + "/out/linked"))[0] + "/config.yaml";
+  const std::string planned = test::read_file(config);
+  test::write_file(dir + "/elsewhere.yaml", "keep me\n");
+  fs::remove(config);
+  fs::create_symlink(dir + "/elsewhere.yaml", config);
+  const auto again = test::run_cli({"sweep", "plan", sweep});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_NE(again.out.find("(1 configs written, 0 unchanged)"), std::string::npos) << again.out;
+  EXPECT_EQ(test::read_file(dir + "/elsewhere.yaml"), "keep me\n");
+  EXPECT_FALSE(fs::is_symlink(config));
+  EXPECT_EQ(test::read_file(config), planned);
+}
+
 TEST(SweepPlan, ZipAndExcludeSemantics) {
   const std::string dir = test::scratch_dir();
   write_base(dir);

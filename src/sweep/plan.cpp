@@ -58,9 +58,12 @@ std::string read_text(const std::string& path) {
   return text.str();
 }
 
-// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it.
+// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it
+// and a link at `path` is replaced rather than written through.
 void write_atomically(const std::string& path, const std::string& text) {
   const std::string temporary = path + ".tmp";
+  std::error_code ignored;
+  fs::remove(temporary, ignored);  // a link left there would be written through
   {
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
     out << text;
@@ -398,12 +401,11 @@ PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_ou
       for (const std::string& result : {files.output, files.log, files.exit_status}) fs::remove(result);
       ++summary.reset;
     }
-    // Written in place: a plan killed here leaves a config that differs from its point's, and a run
-    // directory without results, so the next plan rewrites it. The manifest comes last.
+    // Replaced, never written through: a config.yaml that is a link to another file leaves that file
+    // alone. A plan killed here leaves a config that differs from its point's and a run directory
+    // without results, so the next plan rewrites it. The manifest comes last.
     fs::create_directory(files.dir);
-    std::ofstream out(files.config, std::ios::binary | std::ios::trunc);
-    out << configs[i];
-    if (!out.flush()) fail("cannot write {}", files.config);
+    write_atomically(files.config, configs[i]);
     ++summary.written;
   }
   const std::string text = manifest_text(manifest);

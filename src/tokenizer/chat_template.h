@@ -5,6 +5,7 @@
 // against transformers). Any other template is refused with its digest, never approximated.
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace kvdrift {
 
@@ -34,5 +35,8 @@ ChatTemplate load_chat_template(const std::string& tokenizer_json);
 // The template of a model: beside `tokenizer_path` when given (a tokenizer.json or its directory),
 // else inside the Hugging Face model directory `model_path`.
 ChatTemplate chat_template_for_model(const std::string& tokenizer_path, const std::string& model_path);
+// The files and folders chat_template_for_model may read (existing or not): inputs that a command
+// must not write over.
+std::vector<std::string> chat_template_files(const std::string& tokenizer_path, const std::string& model_path);
 
 }  // namespace kvdrift
