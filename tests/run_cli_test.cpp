@@ -504,6 +504,22 @@ TEST(RunCli, FilesUnderTheModelDirectoryAreInputs) {
   }
 }
 
+// Rerunning a finished run adds no sample and changes nothing: the log stays byte for byte as it was,
+// its task scores included, and the same summary is printed.
+TEST(RunCli, RerunningAFinishedRunLeavesItByteForByte) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 8);
+  const auto first = test::run_cli({"run", config});
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  h5::File::open_read_write(dir + "/run.h5").create_group("scores").set_attribute("task", std::string("gsm8k"));
+  const std::string finished = test::read_file(dir + "/run.h5");
+  const auto again = test::run_cli({"run", config});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, first.out);
+  EXPECT_EQ(test::read_file(dir + "/run.h5"), finished);
+  EXPECT_EQ(h5::File::open_read(dir + "/run.h5").open_group("scores").attribute<std::string>("task"), "gsm8k");
+}
+
 // A tmpfs of `bytes` mounted at `dir` for the life of the object, where this process may mount one.
 class SmallDisk {
  public:
