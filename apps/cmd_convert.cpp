@@ -4,6 +4,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "core/output_path.h"
 #include "model/checkpoint.h"
 
 namespace kvdrift::cli {
@@ -29,6 +30,8 @@ void run_convert(const ConvertOptions& options) {
     if (!std::filesystem::is_empty(options.output, error) && !options.overwrite)
       fail("convert: {} is not empty; pass --overwrite to write into it", options.output);
   }
+  for (const char* name : {"config.json", "model.safetensors"})
+    check_output_kind("convert: output", (std::filesystem::path(options.output) / name).string(), {options.input});
   const auto checkpoint = read_llama2c_checkpoint(options.input, torch::kCPU, torch::kFloat32);
   write_hf_checkpoint(checkpoint, options.output);
   spdlog::info("wrote {}/config.json and {}/model.safetensors ({} parameters)", options.output, options.output,

@@ -43,8 +43,12 @@ void run_generate(const GenerateOptions& options) {
   auto model = load_model(options.model, device, dtype, options.sampling.seed);
   require_tokenizer_fits(model, *tokenizer, options.tokenizer.empty() ? options.model : options.tokenizer);
   if (options.system && !options.chat) fail("--system needs --chat");
-  if (options.logits_path)
-    check_output_path("--logits", *options.logits_path, {options.model, options.tokenizer}, options.overwrite);
+  if (options.logits_path) {
+    std::vector<std::string> inputs = {options.model, options.tokenizer};  // a model directory: every file in it
+    if (options.chat)
+      for (const std::string& file : chat_template_files(options.tokenizer, options.model)) inputs.push_back(file);
+    check_output_path("--logits", *options.logits_path, inputs, options.overwrite);
+  }
   std::string prompt_text = options.prompt;
   if (options.chat) prompt_text = chat_template_for_model(options.tokenizer, options.model).render(prompt_text, options.system);
   // A chat template writes the model's own special tokens; a plain prompt gets BOS when there is one.
@@ -72,9 +76,11 @@ void run_generate(const GenerateOptions& options) {
   }
   if (options.json) {
     const std::vector<int64_t> generated(result.tokens.end() - result.generated, result.tokens.end());
+    // Byte-level tokens may stop inside a character: JSON text cannot hold such bytes, so they become
+    // U+FFFD (the ids say exactly what was generated).
     std::cout << nlohmann::json{{"prompt_ids", prompt}, {"ids", generated}, {"text", tokenizer->decode(generated)},
                                 {"stopped", result.stopped}}
-                     .dump()
+                     .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
               << std::endl;
   } else {
     std::cout << tokenizer->decode(result.tokens) << std::endl;

@@ -14,12 +14,14 @@
 #include "core/error.h"
 #include "core/output_path.h"
 #include "core/sha256.h"
+#include "core/writer_lock.h"
 #include "decode/engine.h"
 #include "run/run_inputs.h"
 #include "io/prompts.h"
 #include "io/run_config.h"
 #include "run/run_log.h"
 #include "model/checkpoint.h"
+#include "tokenizer/chat_template.h"
 
 namespace kvdrift::cli {
 
@@ -103,8 +105,17 @@ void run_main_job(const RunOptions& options) {
     overrides.push_back("output.path=" + *options.output);
   }
   const RunConfig config = load_run_config(options.config, overrides);
-  check_output_kind("output.path", config.output.path,
-                    {options.config, config.model.path, config.model.tokenizer, config.prompts.path});
+  // Every file the run reads is an input (a model directory stands for every file in it).
+  std::vector<std::string> files_read = {options.config, config.model.path, config.model.tokenizer,
+                                         config.prompts.path};
+  if (config.prompts.chat_template)
+    for (const std::string& file : chat_template_files(config.model.tokenizer, config.model.path))
+      files_read.push_back(file);
+  check_output_kind("output.path", config.output.path, files_read);
+  // One writer per log, from before it is read (to resume) or replaced (--overwrite) to the end: a
+  // second run on it stops here and leaves it alone.
+  const WriterLock lock(output_lock_path(config.output.path), "output.path " + config.output.path,
+                        "wait for that run to end, or name another output");
   const auto inputs = load_run_inputs(config);
   const LlamaModel& model = *inputs.model;
   const auto& prompts = inputs.prompts;

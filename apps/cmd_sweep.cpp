@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "core/error.h"
@@ -33,9 +34,10 @@ struct SweepOptions {
   bool json = false;
 };
 
-Manifest plan(const SweepFile& sweep, bool force) {
+// `lock`: the sweep's lock, held by the caller after the plan (see write_plan).
+Manifest plan(const SweepFile& sweep, bool force, std::optional<WriterLock>& lock) {
   Manifest manifest;
-  const PlanSummary summary = write_plan(sweep, force, &manifest);
+  const PlanSummary summary = write_plan(sweep, force, &manifest, &lock);
   std::cout << fmt::format("planned {} points in {:.2f} s ({} configs written, {} unchanged{}): {}/manifest.json\n",
                            summary.points, summary.seconds, summary.written, summary.unchanged,
                            summary.reset ? fmt::format(", {} reset by --force", summary.reset) : "",
@@ -46,7 +48,8 @@ Manifest plan(const SweepFile& sweep, bool force) {
 void submit(const SweepOptions& options) {
   const SweepFile sweep = load_sweep_file(options.file);
   if (sweep.launcher_kind == "slurm") require_sbatch();  // before writing anything
-  const Manifest manifest = plan(sweep, /*force=*/false);
+  std::optional<WriterLock> lock;  // from the plan until every point has been launched (and run, locally)
+  const Manifest manifest = plan(sweep, /*force=*/false, lock);
   const std::vector<PointStatus> statuses = point_statuses(manifest);
   std::vector<const Point*> chosen;
   size_t done = 0, active = 0, failed_skipped = 0;
@@ -157,8 +160,12 @@ void register_sweep(CLI::App& app, std::function<void()>& command) {
       sweep->add_subcommand("plan", "expand the grid into ROOT/NAME/runs/<id>/config.yaml and manifest.json");
   plan_command->add_option("file", options->file, "sweep file (YAML, docs/sweep.md)")->required();
   plan_command->add_flag("--force", options->force, "replace the configs of changed points and delete their results");
-  plan_command->callback(
-      [options, &command] { command = [options] { plan(load_sweep_file(options->file), options->force); }; });
+  plan_command->callback([options, &command] {
+    command = [options] {
+      std::optional<WriterLock> lock;
+      plan(load_sweep_file(options->file), options->force, lock);
+    };
+  });
 
   auto* submit_command =
       sweep->add_subcommand("submit", "plan, then run the points not done (local workers or sbatch)");

@@ -4,9 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/sha256.h"
 #include "support.h"
 
 namespace kvdrift {
@@ -44,6 +46,30 @@ TEST(ChatTemplate, SmolLM2TemplateIsReadFromEitherFileAndRendersChatML) {
   // The model directory's template, or the one beside an explicit tokenizer.
   EXPECT_EQ(chat_template_for_model("", test::smollm2_dir()).family(), "chatml");
   EXPECT_EQ(chat_template_for_model(dir, "elsewhere").source(), dir + "/tokenizer_config.json");
+}
+
+// transformers takes standalone template files before tokenizer_config.json's entry (oracle:
+// tests/oracle/test_model_files.py): an edited chat_template.jinja is refused by its name, never
+// replaced by the known template beside it; additional_chat_templates/default.jinja comes first of all.
+TEST(ChatTemplate, StandaloneTemplateFilesComeBeforeTokenizerConfigAsInTransformers) {
+  const std::string dir = test::scratch_dir();
+  std::string edited = smollm2_template();
+  edited.back() = ' ';
+  test::write_file(dir + "/tokenizer_config.json", nlohmann::json{{"chat_template", smollm2_template()}}.dump());
+  test::write_file(dir + "/chat_template.jinja", edited);
+  EXPECT_EQ(test::error_message([&] { load_chat_template(dir + "/tokenizer.json"); }),
+            dir + "/chat_template.jinja: unsupported chat template (sha256 " + sha256_hex(edited) +
+                "); kvdrift renders only the templates it knows exactly (SmolLM2-Instruct, Qwen2.5-Coder-Instruct) "
+                "and never guesses; see src/tokenizer/chat_template.cpp to add one");
+  test::write_file(dir + "/additional_chat_templates/default.jinja", smollm2_template());
+  EXPECT_EQ(load_chat_template(dir + "/tokenizer.json").source(), dir + "/additional_chat_templates/default.jinja");
+  // Named templates without a default: transformers asks which one to use.
+  std::filesystem::remove(dir + "/additional_chat_templates/default.jinja");
+  std::filesystem::remove(dir + "/chat_template.jinja");
+  test::write_file(dir + "/additional_chat_templates/tool_use.jinja", smollm2_template());
+  EXPECT_EQ(test::error_message([&] { load_chat_template(dir + "/tokenizer.json"); }),
+            dir + "/additional_chat_templates holds chat templates but no default.jinja, and there is no " + dir +
+                "/chat_template.jinja: name the default one");
 }
 
 TEST(ChatTemplate, MissingOrUnknownTemplatesAreRefusedByName) {

@@ -207,7 +207,7 @@ TEST(ModelConfig, SlidingWindowInUseCapsTheContext) {
   auto config_json = [](const std::string& type, const std::string& extra) {
     return nlohmann::json::parse(R"({"model_type": ")" + type +
                                  R"(", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "vocab_size": 32, "max_position_embeddings": 32768)" +
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32, "max_position_embeddings": 32768)" +
                                  extra + "}");
   };
   EXPECT_EQ(config_from_hf_json(config_json("mistral", R"(, "sliding_window": 4096)"), "c").max_seq_len, 4096);
@@ -221,6 +221,62 @@ TEST(ModelConfig, SlidingWindowInUseCapsTheContext) {
             4096);
   EXPECT_EQ(test::error_message([&] { config_from_hf_json(config_json("llama", R"(, "sliding_window": 0)"), "c"); }),
             "c: impossible sliding_window = 0");
+}
+
+// config.json as transformers 5 normalizes it (the logits against transformers' on every variant:
+// tests/oracle/test_model_files.py): both RoPE layouts, the older key names, the defaults of each
+// model_type's config class, and refusals where transformers refuses or computes what kvdrift cannot.
+TEST(ModelConfig, ReadsBothLayoutsAsTransformers5Does) {
+  auto read = [](const std::string& type, const std::string& extra) {
+    return config_from_hf_json(nlohmann::json::parse(R"({"model_type": ")" + type + R"(", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 32)" + extra + "}"),
+                               "c");
+  };
+  EXPECT_EQ(read("llama", "").rope_theta, 10000.0);
+  EXPECT_EQ(read("llama", R"(, "rope_theta": 100000.0)").rope_theta, 100000.0);
+  EXPECT_EQ(read("llama", R"(, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5})").rope_theta, 5e5);
+  // rope_parameters without rope_theta takes the top-level one (SmolLM2's 100000 was read as 10000).
+  EXPECT_EQ(read("llama", R"(, "rope_theta": 100000.0, "rope_parameters": {"rope_type": "default"})").rope_theta,
+            100000.0);
+  EXPECT_EQ(read("llama", R"(, "rope_theta": 7.0, "rope_parameters": {"rope_theta": 5e5})").rope_theta, 5e5);
+  // A non-empty rope_scaling replaces rope_parameters whole, rope_theta included.
+  const auto replaced = read("llama", R"(, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+      "rope_scaling": {"type": "linear", "factor": 2.0})");
+  EXPECT_EQ(replaced.rope_scaling.type, RopeScalingType::Linear);
+  EXPECT_EQ(replaced.rope_scaling.factor, 2.0);
+  EXPECT_EQ(replaced.rope_theta, 10000.0);
+  EXPECT_EQ(read("llama", R"(, "rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 3.0})")
+                .rope_scaling.factor,
+            3.0);
+  // llama3's original context defaults to max_position_embeddings, not 8192.
+  const auto llama3 = read("llama", R"(, "max_position_embeddings": 4096, "rope_scaling": {"rope_type": "llama3",
+      "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0})");
+  EXPECT_EQ(llama3.rope_scaling.original_max_position, 4096);
+  // The defaults of each model_type's config class.
+  const std::string two_kv_heads = R"(, "num_key_value_heads": 2)";
+  EXPECT_EQ(read("qwen3", two_kv_heads).head_dim, 128);
+  EXPECT_EQ(test::error_message([&] { read("qwen2", ""); }), "c: n_heads = 4 is not a multiple of n_kv_heads = 32");
+  EXPECT_EQ(read("qwen2", R"(, "num_key_value_heads": null)").n_kv_heads, 4);
+  EXPECT_EQ(read("mistral", two_kv_heads).max_seq_len, 4096);  // its default sliding window
+  EXPECT_TRUE(read("qwen2", R"(, "num_key_value_heads": 2, "attention_bias": false)").attention_bias);
+  EXPECT_FALSE(read("mistral", R"(, "num_key_value_heads": 2, "attention_bias": true)").attention_bias);
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {R"(, "rope_scaling": {"rope_type": "linear"})", "c rope_scaling: missing required key 'factor'"},
+      {R"(, "rope_scaling": {"rope_type": "llama3", "factor": 8.0})",
+       "c rope_scaling: missing required key 'low_freq_factor'"},
+      {R"(, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0})",
+       "c rope_parameters: unsupported rope_type 'dynamic' (supported: default, linear, llama3)"},
+      {R"(, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})",
+       "c rope_parameters: partial_rotary_factor = 0.5 is not supported (kvdrift rotates every channel)"},
+      {R"(, "rope_scaling": "linear")", "c: key 'rope_scaling' must be a JSON object, got \"linear\""},
+      {R"(, "hidden_act": "gelu")", "c: hidden_act 'gelu' is not supported (kvdrift's MLP applies silu)"},
+      {R"(, "mlp_bias": true)", "c: mlp_bias = true is not supported (kvdrift's MLP has no biases)"},
+      {R"(, "attention_bias": true)",
+       "c: attention_bias = true is not supported for model_type llama (it biases o_proj too, which kvdrift's "
+       "attention lacks)"},
+  };
+  for (const auto& [extra, message] : refused)
+    EXPECT_EQ(test::error_message([&] { read("llama", extra); }), message) << extra;
 }
 
 TEST(Rope, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {

@@ -245,5 +245,63 @@ TEST(QuantizeCli, OutputsAreNeverDestroyed) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/logits.h5.partial"));
 }
 
+// Inputs are never outputs, at any depth: every file under a model directory, and the chat-template
+// files beside a tokenizer file, are inputs of dump-kv and generate --logits (compared by device and
+// inode, links followed), refused even with --overwrite and left as they were. convert refuses to write
+// its files over its input, and replaces a link among them rather than writing through it.
+TEST(OutputRules, FilesAModelDirectoryOrATokenizerBringAreInputs) {
+  const std::string dir = test::scratch_dir();
+  const std::string model = test::stories260k_dir();
+  const std::string hf = dir + "/hf";
+  ASSERT_EQ(test::run_cli({"convert", "--from", "llama2c", model + "/stories260K.bin", "--to", "hf", hf}).exit_code, 0);
+  const std::string weights = test::read_file(hf + "/model.safetensors");
+  test::expect_one_error_line(
+      test::run_cli({"dump-kv", "--model", hf, "--tokenizer", model + "/tok512.bin", "--prompt", "Hi", "--output",
+                     hf + "/model.safetensors", "--overwrite"}),
+      "--output " + hf + "/model.safetensors is the same file as the input " + hf +
+          "/model.safetensors; name another output");
+  test::write_file(hf + "/notes/readme.txt", "keep me");
+  test::expect_one_error_line(
+      test::run_cli({"generate", "--model", hf, "--tokenizer", model + "/tok512.bin", "--prompt", "Hi", "--steps", "1",
+                     "--logits", hf + "/notes/readme.txt", "--overwrite"}),
+      "--logits " + hf + "/notes/readme.txt is the same file as the input " + hf + "/notes/readme.txt");
+  EXPECT_EQ(test::read_file(hf + "/model.safetensors"), weights);
+  EXPECT_EQ(test::read_file(hf + "/notes/readme.txt"), "keep me");
+
+  // The template beside a tokenizer.json given on its own.
+  const std::string smollm2 = test::smollm2_dir();
+  std::filesystem::create_directories(dir + "/tok");
+  for (const std::string name : {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"})
+    std::filesystem::copy_file(smollm2 + "/" + name, dir + "/tok/" + name);
+  const std::string jinja = test::read_file(dir + "/tok/chat_template.jinja");
+  test::expect_one_error_line(
+      test::run_cli({"generate", "--model", smollm2, "--tokenizer", dir + "/tok/tokenizer.json", "--chat", "--prompt",
+                     "Hi", "--steps", "1", "--logits", dir + "/tok/chat_template.jinja", "--overwrite"}),
+      "--logits " + dir + "/tok/chat_template.jinja is the same file as the input " + dir + "/tok/chat_template.jinja");
+  EXPECT_EQ(test::read_file(dir + "/tok/chat_template.jinja"), jinja);
+
+  // convert: a target file that is the input (through a link) is refused; a link to another file is
+  // replaced, and that file left alone.
+  std::filesystem::copy_file(model + "/stories260K.bin", dir + "/model.bin");
+  const std::string checkpoint = test::read_file(dir + "/model.bin");
+  std::filesystem::create_directories(dir + "/linked");
+  std::filesystem::create_symlink(dir + "/model.bin", dir + "/linked/config.json");
+  test::expect_one_error_line(
+      test::run_cli({"convert", "--from", "llama2c", dir + "/model.bin", "--to", "hf", dir + "/linked", "--overwrite"}),
+      "convert: output " + dir + "/linked/config.json is the same file as the input " + dir +
+          "/model.bin; name another output");
+  EXPECT_EQ(test::read_file(dir + "/model.bin"), checkpoint);
+  test::write_file(dir + "/keep.json", "keep me");
+  std::filesystem::create_directories(dir + "/other");
+  std::filesystem::create_symlink(dir + "/keep.json", dir + "/other/config.json");
+  ASSERT_EQ(
+      test::run_cli({"convert", "--from", "llama2c", dir + "/model.bin", "--to", "hf", dir + "/other", "--overwrite"})
+          .exit_code,
+      0);
+  EXPECT_EQ(test::read_file(dir + "/keep.json"), "keep me");
+  EXPECT_FALSE(std::filesystem::is_symlink(dir + "/other/config.json"));
+  EXPECT_EQ(test::read_file(dir + "/other/config.json"), test::read_file(hf + "/config.json"));
+}
+
 }  // namespace
 }  // namespace kvdrift

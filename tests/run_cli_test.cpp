@@ -473,6 +473,53 @@ TEST(RunCli, OutputsThatAreNotALogOfTheRunAreRefused) {
   EXPECT_EQ(test::read_file(config), config_text);
 }
 
+// Inputs are never outputs, at any depth: a log named as any file under the model directory (its
+// config, its weights, anything beside them), also through a link, is refused as an input, without
+// suggesting --overwrite and also with it, and the file is left as it was.
+TEST(RunCli, FilesUnderTheModelDirectoryAreInputs) {
+  const std::string dir = test::scratch_dir();
+  const std::string hf = dir + "/hf";
+  ASSERT_EQ(test::run_cli({"convert", "--from", "llama2c", test::stories260k_dir() + "/stories260K.bin", "--to", "hf",
+                           hf})
+                .exit_code,
+            0);
+  test::write_file(hf + "/additional_chat_templates/notes.jinja", "keep me");
+  fs::create_symlink(hf + "/model.safetensors", dir + "/link.h5");
+  const std::string config = small_config(dir, "", 4);
+  for (const auto& [output, input] : std::vector<std::pair<std::string, std::string>>{
+           {hf + "/config.json", hf + "/config.json"},
+           {hf + "/model.safetensors", hf + "/model.safetensors"},
+           {hf + "/additional_chat_templates/notes.jinja", hf + "/additional_chat_templates/notes.jinja"},
+           {dir + "/link.h5", hf + "/model.safetensors"}}) {
+    const std::string before = test::read_file(input);
+    for (const std::vector<std::string>& more : {std::vector<std::string>{}, std::vector<std::string>{"--overwrite"}}) {
+      std::vector<std::string> args = {"run", config, "--set", "model.path=" + hf, "--output", output};
+      args.insert(args.end(), more.begin(), more.end());
+      const auto refused = test::run_cli(args);
+      EXPECT_EQ(refused.exit_code, 1) << output;
+      test::expect_one_error_line(refused, "kvdrift: error: output.path " + output + " is the same file as the input " +
+                                               input + "; name another output");
+    }
+    EXPECT_EQ(test::read_file(input), before) << input;
+  }
+}
+
+// Rerunning a finished run adds no sample and changes nothing: the log stays byte for byte as it was,
+// its task scores included, and the same summary is printed.
+TEST(RunCli, RerunningAFinishedRunLeavesItByteForByte) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 8);
+  const auto first = test::run_cli({"run", config});
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  h5::File::open_read_write(dir + "/run.h5").create_group("scores").set_attribute("task", std::string("gsm8k"));
+  const std::string finished = test::read_file(dir + "/run.h5");
+  const auto again = test::run_cli({"run", config});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, first.out);
+  EXPECT_EQ(test::read_file(dir + "/run.h5"), finished);
+  EXPECT_EQ(h5::File::open_read(dir + "/run.h5").open_group("scores").attribute<std::string>("task"), "gsm8k");
+}
+
 // A tmpfs of `bytes` mounted at `dir` for the life of the object, where this process may mount one.
 class SmallDisk {
  public:
@@ -550,9 +597,37 @@ TEST(RunCli, FullDiskStopsCleanlyAndTheRunResumesOnceThereIsSpace) {
   const std::string finished_log = test::read_file(log);
   ASSERT_TRUE(disk.resize(4 * kMinReserveBytes + 4 * whole_bytes, /*read_only=*/true)) << std::strerror(errno);
   test::expect_one_error_line(test::run_cli({"run", config, "--output", log}),
-                              log + " cannot be written (Read-only file system): make it writable to resume the run, "
-                                    "or name another output");
+                              "output.path " + log + " cannot be written: cannot create its lock file " + log +
+                                  ".lock (Read-only file system)");
   EXPECT_EQ(test::read_file(log), finished_log);
+}
+
+// One writer per log: a second run of the same config on the same output, started while the first
+// runs (held still by SIGSTOP, wherever it is), stops at once with one line naming the first (also
+// with --overwrite, which would replace the log under it); the first then finishes with every sample,
+// and its lock file goes with it.
+TEST(RunCli, ASecondRunOnALogBeingWrittenIsRefusedAndTheFirstFinishes) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir);
+  const std::string log = dir + "/run.h5", lock = fs::weakly_canonical(log).string() + ".lock";
+  const pid_t first = test::start_cli({"run", config}, dir + "/first.txt");
+  ASSERT_TRUE(test::wait_for_lock_holder(lock, first)) << test::read_file(dir + "/first.txt");
+  ::kill(first, SIGSTOP);
+  for (const std::vector<std::string>& more : {std::vector<std::string>{}, std::vector<std::string>{"--overwrite"}}) {
+    std::vector<std::string> args = {"run", config};
+    args.insert(args.end(), more.begin(), more.end());
+    const auto second = test::run_cli(args);
+    EXPECT_EQ(second.exit_code, 1);
+    test::expect_one_error_line(second, fmt::format("kvdrift: error: output.path {} is held by another kvdrift (pid {} "
+                                                    "on host {}; lock file {}): wait for that run to end, or name "
+                                                    "another output",
+                                                    log, first, test::host_name(), lock));
+  }
+  ::kill(first, SIGCONT);
+  ASSERT_EQ(test::wait_exit_code(first), 0) << test::read_file(dir + "/first.txt");
+  EXPECT_TRUE(complete(log));
+  EXPECT_EQ(finished_samples(log), (std::set<int64_t>{0, 1, 2}));
+  EXPECT_FALSE(fs::exists(lock));
 }
 
 TEST(RunCli, ResumeRefusesChangedPrompts) {

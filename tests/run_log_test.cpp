@@ -446,14 +446,17 @@ TEST(RunLog, ResumesKeepingFinishedSamplesAndDroppingIncompleteOnes) {
     EXPECT_TRUE(log.has_sample(1));
     EXPECT_FALSE(log.has_sample(2));
     const h5::File file = h5::File::open_read(path);
-    EXPECT_EQ(file.attribute<int64_t>("complete"), 0);  // until this session finishes
-    EXPECT_FALSE(file.exists("summary"));
+    EXPECT_EQ(file.attribute<int64_t>("complete"), 1);  // a finished run is left as it is until a sample is added
+    EXPECT_TRUE(file.exists("summary"));
   }
   {
     RunLog log = RunLog::open(path, kConfig, metadata(), false);
     EXPECT_TRUE(contains(error_message([&] { log.write_sample(0, make_sample(1)); }), "sample 0 is already written"));
     log.write_sample(2, make_sample(1));
     EXPECT_TRUE(log.has_sample(2));
+    const h5::File file = h5::File::open_read(path);
+    EXPECT_EQ(file.attribute<int64_t>("complete"), 0);  // until this session finishes
+    EXPECT_FALSE(file.exists("summary"));
   }
   // As if the writer had died before marking sample 2 complete.
   h5::File::open_read_write(path).open_group("samples/2").set_attribute("complete", 0);
@@ -591,7 +594,9 @@ TEST(RunLog, ResumingAddsAMissingMetricTableAndRefusesAnotherOne) {
   const std::string path = scratch_dir() + "/run.h5";
   write_run(path);
   h5::File::open_read_write(path).open_group("schema").remove("metrics");
-  RunLog::open(path, kConfig, metadata(), false);
+  RunLog log = RunLog::open(path, kConfig, metadata(), false);
+  EXPECT_FALSE(h5::File::open_read(path).exists("schema/metrics"));  // a finished run is left as it is
+  log.write_sample(2, make_sample(0));
   EXPECT_EQ(h5::File::open_read(path).read_string("schema/metrics"), metric_table_json());
 
   {

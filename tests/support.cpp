@@ -147,6 +147,41 @@ void exec_cli(const std::vector<std::string>& args) {
   ::_exit(127);
 }
 
+pid_t start_cli(const std::vector<std::string>& args, const std::string& output) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    exec_cli(args);
+  }
+  return pid;
+}
+
+int wait_exit_code(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string host_name() {
+  char name[256] = {};
+  ::gethostname(name, sizeof(name) - 1);
+  return name;
+}
+
+bool wait_for_lock_holder(const std::string& path, pid_t pid) {
+  const std::string holder = host_name() + " " + std::to_string(pid) + "\n";
+  for (int tries = 0; tries < 12000; ++tries) {
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    if (text.str() == holder) return true;
+    ::usleep(10000);
+  }
+  return false;
+}
+
 CliResult run_cli(const std::vector<std::string>& args) {
   const std::string dir = fs::path(KVDRIFT_TEST_TMP) / "cli";
   fs::create_directories(dir);

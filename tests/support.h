@@ -2,6 +2,7 @@
 // Shared helpers for the test suite: where the fixtures live, scratch directories, and running the
 // kvdrift CLI as a separate process to check exit codes and messages.
 #include <gtest/gtest.h>
+#include <sys/types.h>
 
 #include <cstdint>
 #include <functional>
@@ -31,6 +32,15 @@ CliResult run_cli(const std::vector<std::string>& args);
 void expect_one_error_line(const CliResult& result, const std::string& fragment, bool empty_stdout = true);
 // In a forked child: replaces the process with build/kvdrift `args` (exit 127 if exec fails).
 [[noreturn]] void exec_cli(const std::vector<std::string>& args);
+// Starts build/kvdrift `args` in the background with stdout and stderr into the file `output`.
+pid_t start_cli(const std::vector<std::string>& args, const std::string& output);
+// Waits for the child `pid` and returns its exit code (128 + the signal when one ended it).
+int wait_exit_code(pid_t pid);
+// Waits up to two minutes for the lock file `path` (core/writer_lock.h) to name process `pid`;
+// whether it did.
+bool wait_for_lock_holder(const std::string& path, pid_t pid);
+// This machine's name, as lock files record it.
+std::string host_name();
 
 // The message of the kvdrift::Error that `action` throws; a test failure (and "") if it throws none.
 std::string error_message(const std::function<void()>& action);

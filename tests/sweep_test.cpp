@@ -4,6 +4,7 @@
 // tests/sweep_slurm_test.cpp).
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -198,6 +199,27 @@ launcher: {kind: local, workers: 2}
   std::sort(sorted_ids.begin(), sorted_ids.end());
   std::sort(reordered_ids.begin(), reordered_ids.end());
   EXPECT_EQ(reordered_ids, sorted_ids);
+}
+
+// Outputs are written by replacing, never through a link: a point's config.yaml that is a link to
+// another file is replaced by the point's config, and that file is left as it was.
+TEST(SweepPlan, ALinkedConfigIsReplacedNotWrittenThrough) {
+  const std::string dir = test::scratch_dir();
+  write_base(dir);
+  const std::string sweep = write_sweep(dir, "name: linked\nroot: out\nbase: base.yaml\ngrid: {decoding.seed: [0]}\n"
+                                             "launcher: {kind: local}\n");
+  ASSERT_EQ(test::run_cli({"sweep", "plan", sweep}).exit_code, 0);
+  const std::string config = dir + "/out/linked/runs/" + ids_of(manifest_of(dir + "/out/linked"))[0] + "/config.yaml";
+  const std::string planned = test::read_file(config);
+  test::write_file(dir + "/elsewhere.yaml", "keep me\n");
+  fs::remove(config);
+  fs::create_symlink(dir + "/elsewhere.yaml", config);
+  const auto again = test::run_cli({"sweep", "plan", sweep});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_NE(again.out.find("(1 configs written, 0 unchanged)"), std::string::npos) << again.out;
+  EXPECT_EQ(test::read_file(dir + "/elsewhere.yaml"), "keep me\n");
+  EXPECT_FALSE(fs::is_symlink(config));
+  EXPECT_EQ(test::read_file(config), planned);
 }
 
 TEST(SweepPlan, ZipAndExcludeSemantics) {
@@ -573,6 +595,67 @@ launcher:
 
 // Four points with two local workers; one fails at run time (its prompts file is missing), shows
 // as failed with its log, and --rerun-failed runs only it once the file exists.
+// One attempt per point and one plan or submit per sweep. A second run-point of a point that is
+// running stops with one line naming the first, before it touches the point's log, marker or exit
+// status; a second submit or plan while a submit runs stops the same way. The first ones (held still
+// by SIGSTOP meanwhile) finish.
+TEST(SweepLocal, ASecondRunPointOrSubmitWhileOneRunsIsRefused) {
+  const std::string dir = test::scratch_dir();
+  write_base(dir, R"(  source: inline
+  texts: ["Once upon a time, there was a little girl named Lily.", "One day, a boy named Tim went to the park.",
+          "The sun was shining and the birds were singing."])");
+  const std::string sweep = write_sweep(dir, R"(name: locks
+root: out
+base: base.yaml
+grid: {decoding.max_new_tokens: [24, 25]}
+launcher: {kind: local}
+)");
+  ASSERT_EQ(test::run_cli({"sweep", "plan", sweep}).exit_code, 0);
+  const std::string sweep_dir = dir + "/out/locks";
+  const auto ids = ids_of(manifest_of(sweep_dir));
+  const std::string point = sweep_dir + "/runs/" + ids[0];
+
+  const pid_t first = test::start_cli({"sweep", "run-point", point}, dir + "/first.txt");
+  ASSERT_TRUE(test::wait_for_lock_holder(point + "/point.lock", first)) << test::read_file(dir + "/first.txt");
+  for (int tries = 0; tries < 6000 && !fs::exists(point + "/running"); ++tries) ::usleep(10000);
+  ::kill(first, SIGSTOP);
+  const std::string marker = test::read_file(point + "/running");
+  const auto second = test::run_cli({"sweep", "run-point", point});
+  EXPECT_EQ(second.exit_code, 1);
+  EXPECT_EQ(second.err, fmt::format("kvdrift: error: point {0} is held by another kvdrift (pid {1} on host {2}; lock "
+                                    "file {0}/point.lock): wait for its run to end\n",
+                                    point, first, test::host_name()));
+  EXPECT_EQ(test::read_file(point + "/running"), marker);
+  EXPECT_FALSE(fs::exists(point + "/exit_status"));
+  ::kill(first, SIGCONT);
+  ASSERT_EQ(test::wait_exit_code(first), 0) << test::read_file(dir + "/first.txt");
+  EXPECT_TRUE(complete(point + "/run.h5"));
+  EXPECT_EQ(test::read_file(point + "/exit_status"), "0\n");
+  EXPECT_NE(test::read_file(point + "/log.txt").find("output: " + point + "/run.h5"), std::string::npos);
+  EXPECT_FALSE(fs::exists(point + "/point.lock"));
+
+  // The submit runs the other point; meanwhile neither another submit nor a plan may start.
+  const pid_t submit = test::start_cli({"sweep", "submit", sweep}, dir + "/submit.txt");
+  ASSERT_TRUE(test::wait_for_lock_holder(sweep_dir + "/sweep.lock", submit)) << test::read_file(dir + "/submit.txt");
+  ::kill(submit, SIGSTOP);
+  for (const std::string command : {"submit", "plan"}) {
+    const auto refused = test::run_cli({"sweep", command, sweep});
+    EXPECT_EQ(refused.exit_code, 1) << command;
+    EXPECT_EQ(refused.err, fmt::format("kvdrift: error: sweep {0} is held by another kvdrift (pid {1} on host {2}; "
+                                       "lock file {0}/sweep.lock): one `kvdrift sweep plan` or `submit` of a sweep at "
+                                       "a time; wait for it to end\n",
+                                       sweep_dir, submit, test::host_name()));
+    EXPECT_EQ(refused.out, "") << command;
+  }
+  ::kill(submit, SIGCONT);
+  ASSERT_EQ(test::wait_exit_code(submit), 0) << test::read_file(dir + "/submit.txt");
+  EXPECT_NE(test::read_file(dir + "/submit.txt").find("submitting 1 of 2 points (1 done, 0 running or queued)"),
+            std::string::npos)
+      << test::read_file(dir + "/submit.txt");
+  EXPECT_TRUE(complete(sweep_dir + "/runs/" + ids[1] + "/run.h5"));
+  EXPECT_FALSE(fs::exists(sweep_dir + "/sweep.lock"));
+}
+
 TEST(SweepLocal, TwoWorkersStatusCollectAndRerunFailed) {
   const std::string dir = test::scratch_dir();
   test::write_file(dir + "/a.txt", "Once upon a time\n");

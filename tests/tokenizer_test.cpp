@@ -314,6 +314,17 @@ TEST(TokenizerErrors, UnsupportedModelType) {
   expect_error_mentions(error_message([&] { load_fixture(fixture, dir); }), {dir + "/tokenizer.json", "WordPiece"});
 }
 
+// Hugging Face tokenizers gives the second of two added tokens with one id another id (tokenizers 0.23:
+// "x<a>y<bb>z" with both at 256 encodes <bb> as 257; tests/oracle/test_model_files.py), so the file is refused.
+TEST(TokenizerErrors, TwoAddedTokensWithOneId) {
+  json fixture = hf_fixture();
+  fixture["added_tokens"][1]["id"] = 32;
+  const std::string dir = test::scratch_dir();
+  EXPECT_EQ(error_message([&] { load_fixture(fixture, dir); }),
+            dir + "/tokenizer.json: added tokens \"<|endoftext|>\" and \"<|pad|>\" both have id 32 (Hugging Face "
+                  "tokenizers would give the second another id); give each added token its own id");
+}
+
 TEST(TokenizerErrors, MergeOfUnknownTokens) {
   json fixture = hf_fixture();
   fixture["model"]["merges"].push_back("x y");

@@ -7,8 +7,9 @@
 namespace kvdrift {
 
 // Throws Error naming `option` and the path: an empty path, an output that exists but is not a regular
-// file (a device, a FIFO, a folder), one that is the same file as an input (also through links), and
-// an existing one without `overwrite`.
+// file (a device, a FIFO, a folder), one that is the same file as an input (the same device and inode,
+// links followed; an input folder, such as a model directory, stands for every file under it), and an
+// existing one without `overwrite`.
 void check_output_path(const std::string& option, const std::string& output, const std::vector<std::string>& inputs,
                        bool overwrite);
 // The same but for the rule on existing files, for an output that is appended to (a run log resumes).

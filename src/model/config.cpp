@@ -91,62 +91,124 @@ std::vector<int64_t> token_id_list(const nlohmann::json& json, const char* key, 
   return {required<int64_t>(json, key, where)};
 }
 
+// What transformers' config class of a model_type (LlamaConfig, MistralConfig, Qwen2Config,
+// Qwen3Config in transformers 5) takes for a key config.json leaves out, where they differ.
+struct ArchitectureDefaults {
+  const char* model_type;
+  int64_t max_position_embeddings;
+  int64_t num_key_value_heads;  // 0: num_attention_heads
+  int64_t head_dim;             // 0: hidden_size / num_attention_heads
+  int64_t sliding_window;       // the window in use when the key is missing (0: none)
+  bool windowed_by_flag;        // the window counts only with use_sliding_window (Qwen)
+};
+constexpr ArchitectureDefaults kArchitectures[] = {
+    {"llama", 2048, 0, 0, 0, false},
+    {"mistral", 131072, 8, 0, 4096, false},
+    {"qwen2", 32768, 32, 0, 4096, true},
+    {"qwen3", 32768, 32, 128, 4096, true},
+};
+
+// RoPE as transformers 5 reads config.json (PreTrainedConfig.convert_rope_params_to_dict, then
+// standardize_rope_params and validate_rope in modeling_rope_utils.py), in both layouts: transformers
+// 4 wrote a top-level `rope_theta` and an optional `rope_scaling`, transformers 5 writes one
+// `rope_parameters` object. A non-empty `rope_scaling` replaces `rope_parameters` whole; a top-level
+// `rope_theta` fills in the object's when it has none (else 10000); `type` is the older name of
+// `rope_type`, and without either the type is "default". The keys a type needs must be there
+// (transformers raises KeyError otherwise); llama3's original context defaults to
+// max_position_embeddings.
+void read_rope(const nlohmann::json& json, const std::string& where, int64_t max_position_embeddings,
+               ModelConfig& c) {
+  const bool scaling = json.contains("rope_scaling") && !json.at("rope_scaling").is_null() &&
+                       !json.at("rope_scaling").empty();
+  const char* key = scaling ? "rope_scaling" : "rope_parameters";
+  if (!scaling && (!json.contains(key) || json.at(key).is_null())) {
+    c.rope_theta = optional<double>(json, "rope_theta", 10000.0, where);
+    return;
+  }
+  const nlohmann::json& rope = json.at(key);
+  const std::string rope_where = where + " " + key;
+  if (!rope.is_object()) fail("{}: key '{}' must be a JSON object, got {}", where, key, rope.dump());
+  c.rope_theta = rope.contains("rope_theta") ? required<double>(rope, "rope_theta", rope_where)
+                                             : optional<double>(json, "rope_theta", 10000.0, where);
+  const std::string type = rope.contains("rope_type") ? required<std::string>(rope, "rope_type", rope_where)
+                           : rope.contains("type")    ? required<std::string>(rope, "type", rope_where)
+                                                      : "default";
+  const auto known = parse_enum(kRopeScalingTypeNames, type == "default" ? "none" : type);
+  if (!known) fail("{}: unsupported rope_type '{}' (supported: default, linear, llama3)", rope_where, type);
+  c.rope_scaling.type = *known;
+  if (c.rope_scaling.type == RopeScalingType::None) return;
+  // The scaled types compute frequencies over head_dim * partial_rotary_factor channels (the default
+  // type ignores it); kvdrift rotates every channel.
+  const double partial = rope.contains("partial_rotary_factor")
+                             ? required<double>(rope, "partial_rotary_factor", rope_where)
+                             : optional<double>(json, "partial_rotary_factor", 1.0, where);
+  if (partial != 1.0)
+    fail("{}: partial_rotary_factor = {} is not supported (kvdrift rotates every channel)", rope_where, partial);
+  c.rope_scaling.factor = required<double>(rope, "factor", rope_where);
+  if (c.rope_scaling.type == RopeScalingType::Llama3) {
+    c.rope_scaling.low_freq_factor = required<double>(rope, "low_freq_factor", rope_where);
+    c.rope_scaling.high_freq_factor = required<double>(rope, "high_freq_factor", rope_where);
+    c.rope_scaling.original_max_position =
+        optional<int64_t>(rope, "original_max_position_embeddings", max_position_embeddings, rope_where);
+  }
+}
+
 }  // namespace
 
 ModelConfig config_from_hf_json(const nlohmann::json& json, const std::string& where) {
   if (!json.is_object()) fail("{}: expected a JSON object", where);
   ModelConfig c;
   c.architecture = optional<std::string>(json, "model_type", "llama", where);
-  if (c.architecture != "llama" && c.architecture != "qwen2" && c.architecture != "qwen3" &&
-      c.architecture != "mistral")
+  const ArchitectureDefaults* defaults = nullptr;
+  for (const auto& known : kArchitectures)
+    if (c.architecture == known.model_type) defaults = &known;
+  if (!defaults)
     fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2, qwen3)", where, c.architecture);
   c.dim = required<int64_t>(json, "hidden_size", where);
   c.hidden_dim = required<int64_t>(json, "intermediate_size", where);
   c.n_layers = required<int64_t>(json, "num_hidden_layers", where);
   c.n_heads = required<int64_t>(json, "num_attention_heads", where);
   c.vocab_size = required<int64_t>(json, "vocab_size", where);
-  c.n_kv_heads = optional<int64_t>(json, "num_key_value_heads", c.n_heads, where);
   if (c.n_heads <= 0) fail("{}: impossible num_attention_heads = {}", where, c.n_heads);
-  c.head_dim = optional<int64_t>(json, "head_dim", c.dim / c.n_heads, where);
-  c.max_seq_len = optional<int64_t>(json, "max_position_embeddings", 2048, where);
+  // A key given as null takes the derived value (transformers' __post_init__), a missing one the class's
+  // default.
+  c.n_kv_heads = json.contains("num_key_value_heads") || defaults->num_key_value_heads == 0
+                     ? optional<int64_t>(json, "num_key_value_heads", c.n_heads, where)
+                     : defaults->num_key_value_heads;
+  c.head_dim = json.contains("head_dim") || defaults->head_dim == 0
+                   ? optional<int64_t>(json, "head_dim", c.dim / c.n_heads, where)
+                   : defaults->head_dim;
+  const int64_t max_position_embeddings =
+      optional<int64_t>(json, "max_position_embeddings", defaults->max_position_embeddings, where);
+  c.max_seq_len = max_position_embeddings;
   // Sliding-window attention is full attention while a sequence fits in the window; kvdrift has no
   // window, so the context stops at it. Qwen configs carry a window that only use_sliding_window turns on.
-  const bool windowed = c.architecture == "qwen2" || c.architecture == "qwen3"
-                            ? optional<bool>(json, "use_sliding_window", false, where)
-                            : true;
-  if (windowed && json.contains("sliding_window") && !json.at("sliding_window").is_null()) {
-    const auto window = required<int64_t>(json, "sliding_window", where);
-    if (window < 1) fail("{}: impossible sliding_window = {}", where, window);
-    c.max_seq_len = std::min(c.max_seq_len, window);
+  if (!defaults->windowed_by_flag || optional<bool>(json, "use_sliding_window", false, where)) {
+    const bool given = json.contains("sliding_window");
+    const int64_t window = given ? optional<int64_t>(json, "sliding_window", 0, where) : defaults->sliding_window;
+    if (given && !json.at("sliding_window").is_null() && window < 1)
+      fail("{}: impossible sliding_window = {}", where, window);
+    if (window > 0) c.max_seq_len = std::min(c.max_seq_len, window);
   }
-  // transformers >= 5 writes RoPE settings as one `rope_parameters` object (rope_theta and the
-  // scaling fields); earlier checkpoints have a top-level rope_theta and an optional `rope_scaling`.
-  const bool has_rope_parameters = json.contains("rope_parameters") && !json.at("rope_parameters").is_null();
-  const std::string rope_key = has_rope_parameters ? "rope_parameters" : "rope_scaling";
-  c.rope_theta = has_rope_parameters
-                     ? optional<double>(json.at(rope_key), "rope_theta", 10000.0, where + " rope_parameters")
-                     : optional<double>(json, "rope_theta", 10000.0, where);
+  read_rope(json, where, max_position_embeddings, c);
+  // Every family here applies SiLU in a bias-free MLP. Qwen2 biases q/k/v whatever the config says,
+  // Mistral nothing; Llama's and Qwen3's attention_bias biases o_proj too, which kvdrift lacks.
+  const std::string activation = optional<std::string>(json, "hidden_act", "silu", where);
+  if (activation != "silu" && activation != "swish")
+    fail("{}: hidden_act '{}' is not supported (kvdrift's MLP applies silu)", where, activation);
+  if (c.architecture == "llama" && optional<bool>(json, "mlp_bias", false, where))
+    fail("{}: mlp_bias = true is not supported (kvdrift's MLP has no biases)", where);
+  c.attention_bias = c.architecture == "qwen2";
+  if ((c.architecture == "llama" || c.architecture == "qwen3") && optional<bool>(json, "attention_bias", false, where))
+    fail("{}: attention_bias = true is not supported for model_type {} (it biases o_proj too, which kvdrift's "
+         "attention lacks)",
+         where, c.architecture);
   c.norm_eps = optional<double>(json, "rms_norm_eps", 1e-6, where);
   c.tie_embeddings = optional<bool>(json, "tie_word_embeddings", false, where);
-  c.attention_bias = optional<bool>(json, "attention_bias", c.architecture == "qwen2", where);
   c.qk_norm = c.architecture == "qwen3";
   c.rope_style = RopeStyle::HalfSplit;
   c.bos_token_id = optional<int64_t>(json, "bos_token_id", -1, where);
   c.eos_token_ids = token_id_list(json, "eos_token_id", where);
-  if (json.contains(rope_key) && !json.at(rope_key).is_null()) {
-    const auto& rs = json.at(rope_key);
-    const std::string rs_where = where + " " + rope_key;
-    const std::string type = rs.contains("rope_type") ? required<std::string>(rs, "rope_type", rs_where)
-                                                      : required<std::string>(rs, "type", rs_where);
-    const auto known = parse_enum(kRopeScalingTypeNames, type == "default" ? "none" : type);
-    if (!known) fail("{}: unsupported rope_scaling type '{}' (supported: linear, llama3)", where, type);
-    c.rope_scaling.type = *known;
-    c.rope_scaling.factor = optional<double>(rs, "factor", 1.0, rs_where);
-    c.rope_scaling.low_freq_factor = optional<double>(rs, "low_freq_factor", 1.0, rs_where);
-    c.rope_scaling.high_freq_factor = optional<double>(rs, "high_freq_factor", 4.0, rs_where);
-    c.rope_scaling.original_max_position =
-        optional<int64_t>(rs, "original_max_position_embeddings", 8192, rs_where);
-  }
   c.validate(where);
   return c;
 }

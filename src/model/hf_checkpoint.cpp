@@ -93,10 +93,18 @@ void write_hf_checkpoint(const Checkpoint& checkpoint, const std::string& dir) {
   }
   config.rope_style = RopeStyle::HalfSplit;
   write_safetensors((fs::path(dir) / "model.safetensors").string(), views, {{"format", "pt"}});
+  // Through a new file and a rename, as the safetensors file: a config.json that is a link is replaced,
+  // never written through.
   const std::string config_path = (fs::path(dir) / "config.json").string();
-  std::ofstream out(config_path);
-  out << config_to_hf_json(config).dump(2) << "\n";
-  if (!out) fail("cannot write {}", config_path);
+  const std::string temporary = config_path + ".tmp";
+  fs::remove(temporary, ec);
+  {
+    std::ofstream out(temporary);
+    out << config_to_hf_json(config).dump(2) << "\n";
+    if (!out.flush()) fail("cannot write {}", temporary);
+  }
+  fs::rename(temporary, config_path, ec);
+  if (ec) fail("cannot rename {} to {}: {}", temporary, config_path, ec.message());
 }
 
 }  // namespace kvdrift

@@ -275,6 +275,31 @@ void mark_unfinished(h5::File& file) {
     if (file.exists(name)) file.remove(name);
 }
 
+// Before a log's first change in this process: no longer complete, and the metric table its new
+// samples follow (an older log lacks it).
+void prepare_for_changes(h5::File& file) {
+  mark_unfinished(file);
+  if (!file.exists(kMetricTablePath)) file.write_string(kMetricTablePath, metric_table_json());
+}
+
+// The rows `kvdrift run` prints, read back from a finished log's /summary.
+std::vector<RunSummaryRow> summary_rows(const std::string& path, const std::vector<std::string>& quantizer_names) {
+  const h5::File file = h5::File::open_read(path);
+  std::vector<RunSummaryRow> rows;
+  for (const std::string& name : quantizer_names) {
+    check_group_name(path, "quantizer", name);
+    const h5::Group summary = file.open_group("summary/" + name);
+    const auto lane_value = [&](Lane lane, const char* attribute) {
+      const char* lane_group = lane_name(lane);
+      return summary.exists(lane_group) ? summary.open_group(lane_group).attribute<double>(attribute) : kNaN;
+    };
+    rows.push_back({name, lane_value(Lane::TeacherForced, "kl_mean"),
+                    lane_value(Lane::FreeRunning, "first_divergence_km_median"),
+                    summary.attribute<double>("bits_per_element_mean")});
+  }
+  return rows;
+}
+
 // --- Samples ---
 
 h5::Group lane_group(h5::Group& sample, const LaneResult& lane) {
@@ -758,20 +783,24 @@ RunLog RunLog::open(const std::string& path, const std::string& resolved_config_
     return RunLog(path, {});
   }
   std::set<int64_t> finished;
+  bool complete = false;
   {
     h5::File file = open_to_resume(path);
     check_resumable(file, resolved_config_yaml, metadata);
     h5::Group samples = file.open_group("samples");
     finished = finished_samples(samples);
+    complete = is_complete(file);
     file.close();
   }
   RunLog log(path, std::move(finished));
   // Until a sample is written here, the samples already there (with the header) bound what one takes.
   if (!log.finished_.empty()) log.sample_bytes_ = log.file_bytes() / log.finished_.size();
+  // A finished run is left as it is until a sample is added: rerunning it changes nothing.
+  log.finished_run_ = complete;
+  if (complete) return log;
   log.reserve_for(0);
   h5::File file = open_for_writing(path);
-  mark_unfinished(file);
-  if (!file.exists(kMetricTablePath)) file.write_string(kMetricTablePath, metric_table_json());  // an older log
+  prepare_for_changes(file);
   file.close();
   return log;
 }
@@ -797,6 +826,10 @@ SampleWriter RunLog::begin_samples(const std::vector<int64_t>& indices, const st
   const uint64_t bytes_before = file_bytes();
   reserve_for(indices.size());
   h5::File file = open_for_writing(path_);
+  if (finished_run_) {
+    prepare_for_changes(file);
+    finished_run_ = false;
+  }
   {
     h5::Group samples = file.open_group("samples");
     for (size_t i = 0; i < indices.size(); ++i) {
@@ -872,6 +905,7 @@ void SampleWriter::finish(const std::vector<SampleResult>& results) {
 
 std::vector<RunSummaryRow> RunLog::finish(const std::vector<std::string>& quantizer_names,
                                           const AnalysisSettings& analysis) {
+  if (finished_run_) return summary_rows(path_, quantizer_names);  // its summary and scores stay
   reserve_for(0);
   h5::File file = open_for_writing(path_);
   std::vector<RunSummaryRow> rows;

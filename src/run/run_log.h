@@ -84,7 +84,8 @@ class RunLog {
   // Creates the log at `path`, or resumes the one there. A new file (or any file, with `overwrite`)
   // gets the config and `metadata`. An existing one must hold the same resolved config (and model
   // checksum) or this fails, suggesting --overwrite; resuming drops the samples a killed writer left
-  // incomplete, recovering the file first when that writer died with it open.
+  // incomplete, recovering the file first when that writer died with it open. A finished run is left
+  // byte for byte as it is (its summary and task scores included) unless a sample is added.
   static RunLog open(const std::string& path, const std::string& resolved_config_yaml, const RunMetadata& metadata,
                      bool overwrite);
 
@@ -101,7 +102,8 @@ class RunLog {
 
   // Summarizes the finished samples per quantizer, read back from the file, writes /summary and marks
   // the run complete; `analysis` says how the post-onset statistics count steps. Rows come in the order
-  // of `quantizer_names`.
+  // of `quantizer_names`. For a finished run this process added no sample to, only reads the rows
+  // back from /summary.
   std::vector<RunSummaryRow> finish(const std::vector<std::string>& quantizer_names,
                                     const AnalysisSettings& analysis = {});
 
@@ -116,6 +118,7 @@ class RunLog {
   std::string path_;
   std::set<int64_t> finished_;  // indices of the samples marked complete in the file
   uint64_t sample_bytes_ = 0;   // the most a finished sample has added to the file
+  bool finished_run_ = false;   // the file is a finished run, unchanged by this process so far
 };
 
 // The least disk space reserved before a session writes (RunLog::reserve_for): more than a sample of

@@ -58,9 +58,12 @@ std::string read_text(const std::string& path) {
   return text.str();
 }
 
-// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it.
+// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it
+// and a link at `path` is replaced rather than written through.
 void write_atomically(const std::string& path, const std::string& text) {
   const std::string temporary = path + ".tmp";
+  std::error_code ignored;
+  fs::remove(temporary, ignored);  // a link left there would be written through
   {
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
     out << text;
@@ -286,7 +289,8 @@ std::string manifest_path(const SweepFile& sweep) { return (fs::path(sweep.direc
 
 PointFiles point_files(const std::string& sweep_directory, const std::string& id) {
   const std::string dir = (fs::path(sweep_directory) / "runs" / id).string();
-  return {dir, dir + "/config.yaml", dir + "/log.txt", dir + "/exit_status", dir + "/running", dir + "/run.h5"};
+  return {dir, dir + "/config.yaml", dir + "/log.txt", dir + "/exit_status", dir + "/running", dir + "/run.h5",
+          dir + "/point.lock"};
 }
 
 std::string Manifest::describe(const Point& point) const {
@@ -351,7 +355,7 @@ Manifest expand(const SweepFile& sweep) {
   return manifest;
 }
 
-PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out) {
+PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out, std::optional<WriterLock>* lock) {
   const auto start = std::chrono::steady_clock::now();
   const Manifest manifest = expand(sweep);
   PlanSummary summary;
@@ -362,6 +366,11 @@ PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_ou
   enum class Action { Keep, Write, Reset };
   std::vector<Action> actions(manifest.points.size(), Action::Write);
   resolve_configs(sweep, manifest, configs);
+  std::optional<WriterLock> own_lock;
+  std::optional<WriterLock>& held = lock ? *lock : own_lock;
+  if (!held)
+    held.emplace((fs::path(manifest.directory) / "sweep.lock").string(), "sweep " + manifest.directory,
+                 "one `kvdrift sweep plan` or `submit` of a sweep at a time; wait for it to end");
   std::vector<std::string> conflicts;
   for (size_t i = 0; i < manifest.points.size(); ++i) {
     const Point& point = manifest.points[i];
@@ -392,12 +401,11 @@ PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_ou
       for (const std::string& result : {files.output, files.log, files.exit_status}) fs::remove(result);
       ++summary.reset;
     }
-    // Written in place: a plan killed here leaves a config that differs from its point's, and a run
-    // directory without results, so the next plan rewrites it. The manifest comes last.
+    // Replaced, never written through: a config.yaml that is a link to another file leaves that file
+    // alone. A plan killed here leaves a config that differs from its point's and a run directory
+    // without results, so the next plan rewrites it. The manifest comes last.
     fs::create_directory(files.dir);
-    std::ofstream out(files.config, std::ios::binary | std::ios::trunc);
-    out << configs[i];
-    if (!out.flush()) fail("cannot write {}", files.config);
+    write_atomically(files.config, configs[i]);
     ++summary.written;
   }
   const std::string text = manifest_text(manifest);

@@ -2,9 +2,11 @@
 // `kvdrift sweep plan`: expands a sweep file into its points, validates each point as the run config
 // it becomes, and writes ROOT/NAME/runs/<id>/config.yaml plus ROOT/NAME/manifest.json (layout and id
 // rules: docs/sweep.md). The manifest is what the other sweep commands read.
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "core/writer_lock.h"
 #include "sweep/sweep_file.h"
 
 namespace kvdrift::sweep {
@@ -18,6 +20,7 @@ struct Point {
 struct PointFiles {
   std::string dir, config, log, exit_status, running;
   std::string output;  // run.h5
+  std::string lock;    // point.lock: held by the attempt that runs the point (sweep/point_run.h)
 };
 PointFiles point_files(const std::string& sweep_directory, const std::string& id);
 
@@ -50,8 +53,11 @@ struct PlanSummary {
 // each distinct quantizer built for the model's head dimension), then writes what changed. A point
 // whose config changed while its directory holds results is an error naming the point and the first
 // differing line, unless `force` (then its results are deleted). Nothing is written when any point
-// fails.
-PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out = nullptr);
+// fails. Once every point is valid, the plan takes the sweep's lock (ROOT/NAME/sweep.lock: one plan
+// or submit of a sweep at a time) before it reads what is there; given `lock`, it is left there for
+// the caller to hold on (submit, while its points run), else released on return.
+PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_out = nullptr,
+                       std::optional<WriterLock>* lock = nullptr);
 
 // The manifest written by write_plan; fails (suggesting `kvdrift sweep plan`) when there is none.
 // Warns when the sweep file changed since.

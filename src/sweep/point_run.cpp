@@ -13,18 +13,13 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/writer_lock.h"
 #include "sweep/process.h"
 
 namespace kvdrift::sweep {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string host_name() {
-  char name[256] = {};
-  if (::gethostname(name, sizeof(name) - 1) != 0) return "unknown";
-  return name;
-}
 
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -51,7 +46,7 @@ void pass_signal_on(int signal_number) {
 }  // namespace
 
 PointAttempt::PointAttempt(const PointFiles& files, const std::vector<std::string>& extra_env, bool tee)
-    : files_(files) {
+    : files_(files), lock_(files.lock, "point " + files.dir, "wait for its run to end") {
   std::error_code ignored;
   fs::remove(files.exit_status, ignored);
   log_fd_ = ::open(files.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

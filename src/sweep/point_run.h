@@ -2,13 +2,17 @@
 // One attempt at one point: `kvdrift run RUNDIR/config.yaml --output RUNDIR/run.h5` as a child
 // process with its stdout and stderr in RUNDIR/log.txt (truncated: the log of the latest attempt),
 // RUNDIR/running ("HOST PID" of the child) while it runs and RUNDIR/exit_status when it has ended.
-// Both launchers run points this way, so status reads the same files whoever ran them.
+// Both launchers run points this way, so status reads the same files whoever ran them. An attempt
+// holds RUNDIR/point.lock from before it touches those files until it is destroyed: a second attempt
+// at a running point (a worker and a hand-started run-point, a Slurm task run twice) stops with an
+// error naming the first and changes nothing.
 #include <sys/types.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "core/writer_lock.h"
 #include "sweep/plan.h"
 
 namespace kvdrift::sweep {
@@ -31,6 +35,7 @@ class PointAttempt {
 
  private:
   PointFiles files_;
+  WriterLock lock_;
   pid_t pid_ = -1;
   int log_fd_ = -1;
   int pipe_fd_ = -1;  // read end of the tee pipe, or -1

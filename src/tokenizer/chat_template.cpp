@@ -60,6 +60,22 @@ std::optional<std::string> template_in_tokenizer_config(const fs::path& path) {
   fail("{}: chat_template is neither a string nor a list holding a \"default\" template", path.string());
 }
 
+// Where a tokenizer's template may be, beside its tokenizer.json.
+struct TemplateFiles {
+  fs::path config, jinja, named;
+};
+TemplateFiles template_files(const std::string& tokenizer_json) {
+  const fs::path dir = fs::path(tokenizer_json).parent_path();
+  return {dir / "tokenizer_config.json", dir / "chat_template.jinja", dir / "additional_chat_templates"};
+}
+
+std::string tokenizer_json_for_model(const std::string& tokenizer_path, const std::string& model_path) {
+  std::error_code error;
+  fs::path tokenizer = tokenizer_path.empty() ? fs::path(model_path) / "tokenizer.json" : fs::path(tokenizer_path);
+  if (fs::is_directory(tokenizer, error)) tokenizer /= "tokenizer.json";
+  return tokenizer.string();
+}
+
 }  // namespace
 
 ChatTemplate::ChatTemplate(std::string family, std::string default_system, std::string source)
@@ -80,21 +96,36 @@ std::string ChatTemplate::render(const std::string& user, const std::optional<st
   return text + turn("user", user) + "<|im_start|>assistant\n";
 }
 
+// The template transformers' apply_chat_template uses (PreTrainedTokenizerBase.from_pretrained, then
+// get_chat_template): standalone template files come first and replace tokenizer_config.json's entry
+// whole; among them additional_chat_templates/default.jinja, else chat_template.jinja, is the default,
+// and templates there without a default are refused (transformers asks for a template name).
 ChatTemplate load_chat_template(const std::string& tokenizer_json) {
-  const fs::path dir = fs::path(tokenizer_json).parent_path();
-  const fs::path config_path = dir / "tokenizer_config.json";
-  const fs::path jinja_path = dir / "chat_template.jinja";
-  std::optional<std::string> text = template_in_tokenizer_config(config_path);
-  fs::path source = config_path;
+  const TemplateFiles files = template_files(tokenizer_json);
   std::error_code error;
-  if (!text && fs::is_regular_file(jinja_path, error)) {
-    text = read_file(jinja_path);
-    source = jinja_path;
+  bool named_templates = false;
+  for (fs::directory_iterator entry(files.named, error), end; !error && entry != end; entry.increment(error))
+    named_templates = named_templates || entry->path().extension() == ".jinja";
+  std::optional<std::string> text;
+  fs::path source;
+  for (const fs::path& file : {files.named / "default.jinja", files.jinja}) {
+    if (fs::is_regular_file(file, error)) {
+      text = read_file(file);
+      source = file;
+      break;
+    }
+  }
+  if (!text && named_templates)
+    fail("{} holds chat templates but no default.jinja, and there is no {}: name the default one", files.named.string(),
+         files.jinja.string());
+  if (!text) {
+    text = template_in_tokenizer_config(files.config);
+    source = files.config;
   }
   if (!text)
     fail("no chat template for {}: neither {} (key chat_template) nor {} exists; set prompts.chat_template: false, "
          "or use a model directory that ships its template",
-         tokenizer_json, config_path.string(), jinja_path.string());
+         tokenizer_json, files.config.string(), files.jinja.string());
   const std::string digest = sha256_hex(*text);
   for (const auto& known : kKnownTemplates) {
     if (digest == known.sha256) return ChatTemplate(known.family, known.default_system, source.string());
@@ -107,10 +138,12 @@ ChatTemplate load_chat_template(const std::string& tokenizer_json) {
 }
 
 ChatTemplate chat_template_for_model(const std::string& tokenizer_path, const std::string& model_path) {
-  std::error_code error;
-  fs::path tokenizer = tokenizer_path.empty() ? fs::path(model_path) / "tokenizer.json" : fs::path(tokenizer_path);
-  if (fs::is_directory(tokenizer, error)) tokenizer /= "tokenizer.json";
-  return load_chat_template(tokenizer.string());
+  return load_chat_template(tokenizer_json_for_model(tokenizer_path, model_path));
+}
+
+std::vector<std::string> chat_template_files(const std::string& tokenizer_path, const std::string& model_path) {
+  const TemplateFiles files = template_files(tokenizer_json_for_model(tokenizer_path, model_path));
+  return {files.config.string(), files.jinja.string(), files.named.string()};
 }
 
 }  // namespace kvdrift

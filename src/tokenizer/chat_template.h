@@ -5,6 +5,7 @@
 // against transformers). Any other template is refused with its digest, never approximated.
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace kvdrift {
 
@@ -24,13 +25,18 @@ class ChatTemplate {
   std::string source_;
 };
 
-// The template that comes with a tokenizer: tokenizer_config.json's "chat_template" beside
-// `tokenizer_json`, else chat_template.jinja there. Throws Error naming the files when neither has
-// one, and naming the template's sha256 when it is not a supported one.
+// The template that comes with a tokenizer, where transformers takes it from: beside `tokenizer_json`,
+// chat_template.jinja (or additional_chat_templates/default.jinja) before tokenizer_config.json's
+// "chat_template". Throws Error naming the files when none has one, and naming the file and the
+// template's sha256 when it is not a supported one (an edited chat_template.jinja among them: it is
+// never replaced by tokenizer_config.json's).
 ChatTemplate load_chat_template(const std::string& tokenizer_json);
 
 // The template of a model: beside `tokenizer_path` when given (a tokenizer.json or its directory),
 // else inside the Hugging Face model directory `model_path`.
 ChatTemplate chat_template_for_model(const std::string& tokenizer_path, const std::string& model_path);
+// The files and folders chat_template_for_model may read (existing or not): inputs that a command
+// must not write over.
+std::vector<std::string> chat_template_files(const std::string& tokenizer_path, const std::string& model_path);
 
 }  // namespace kvdrift

@@ -276,11 +276,19 @@ class HfTokenizer final : public Tokenizer {
   }
 
   // lstrip/rstrip/single_word options of added tokens are not implemented: content matches as is.
+  // Hugging Face tokenizers gives an added token whose id another added token has a new id of its own,
+  // so a text holding it tokenizes differently there: such a file is refused.
   void read_added_tokens(const json& tokens) {
+    std::unordered_map<TokenId, std::string> content_of_id;
     for (const json& token : tokens) {
       auto content = token.at("content").get<std::string>();
       if (content.empty()) fail("{}: added token {} has empty content", path_, token.at("id").dump());
       const TokenId id = checked_id(token.at("id"), content);
+      const auto [first, inserted] = content_of_id.emplace(id, content);
+      if (!inserted)
+        fail("{}: added tokens {:?} and {:?} both have id {} (Hugging Face tokenizers would give the second another "
+             "id); give each added token its own id",
+             path_, first->second, content, id);
       added_tokens_.push_back({std::move(content), id, token.value("special", false)});
     }
     // Longest first, so that at one position the longest added token wins (as in Hugging Face).
