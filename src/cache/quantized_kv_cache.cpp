@@ -257,11 +257,12 @@ const QuantizedKVCache::RowGroup& QuantizedKVCache::group_of(int64_t row) const 
 }
 
 int64_t QuantizedKVCache::quantized_positions(Role role, int64_t layer, int64_t row) const {
-  return accounts_.at(row).flushed_end[index(role)][layer] - group_of(row).policies[index(role)].sink;
+  const auto [first, end] = quantized_range(role, layer, row);
+  return end - first;
 }
 
-int64_t QuantizedKVCache::quantized_end(Role role, int64_t layer, int64_t row) const {
-  return accounts_.at(row).flushed_end[index(role)][layer];
+std::pair<int64_t, int64_t> QuantizedKVCache::quantized_range(Role role, int64_t layer, int64_t row) const {
+  return {group_of(row).policies[index(role)].sink, accounts_.at(row).flushed_end[index(role)][layer]};
 }
 
 double QuantizedKVCache::saturated_params(Role role, int64_t row) const {

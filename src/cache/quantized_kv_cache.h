@@ -6,6 +6,7 @@
 // buffer, so a decode step costs one attention pass, as for the reference.
 #include <array>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "cache/kv_cache.h"
@@ -63,9 +64,9 @@ class QuantizedKVCache final : public KVCache {
   int64_t slot(int64_t row) const;
   // Positions `row` holds (its real tokens written so far; kept as of its retirement).
   int64_t row_length(int64_t row) const;
-  // Positions of `role` in `layer` that `row` currently reads quantized: [sink, quantized_end).
+  // Positions of `role` in `layer` that `row` currently reads quantized: how many, and which ([first, end)).
   int64_t quantized_positions(Role role, int64_t layer, int64_t row = 0) const;
-  int64_t quantized_end(Role role, int64_t layer, int64_t row) const;
+  std::pair<int64_t, int64_t> quantized_range(Role role, int64_t layer, int64_t row) const;
   // Stored parameters of `row`'s blocks of `role` that their storage dtype could not hold (StoredParam),
   // over all layers, shared among the rows quantized together like the bits.
   double saturated_params(Role role, int64_t row) const;

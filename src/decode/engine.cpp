@@ -54,9 +54,9 @@ torch::Tensor quantized_rows(const QuantizedKVCache& cache, Role role, int64_t r
   const int64_t layers = cache.layers();
   auto selected = torch::zeros({layers, kv_heads, positions}, torch::kBool);
   for (int64_t layer = 0; layer < layers; ++layer) {
-    const int64_t end = std::min(cache.quantized_end(role, layer, row), positions);
-    const int64_t sink = cache.quantized_end(role, layer, row) - cache.quantized_positions(role, layer, row);
-    if (end > sink) selected[layer].narrow(1, sink, end - sink).fill_(true);
+    const auto [first, end] = cache.quantized_range(role, layer, row);
+    const int64_t last = std::min(end, positions);
+    if (last > first) selected[layer].narrow(1, first, last - first).fill_(true);
   }
   return selected;
 }

@@ -74,15 +74,24 @@ StoredParam stored_param(const torch::Tensor& x, StoredDtype dtype) {
   double largest = 0;  // the largest finite value of a floating-point storage dtype
   if (dtype == StoredDtype::Float16) largest = 65504.0;
   if (dtype == StoredDtype::Float8E4M3) largest = 448.0;
-  if (largest > 0) {
-    param.saturated = (x.abs() > largest).sum().item<int64_t>();
-    param.flushed_to_zero = ((x != 0) & (param.values == 0)).sum().item<int64_t>();
+  if (largest > 0) {  // both counts in one read from the device
+    const auto counts = torch::stack({(x.abs() > largest).sum(), ((x != 0) & (param.values == 0)).sum()}).cpu();
+    param.saturated = counts[0].item<int64_t>();
+    param.flushed_to_zero = counts[1].item<int64_t>();
   }
   return param;
 }
 
+torch::Tensor minmax_codes(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& minimum,
+                           int64_t bits) {
+  const double levels = std::pow(2.0, static_cast<double>(bits)) - 1.0;
+  return torch::round((x - minimum) / scale.clamp_min(std::numeric_limits<float>::min()))
+      .clamp(0.0, levels)
+      .to(torch::kUInt8);
+}
+
 MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip,
-                            std::optional<ParamDtypes> round_first) {
+                            const ParamRounding& rounding) {
   const double levels = std::pow(2.0, static_cast<double>(bits)) - 1.0;
   auto minimum = std::get<0>(groups.min(-1, /*keepdim=*/true));
   auto maximum = std::get<0>(groups.max(-1, /*keepdim=*/true));
@@ -91,15 +100,11 @@ MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double ep
     maximum = maximum * clip;
   }
   auto scale = ((maximum - minimum) / levels).clamp_min(eps);
-  auto divisor = scale;
-  if (round_first) {
-    scale = round_to_storage(scale, round_first->scale);
-    minimum = round_to_storage(minimum, round_first->zero);
-    // A scale that rounds to 0 dequantizes every code to the minimum: any code will do, but not NaN.
-    divisor = scale.clamp_min(std::numeric_limits<float>::min());
+  if (rounding.before_codes) {
+    scale = round_to_storage(scale, rounding.scale);
+    minimum = round_to_storage(minimum, rounding.zero);
   }
-  auto codes = torch::round((groups - minimum) / divisor).clamp(0.0, levels).to(torch::kUInt8);
-  return {codes, scale, minimum};
+  return {minmax_codes(groups, scale, minimum, bits), scale, minimum};
 }
 
 torch::Tensor pack_codes(const torch::Tensor& codes, int64_t bits) {

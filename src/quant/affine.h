@@ -4,7 +4,6 @@
 #include <torch/types.h>
 
 #include <cstdint>
-#include <optional>
 #include <string>
 
 #include "quant/params.h"
@@ -39,18 +38,24 @@ inline constexpr double kMinMaxScaleEps = 1e-8;
 // optionally clipped to [min * clip, max * clip]:
 //   s = max((max - min) * clip / (2^bits - 1), eps),  q = clamp(round((x - min * clip) / s), 0, 2^bits - 1)
 // scale and minimum (= min * clip) keep the reduced dimension (size 1).
-// With `round_first` (scale_rounding: before_codes) s and min are rounded to those storage dtypes before
-// the codes are computed.
+// With `rounding.before_codes` (scale_rounding: before_codes) s and min are rounded to their storage
+// dtypes before the codes are computed.
 struct MinMaxCodes {
   torch::Tensor codes;  // uint8, shape of groups
   torch::Tensor scale;
   torch::Tensor minimum;
 };
-struct ParamDtypes {
-  StoredDtype scale, zero;
+struct ParamRounding {
+  StoredDtype scale = StoredDtype::Float32, zero = StoredDtype::Float32;
+  bool before_codes = false;
 };
 MinMaxCodes quantize_minmax(const torch::Tensor& groups, int64_t bits, double eps, double clip = 1.0,
-                            std::optional<ParamDtypes> round_first = std::nullopt);
+                            const ParamRounding& rounding = {});
+// The min/max codes clamp(round((x - minimum) / scale), 0, 2^bits - 1) as uint8, for scales and minima
+// that broadcast against x. A scale of 0 (a stored parameter rounded to 0) dequantizes every code to the
+// minimum: any code will do there, but not NaN.
+torch::Tensor minmax_codes(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& minimum,
+                           int64_t bits);
 
 // Row-wise packing: element c of a row goes to byte c / (8 / bits) at bit shift (c % (8 / bits)) * bits.
 torch::Tensor pack_codes(const torch::Tensor& codes, int64_t bits);  // uint8 [..., C] -> [..., ceil(C / per_byte)]

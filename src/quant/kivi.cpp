@@ -63,7 +63,8 @@ class KiviQuantizer final : public Quantizer {
     if (role == Role::Key && x.size(1) != residual_)
       fail("quantizer 'kivi': key tiles hold residual_length = {} tokens, got {}", residual_, x.size(1));
     const int64_t bits = role == Role::Key ? k_bits_ : v_bits_;
-    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, quant::kMinMaxScaleEps, 1.0, round_first());
+    auto minmax = quant::quantize_minmax(to_groups(x, role), bits, quant::kMinMaxScaleEps, 1.0,
+                                         {scale_dtype_, zero_dtype_, round_before_codes_});
     QuantizedTiles tiles;
     tiles.codes = from_groups(minmax.codes, role);
     tiles.bits = bits;
@@ -93,11 +94,6 @@ class KiviQuantizer final : public Quantizer {
   torch::Tensor from_groups(const torch::Tensor& groups, Role role) const {
     if (role == Role::Key) return groups.transpose(2, 3).flatten(1, 2);
     return groups.flatten(2, 3);
-  }
-
-  std::optional<quant::ParamDtypes> round_first() const {
-    if (!round_before_codes_) return std::nullopt;
-    return quant::ParamDtypes{scale_dtype_, zero_dtype_};
   }
 
   int64_t head_dim_, k_bits_, v_bits_, group_, value_group_, residual_, sink_;

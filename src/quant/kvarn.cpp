@@ -3,7 +3,6 @@
 // keys per channel across the tile's tokens, values per token. The VarN scales are stored with the RTN
 // parameters and folded back at dequantization. Every step is batched over the N tiles on their device.
 #include <cmath>
-#include <limits>
 #include <utility>
 
 #include "core/error.h"
@@ -163,8 +162,8 @@ class KVarNQuantizer final : public Quantizer {
     if (round_before_codes_) {
       // T[r, c] / column[c] = q[r, c] scale[r] + zero[r], with the parameters as stored.
       const auto& p = tiles.params;
-      codes = codes_against_stored(t / p.at(column_name).values.unsqueeze(1), p.at(scale_name).values.unsqueeze(2),
-                                   p.at(zero_name).values.unsqueeze(2), bits);
+      codes = quant::minmax_codes(t / p.at(column_name).values.unsqueeze(1), p.at(scale_name).values.unsqueeze(2),
+                                  p.at(zero_name).values.unsqueeze(2), bits);
     }
     tiles.codes = key ? codes.transpose(1, 2).contiguous() : codes;  // token-major [N, T, D]
     return tiles;
@@ -187,15 +186,6 @@ class KVarNQuantizer final : public Quantizer {
   }
 
  private:
-  // scale_rounding: before_codes. The codes of `scaled` (the tile divided by its stored token or channel
-  // scale) for its stored RTN scale and zero point: the nearest code for what dequantization reads.
-  static torch::Tensor codes_against_stored(const torch::Tensor& scaled, const torch::Tensor& scale,
-                                            const torch::Tensor& zero, int64_t bits) {
-    const double levels = std::pow(2.0, static_cast<double>(bits)) - 1.0;
-    const auto divisor = scale.clamp_min(std::numeric_limits<float>::min());  // a scale stored as 0: any code
-    return torch::round((scaled - zero) / divisor).clamp(0.0, levels).to(torch::kUInt8);
-  }
-
   // after_codes: parameters are computed (and codes derived) in float32, then rounded to their storage
   // dtype, as the authors' kernels do (docs/quantizers.md).
   void store(QuantizedTiles& tiles, const std::string& name, const torch::Tensor& values) const {

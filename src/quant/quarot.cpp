@@ -128,8 +128,7 @@ class QuarotQuantizer final : public Quantizer {
 
   QuantizedTiles quantize_float_minimum(const torch::Tensor& groups) const {
     auto minmax = quant::quantize_minmax(groups, value_.bits, quant::kMinMaxScaleEps, value_.clip_ratio,
-                                         round_before_codes_ ? std::optional(quant::ParamDtypes{scale_dtype_, zero_dtype_})
-                                                             : std::nullopt);
+                                         {scale_dtype_, zero_dtype_, round_before_codes_});
     QuantizedTiles tiles;
     tiles.codes = minmax.codes;
     tiles.bits = value_.bits;

@@ -55,8 +55,7 @@ class RtnQuantizer final : public Quantizer {
     auto groups = per_token_ ? x.reshape({n, tokens, dim / group_, group_})
                              : x.reshape({n, tokens / group_, group_, dim}).transpose(2, 3);
     auto codes = quant::quantize_minmax(groups, bits, quant::kMinMaxScaleEps, clip_ratio_,
-                                         round_before_codes_ ? std::optional(quant::ParamDtypes{scale_dtype_, zero_dtype_})
-                                                             : std::nullopt);
+                                         {scale_dtype_, zero_dtype_, round_before_codes_});
     QuantizedTiles tiles;
     tiles.codes = per_token_ ? codes.codes.reshape({n, tokens, dim}) : codes.codes.transpose(2, 3).reshape({n, tokens, dim});
     tiles.bits = bits;
