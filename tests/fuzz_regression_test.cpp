@@ -2,6 +2,8 @@
 // the input is refused with one Error naming the file (or prompt, or --set argument), promptly.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <string>
 #include <utility>
 #include <vector>
@@ -62,6 +64,26 @@ TEST(FuzzRegression, JsonNumberOutOfRangeNamesTheFile) {
   EXPECT_EQ(test::error_message([&] { SafetensorsFile(dir + "/model.safetensors"); }),
             dir + "/model.safetensors: header is not valid JSON ([json.exception.out_of_range.406] number overflow "
                   "parsing '1E999999')");
+}
+
+// nlohmann's get<int64_t>() casts a float beyond int64's range (undefined behaviour; UBSan stopped the
+// hf_config harness on it) and wraps an unsigned above INT64_MAX: integer fields refuse both, and a
+// float, as the wrong type.
+TEST(FuzzRegression, IntegerFieldsRefuseFloatsAndUnsignedBeyondInt64) {
+  const std::string dir = test::scratch_dir();
+  const std::string rest = R"("intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8)";
+  for (const std::string value : {"1e300", "-1e300", "64.0", "18446744073709551615"}) {
+    test::write_file(dir + "/config.json", "{\"hidden_size\": " + value + ", " + rest + "}");
+    const std::string shown = nlohmann::json::parse(value).dump();
+    EXPECT_EQ(test::error_message([&] { read_hf_config(dir); }),
+              dir + "/config.json: key 'hidden_size' must be an integer, got " + shown);
+  }
+  test::write_file(dir + "/config.json", R"({"hidden_size": 8, "eos_token_id": [2, 1e300], )" + rest + "}");
+  EXPECT_EQ(test::error_message([&] { read_hf_config(dir); }),
+            dir + "/config.json: key 'eos_token_id' must hold integers, got [2,1e+300]");
+  test::write_file(dir + "/tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 1e300}, "merges": []}})");
+  EXPECT_EQ(test::error_message([&] { load_tokenizer(dir + "/tokenizer.json"); }),
+            dir + "/tokenizer.json: token \"a\" has id 1e+300, not an integer");
 }
 
 // Text that is not UTF-8 cannot be pre-tokenized by a byte-level BPE tokenizer's regex: the error

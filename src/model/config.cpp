@@ -1,10 +1,13 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_integer.h"
 
 namespace kvdrift {
 
@@ -72,6 +75,12 @@ namespace {
 template <typename T>
 T required(const nlohmann::json& json, const char* key, const std::string& where) {
   if (!json.contains(key)) fail("{}: missing required key '{}'", where, key);
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    const auto value = json_int64(json.at(key));
+    if (!value || *value < std::numeric_limits<T>::min() || *value > std::numeric_limits<T>::max())
+      fail("{}: key '{}' must be an integer, got {}", where, key, json.at(key).dump());
+    return static_cast<T>(*value);
+  }
   try {
     return json.at(key).get<T>();
   } catch (const nlohmann::json::exception&) {
@@ -87,8 +96,14 @@ T optional(const nlohmann::json& json, const char* key, T fallback, const std::s
 
 std::vector<int64_t> token_id_list(const nlohmann::json& json, const char* key, const std::string& where) {
   if (!json.contains(key) || json.at(key).is_null()) return {};
-  if (json.at(key).is_array()) return required<std::vector<int64_t>>(json, key, where);
-  return {required<int64_t>(json, key, where)};
+  if (!json.at(key).is_array()) return {required<int64_t>(json, key, where)};
+  std::vector<int64_t> ids;
+  for (const nlohmann::json& id : json.at(key)) {
+    const auto value = json_int64(id);
+    if (!value) fail("{}: key '{}' must hold integers, got {}", where, key, json.at(key).dump());
+    ids.push_back(*value);
+  }
+  return ids;
 }
 
 // What transformers' config class of a model_type (LlamaConfig, MistralConfig, Qwen2Config,

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/json_integer.h"
 #include "core/line_difference.h"
 #include "core/sha256.h"
 #include "io/run_config.h"
@@ -426,7 +427,7 @@ Manifest read_manifest(const SweepFile& sweep) {
   try {
     json = Json::parse(read_text(path));
     Manifest manifest;
-    if (json.at("manifest_version").get<int>() != kManifestVersion)
+    if (json_int64(json.at("manifest_version")) != kManifestVersion)
       fail("{}: manifest_version {} is not {}: plan again", path, json.at("manifest_version").dump(), kManifestVersion);
     manifest.name = json.at("name").get<std::string>();
     manifest.sweep_file = json.at("sweep_file").get<std::string>();

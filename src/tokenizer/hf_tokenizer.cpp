@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/json_integer.h"
 
 namespace kvdrift {
 namespace {
@@ -187,7 +188,9 @@ class HfTokenizer final : public Tokenizer {
 
  private:
   TokenId checked_id(const json& id_json, const std::string& token) const {
-    const auto id = id_json.get<TokenId>();
+    const auto value = json_int64(id_json);
+    if (!value) fail("{}: token {:?} has id {}, not an integer", path_, token, id_json.dump());
+    const int64_t id = *value;
     if (id < 0 || id > kMaxTokenId) fail("{}: token {:?} has id {}, outside 0..{}", path_, token, id, kMaxTokenId);
     return id;
   }
