@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   app.add_flag("--version", show_version, "print kvdrift, LibTorch, CUDA and HDF5 versions and exit");
   int threads = 0;
   app.add_option("--threads", threads, "CPU intra-op threads (default: $KVDRIFT_THREADS, else every core)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, kvdrift::kMaxThreads));
   app.require_subcommand(0, 1);
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->check(

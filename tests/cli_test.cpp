@@ -222,6 +222,13 @@ TEST(Cli, VersionNamesLibrariesAndThreadsAreSettable) {
   const auto bad = test::run_cli({"--version"});
   ::setenv("KVDRIFT_THREADS", "1", 1);
   test::expect_one_error_line(bad, "KVDRIFT_THREADS='two' is not a positive number of threads");
+  // An OpenMP pool of 100000 threads never finishes starting: --threads is bounded like KVDRIFT_THREADS.
+  for (const std::string threads : {"0", "100000"}) {
+    const auto refused = test::run_cli({"--threads", threads, "--version"});
+    EXPECT_EQ(refused.exit_code, 2);
+    EXPECT_NE(refused.err.find("--threads: Value " + threads + " not in range 1 to 4096"), std::string::npos)
+        << refused.err;
+  }
 }
 
 }  // namespace

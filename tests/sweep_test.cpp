@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sched.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -654,6 +655,50 @@ launcher: {kind: local}
       << test::read_file(dir + "/submit.txt");
   EXPECT_TRUE(complete(sweep_dir + "/runs/" + ids[1] + "/run.h5"));
   EXPECT_FALSE(fs::exists(sweep_dir + "/sweep.lock"));
+}
+
+// Workers share the cores: each run gets cores / workers intra-op threads (at least 1) unless
+// launcher.threads or $KVDRIFT_THREADS says otherwise, and the status line says which.
+TEST(SweepLocal, WorkersShareTheCores) {
+  const std::string dir = test::scratch_dir();
+  write_base(dir);
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  const int cores = CPU_COUNT(&allowed);
+  const int share = std::max(1, cores / 2);
+  struct Case {
+    std::string name, launcher_threads, kvdrift_threads, status, threads;
+  };
+  const std::vector<Case> cases = {
+      {"share", "", "", fmt::format("{} ({} cores / 2 workers)", share, cores), std::to_string(share)},
+      {"launcher", ", threads: 3", "", "3 (launcher.threads)", "3"},
+      {"environment", ", threads: 3", "1", "KVDRIFT_THREADS=1", "1"},
+  };
+  for (const Case& c : cases) {
+    const std::string sweep = write_sweep(dir, fmt::format(R"(name: {}
+root: out
+base: base.yaml
+grid:
+  decoding.max_new_tokens: [2, 3]
+launcher: {{kind: local, workers: 2{}}}
+)", c.name, c.launcher_threads), c.name + ".yaml");
+    const std::string saved = std::getenv("KVDRIFT_THREADS") ? std::getenv("KVDRIFT_THREADS") : "";
+    if (c.kvdrift_threads.empty()) ::unsetenv("KVDRIFT_THREADS");
+    else ::setenv("KVDRIFT_THREADS", c.kvdrift_threads.c_str(), 1);
+    const auto submitted = test::run_cli({"sweep", "submit", sweep});
+    ::setenv("KVDRIFT_THREADS", saved.c_str(), 1);
+    ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+    EXPECT_NE(submitted.out.find("local: 2 worker(s), intra-op threads each: " + c.status + "\n"), std::string::npos)
+        << submitted.out;
+    for (const std::string& id : ids_of(manifest_of(dir + "/out/" + c.name))) {
+      const std::string log = test::read_file(dir + "/out/" + c.name + "/runs/" + id + "/log.txt");
+      EXPECT_NE(log.find("cpu (" + c.threads + " intra-op threads)"), std::string::npos) << c.name << ": " << log;
+    }
+  }
+  write_sweep(dir, "name: bad\nroot: out\nbase: base.yaml\ngrid: {decoding.max_new_tokens: [2]}\n"
+                   "launcher: {kind: local, threads: 5000}\n", "bad.yaml");
+  EXPECT_EQ(test::error_message([&] { sweep::load_sweep_file(dir + "/bad.yaml"); }),
+            dir + "/bad.yaml:5: launcher.threads must be <= 4096, got 5000");
 }
 
 TEST(SweepLocal, TwoWorkersStatusCollectAndRerunFailed) {

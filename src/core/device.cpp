@@ -73,23 +73,25 @@ std::string describe_device(const torch::Device& device) {
   return fmt::format("cpu ({} intra-op threads)", at::get_num_threads());
 }
 
+int available_cores() {
+  cpu_set_t allowed;
+  return sched_getaffinity(0, sizeof(allowed), &allowed) == 0
+             ? std::max(1, CPU_COUNT(&allowed))
+             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 int configure_threads(int requested) {
   int threads = requested;
   if (threads <= 0) {
     if (const char* env = std::getenv("KVDRIFT_THREADS"); env && *env) {
       char* end = nullptr;
       const long value = std::strtol(env, &end, 10);
-      if (*end != '\0' || value <= 0 || value > 4096)
+      if (*end != '\0' || value <= 0 || value > kMaxThreads)
         fail("KVDRIFT_THREADS='{}' is not a positive number of threads", env);
       threads = static_cast<int>(value);
     }
   }
-  if (threads <= 0) {
-    cpu_set_t allowed;
-    threads = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
-                  ? CPU_COUNT(&allowed)
-                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }
+  if (threads <= 0) threads = available_cores();
   at::set_num_threads(threads);
   return threads;
 }

@@ -3,14 +3,17 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <memory>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "sweep/point_run.h"
 #include "sweep/process.h"
@@ -23,11 +26,16 @@ volatile sig_atomic_t g_stop_requested = 0;
 
 void request_stop(int) { g_stop_requested = 1; }
 
-// The environment that pins a worker to its device: a GPU is the only one its runs can see.
-std::vector<std::string> device_environment(const std::string& device) {
+// The environment that pins a worker to its device (a GPU is the only one its runs can see) and to its
+// share of the cores: workers that each start one OpenMP thread per core oversubscribe the machine, and
+// spinning OpenMP threads that share a core slow every run several times over.
+std::vector<std::string> worker_environment(const std::string& device, const WorkerThreads& threads) {
+  std::vector<std::string> environment;
+  if (threads.from != WorkerThreads::From::Environment)
+    environment.push_back("KVDRIFT_THREADS=" + std::to_string(threads.count));
   const std::string prefix = "cuda:";
-  if (device.rfind(prefix, 0) != 0) return {};
-  return {"CUDA_VISIBLE_DEVICES=" + device.substr(prefix.size())};
+  if (device.rfind(prefix, 0) == 0) environment.push_back("CUDA_VISIBLE_DEVICES=" + device.substr(prefix.size()));
+  return environment;
 }
 
 struct Worker {
@@ -36,6 +44,17 @@ struct Worker {
 };
 
 }  // namespace
+
+WorkerThreads worker_threads(const LocalLauncher& launcher) {
+  if (const char* env = std::getenv("KVDRIFT_THREADS"); env && *env)
+    return {WorkerThreads::From::Environment, 0, fmt::format("KVDRIFT_THREADS={}", env)};
+  if (launcher.threads > 0)
+    return {WorkerThreads::From::Launcher, launcher.threads, fmt::format("{} (launcher.threads)", launcher.threads)};
+  const int cores = available_cores();
+  const int64_t share = std::max<int64_t>(1, cores / launcher.workers);
+  return {WorkerThreads::From::CoreShare, share,
+          fmt::format("{} ({} cores / {} workers)", share, cores, launcher.workers)};
+}
 
 LocalRunSummary run_local(const Manifest& manifest, const std::vector<const Point*>& points,
                           const LocalLauncher& launcher) {
@@ -49,6 +68,9 @@ LocalRunSummary run_local(const Manifest& manifest, const std::vector<const Poin
   ::sigaction(SIGINT, &action, &previous_int);
   ::sigaction(SIGTERM, &action, &previous_term);
 
+  const WorkerThreads threads = worker_threads(launcher);
+  std::cout << fmt::format("local: {} worker(s), intra-op threads each: {}\n", launcher.workers, threads.described)
+            << std::flush;
   std::vector<Worker> workers(static_cast<size_t>(launcher.workers));
   LocalRunSummary summary;
   size_t next = 0, running = 0, finished = 0;
@@ -64,7 +86,7 @@ LocalRunSummary run_local(const Manifest& manifest, const std::vector<const Poin
       if (workers[w].attempt) continue;
       const std::string& device = launcher.devices[w % launcher.devices.size()];
       workers[w].attempt =
-          std::make_unique<PointAttempt>(manifest.files(*points[next++]), device_environment(device), /*tee=*/false);
+          std::make_unique<PointAttempt>(manifest.files(*points[next++]), worker_environment(device, threads), /*tee=*/false);
       workers[w].start = std::chrono::steady_clock::now();
       ++running;
     }

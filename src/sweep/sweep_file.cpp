@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/sha256.h"
 #include "io/yaml_size.h"
@@ -21,7 +22,7 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::vector<std::string> kTopLevelKeys = {"name", "root", "base", "grid", "zip", "exclude", "launcher"};
-const std::vector<std::string> kLocalKeys = {"workers", "devices"};
+const std::vector<std::string> kLocalKeys = {"workers", "devices", "threads"};
 const std::vector<std::string> kSlurmKeys = {"partition",     "account",      "time",  "mem",  "cpus_per_task",
                                              "gpus_per_task", "max_parallel", "extra", "setup"};
 
@@ -276,6 +277,11 @@ void read_launcher(const Reader& reader, const YAML::Node& node, const YAML::Mar
                                                        sweep.launcher_kind, fmt::join(known, ", ")));
     }
     if (key == "workers") sweep.local.workers = reader.integer(value, key_mark, path, 1);
+    if (key == "threads") {
+      sweep.local.threads = reader.integer(value, key_mark, path, 1);
+      if (sweep.local.threads > kMaxThreads)
+        reader.reject(value.Mark(), fmt::format("{} must be <= {}, got {}", path, kMaxThreads, sweep.local.threads));
+    }
     if (key == "devices") {
       static const std::regex kDeviceForm("cpu|cuda:[0-9]+");
       sweep.local.devices = reader.texts(value, key_mark, path);

@@ -27,6 +27,7 @@ struct ExcludeRule {
 struct LocalLauncher {
   int64_t workers = 1;
   std::vector<std::string> devices = {"cpu"};  // cpu | cuda:N
+  int64_t threads = 0;                         // intra-op threads per worker; 0: the cores / workers
 };
 
 struct SlurmLauncher {
