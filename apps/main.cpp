@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
     kvdrift::configure_threads(threads);
+    kvdrift::choose_openmp_waiting(argv);
     if (show_version) {
       std::cout << kvdrift::version_report();
       return 0;

@@ -1,6 +1,11 @@
 // Bad input through the real command line: one clear "kvdrift: error:" line naming the offending
 // value, a non-zero exit, and nothing on stdout.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
 
 #include <cmath>
 #include <filesystem>
@@ -222,6 +227,23 @@ TEST(Cli, VersionNamesLibrariesAndThreadsAreSettable) {
   const auto bad = test::run_cli({"--version"});
   ::setenv("KVDRIFT_THREADS", "1", 1);
   test::expect_one_error_line(bad, "KVDRIFT_THREADS='two' is not a positive number of threads");
+  // Beside a busy process the run starts itself again with sleeping OpenMP threads and says so; an
+  // OMP_WAIT_POLICY the user set is left alone (docs/performance.md).
+  const pid_t spinner = ::fork();
+  if (spinner == 0) {
+    for (volatile uint64_t i = 0;; ++i) {
+    }
+  }
+  const std::string busy_line = "cores busy when kvdrift started: its OpenMP threads sleep when idle";
+  const auto busy = test::run_cli({"--threads", "2", "--version"});
+  ::setenv("OMP_WAIT_POLICY", "ACTIVE", 1);
+  const auto chosen = test::run_cli({"--threads", "2", "--version"});
+  ::unsetenv("OMP_WAIT_POLICY");
+  ::kill(spinner, SIGKILL);
+  ::waitpid(spinner, nullptr, 0);
+  EXPECT_NE(busy.err.find(busy_line), std::string::npos) << busy.err;
+  EXPECT_NE(busy.out.find("\nCPU threads: 2\n"), std::string::npos) << busy.out;
+  EXPECT_EQ(chosen.err.find(busy_line), std::string::npos) << chosen.err;
   // An OpenMP pool of 100000 threads never finishes starting: --threads is bounded like KVDRIFT_THREADS.
   for (const std::string threads : {"0", "100000"}) {
     const auto refused = test::run_cli({"--threads", threads, "--version"});

@@ -7,8 +7,16 @@
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
 #include <cstdlib>
+#include <fstream>
+#include <string>
 #include <thread>
+#include <utility>
 #ifdef KVDRIFT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #endif
@@ -94,6 +102,55 @@ int configure_threads(int requested) {
   if (threads <= 0) threads = available_cores();
   at::set_num_threads(threads);
   return threads;
+}
+
+namespace {
+
+// Busy and total jiffies of every CPU together, from the first line of /proc/stat; {0, 0} if unreadable.
+std::pair<uint64_t, uint64_t> cpu_jiffies(int* cpu_lines) {
+  std::ifstream stat("/proc/stat");
+  std::string label;
+  uint64_t total = 0, idle = 0, value = 0;
+  if (!(stat >> label) || label != "cpu") return {0, 0};
+  for (int field = 0; field < 8 && stat >> value; ++field) {
+    total += value;
+    if (field == 3 || field == 4) idle += value;  // idle, iowait
+  }
+  for (std::string line; cpu_lines && std::getline(stat, line);)
+    if (line.rfind("cpu", 0) == 0) ++*cpu_lines;
+  return {total - idle, total};
+}
+
+// Cores kept busy by every process over `window`: this one is idle meanwhile, so all of it is others'.
+double busy_cores(std::chrono::milliseconds window) {
+  int cpus = 0;
+  const auto [busy_before, total_before] = cpu_jiffies(&cpus);
+  std::this_thread::sleep_for(window);
+  const auto [busy_after, total_after] = cpu_jiffies(nullptr);
+  if (total_after <= total_before || cpus == 0) return 0.0;
+  return static_cast<double>(busy_after - busy_before) / static_cast<double>(total_after - total_before) * cpus;
+}
+
+constexpr const char* kBusyNote = "KVDRIFT_STARTED_PASSIVE";
+
+}  // namespace
+
+void choose_openmp_waiting(char** argv) {
+  if (const char* note = std::getenv(kBusyNote)) {
+    spdlog::info("other processes kept {} cores busy when kvdrift started: its OpenMP threads sleep when idle "
+                 "(OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY to choose)",
+                 note);
+    ::unsetenv(kBusyNote);
+    return;
+  }
+  if (at::get_num_threads() <= 1 || std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+  const double others = busy_cores(std::chrono::milliseconds(150));
+  if (others < 0.5) return;
+  ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  ::setenv(kBusyNote, fmt::format("{:.1f}", others).c_str(), 1);
+  ::execv("/proc/self/exe", argv);
+  ::unsetenv(kBusyNote);  // exec failed: go on as started
+  ::unsetenv("OMP_WAIT_POLICY");
 }
 
 std::string version_report() {

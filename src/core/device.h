@@ -20,6 +20,13 @@ int available_cores();
 // Intra-op threads on CPU: `requested` when > 0, else $KVDRIFT_THREADS when set, else every core this
 // process may run on. Fails on a value that is not a positive integer. Returns the count set.
 int configure_threads(int requested);
+// How idle OpenMP threads wait, chosen once at start (docs/performance.md): libgomp's default spinning
+// is fastest on a quiet machine and collapses beside a busy process, sleeping (OMP_WAIT_POLICY=PASSIVE)
+// degrades gracefully. With more than one intra-op thread, no OMP_WAIT_POLICY or GOMP_SPINCOUNT given,
+// and another process keeping at least half a core busy over 150 ms, the process starts itself again
+// (argv) with OMP_WAIT_POLICY=PASSIVE, since libgomp reads it only when it loads; it says so in a log
+// line. Returns only when it does not.
+void choose_openmp_waiting(char** argv);
 // kvdrift, LibTorch, CUDA (compiled / available / devices) and HDF5 versions, one per line.
 std::string version_report();
 // Waits for queued device work, so host timers measure it.
