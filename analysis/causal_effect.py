@@ -21,7 +21,6 @@ Fewer than 8 samples: per-sample values and their range instead of intervals. A 
 contains 0: the difference is reported, not the fraction. Holm's adjustment runs over the --claim rows
 (default: every row). `--figure` draws each pair's KL per step and their paired difference.
 """
-import argparse
 import collections
 import os
 import sys
@@ -123,12 +122,14 @@ def read_kl(paths, quantizers, wait_seconds):
             if missing:
                 raise log.LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
             info.metric_axes("kl", ("step",))
-            first_step = 0 if log.attr_str(handle.attrs, "prefill", "full") == "chunked" else 1
+            first_step = 0 if info.prefill == "chunked" else 1
             for index in info.samples:
-                sample = handle[f"samples/{index}"]
-                logged_steps = sample["logged_steps"][()] if "logged_steps" in sample else np.zeros(0, np.int64)
-                for q in quantizers:
-                    rows[q].append(read_sample(sample[q], f"{path}: samples/{index}/{q}", first_step, logged_steps))
+                with log.reading(log.sample_where(path, index)):
+                    sample = handle[f"samples/{index}"]
+                    logged_steps = sample["logged_steps"][()] if "logged_steps" in sample else np.zeros(0, np.int64)
+                    for q in quantizers:
+                        rows[q].append(read_sample(sample[q], f"{path}: samples/{index}/{q}", first_step,
+                                                   logged_steps))
     log.check_poolable(infos, quantizers, "pooled runs")
     samples = len(rows[quantizers[0]])
     if samples < 2:
@@ -138,7 +139,7 @@ def read_kl(paths, quantizers, wait_seconds):
 
 
 def finite_kl(group, where):
-    kl = log.require(group, "kl")[()].astype(np.float64)
+    kl = log.step_values(group, "kl")
     bad = np.flatnonzero(~np.isfinite(kl))
     if len(bad):
         raise log.LogError(f"{where}/kl is {kl[bad[0]]} at step {bad[0]}: a broken run, not a measurement")
@@ -453,7 +454,7 @@ def check_arguments(args, parser):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = log.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN.h5")
     parser.add_argument("--pair", action="append", default=[], metavar="BASE:WRAPPED",
                         help="quantizer names (repeatable; default: every X with X-ts / X-td / X-ees / X-eed, "
@@ -534,4 +535,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(log.run_unwinding_on_signals(main))

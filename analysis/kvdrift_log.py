@@ -2,12 +2,17 @@
 
 One place that opens and validates a run file, reads its resolved config, lists its finished samples
 and reduces the per-sample arrays the figures and the report need, with h5py, numpy and PyYAML (the
-project's .venv). A damaged file fails with one LogError naming it, never a traceback.
+project's .venv). A damaged file fails with one LogError naming it, never a traceback. Also the
+scripts' command-line rules: one-line errors, durations, SIGTERM and SIGINT unwinding.
 """
+import argparse
 import contextlib
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import h5py
@@ -31,6 +36,55 @@ def fail_cli(prog, error):
     """Prints `prog: error: message` to stderr and exits 1 (the scripts' one error format)."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage error in one line, `prog: error: message`, exit 2 (docs/reliability.md):
+    without the usage text argparse prints first, over several lines."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+MAX_SECONDS = 86400.0
+
+
+def seconds(text):
+    """The argparse type of a duration option: a number of seconds above 0, at most a day. NaN, inf or a
+    huge value would reach time.sleep, a deadline or setrlimit and fail there, or never end."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds above 0 and at most "
+                                         f"{MAX_SECONDS:g} (a day)")
+    return value
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that its `finally` blocks run on the way out (a plot's
+    staging folder removed, HumanEval sandboxes stopped); the process then dies of the signal."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def run_unwinding_on_signals(main, argv=None):
+    """main(argv), with SIGTERM and SIGINT unwinding it (its `finally` blocks run) before the process
+    dies of the signal, as a caller expects of them; no traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return main(argv)
+    except (Terminated, KeyboardInterrupt) as stop:
+        number = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +118,9 @@ def _is_lock_error(error):
 
 
 # What a damaged file (a flipped byte, what a full disk left) raises while it is read: an HDF5 error,
-# a missing object, a datatype, value or shape the reader cannot take, text that is not UTF-8.
-_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
+# a missing object, a datatype, value or shape the reader cannot take, text that is not UTF-8, an
+# object of another kind than the reader expects (a dataset where a group belongs).
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
 
 def _where(error):
@@ -192,17 +247,25 @@ def read_metric_table(handle, path):
         raise LogError(f"{path}: cannot read /{METRIC_TABLE}: {error}") from None
 
 
-def finished_samples(handle):
-    """Indices of finished samples (`complete` = 1), as integers in order, and the unfinished count."""
+def finished_samples(handle, path):
+    """Indices of finished samples (`complete` = 1), as integers in order, and the unfinished count. A
+    sample that cannot be read fails naming it (h5py's items() would hand its group over as None)."""
     if "samples" not in handle:
         return [], 0
+    samples = handle["samples"]
     finished, unfinished = [], 0
-    for name, group in handle["samples"].items():
-        if attr_int(group.attrs, "complete") == 1:
-            finished.append(int(name))
-        else:
-            unfinished += 1
+    for name in samples:
+        with reading(sample_where(path, name)):
+            if attr_int(samples[name].attrs, "complete") == 1:
+                finished.append(int(name))
+            else:
+                unfinished += 1
     return sorted(finished), unfinished
+
+
+def sample_where(path, index):
+    """`run.h5: /samples/3`: how errors name a sample, for reading()."""
+    return f"{path}: /samples/{index}"
 
 
 class RunInfo:
@@ -214,7 +277,12 @@ class RunInfo:
         self.complete = attr_int(handle.attrs, "complete") == 1
         self.kvdrift_version = attr_str(handle.attrs, "kvdrift_version", "unknown")
         self.git_revision = attr_str(handle.attrs, "git_revision", "unknown")
-        self.samples, self.unfinished = finished_samples(handle)
+        self.samples, self.unfinished = finished_samples(handle, path)
+        # How the run decoded, which runs pooled as one sample set must share (docs/hdf5-schema.md, root
+        # attributes); a log without them was written with the defaults.
+        self.prefill = attr_str(handle.attrs, "prefill", "full")
+        self.prefill_chunk = attr_int(handle.attrs, "prefill_chunk")
+        self.dtype = attr_str(handle.attrs, "dtype", "float32")
         self.model_path = attr_str(handle["model"].attrs, "path") if "model" in handle else ""
         self.model_format = attr_str(handle["model"].attrs, "format") if "model" in handle else ""
         self.model_sha256 = attr_str(handle["model"].attrs, "sha256") if "model" in handle else ""
@@ -255,6 +323,11 @@ class RunInfo:
         return LogError(f"{self.path}: written by kvdrift {self.kvdrift_version} (git {self.git_revision}), which "
                         "did not log onset arrays (onset_step); rerun it with this kvdrift to get them: "
                         "`kvdrift run CONFIG --overwrite`")
+
+    @property
+    def prefill_mode(self):
+        """`full`, or `chunked (prefill_chunk N)`: the chunk size is part of a chunked prefill's protocol."""
+        return f"chunked (prefill_chunk {self.prefill_chunk})" if self.prefill == "chunked" else self.prefill
 
     @property
     def prompts(self):
@@ -495,7 +568,8 @@ def check_distinct(paths):
 
 
 def check_poolable(runs, names, what):
-    """Runs pooled as one sample set (`what`, as the error names it) must decode one model, and each of
+    """Runs pooled as one sample set (`what`, as the error names it) must decode one model in one compute
+    dtype with one prefill (a chunked prefill quantizes the prompt, a full one does not), and each of
     `names` must mean the same settings in every run that has it."""
     first = runs[0]
     for run in runs[1:]:
@@ -504,6 +578,12 @@ def check_poolable(runs, names, what):
                            f"{first.model_sha256[:12] or '?'}) but {run.path} decodes "
                            f"{os.path.basename(run.model_path) or '?'} (sha256 {run.model_sha256[:12] or '?'}); "
                            "pool only runs of one model")
+        if run.dtype != first.dtype:
+            raise LogError(f"{what}: {first.path} computes in {first.dtype} but {run.path} in {run.dtype}; "
+                           "pool only runs of one dtype")
+        if run.prefill_mode != first.prefill_mode:
+            raise LogError(f"{what}: {first.path} has prefill {first.prefill_mode} but {run.path} has prefill "
+                           f"{run.prefill_mode}; pool only runs of one prefill")
     for name in names:
         having = [run for run in runs if name in run.quantizers]
         label = having[0].quantizer_label(name) if having else ""
@@ -561,13 +641,19 @@ def read_runs(paths, quantizers, token_scale_lane, token_scale_kind, wait_second
             run_series = [SeriesData(run, q, prefix + run.quantizer_label(q))
                           for q in run.quantizers if not quantizers or q in quantizers]
             for index in run.samples:
-                sample = handle[f"samples/{index}"]
-                reference_length = len(sample["reference_tokens"]) if "reference_tokens" in sample else 0
-                logged_steps = sample["logged_steps"][:] if "logged_steps" in sample else np.zeros(0)
-                for data in run_series:
-                    if data.quantizer in sample:
-                        _read_sample(data, sample[data.quantizer], index, reference_length,
-                                     logged_steps, token_scale_lane, token_scale_kind)
+                with reading(sample_where(path, index)):
+                    sample = handle[f"samples/{index}"]
+                    reference_length = len(sample["reference_tokens"]) if "reference_tokens" in sample else 0
+                    logged_steps = sample["logged_steps"][:] if "logged_steps" in sample else np.zeros(0)
+                    # the heatmap's rows run to the largest logged step: one past the sample's steps is damage
+                    outside = logged_steps[(logged_steps < 0) | (logged_steps >= reference_length)]
+                    if len(outside):
+                        raise LogError(f"{sample_where(path, index)}/logged_steps holds step {outside[0]}, outside "
+                                       f"the sample's steps 0..{reference_length - 1} (a damaged file)")
+                    for data in run_series:
+                        if data.quantizer in sample:
+                            _read_sample(data, sample[data.quantizer], index, reference_length,
+                                         logged_steps, token_scale_lane, token_scale_kind)
         runs.append(run)
         series.extend(run_series)
     return runs, series
@@ -586,6 +672,17 @@ def require(group, name, is_attribute=False):
         raise LogError(f"{group.file.filename}: {group.name} has no {'attribute ' if is_attribute else ''}{name} "
                        "(a finished sample always has it: a damaged file)")
     return group.attrs[name] if is_attribute else group[name]
+
+
+def step_values(lane_group, name):
+    """A finished sample's per-step array `name` of a lane as float64: one value per step, at least one
+    (step 0 is always decoded). An empty one is damage, refused rather than left out of the figures and
+    statistics while the sample still counts."""
+    values = require(lane_group, name)[()].astype(np.float64)
+    if values.ndim != 1 or not len(values):
+        raise LogError(f"{lane_group.file.filename}: {lane_group.name}/{name} has shape {values.shape}, not one "
+                       "value per step (a finished sample has at least one step: a damaged file)")
+    return values
 
 
 def onset_step(lane_group):
@@ -607,13 +704,19 @@ def _read_sample(data, group, index, reference_length, logged_steps, ts_lane, ts
             rel_l2 = lane_group["attn_rel_l2"][:]
             data.attention[lane].add(logged_steps[:len(rel_l2)], rel_l2, onset_step(lane_group))
         if lane == "teacher_forced":
-            data.kl.append(require(lane_group, "kl")[:].astype(np.float64))
-            data.top1_agree.append(require(lane_group, "top1_agree")[:].astype(np.float64))
+            data.kl.append(step_values(lane_group, "kl"))
+            data.top1_agree.append(step_values(lane_group, "top1_agree"))
             data.kl_onset.append(onset_step(lane_group))
         if lane == "free_running":
-            data.first_divergence.append(int(require(lane_group, "first_divergence", is_attribute=True)))
+            tokens = len(require(lane_group, "tokens"))
+            first_divergence = int(require(lane_group, "first_divergence", is_attribute=True))
+            # the longest common prefix of the lane's tokens and the reference's, never longer than either
+            if not 0 <= first_divergence <= min(tokens, reference_length):
+                raise LogError(f"{lane_group.file.filename}: {lane_group.name} has first_divergence "
+                               f"{first_divergence}; the common prefix of its {tokens} tokens and the reference's "
+                               f"{reference_length} lies in 0..{min(tokens, reference_length)} (a damaged file)")
+            data.first_divergence.append(first_divergence)
             data.outcome.append(attr_str(lane_group.attrs, "outcome"))
-            tokens = len(lane_group["tokens"]) if "tokens" in lane_group else 0
             data.free_running_steps.append(max(tokens, reference_length))
         if lane == ts_lane:
             for tensor in TENSORS:
@@ -641,10 +744,11 @@ def survival_curve(first_divergence, outcome, steps):
     S(t) = prod over event steps d <= t of (1 - events(d) / at_risk(d)); the median is the first
     event step with S <= 0.5 (the engine's `first_divergence_km_median`, +inf if none).
     """
-    times = np.asarray(first_divergence, dtype=np.int64)
+    # A time past the last step counts alike at every step shown (at risk throughout), so the counts
+    # stop there: arrays of `steps` + 1 whatever the times.
+    times = np.minimum(np.asarray(first_divergence, dtype=np.int64), steps)
     event = np.array([o in EVENT_OUTCOMES for o in outcome], dtype=bool)
-    width = max(steps, int(times.max(initial=-1)) + 1)
-    events = np.bincount(times[event], minlength=width)[:steps]
+    events = np.bincount(times[event], minlength=steps)[:steps]
     # at risk at t: time > t, or an event at t (a sample censored at t is not)
-    at_risk = len(times) - np.cumsum(np.bincount(times, minlength=width))[:steps] + events
+    at_risk = len(times) - np.cumsum(np.bincount(times, minlength=steps))[:steps] + events
     return np.cumprod(1.0 - events / np.maximum(at_risk, 1)), at_risk

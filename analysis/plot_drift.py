@@ -9,7 +9,6 @@ and summary_table.csv; an earlier plot's files in OUTDIR are replaced only with 
 figures use the finished samples (complete = 1); the report's summary figures come from the
 engine's /summary of a finished run (root complete = 1).
 """
-import argparse
 import csv
 import math
 import textwrap
@@ -613,6 +612,7 @@ def render(args, wait_seconds):
     os.makedirs(out, exist_ok=True)
     # Drawn into a staging directory and moved in once all is written: a failure leaves `out` as it was,
     # and a figure not drawn this time does not leave an earlier render's file beside the new report.
+    # SIGTERM unwinds through the `finally` below too (log.run_unwinding_on_signals).
     stage = tempfile.mkdtemp(prefix=".plot-", dir=out)
     try:
         produced, skipped = {}, {}
@@ -659,7 +659,7 @@ def follow(args):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = log.ArgumentParser(
         prog=PROG, description="Drift figures (PNG, PDF, CSV) and report.md from kvdrift run logs.")
     parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="kvdrift run log(s)")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
@@ -686,13 +686,11 @@ def parse_args(argv):
                         help="replace the files of an earlier plot in OUTDIR (refused otherwise)")
     parser.add_argument("--follow", action="store_true",
                         help="re-render from a run still being written until it is complete")
-    parser.add_argument("--interval", type=float, default=10.0, metavar="S",
-                        help="seconds between renders with --follow (default 10)")
+    parser.add_argument("--interval", type=log.seconds, default=10.0, metavar="S",
+                        help="seconds between renders with --follow (default 10, at most a day)")
     args = parser.parse_args(argv)
     if args.window < 1:
         parser.error(f"--window must be at least 1, got {args.window}")
-    if args.interval <= 0:
-        parser.error(f"--interval must be positive, got {args.interval:g}")
     return args
 
 
@@ -711,4 +709,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    log.run_unwinding_on_signals(main)

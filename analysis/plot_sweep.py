@@ -7,7 +7,6 @@ Rows of points that are not done are skipped (and counted). Rows that differ onl
 (default: the grid key ending in `seed`) are averaged; error bars show their std or min-max.
 Writes sweep_<metric>_vs_<x>.{png,pdf,csv}.
 """
-import argparse
 import math
 import os
 import re
@@ -161,8 +160,8 @@ def safe_name(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description="A metric vs a grid key per method from a "
-                                                            "kvdrift sweep's summary.h5.")
+    parser = log.ArgumentParser(prog=PROG, description="A metric vs a grid key per method from a "
+                                                        "kvdrift sweep's summary.h5.")
     parser.add_argument("summary", metavar="summary.h5")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     parser.add_argument("--x", metavar="KEY", help="x axis: a grid key (default: the first ending in 'bits')")
@@ -226,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    log.run_unwinding_on_signals(main)

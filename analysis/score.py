@@ -6,11 +6,8 @@
 Scores the reference continuation of every finished sample and each quantizer's free-running
 continuation (docs/analysis.md; the /scores layout is in docs/hdf5-schema.md).
 """
-import argparse
 import os
-import signal
 import sys
-import threading
 from datetime import datetime, timezone
 
 import h5py
@@ -63,28 +60,29 @@ def read_lanes(handle, run):
     free_running = {q: Lane("free_running", q) for q in run.quantizers}
     info = {}
     for index in run.samples:
-        sample = handle[f"samples/{index}"]
-        if "reference_continuation" not in sample.attrs:
-            raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index} has no "
-                               f"reference_continuation); re-run it with a kvdrift newer than "
-                               f"{run.kvdrift_version}")
-        info[index] = (log.attr_str(sample.attrs, "prompt_id"), log.attr_str(sample.attrs, "answer"))
-        reference.samples.append(index)
-        # The reply (up to the first end token) where the log has it: with decoding.stop_at_eos false the
-        # continuation goes on past the answer, and numbers written after it would be scored.
-        reference.texts.append(log.attr_str(sample.attrs, "reference_reply")
-                               if "reference_reply" in sample.attrs
-                               else log.attr_str(sample.attrs, "reference_continuation"))
-        for quantizer, lane in free_running.items():
-            path = f"{quantizer}/free_running"
-            if path not in sample:
-                continue
-            if "continuation" not in sample[path].attrs:
-                raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index}/{path} has "
-                                   f"no continuation); re-run it with a kvdrift newer than {run.kvdrift_version}")
-            lane.samples.append(index)
-            attrs = sample[path].attrs
-            lane.texts.append(log.attr_str(attrs, "reply" if "reply" in attrs else "continuation"))
+        with log.reading(log.sample_where(run.path, index)):
+            sample = handle[f"samples/{index}"]
+            if "reference_continuation" not in sample.attrs:
+                raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index} has no "
+                                   f"reference_continuation); re-run it with a kvdrift newer than "
+                                   f"{run.kvdrift_version}")
+            info[index] = (log.attr_str(sample.attrs, "prompt_id"), log.attr_str(sample.attrs, "answer"))
+            reference.samples.append(index)
+            # The reply (up to the first end token) where the log has it: with decoding.stop_at_eos false the
+            # continuation goes on past the answer, and numbers written after it would be scored.
+            reference.texts.append(log.attr_str(sample.attrs, "reference_reply")
+                                   if "reference_reply" in sample.attrs
+                                   else log.attr_str(sample.attrs, "reference_continuation"))
+            for quantizer, lane in free_running.items():
+                path = f"{quantizer}/free_running"
+                if path not in sample:
+                    continue
+                if "continuation" not in sample[path].attrs:
+                    raise log.LogError(f"{run.path}: run has no continuation texts (samples/{index}/{path} has "
+                                       f"no continuation); re-run it with a kvdrift newer than {run.kvdrift_version}")
+                lane.samples.append(index)
+                attrs = sample[path].attrs
+                lane.texts.append(log.attr_str(attrs, "reply" if "reply" in attrs else "continuation"))
     return [reference] + [lane for lane in free_running.values() if lane.samples], info
 
 
@@ -187,43 +185,18 @@ def write_scores(path, task, lanes, results):
         handle.move("scores_incomplete", "scores")
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the program is, so that the HumanEval sandboxes are stopped and their
-    folders removed on the way out (humaneval.run_programs); the process then dies of the signal."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv=None):
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        _main(argv)
-    except (_Terminated, KeyboardInterrupt) as stop:
-        # Everything this process started is gone (and would be killed with it anyway: the sandboxes'
-        # PR_SET_PDEATHSIG); die of the signal, as a caller expects of SIGTERM and SIGINT.
-        number = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-        raise
-
-
-def _main(argv):
-    parser = argparse.ArgumentParser(
+    parser = log.ArgumentParser(
         prog=PROG, description="Scores a finished kvdrift run's reference and free-running continuations "
                                "(MATH500, AIME24, GSM8K, HumanEval) and writes /scores into the run file.")
     parser.add_argument("run", metavar="RUN.h5")
     parser.add_argument("--task", choices=TASKS,
                         help="default: from the directory of prompts.path (math500, aime24, gsm8k, humaneval)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                        help="HumanEval: wall-clock limit per program in seconds (default 10)")
+    parser.add_argument("--timeout", type=log.seconds, default=10.0, metavar="S",
+                        help="HumanEval: wall-clock limit per program in seconds (default 10, at most a day)")
     parser.add_argument("--jobs", type=int, default=2, metavar="N",
                         help="HumanEval: programs run at once (default 2)")
     args = parser.parse_args(argv)
-    if args.timeout <= 0:
-        parser.error(f"--timeout must be positive, got {args.timeout:g}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
@@ -252,4 +225,5 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    main()
+    # SIGTERM unwinds through humaneval.run_programs, which stops the sandboxes and removes their folders
+    log.run_unwinding_on_signals(main)

@@ -50,6 +50,21 @@ def num(text):
     return float("nan") if text == "" else float(text)
 
 
+def flip_in_object_header(data, offset):
+    """`data` (a file's bytes) with one byte flipped inside the messages of the version-2 object header
+    at `offset` (libver "latest"), where only the header's checksum notices."""
+    # "OHDR", version, flags, optional times (16 bytes) and phase change values (4), the first chunk's
+    # size (1 << (flags & 3) bytes), then its messages.
+    assert data[offset:offset + 4] == b"OHDR", "not a version 2 object header"
+    flags = data[offset + 5]
+    at = offset + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+    width = 1 << (flags & 3)
+    size = int.from_bytes(data[at:at + width], "little")
+    damaged = bytearray(data)
+    damaged[at + width + size // 2] ^= 0xFF
+    return bytes(damaged)
+
+
 # -------------------------------------------------------------------------------------------------
 # Run-log fixtures.
 

@@ -170,7 +170,8 @@ class HandMade(unittest.TestCase):
 
     def test_inputs_that_would_give_a_wrong_figure_are_refused(self):
         """Each case: one error line, exit 1, nothing written; each would otherwise print a plausible
-        number (a run counted twice, unpaired samples, a one-sample 'interval') or fail half-way."""
+        number (a run counted twice, unpaired samples, a one-sample 'interval', two dtypes or prefills pooled,
+        a sample counted without a step) or fail half-way."""
         directory = support.scratch_dir("causal-refused")
         path = os.path.join(directory, "run.h5")
         factors = {"kvarn": 1.0, "kvarn-ts": 0.5, "kvarn-td": 1.0}
@@ -185,6 +186,14 @@ class HandMade(unittest.TestCase):
         hand_run(other_model, [[0, 1, 2], [0, 2, 3]], factors)
         with h5py.File(other_model, "r+") as f:
             f["model"].attrs["sha256"] = "ab" * 32
+        other_dtype, chunked = os.path.join(directory, "other-dtype.h5"), os.path.join(directory, "chunked.h5")
+        for other, attrs in ((other_dtype, {"dtype": "bfloat16"}), (chunked, {"prefill": "chunked",
+                                                                              "prefill_chunk": np.int64(128)})):
+            hand_run(other, [[0, 1, 2], [0, 2, 3]], factors)
+            with h5py.File(other, "r+") as f:
+                f.attrs.update(attrs)
+        empty = os.path.join(directory, "empty.h5")
+        hand_run(empty, [[0, 1, 2], []], factors)
         stem, table = os.path.join(directory, "fig"), os.path.join(directory, "fig.csv")
         cases = [
             ((path, link), f"{link}: the same file as {path}; give each run once"),
@@ -198,11 +207,18 @@ class HandMade(unittest.TestCase):
                         "measurement"),
             ((path, other_model), f"pooled runs: {path} decodes tiny.bin (sha256 ?) but {other_model} decodes "
                                   "tiny.bin (sha256 abababababab); pool only runs of one model"),
+            ((path, other_dtype), f"pooled runs: {path} computes in float32 but {other_dtype} in bfloat16; pool only "
+                                  "runs of one dtype"),
+            ((path, chunked), f"pooled runs: {path} has prefill full but {chunked} has prefill chunked (prefill_chunk "
+                              "128); pool only runs of one prefill"),
+            ((empty,), f"{empty}: /samples/1/kvarn/teacher_forced/kl has shape (0,), not one value per step (a "
+                       "finished sample has at least one step: a damaged file)"),
         ]
         for args, message in cases:
             result = support.run_script("causal_effect.py", *args)
             self.assertEqual((result.returncode, result.stderr), (1, f"causal_effect.py: error: {message}\n"), args)
-        self.assertEqual(sorted(os.listdir(directory)), ["broken.h5", "link.h5", "one.h5", "other-model.h5", "run.h5"])
+        self.assertEqual(sorted(os.listdir(directory)), ["broken.h5", "chunked.h5", "empty.h5", "link.h5", "one.h5",
+                                                         "other-dtype.h5", "other-model.h5", "run.h5"])
 
 
 # Equal-error wrappers of one method; per sample, steps 0..5: (x-ees teacher-forced KL, x-ees one_step KL,

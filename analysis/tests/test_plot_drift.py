@@ -273,6 +273,28 @@ class Pooled(unittest.TestCase):
             self.assertEqual((result.returncode, result.stderr), (1, f"plot_drift.py: error: {message}\n"))
             self.assertFalse(os.path.exists(out))
 
+    def test_another_dtype_or_prefill_is_refused(self):
+        """Each would pool two protocols' drift into one curve: another compute dtype, a chunked prefill
+        (which quantizes the prompt) against a full one, or chunks of another size."""
+        chunked = {"prefill": "chunked", "prefill_chunk": np.int64(64)}
+        runs = {name: support.write_run(os.path.join(self.dir, f"{name}.h5"), QUANTIZERS, fixture_samples(),
+                                        max_new_tokens=4, root_attrs=attrs)
+                for name, attrs in (("bf16", {"dtype": "bfloat16"}), ("chunked-64", chunked),
+                                    ("chunked-128", dict(chunked, prefill_chunk=np.int64(128))))}
+        out = os.path.join(self.dir, "refused-protocol")
+        for first, second, message in (
+                (self.runs[0], runs["bf16"], "computes in float32 but {second} in bfloat16; pool only runs of one "
+                                             "dtype"),
+                (self.runs[0], runs["chunked-64"], "has prefill full but {second} has prefill chunked (prefill_chunk "
+                                                   "64); pool only runs of one prefill"),
+                (runs["chunked-128"], runs["chunked-64"], "has prefill chunked (prefill_chunk 128) but {second} has "
+                                                          "prefill chunked (prefill_chunk 64); pool only runs of one "
+                                                          "prefill")):
+            result = support.run_script("plot_drift.py", first, second, "-o", out, "--pool")
+            self.assertEqual((result.returncode, result.stderr),
+                             (1, f"plot_drift.py: error: --pool: {first} {message.format(second=second)}\n"))
+            self.assertFalse(os.path.exists(out))
+
 
 class KaplanMeier(unittest.TestCase):
     def test_curve_ties_and_censoring(self):
@@ -286,6 +308,14 @@ class KaplanMeier(unittest.TestCase):
         # d=4: 1 (time 6) + 1 = 2 -> 5/8 * 1/2 = 5/16 (median: step 4, the first with S <= 1/2)
         self.assertEqual(at_risk.tolist(), [6, 6, 4, 3, 2, 1, 0])
         for value, expected in zip(curve, [1, 5 / 6, 5 / 8, 5 / 8, 5 / 16, 5 / 16, 5 / 16]):
+            self.assertAlmostEqual(value, expected, places=15)
+
+    def test_times_past_the_last_step_count_as_at_risk_throughout(self):
+        # a time of 10^12 once sized the counts (8 TB); it counts as any time past the last step shown
+        curve, at_risk = kvdrift_log.survival_curve([10 ** 12, 5, 1], ["token_mismatch", "censored", "length_only"],
+                                                    3)
+        self.assertEqual(at_risk.tolist(), [3, 3, 2])
+        for value, expected in zip(curve, [1, 2 / 3, 2 / 3]):
             self.assertAlmostEqual(value, expected, places=15)
 
     def test_no_event_and_no_sample(self):

@@ -1,12 +1,17 @@
 """plot_drift.py options (quantizer selection, token-scale lane and kind, several runs, runs that
-lack lanes) and its errors for bad input."""
+lack lanes), its errors for bad input, and SIGTERM while it draws."""
+import glob
 import os
 import re
+import resource
+import signal
+import subprocess
 import sys
 import time
 import unittest
 
 import h5py
+import numpy as np
 
 from analysis.tests import support
 from analysis.tests.drift_fixture import QUANTIZERS, fixture_samples, rows_of
@@ -100,10 +105,10 @@ class PlotDriftErrors(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = support.scratch_dir("plot_drift_errors")
 
-    def assert_error(self, args, message):
+    def assert_error(self, args, message, returncode=1, **run_args):
         out = os.path.join(self.dir, "out")
-        result = support.run_script("plot_drift.py", *args, "-o", out)
-        self.assertEqual(result.returncode, 1)
+        result = support.run_script("plot_drift.py", *args, "-o", out, **run_args)
+        self.assertEqual(result.returncode, returncode)
         self.assertEqual(result.stderr, f"plot_drift.py: error: {message}\n")
         self.assertFalse(os.path.exists(out), "nothing is written for bad input")
 
@@ -166,17 +171,9 @@ class PlotDriftErrors(unittest.TestCase):
         headers = [m.start() for m in re.finditer(b"OHDR", data)]
         self.assertGreater(len(headers), 10)
         for name, offset in (("root", headers[0]), ("last", headers[-1])):
-            # Version 2 object header: "OHDR", version, flags, optional times (16 bytes) and phase
-            # change values (4), the first chunk's size (1 << (flags & 3) bytes), then its messages.
-            flags = data[offset + 5]
-            at = offset + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
-            width = 1 << (flags & 3)
-            size = int.from_bytes(data[at:at + width], "little")
-            damaged = bytearray(data)
-            damaged[at + width + size // 2] ^= 0xFF  # in a message: only the checksum notices
             damaged_path = os.path.join(self.dir, f"damaged-{name}.h5")
             with open(damaged_path, "wb") as f:
-                f.write(damaged)
+                f.write(support.flip_in_object_header(data, offset))
             out = os.path.join(self.dir, f"damaged-{name}")
             start = time.monotonic()
             result = support.run_script("plot_drift.py", damaged_path, "-o", out, timeout=120)
@@ -186,6 +183,75 @@ class PlotDriftErrors(unittest.TestCase):
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertTrue(result.stderr.startswith(f"plot_drift.py: error: {damaged_path}: "), result.stderr)
             self.assertIn("checksum", result.stderr)
+
+    def test_a_damaged_sample_is_named(self):
+        """A flipped byte in one sample's object header once ended in a traceback (h5py's items() handed the
+        group over as None: AttributeError); it, and an attribute of the wrong type, fail in one line naming
+        the file and the sample."""
+        path = support.write_run(os.path.join(self.dir, "sample-header.h5"), QUANTIZERS, fixture_samples(),
+                                 libver="latest")
+        with h5py.File(path, "r") as f:
+            offset = h5py.h5o.get_info(f["samples/1"].id).addr
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(support.flip_in_object_header(data, offset))
+        wrong_type = support.write_run(os.path.join(self.dir, "sample-attribute.h5"), QUANTIZERS, fixture_samples())
+        with h5py.File(wrong_type, "r+") as f:
+            f["samples/1"].attrs["complete"] = "yes"
+        for damaged, detail in ((path, "checksum"), (wrong_type, "invalid literal for int()")):
+            out = os.path.join(self.dir, "out")
+            result = support.run_script("plot_drift.py", damaged, "-o", out)
+            self.assertEqual(result.returncode, 1, damaged)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertTrue(result.stderr.startswith(f"plot_drift.py: error: {damaged}: /samples/1: "), result.stderr)
+            self.assertIn(detail, result.stderr)
+            self.assertFalse(os.path.exists(out))
+
+    def test_a_step_past_the_samples_end_is_refused_not_allocated(self):
+        """first_divergence 10^9 once sized the survival curve's counts (7.5 GiB), and a logged step of 10^9
+        would size the heatmap's rows: each is refused in one line naming the sample and the value, by a
+        plot that may not allocate 4 GiB."""
+        def limit_memory():
+            resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+        for name, value in (("first_divergence", 10 ** 9), ("first_divergence", -1), ("logged_steps", [1, 10 ** 9])):
+            path = support.write_run(os.path.join(self.dir, f"huge-{name}.h5"), QUANTIZERS, fixture_samples())
+            with h5py.File(path, "r+") as f:
+                if name == "first_divergence":
+                    f["samples/1/beta/free_running"].attrs[name] = np.int64(value)
+                else:
+                    del f["samples/1/logged_steps"]
+                    f["samples/1"].create_dataset(name, data=np.asarray(value, dtype=np.int64))
+            if name == "first_divergence":
+                message = (f"{path}: /samples/1/beta/free_running has first_divergence {value}; the common prefix "
+                           "of its 3 tokens and the reference's 3 lies in 0..3 (a damaged file)")
+            else:
+                message = (f"{path}: /samples/1/logged_steps holds step 1000000000, outside the sample's steps 0..2 "
+                           "(a damaged file)")
+            self.assert_error([path], message, preexec_fn=limit_memory)
+
+    def test_a_finished_sample_with_an_empty_per_step_array_is_damage(self):
+        """Every finished sample has step 0: an empty teacher-forced kl or top1_agree once left the sample out
+        of the figures while the report counted it."""
+        for name in ("kl", "top1_agree"):
+            path = support.write_run(os.path.join(self.dir, f"empty-{name}.h5"), QUANTIZERS, fixture_samples())
+            with h5py.File(path, "r+") as f:
+                group = f["samples/1/beta/teacher_forced"]
+                del group[name]
+                group.create_dataset(name, data=np.zeros(0, np.float32))
+            self.assert_error([path], f"{path}: /samples/1/beta/teacher_forced/{name} has shape (0,), not one value "
+                                      "per step (a finished sample has at least one step: a damaged file)")
+
+    def test_interval_is_a_number_of_seconds_up_to_a_day(self):
+        """nan once reached time.sleep (ValueError) and inf or 1e10 its range (OverflowError) between two
+        renders of a running run."""
+        path = support.write_run(os.path.join(self.dir, "interval.h5"), QUANTIZERS, fixture_samples()[:1],
+                                 complete=False)
+        for value in ("nan", "inf", "-inf", "0", "-1", "1e10"):
+            self.assert_error([path, "--follow", f"--interval={value}"],
+                              f"argument --interval: '{value}' is not a number of seconds above 0 and at most 86400 "
+                              "(a day)", returncode=2)
 
     def test_an_error_inside_a_read_names_its_kind_and_line(self):
         """reading() turns what a damaged file raises into one line, which names the error and the
@@ -215,6 +281,31 @@ class PlotDriftErrors(unittest.TestCase):
                 del (group.attrs if is_attribute else group)[name]
             self.assert_error([path], f"{path}: /samples/1/beta/{lane} has no {'attribute ' if is_attribute else ''}"
                                       f"{name} (a finished sample always has it: a damaged file)")
+
+
+class PlotDriftSignals(unittest.TestCase):
+    def test_sigterm_removes_the_staging_folder(self):
+        """SIGTERM while the figures are drawn once left the staging folder (.plot-*) behind: now the plot
+        unwinds, removing it and the output folder it made, and dies of the signal without a traceback."""
+        directory = support.scratch_dir("plot_drift_sigterm")
+        path = support.write_run(os.path.join(directory, "run.h5"), QUANTIZERS, fixture_samples())
+        out = os.path.join(directory, "out")
+        plot = subprocess.Popen([support.PYTHON, os.path.join(support.ANALYSIS_DIR, "plot_drift.py"), path, "-o", out],
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
+        try:
+            deadline = time.monotonic() + 60
+            while not glob.glob(os.path.join(out, ".plot-*")):
+                self.assertIsNone(plot.poll(), "the plot ended before its staging folder was seen")
+                self.assertLess(time.monotonic(), deadline, "no staging folder")
+                time.sleep(0.002)
+            plot.send_signal(signal.SIGTERM)
+            _, stderr = plot.communicate(timeout=60)
+        finally:
+            if plot.poll() is None:
+                plot.kill()
+                plot.communicate()
+        self.assertEqual((plot.returncode, stderr), (-signal.SIGTERM, ""))
+        self.assertFalse(os.path.exists(out), os.listdir(out) if os.path.isdir(out) else out)
 
 
 if __name__ == "__main__":

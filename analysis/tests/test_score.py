@@ -224,6 +224,18 @@ class ScoreErrors(unittest.TestCase):
             f.attrs["something"] = 1
         self.assert_error(path, f"{path}: not a kvdrift run log (no schema_version attribute)")
 
+    def test_timeout_is_a_number_of_seconds_up_to_a_day(self):
+        """inf and nan once reached the sandbox's setrlimit (OverflowError) and deadline; each is refused in
+        one line, exit 2, before the file is read."""
+        path = scored_run(os.path.join(self.dir, "timeout.h5"), "/data/math500/test.jsonl", MATH_TEXTS)
+        for value in ("inf", "nan", "-1", "0", "1e300"):
+            result = support.run_script("score.py", path, f"--timeout={value}")
+            self.assertEqual((result.returncode, result.stderr),
+                             (2, f"score.py: error: argument --timeout: '{value}' is not a number of seconds above "
+                                 "0 and at most 86400 (a day)\n"))
+        with h5py.File(path, "r") as f:
+            self.assertNotIn("scores", f)
+
     def test_unknown_task_option(self):
         path = scored_run(os.path.join(self.dir, "any.h5"), "/data/math500/test.jsonl", MATH_TEXTS)
         result = support.run_script("score.py", path, "--task", "mmlu")
