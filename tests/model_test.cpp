@@ -10,6 +10,7 @@
 #include "core/sha256.h"
 #include "decode/generate.h"
 #include "model/checkpoint.h"
+#include "model/ops.h"
 #include "reference/llama2c_reference.h"
 #include "support.h"
 
@@ -182,6 +183,27 @@ TEST(Model, TinySyntheticDecodesOneStepDeterministically) {
   EXPECT_TRUE(same.forward(prompt, 0, again).equal(prefill));
   auto third = other.make_cache(2, 8);
   EXPECT_FALSE(other.forward(prompt, 0, third).equal(prefill));
+}
+
+// A declared context of 2^24 positions (the config.json bound) costs no tables up front (they took
+// ~17 GB): they grow with the positions a forward reaches. Growing is exact because a position's row
+// does not depend on the table's length.
+TEST(Model, RopeTablesGrowWithThePositionsReached) {
+  Checkpoint huge = synthetic_checkpoint("tiny", 7, torch::kCPU, torch::kFloat32);
+  huge.config.max_seq_len = int64_t{1} << 24;
+  const ModelSource source = load_model("synthetic:tiny", torch::kCPU, torch::kFloat32, 7).source();
+  LlamaModel model(huge.config, huge.weights, source, torch::kCPU, torch::kFloat32);
+  EXPECT_EQ(model.rope_positions(), 4096);
+  auto cache = model.make_cache(1, 4100);
+  const auto prompt = torch::tensor({3, 4, 5}, torch::kInt64).view({1, 3});
+  model.forward(prompt, 0, cache);
+  EXPECT_EQ(model.rope_positions(), 4096);
+  EXPECT_TRUE(model.forward(prompt.narrow(1, 0, 1), 4097, cache).isfinite().all().item<bool>());
+  EXPECT_EQ(model.rope_positions(), 8192);
+  const auto longer = ops::rope_tables(huge.config, 8192, torch::kCPU);
+  const auto shorter = ops::rope_tables(huge.config, 4096, torch::kCPU);
+  EXPECT_TRUE(longer.cos.narrow(0, 0, 4096).equal(shorter.cos));
+  EXPECT_TRUE(longer.sin.narrow(0, 0, 4096).equal(shorter.sin));
 }
 
 TEST(KVCache, WritesInPlaceAndRefusesOverflow) {

@@ -1,11 +1,16 @@
 #include "model/llama.h"
 
+#include <algorithm>
+
 #include "core/device.h"
 #include "core/error.h"
 
 namespace kvdrift {
 
 namespace {
+
+// The RoPE tables' first size: every prompt and reply of the shipped configs fits.
+constexpr int64_t kInitialRopePositions = 4096;
 
 std::string shape_string(c10::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
@@ -59,7 +64,7 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource
   }
   final_norm_ = take("model.norm.weight");
   classifier_ = config_.tie_embeddings ? embedding_ : take("lm_head.weight");
-  rope_ = ops::rope_tables(config_, config_.max_seq_len, device_);
+  rope_ = ops::rope_tables(config_, std::min<int64_t>(config_.max_seq_len, kInitialRopePositions), device_);
 }
 
 StaticKVCache LlamaModel::make_cache(int64_t batch, int64_t capacity) const {
@@ -88,6 +93,9 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
          spans.rows(), spans.width());
   if (spans.end() > c.max_seq_len)
     fail("{}: position {} is beyond the model's context of {}", source_.path, spans.end() - 1, c.max_seq_len);
+  // Each position's angles depend on it alone: a longer table holds the shorter one's rows bit for bit.
+  if (spans.end() > rope_positions())
+    rope_ = ops::rope_tables(c, std::min(c.max_seq_len, std::max(spans.end(), 2 * rope_positions())), device_);
   // Computed once for every layer: each token's position, and the queries' positions for the causal
   // mask unless every query reads every key (one decode step of aligned rows).
   const auto positions = spans.positions(device_);

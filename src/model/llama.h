@@ -76,6 +76,9 @@ class LlamaModel {
   torch::Device device() const { return device_; }
   torch::ScalarType dtype() const { return dtype_; }
   int64_t weight_bytes() const;
+  // Positions the RoPE tables cover now: they grow with the positions a forward reaches (doubling, up to
+  // the model's context), so that a declared context of 2^24 does not cost gigabytes of tables up front.
+  int64_t rope_positions() const { return rope_.cos.size(0); }
 
  private:
   struct Layer {
@@ -97,7 +100,7 @@ class LlamaModel {
   std::vector<Layer> layers_;
   torch::Tensor final_norm_;
   torch::Tensor classifier_;  // aliases embedding_ when tied
-  ops::RopeTables rope_;
+  mutable ops::RopeTables rope_;  // grown by forward (rope_positions)
 };
 
 }  // namespace kvdrift
