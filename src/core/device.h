@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "core/thread_limit.h"
+
 namespace kvdrift {
 
 // "cpu", "cuda", "cuda:N". Fails when CUDA is asked for but this LibTorch build or machine has none.
@@ -13,8 +15,6 @@ torch::ScalarType parse_dtype(const std::string& name);
 std::string dtype_name(torch::ScalarType dtype);  // canonical name: float32, float16, bfloat16
 // A human-readable device description for logs and outputs (GPU model name on CUDA).
 std::string describe_device(const torch::Device& device);
-// The most intra-op threads any setting may ask for (--threads, $KVDRIFT_THREADS, launcher.threads).
-constexpr int kMaxThreads = 4096;
 // The cores this process may run on (its CPU affinity), at least 1.
 int available_cores();
 // Intra-op threads on CPU: `requested` when > 0, else $KVDRIFT_THREADS when set, else every core this

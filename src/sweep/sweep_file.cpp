@@ -11,9 +11,9 @@
 #include <set>
 #include <sstream>
 
-#include "core/device.h"
 #include "core/error.h"
 #include "core/sha256.h"
+#include "core/thread_limit.h"
 #include "io/yaml_size.h"
 
 namespace kvdrift::sweep {
