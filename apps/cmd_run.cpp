@@ -120,6 +120,11 @@ void run_main_job(const RunOptions& options) {
   const LlamaModel& model = *inputs.model;
   const auto& prompts = inputs.prompts;
   const Engine engine(model, config, inputs.tokenizer.get());
+  int64_t longest_prompt = 0;
+  for (const Prompt& prompt : prompts)
+    longest_prompt = std::max(longest_prompt, static_cast<int64_t>(prompt.tokens.size()));
+  engine.check_cache_memory(std::min<int64_t>(config.decoding.batch_prompts, static_cast<int64_t>(prompts.size())),
+                            longest_prompt);
 
   auto log =
       RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine, prompts),

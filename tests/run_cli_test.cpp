@@ -115,6 +115,25 @@ TEST(RunCli, BadConfigsGetOneClearErrorAndNoCompleteOutput) {
   }
 }
 
+// A batch whose caches exceed the machine's memory (here ~340 GB: 30,000 prompts in one batch) is refused
+// with the settings that size it, before the log is written and before anything is allocated.
+TEST(RunCli, CachesBeyondTheMachinesMemoryAreRefusedBeforeTheLogIsWritten) {
+  const std::string dir = test::scratch_dir();
+  std::string lines;
+  for (int i = 0; i < 30000; ++i) lines += "Once upon a time\n";
+  test::write_file(dir + "/prompts.txt", lines);
+  const auto result = test::run_cli({"run", small_config(dir), "--set", "prompts.source=text_file", "--set",
+                                     "prompts.texts=", "--set", "prompts.path=" + dir + "/prompts.txt", "--set",
+                                     "decoding.batch_prompts=30000", "--set", "decoding.max_new_tokens=480"});
+  test::expect_one_error_line(result, "the KV caches of one batch need ");
+  for (const std::string fragment :
+       {"rows (30000 prompts per batch (decoding.batch_prompts) x (1 reference + 2 quantizers x ",
+        " + decoding.max_new_tokens 480) x 5 layers x 4 KV heads x head_dim 8 x 4 (keys and values, written and "
+        "read) x 4 bytes; lower decoding.batch_prompts or decoding.max_new_tokens, or run fewer quantizers or lanes"})
+    EXPECT_NE(result.err.find(fragment), std::string::npos) << result.err;
+  EXPECT_FALSE(fs::exists(dir + "/run.h5"));
+}
+
 // The paper's protocol end to end: the prompt pseudo-decoded in chunks over the quantized caches, and
 // sampling; every summary figure of docs/hdf5-schema.md reads back with h5py, with its interval.
 TEST(RunCli, ChunkedSampledRunWritesEverySummaryField) {

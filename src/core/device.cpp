@@ -153,6 +153,15 @@ void choose_openmp_waiting(char** argv) {
   ::unsetenv("OMP_WAIT_POLICY");
 }
 
+std::optional<int64_t> available_memory_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key, unit;
+  int64_t kilobytes = 0;
+  while (meminfo >> key >> kilobytes >> unit)
+    if (key == "MemAvailable:") return kilobytes * 1024;
+  return std::nullopt;
+}
+
 std::string version_report() {
   const auto& cuda = at::detail::getCUDAHooks();
   std::string cuda_compiled = "no";

@@ -2,6 +2,8 @@
 // Parsing and describing the device and dtype settings shared by every command.
 #include <torch/types.h>
 
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "core/thread_limit.h"
@@ -27,6 +29,8 @@ int configure_threads(int requested);
 // (argv) with OMP_WAIT_POLICY=PASSIVE, since libgomp reads it only when it loads; it says so in a log
 // line. Returns only when it does not.
 void choose_openmp_waiting(char** argv);
+// MemAvailable of /proc/meminfo in bytes; nothing where it cannot be read.
+std::optional<int64_t> available_memory_bytes();
 // kvdrift, LibTorch, CUDA (compiled / available / devices) and HDF5 versions, one per line.
 std::string version_report();
 // Waits for queued device work, so host timers measure it.

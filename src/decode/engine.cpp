@@ -774,10 +774,37 @@ std::vector<SampleResult> Engine::Batch::finish() {
   return std::move(results_);
 }
 
+void Engine::check_cache_memory(int64_t batch, int64_t longest) const {
+  if (!model_.device().is_cpu()) return;
+  const std::optional<int64_t> available = available_memory_bytes();
+  if (!available) return;
+  const auto count = static_cast<int64_t>(quantizers_.size());
+  const int64_t lanes = int64_t{teacher_forced_} + one_step_ + free_running_;
+  const int64_t rows = batch * (1 + count * lanes) + (static_lane_ ? batch * count : 0);
+  const int64_t positions = longest + config_.decoding.max_new_tokens;
+  const ModelConfig& mc = model_.config();
+  // Each row holds its written and its read keys and values (QuantizedKVCache), in the model's dtype.
+  const double bytes = 4.0 * static_cast<double>(rows) * static_cast<double>(positions) *
+                       static_cast<double>(mc.n_layers * mc.n_kv_heads * mc.head_dim) *
+                       static_cast<double>(c10::elementSize(model_.dtype()));
+  if (bytes <= static_cast<double>(*available)) return;
+  fail("{}: the KV caches of one batch need {:.1f} GB but this machine has {:.1f} GB available: {} rows ({} prompts "
+       "per batch (decoding.batch_prompts) x (1 reference + {} quantizers x {} lanes{})) x {} positions (the longest "
+       "prompt's {} tokens + decoding.max_new_tokens {}) x {} layers x {} KV heads x head_dim {} x 4 (keys and "
+       "values, written and read) x {} bytes; lower decoding.batch_prompts or decoding.max_new_tokens, or run "
+       "fewer quantizers or lanes",
+       config_.source_path, bytes / 1e9, static_cast<double>(*available) / 1e9, rows, batch, count, lanes,
+       static_lane_ ? ", + 1 static lane each" : "", positions, longest, config_.decoding.max_new_tokens, mc.n_layers,
+       mc.n_kv_heads, mc.head_dim, c10::elementSize(model_.dtype()));
+}
+
 // gpt-fast's shape: prefill, then decode one token at a time until every lane has ended.
 std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
   if (prompts.empty()) fail("no prompts to run");
   for (const Prompt& prompt : prompts) check_prompt_fits(prompt, model_.config(), config_.decoding.max_new_tokens);
+  int64_t longest = 0;
+  for (const Prompt& prompt : prompts) longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
+  check_cache_memory(static_cast<int64_t>(prompts.size()), longest);
   const torch::Device device = model_.device();
   Batch batch(*this, prompts);
 

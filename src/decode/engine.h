@@ -45,6 +45,10 @@ class Engine {
   std::vector<SampleResult> run(const std::vector<Prompt>& prompts, const Progress& progress = {}) const;
   SampleResult run(const Prompt& prompt) const { return run(std::vector<Prompt>{prompt}).front(); }
   const std::vector<std::shared_ptr<const Quantizer>>& quantizers() const { return quantizers_; }
+  // Refuses a batch of `prompts` prompts, the longest `longest_prompt` tokens, whose caches would not fit
+  // in the machine's available memory (CPU), naming the settings that size them; run checks each batch
+  // before allocating, and a caller can check the largest batch before it writes anything.
+  void check_cache_memory(int64_t prompts, int64_t longest_prompt) const;
 
  private:
   class Batch;  // one call of run (engine.cpp)
