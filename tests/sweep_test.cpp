@@ -16,6 +16,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "io/hdf5.h"
 #include "io/run_config.h"
@@ -699,6 +700,47 @@ launcher: {{kind: local, workers: 2{}}}
                    "launcher: {kind: local, threads: 5000}\n", "bad.yaml");
   EXPECT_EQ(test::error_message([&] { sweep::load_sweep_file(dir + "/bad.yaml"); }),
             dir + "/bad.yaml:5: launcher.threads must be <= 4096, got 5000");
+}
+
+// A rebuild during a sweep replaces or removes the kvdrift file: the points still start (the running
+// binary, through /proc/self/exe), instead of failing with "cannot execute the point's kvdrift".
+TEST(SweepLocal, PointsStartWhenTheBinaryFileIsRemovedMidSweep) {
+  const std::string dir = test::scratch_dir();
+  write_base(dir);
+  const std::string sweep = write_sweep(dir, R"(name: removed
+root: out
+base: base.yaml
+grid:
+  decoding.max_new_tokens: [2, 3, 4]
+launcher: {kind: local, workers: 1}
+)");
+  const std::string copy = dir + "/kvdrift-copy";
+  fs::copy_file(KVDRIFT_CLI, copy);
+  fs::permissions(copy, fs::perms::owner_all);
+  const std::string out_path = dir + "/submit.out";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 1);
+    ::dup2(::open((dir + "/submit.err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 2);
+    ::execl(copy.c_str(), copy.c_str(), "sweep", "submit", sweep.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Removed once the first point runs: the other two start after it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  bool started = false;
+  while (!started && std::chrono::steady_clock::now() < deadline) {
+    if (fs::exists(dir + "/out/removed/runs"))
+      for (const auto& point : fs::directory_iterator(dir + "/out/removed/runs"))
+        started = started || fs::exists(point.path() / "running") || fs::exists(point.path() / "exit_status");
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(started);
+  fs::remove(copy);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  const std::string out = test::read_file(out_path);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out << test::read_file(dir + "/submit.err");
+  EXPECT_NE(out.find("3 points: 3 done, 0 failed"), std::string::npos) << out;
 }
 
 TEST(SweepLocal, TwoWorkersStatusCollectAndRerunFailed) {

@@ -58,7 +58,10 @@ PointAttempt::PointAttempt(const PointFiles& files, const std::vector<std::strin
     pipe_fd_ = pipe_fds[0];
     output_fd = pipe_fds[1];
   }
-  pid_ = spawn({self_executable(), "run", files.config, "--output", files.output}, extra_env, output_fd);
+  // /proc/self/exe is the binary this process runs even after its file was replaced or removed (a
+  // rebuild during a sweep): the path would start the half-written new one, or nothing.
+  pid_ = spawn("/proc/self/exe", {self_executable(), "run", files.config, "--output", files.output}, extra_env,
+               output_fd);
   if (tee) ::close(pipe_fds[1]);
   write_text(files.running, fmt::format("{} {} {}\n", host_name(), pid_, process_start_time(pid_).value_or(0)));
 }

@@ -61,7 +61,8 @@ std::string find_on_path(const std::string& program) {
 
 std::string self_executable() { return fs::read_symlink("/proc/self/exe").string(); }
 
-pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, int output_fd) {
+pid_t spawn(const std::string& executable, const std::vector<std::string>& argv,
+            const std::vector<std::string>& extra_env, int output_fd) {
   // Everything the child needs is prepared before fork: between fork and exec only async-signal-safe calls.
   std::vector<std::string> arguments = argv, environment = environment_with(extra_env);
   std::vector<char*> argument_pointers = pointers(arguments), environment_pointers = pointers(environment);
@@ -76,7 +77,7 @@ pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>
     ::dup2(null_fd, STDIN_FILENO);
     ::dup2(output_fd, STDOUT_FILENO);
     ::dup2(output_fd, STDERR_FILENO);
-    ::execve(argument_pointers[0], argument_pointers.data(), environment_pointers.data());
+    ::execve(executable.c_str(), argument_pointers.data(), environment_pointers.data());
     static const char message[] = "kvdrift: error: cannot execute the point's kvdrift\n";
     (void)!::write(STDERR_FILENO, message, sizeof(message) - 1);
     ::_exit(127);

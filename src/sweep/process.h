@@ -13,10 +13,11 @@ std::string find_on_path(const std::string& program);
 // The absolute path of the running kvdrift binary (what the points run).
 std::string self_executable();
 
-// Starts `argv` (argv[0] an absolute path) with `extra_env` ("NAME=VALUE", replacing a variable of
+// Starts the program file `executable` with `argv` (argv[0] its name, as `ps` shows it) and `extra_env` ("NAME=VALUE", replacing a variable of
 // that name) added to this process's environment, stdin from /dev/null and stdout and stderr into
 // `output_fd`. Returns the child's pid; fails when it cannot fork.
-pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, int output_fd);
+pid_t spawn(const std::string& executable, const std::vector<std::string>& argv,
+            const std::vector<std::string>& extra_env, int output_fd);
 
 struct CommandResult {
   int exit_code = 0;  // 128 + N when killed by signal N
