@@ -319,6 +319,14 @@ TEST(SweepPlan, BadSweepFilesGetOneClearErrorAndWriteNothing) {
        "sweep.yaml:5: point 4-"},  // then the run config's own message:
       {head + "grid:\n  decoding.max_new_tokenz: [4, 8]\n" + local, "unknown key 'decoding.max_new_tokenz'"},
       {head + "grid: {}\n" + local, "sweep.yaml:4: grid is empty"},
+      {head + "grid:\n  decoding.seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n  decoding.top_k: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+                  "zip:\n  - {decoding.max_new_tokens: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],"
+                  " decoding.top_p: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}\n"
+                  "  - {decoding.temperature: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}\n"
+                  "  - {prompts.limit: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n" + local,
+       "sweep.yaml: the grid has more than 100000 points (10 (decoding.seed) x 10 (decoding.top_k) x "
+       "10 (decoding.max_new_tokens, decoding.top_p) x 10 (decoding.temperature) x 11 (prompts.limit)); split it "
+       "into several sweeps, or zip axes that vary together"},
       {head + "grid:\n  decoding.seed: []\n" + local,
        "sweep.yaml:5: grid key 'decoding.seed': the list of values is empty"},
       {head + local, "the sweep has no axes"},

@@ -34,6 +34,8 @@ using Json = nlohmann::ordered_json;
 constexpr int kManifestVersion = 1;
 constexpr size_t kSlugLength = 40;
 constexpr size_t kHashDigits = 12;
+// The most points a sweep plans: 10,000 plan in about 5 s, so this bound is about a minute of planning.
+constexpr size_t kMaxGridPoints = 100000;
 
 std::string point_id(const std::vector<std::string>& keys, const std::vector<std::string>& values) {
   std::map<std::string, std::string> sorted;
@@ -321,6 +323,17 @@ Manifest expand(const SweepFile& sweep) {
     for (const auto& [key, value] : rule.matches)
       matches.emplace_back(std::find(manifest.keys.begin(), manifest.keys.end(), key) - manifest.keys.begin(), value);
   }
+
+  // Counted before anything is expanded: a grid of 10^10 points would grow memory without end.
+  size_t grid_points = 1;
+  std::vector<std::string> sizes;
+  for (const Axis& axis : sweep.axes) {
+    sizes.push_back(fmt::format("{} ({})", axis.values.size(), fmt::join(axis.keys, ", ")));
+    grid_points = grid_points > kMaxGridPoints ? grid_points : grid_points * axis.values.size();
+  }
+  if (grid_points > kMaxGridPoints)
+    fail("{}: the grid has more than {} points ({}); split it into several sweeps, or zip axes that vary together",
+         sweep.path, kMaxGridPoints, fmt::join(sizes, " x "));
 
   // A mixed-radix counter over the axes, the last axis fastest.
   std::vector<size_t> index(sweep.axes.size(), 0);
