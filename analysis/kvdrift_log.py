@@ -10,8 +10,10 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -752,3 +754,38 @@ def survival_curve(first_divergence, outcome, steps):
     # at risk at t: time > t, or an event at t (a sample censored at t is not)
     at_risk = len(times) - np.cumsum(np.bincount(times, minlength=steps))[:steps] + events
     return np.cumprod(1.0 - events / np.maximum(at_risk, 1)), at_risk
+
+
+def earlier_outputs(out_dir, names, overwrite, what):
+    """The files of `names` an earlier `what` (a plot) left in `out_dir`: refused unless `overwrite`, which
+    replaces them all."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise LogError(f"{out_dir}: not a directory")
+    earlier = [name for name in names if os.path.lexists(os.path.join(out_dir, name))]
+    for name in earlier:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise LogError(f"{os.path.join(out_dir, name)} is a directory, where the {what} writes a file")
+    if earlier and not overwrite:
+        raise LogError(f"{os.path.join(out_dir, earlier[0])} exists (an earlier {what}?); pass --overwrite to "
+                       f"replace the {what}'s files in {out_dir}")
+    return earlier
+
+
+def write_staged(out_dir, earlier, write):
+    """write(stage) into a staging directory inside `out_dir`, then the `earlier` render's files removed
+    and the new ones moved in: a failure (or SIGTERM, through run_unwinding_on_signals) leaves `out_dir`
+    as it was, and a file not written this time does not stay beside the new ones."""
+    made_dir = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".stage-", dir=out_dir)
+    try:
+        result = write(stage)
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+        return result
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)

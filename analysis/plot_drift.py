@@ -13,9 +13,7 @@ import csv
 import math
 import textwrap
 import os
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -599,22 +597,9 @@ def render(args, wait_seconds):
         check_onsets(series)
     figure_series = log.pool_series(series) if args.pool else series
     out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise log.LogError(f"{out}: not a directory")
-    earlier = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(out, name))]
-    for name in earlier:
-        if os.path.isdir(os.path.join(out, name)):
-            raise log.LogError(f"{os.path.join(out, name)} is a directory, where the plot writes a file")
-    if earlier and not args.overwrite:
-        raise log.LogError(f"{os.path.join(out, earlier[0])} exists (an earlier plot?); pass --overwrite to "
-                           f"replace the plot's files in {out}")
-    made_dir = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    # Drawn into a staging directory and moved in once all is written: a failure leaves `out` as it was,
-    # and a figure not drawn this time does not leave an earlier render's file beside the new report.
-    # SIGTERM unwinds through the `finally` below too (log.run_unwinding_on_signals).
-    stage = tempfile.mkdtemp(prefix=".plot-", dir=out)
-    try:
+    earlier = log.earlier_outputs(out, OUTPUT_FILES, args.overwrite, "plot")
+
+    def write(stage):
         produced, skipped = {}, {}
         for name, make, _ in FIGURES:
             fig, tables, note = make(figure_series, args)
@@ -628,14 +613,8 @@ def render(args, wait_seconds):
             plt.close(fig)
             produced[name] = list(tables)
         write_report(stage, runs, series, produced, skipped, args.pool, args.align == "onset")
-        for name in earlier:
-            os.remove(os.path.join(out, name))
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if made_dir and not os.listdir(out):
-            os.rmdir(out)
+
+    log.write_staged(out, earlier, write)
     return runs, True
 
 

@@ -285,7 +285,7 @@ class PlotDriftErrors(unittest.TestCase):
 
 class PlotDriftSignals(unittest.TestCase):
     def test_sigterm_removes_the_staging_folder(self):
-        """SIGTERM while the figures are drawn once left the staging folder (.plot-*) behind: now the plot
+        """SIGTERM while the figures are drawn once left the staging folder (.stage-*) behind: now the plot
         unwinds, removing it and the output folder it made, and dies of the signal without a traceback."""
         directory = support.scratch_dir("plot_drift_sigterm")
         path = support.write_run(os.path.join(directory, "run.h5"), QUANTIZERS, fixture_samples())
@@ -294,7 +294,7 @@ class PlotDriftSignals(unittest.TestCase):
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
         try:
             deadline = time.monotonic() + 60
-            while not glob.glob(os.path.join(out, ".plot-*")):
+            while not glob.glob(os.path.join(out, ".stage-*")):
                 self.assertIsNone(plot.poll(), "the plot ended before its staging folder was seen")
                 self.assertLess(time.monotonic(), deadline, "no staging folder")
                 time.sleep(0.002)
