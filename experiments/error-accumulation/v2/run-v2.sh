@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 kvdrift="${1:-build}/kvdrift"
 here=experiments/error-accumulation/v2
-out=out/study-v2
+out=docs/figures/study-v2  # the claims tables, accuracy table and figures the README shows (committed)
 python=.venv/bin/python
 
 for sweep in v2-smollm2 v2-smollm2-k4v2 free-running-smollm2; do
@@ -21,5 +21,5 @@ mkdir -p "$out"
 for bits in k2v2 k4v2; do
   $python "$here/claims.py" --accumulation out/sweeps/v2-smollm2-$bits/runs/*/run.h5 \
     --free-running "${free_running[@]}" -o "$out/$bits" --overwrite
-  "$kvdrift" plot --overwrite out/sweeps/v2-smollm2-$bits/runs/*/run.h5 --pool --align onset -o "$out/$bits/plot"
+  "$kvdrift" plot --overwrite out/sweeps/v2-smollm2-$bits/runs/*/run.h5 --pool --align onset -o out/study-v2/$bits-plot
 done
