@@ -96,7 +96,7 @@ TEST(FuzzRegression, PromptThatIsNotUtf8NamesThePrompt) {
   source.kind = PromptKind::TextFile;
   source.path = dir + "/prompts.txt";
   EXPECT_EQ(test::error_message([&] { load_prompts(source, tokenizer.get()); }),
-            "prompt prompts:1: cannot pre-tokenize text: UTF-8 error: illegal byte (0xfe or 0xff)");
+            "prompt prompts:1: " + test::smollm2_dir() + "/tokenizer.json: cannot pre-tokenize text: UTF-8 error: illegal byte (0xfe or 0xff)");
 }
 
 }  // namespace

@@ -224,6 +224,44 @@ TEST(TokenizerHf, SplitKeepsTextBetweenMatches) {
   EXPECT_EQ(tokenizer->encode("1hello", false), (Ids{2, 22}));
 }
 
+// Pieces of 100,000 bytes, whose tokens follow from the fixture's merges: a long word's merges run
+// through a priority queue (rescanning per merge was quadratic: 200 KB took 28 s), ties merge leftmost.
+TEST(TokenizerHf, LongPiecesMergeLikeShortOnes) {
+  auto tokenizer = load_fixture(hf_fixture(), test::scratch_dir());
+  std::string hellos;
+  for (int i = 0; i < 20'000; ++i) hellos += "hello";
+  EXPECT_EQ(tokenizer->encode(hellos, false), Ids(20'000, 22));
+  // 1 2 3 4 5 -> 12 3 4 5 -> 12 34 5 in every repeat: 3+4 (rank 8) comes before 12+3 (rank 9).
+  std::string digits;
+  Ids digit_ids;
+  for (int i = 0; i < 20'000; ++i) {
+    digits += "12345";
+    digit_ids.insert(digit_ids.end(), {26, 27, 6});
+  }
+  EXPECT_EQ(tokenizer->encode(digits, false), digit_ids);
+  // l+l on 99,999 l's: leftmost first, so 49,999 ll and one l at the end.
+  Ids ls(49'999, 20);
+  ls.push_back(11);
+  EXPECT_EQ(tokenizer->encode(std::string(99'999, 'l'), false), ls);
+}
+
+// A pre-tokenizer regex may take 10,000 + 4 match steps per byte left to search: Llama-3's regex on a
+// 1 MB run of spaces needs about one per byte and passes; a backtracking regex (it took 43 s on 2.5 KB
+// under PCRE2's default limit) is refused naming the file, the regex and where it stopped.
+TEST(TokenizerHf, RegexWorkIsBoundedAndTheRefusalNamesTheTokenizer) {
+  auto llama3 = load_fixture(llama3_style(hf_fixture(), kLlama3Pattern), test::scratch_dir());
+  // \s+(?!\S) takes 999,999 spaces, [^\r\n\p{L}\p{N}]?\p{L}+ takes " hello": Ġ (15) each, then Ġ hello.
+  Ids spaces(1'000'000, 15);
+  spaces.push_back(22);
+  EXPECT_EQ(llama3->encode(std::string(1'000'000, ' ') + "hello", false), spaces);
+  const std::string dir = test::scratch_dir();
+  auto backtracking = load_fixture(llama3_style(hf_fixture(), R"((\p{L}+)+\d)"), dir);
+  EXPECT_EQ(test::error_message([&] { backtracking->encode(std::string(2500, 'h'), false); }),
+            dir + "/tokenizer.json: pre-tokenizer regex \"(\\\\p{L}+)+\\\\d\" needs more than 20000 match steps at byte 0 of a "
+                  "2500-byte text (the bound is 10000 + 4 per byte left; this regex backtracks far more than Hugging "
+                  "Face's pre-tokenizers do)");
+}
+
 TEST(TokenizerHf, IgnoreMergesUsesWholeVocabularyPieces) {
   json fixture = hf_fixture();
   fixture["model"]["ignore_merges"] = true;

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/json_integer.h"
+#include "tokenizer/pair_merge.h"
 
 namespace kvdrift {
 namespace {
@@ -73,10 +74,21 @@ std::string pcre2_message(int error_code) {
   return reinterpret_cast<const char*>(buffer.data());
 }
 
+struct Pcre2MatchContextFree {
+  void operator()(pcre2_match_context* context) const { pcre2_match_context_free(context); }
+};
+
+// The work one regex search may do, in PCRE2 match steps: the regexes tokenizer.json files ship need
+// about one step per byte of a whitespace run (Qwen2's \s*[\r\n]+ scans the run and gives it back)
+// and a few dozen otherwise, so 10,000 + 4 per byte left to search refuses only a backtracking regex
+// (one took 43 s on 2.5 KB under PCRE2's default limit of 10^7 steps per search).
+constexpr uint32_t kMatchStepsBase = 10'000;
+constexpr uint32_t kMatchStepsPerByte = 4;
+
 // A pre-tokenizer split with Hugging Face's "Isolated" behaviour.
 class IsolatingSplit {
  public:
-  IsolatingSplit(const std::string& pattern, bool literal, const std::string& path) {
+  IsolatingSplit(const std::string& pattern, bool literal, const std::string& path) : pattern_(pattern), path_(path) {
     int error_code = 0;
     PCRE2_SIZE error_offset = 0;
     const uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
@@ -92,14 +104,22 @@ class IsolatingSplit {
   void split(std::string_view text, std::vector<std::string_view>& pieces) const {
     std::unique_ptr<pcre2_match_data, Pcre2MatchDataFree> match(
         pcre2_match_data_create_from_pattern(code_.get(), nullptr));
+    std::unique_ptr<pcre2_match_context, Pcre2MatchContextFree> limits(pcre2_match_context_create(nullptr));
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
     uint32_t options = 0;  // the first call checks that the text is UTF-8; later calls need not
     size_t offset = 0;
     size_t unmatched_start = 0;
     while (offset < text.size()) {
-      const int rc = pcre2_match(code_.get(), subject, text.size(), offset, options, match.get(), nullptr);
+      const size_t steps = kMatchStepsBase + kMatchStepsPerByte * static_cast<uint64_t>(text.size() - offset);
+      pcre2_set_match_limit(limits.get(), static_cast<uint32_t>(std::min<size_t>(steps, UINT32_MAX)));
+      const int rc = pcre2_match(code_.get(), subject, text.size(), offset, options, match.get(), limits.get());
       if (rc == PCRE2_ERROR_NOMATCH) break;
-      if (rc < 0) fail("cannot pre-tokenize text: {}", pcre2_message(rc));
+      if (rc == PCRE2_ERROR_MATCHLIMIT) {
+        fail("{}: pre-tokenizer regex {:?} needs more than {} match steps at byte {} of a {}-byte text (the bound is "
+             "{} + {} per byte left; this regex backtracks far more than Hugging Face's pre-tokenizers do)",
+             path_, pattern_, steps, offset, text.size(), kMatchStepsBase, kMatchStepsPerByte);
+      }
+      if (rc < 0) fail("{}: cannot pre-tokenize text: {}", path_, pcre2_message(rc));
       options = PCRE2_NO_UTF_CHECK;
       const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
       const size_t begin = ovector[0];
@@ -117,6 +137,8 @@ class IsolatingSplit {
   }
 
  private:
+  std::string pattern_;
+  std::string path_;
   std::unique_ptr<pcre2_code, Pcre2CodeFree> code_;
 };
 
@@ -407,30 +429,12 @@ class HfTokenizer final : public Tokenizer {
       }
       symbols.push_back(id);
     }
-    // Repeatedly merge the adjacent pair with the lowest merge rank, the leftmost on ties (the order
-    // of Hugging Face's BPE). Only the pairs next to a merge are looked up again.
-    auto merge_of = [&](size_t i) -> const Merge* {
-      auto found = merges_.find(pair_key(symbols[i], symbols[i + 1]));
-      return found == merges_.end() ? nullptr : &found->second;
-    };
-    std::vector<const Merge*> pair_merges;
-    for (size_t i = 0; i + 1 < symbols.size(); ++i) pair_merges.push_back(merge_of(i));
-    while (true) {
-      const Merge* best = nullptr;
-      size_t at = 0;
-      for (size_t i = 0; i < pair_merges.size(); ++i) {
-        if (pair_merges[i] && (!best || pair_merges[i]->rank < best->rank)) {
-          best = pair_merges[i];
-          at = i;
-        }
-      }
-      if (!best) break;
-      symbols[at] = best->merged;
-      symbols.erase(symbols.begin() + at + 1);
-      pair_merges.erase(pair_merges.begin() + at);
-      if (at > 0) pair_merges[at - 1] = merge_of(at - 1);
-      if (at + 1 < symbols.size()) pair_merges[at] = merge_of(at);
-    }
+    // Merge the adjacent pair with the lowest merge rank, the leftmost on ties (Hugging Face's order).
+    merge_pairs(symbols, [this](TokenId left, TokenId right) -> std::optional<PairMerge> {
+      auto found = merges_.find(pair_key(left, right));
+      if (found == merges_.end()) return std::nullopt;
+      return PairMerge{static_cast<double>(found->second.rank), found->second.merged};
+    });
     ids.insert(ids.end(), symbols.begin(), symbols.end());
   }
 

@@ -5,10 +5,10 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
-#include <queue>
 #include <unordered_map>
 
 #include "core/error.h"
+#include "tokenizer/pair_merge.h"
 
 namespace kvdrift {
 namespace {
@@ -101,7 +101,7 @@ class Llama2cTokenizer final : public Tokenizer {
       }
       start = end;
     }
-    merge_pairs(tokens);
+    merge_by_score(tokens);
     if (add_eos) tokens.push_back(kEosId);
     return tokens;
   }
@@ -134,52 +134,13 @@ class Llama2cTokenizer final : public Tokenizer {
   }
 
   // run.c's merge loop: repeatedly merge the adjacent pair whose merged token has the highest score
-  // (the leftmost such pair on ties; scores must beat -1e10). run.c rescans the whole sequence per
-  // merge (quadratic: 160 KB took 7 s); here the candidate pairs wait in a priority queue ordered by
-  // (score, leftmost), the sequence is a linked list, and a merge only queues its two new neighbour
-  // pairs, so a text of n symbols takes O(n log n) and gives run.c's tokens exactly.
-  void merge_pairs(std::vector<TokenId>& tokens) const {
-    const size_t n = tokens.size();
-    if (n < 2) return;
-    constexpr size_t kNone = static_cast<size_t>(-1);
-    std::vector<size_t> next(n), previous(n);  // the list over original positions; a merge keeps the left one
-    for (size_t i = 0; i < n; ++i) {
-      next[i] = i + 1 < n ? i + 1 : kNone;
-      previous[i] = i > 0 ? i - 1 : kNone;
-    }
-    struct Candidate {
-      float score;
-      size_t left;  // original position of the pair's left symbol: positions keep their order
-      TokenId left_id, right_id, merged_id;
-    };
-    const auto after = [](const Candidate& a, const Candidate& b) {
-      return a.score != b.score ? a.score < b.score : a.left > b.left;
-    };
-    std::priority_queue<Candidate, std::vector<Candidate>, decltype(after)> queue(after);
-    const auto offer = [&](size_t left) {
-      if (left == kNone || next[left] == kNone) return;
-      const TokenId merged_id = merged(tokens[left], tokens[next[left]]);
-      if (merged_id >= 0 && scores_[merged_id] > -1e10f)
-        queue.push({scores_[merged_id], left, tokens[left], tokens[next[left]], merged_id});
-    };
-    for (size_t i = 0; i + 1 < n; ++i) offer(i);
-    std::vector<bool> alive(n, true);
-    while (!queue.empty()) {
-      const Candidate best = queue.top();
-      queue.pop();
-      // A pair that an earlier merge changed is stale: its left or right symbol is no longer there.
-      const size_t right = alive[best.left] ? next[best.left] : kNone;
-      if (right == kNone || tokens[best.left] != best.left_id || tokens[right] != best.right_id) continue;
-      tokens[best.left] = best.merged_id;
-      alive[right] = false;
-      next[best.left] = next[right];
-      if (next[right] != kNone) previous[next[right]] = best.left;
-      offer(previous[best.left]);
-      offer(best.left);
-    }
-    size_t kept = 0;
-    for (size_t i = 0; i != kNone; i = next[i]) tokens[kept++] = tokens[i];
-    tokens.resize(kept);
+  // (the leftmost such pair on ties; scores must beat -1e10).
+  void merge_by_score(std::vector<TokenId>& tokens) const {
+    kvdrift::merge_pairs(tokens, [this](TokenId left, TokenId right) -> std::optional<PairMerge> {
+      const TokenId merged_id = merged(left, right);
+      if (merged_id < 0 || scores_[merged_id] <= -1e10f) return std::nullopt;
+      return PairMerge{-static_cast<double>(scores_[merged_id]), merged_id};
+    });
   }
 
   std::string path_;

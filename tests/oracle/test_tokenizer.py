@@ -62,6 +62,14 @@ class TokenizerAgreesWithTransformers(unittest.TestCase):
         for text, got in zip(texts, self.kvdrift_encode(texts)):
             self.assertEqual(got["ids"], self.hf(text)["input_ids"], repr(text))
 
+    def test_long_words_and_whitespace_runs_agree(self):
+        # One pre-tokenized piece of 100 KB: the merges of a long word run through a priority queue
+        # (kvdrift's was quadratic: 200 KB took 28 s), and ties between equal pairs resolve leftmost.
+        texts = ["supercalifragilistic" * 5000, "ab" * 50_000 + "a", "x" * 100_001, " " * 100_000 + "end",
+                 "日本語" * 10_000, "1234567890" * 10_000]
+        for text, got in zip(texts, self.kvdrift_encode(texts)):
+            self.assertEqual(got["ids"], self.hf(text)["input_ids"], repr(text[:30]))
+
     def test_chat_template_renders_and_encodes_as_apply_chat_template(self):
         questions = support.gsm8k_questions(5) + support.humaneval_prompts(5)
         for question, got in zip(questions, self.kvdrift_encode(questions, chat=True)):
