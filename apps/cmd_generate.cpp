@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/out_of_memory.h"
 #include "core/output_path.h"
 #include "decode/generate.h"
 #include "io/hdf5.h"
@@ -68,6 +69,8 @@ void run_generate(const GenerateOptions& options) {
       logits.insert(logits.end(), values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
     };
   }
+  const MemoryScope memory(fmt::format("--steps {}{}, a prompt of {} tokens", options.steps,
+                                       options.logits_path ? " (--logits keeps every step's)" : "", prompt.size()));
   const auto result = generate(model, prompt, options.steps, sampler, stop_ids, keep_logits);
   if (options.logits_path) {
     const auto vocab = static_cast<hsize_t>(model.config().vocab_size);

@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/out_of_memory.h"
 #include "core/output_path.h"
 #include "core/sha256.h"
 #include "core/writer_lock.h"
@@ -116,15 +117,22 @@ void run_main_job(const RunOptions& options) {
   // second run on it stops here and leaves it alone.
   const WriterLock lock(output_lock_path(config.output.path), "output.path " + config.output.path,
                         "wait for that run to end, or name another output");
-  const auto inputs = load_run_inputs(config);
+  const auto inputs = [&] {
+    const MemoryScope loading(fmt::format("model.path {} in model.dtype {}", config.model.path, config.model.dtype));
+    return load_run_inputs(config);
+  }();
   const LlamaModel& model = *inputs.model;
   const auto& prompts = inputs.prompts;
   const Engine engine(model, config, inputs.tokenizer.get());
-  int64_t longest_prompt = 0;
-  for (const Prompt& prompt : prompts)
-    longest_prompt = std::max(longest_prompt, static_cast<int64_t>(prompt.tokens.size()));
-  engine.check_cache_memory(std::min<int64_t>(config.decoding.batch_prompts, static_cast<int64_t>(prompts.size())),
-                            longest_prompt);
+  const int64_t longest_prompt = longest_prompt_tokens(prompts);
+  const int64_t batch = std::min<int64_t>(config.decoding.batch_prompts, static_cast<int64_t>(prompts.size()));
+  engine.check_cache_memory(batch, longest_prompt);
+  // Past the caches (estimated above), a batch's memory grows with the same settings: the prefill's
+  // attention with the longest prompt, logits and metrics with the rows.
+  const MemoryScope decoding(fmt::format(
+      "decoding.batch_prompts {}, decoding.max_new_tokens {}, the longest prompt's {} tokens, {} quantizers x lanes {}",
+      batch, config.decoding.max_new_tokens, longest_prompt, config.quantizers.size(),
+      fmt::join(lane_names(config.lanes), ",")));
 
   auto log =
       RunLog::open(config.output.path, config.resolved_yaml(), describe_run(model, config, engine, prompts),

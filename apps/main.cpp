@@ -8,6 +8,7 @@
 #include "commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/out_of_memory.h"
 
 namespace {
 // Exit statuses: 0 success, 1 a failure of the command (kvdrift::Error and LibTorch errors), 2 a usage
@@ -69,10 +70,12 @@ int main(int argc, char** argv) {
               << std::endl;
     return 3;
   } catch (const c10::Error& e) {
-    std::cerr << "kvdrift: error: LibTorch: " << e.what_without_backtrace() << std::endl;
+    const auto out_of_memory = kvdrift::out_of_memory_message(e);
+    std::cerr << "kvdrift: error: " << (out_of_memory ? *out_of_memory : std::string("LibTorch: ") + e.what_without_backtrace())
+              << std::endl;
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "kvdrift: error: " << e.what() << std::endl;
+    std::cerr << "kvdrift: error: " << kvdrift::out_of_memory_message(e).value_or(e.what()) << std::endl;
     return 1;
   }
   return 0;

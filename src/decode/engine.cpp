@@ -374,10 +374,7 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
       prompts_(prompts),
       device_(engine.model_.device()),
       max_new_(engine.config_.decoding.max_new_tokens),
-      longest_prompt_(static_cast<int64_t>(
-          std::max_element(prompts.begin(), prompts.end(),
-                           [](const Prompt& a, const Prompt& b) { return a.tokens.size() < b.tokens.size(); })
-              ->tokens.size())),
+      longest_prompt_(longest_prompt_tokens(prompts)),
       // Every sampled lane draws from its own generator with the run's seed: equal logits, equal tokens.
       sampling_{engine.config_.decoding.temperature, engine.config_.decoding.top_p, engine.config_.decoding.top_k,
                 engine.config_.decoding.seed},
@@ -802,9 +799,7 @@ void Engine::check_cache_memory(int64_t batch, int64_t longest) const {
 std::vector<SampleResult> Engine::run(const std::vector<Prompt>& prompts, const Progress& progress) const {
   if (prompts.empty()) fail("no prompts to run");
   for (const Prompt& prompt : prompts) check_prompt_fits(prompt, model_.config(), config_.decoding.max_new_tokens);
-  int64_t longest = 0;
-  for (const Prompt& prompt : prompts) longest = std::max(longest, static_cast<int64_t>(prompt.tokens.size()));
-  check_cache_memory(static_cast<int64_t>(prompts.size()), longest);
+  check_cache_memory(static_cast<int64_t>(prompts.size()), longest_prompt_tokens(prompts));
   const torch::Device device = model_.device();
   Batch batch(*this, prompts);
 

@@ -308,4 +308,10 @@ std::vector<Prompt> load_prompts(const PromptSource& source, const Tokenizer* to
   return prompts;
 }
 
+int64_t longest_prompt_tokens(const std::vector<Prompt>& prompts) {
+  size_t longest = 0;
+  for (const Prompt& prompt : prompts) longest = std::max(longest, prompt.tokens.size());
+  return static_cast<int64_t>(longest);
+}
+
 }  // namespace kvdrift

@@ -53,6 +53,9 @@ struct Prompt {
   std::string answer;           // jsonl answer_field (a string, or a number as in the file), else empty
 };
 
+// The most tokens any of `prompts` has (0 for none): the prefill's length and the caches' start.
+int64_t longest_prompt_tokens(const std::vector<Prompt>& prompts);
+
 // Reads, renders and encodes the prompts of `source`; `tokenizer` may be null only for token_ids
 // (when given, ids are checked against its vocabulary); `chat` is required when
 // source.chat_template is set. Texts of text_file prompts are trimmed of
