@@ -16,6 +16,8 @@ namespace kvdrift::cli {
 
 namespace {
 
+constexpr int64_t kMaxBitsLength = int64_t{1} << 53;
+
 struct BitsOptions {
   std::string config;
   std::vector<std::string> overrides;
@@ -25,8 +27,6 @@ struct BitsOptions {
 void run_bits(const BitsOptions& options) {
   const RunConfig config = load_run_config(options.config, options.overrides);
   const ModelConfig model = read_model_config(config.model.path);
-  for (int64_t length : options.lengths)
-    if (length < 1) fail("--length {}: a sequence length must be at least 1", length);
   std::cout << fmt::format("{}: head_dim {}; bits per element of K and V at each length (full-precision regions "
                            "at 16 bits)\n",
                            config.model.path, model.head_dim);
@@ -53,7 +53,9 @@ void register_bits(CLI::App& app, std::function<void()>& command) {
   auto* sub = app.add_subcommand("bits", "bits per element of each quantizer of a config, at stated sequence lengths");
   sub->add_option("config", options->config, "YAML config")->required();
   sub->add_option("--set", options->overrides, "override a config key: a.b=value (repeatable)");
-  sub->add_option("--length", options->lengths, "sequence lengths (repeatable; default 512 4096 32768)");
+  // Up to 2^53 positions, where a count of positions is still exact in the double the costs are summed in.
+  sub->add_option("--length", options->lengths, "sequence lengths (repeatable; default 512 4096 32768)")
+      ->check(CLI::Range(int64_t{1}, kMaxBitsLength));
   sub->callback([options, &command] { command = [options] { run_bits(*options); }; });
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "cache/quantized_kv_cache.h"
@@ -176,6 +177,17 @@ TEST(Storage, HandComputedCosts) {
   EXPECT_DOUBLE_EQ(storage_cost(*kivi, 128, 1).parameters, 0.25);
   EXPECT_DOUBLE_EQ(storage_cost(*kivi, 128, 1024).bits_per_element, (5.6875 + (767 * 2.25 + 257 * 16) / 1024.0) / 2);
   EXPECT_EQ(test::error_message([&] { storage_cost(*kivi, 128, 0); }), "a sequence length must be at least 1, got 0");
+  // none never quantizes, at any length: 16 bits per element past 2^31 positions as below (its "never
+  // due" lag was once INT32_MIN, and positions beyond 2^31 came out quantized at 32 bits).
+  auto none = make_quantizer("none", {}, 128);
+  for (int64_t length : {int64_t{1}, int64_t{1} << 31, (int64_t{1} << 31) + 5, int64_t{1} << 53}) {
+    EXPECT_DOUBLE_EQ(storage_cost(*none, 128, length).bits_per_element, 16.0) << length;
+    EXPECT_DOUBLE_EQ(storage_cost(*none, 128, length).quantized_fraction, 0.0) << length;
+  }
+  // KIVI at 2^53 positions: all but the last 128 keys and 129 values quantized, as at 1024.
+  const double n = std::ldexp(1.0, 53);
+  EXPECT_DOUBLE_EQ(storage_cost(*kivi, 128, int64_t{1} << 53).bits_per_element,
+                   (((n - 256) * 2.25 + 256 * 16) + ((n - 257) * 2.25 + 257 * 16)) / (2 * n));
 }
 
 // Positions read quantized are exactly those that differ from what was written (random data never

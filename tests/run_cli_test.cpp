@@ -195,8 +195,10 @@ TEST(RunCli, BitsPrintsEachQuantizerAtTheLengths) {
   EXPECT_NE(result.out.find("kivi-2bit                kivi      2.000  4.0000   16.0000    8.5781\n"), std::string::npos)
       << result.out;
   EXPECT_NE(result.out.find("head_dim 8"), std::string::npos) << result.out;
-  test::expect_one_error_line(test::run_cli({"bits", small_config(dir), "--length", "0"}),
-                              "--length 0: a sequence length must be at least 1");
+  // Lengths are 1..2^53 (exact in the double the costs are summed in); beyond int64 is not clamped.
+  for (const std::string length : {"0", "9007199254740993", "99999999999999999999"})
+    test::expect_one_error_line(test::run_cli({"bits", small_config(dir), "--length", length}),
+                                "--length: Value " + length + " not in range 1 to 9007199254740992");
 }
 
 TEST(RunCli, LogReadsBackWithH5py) {

@@ -13,8 +13,7 @@ class NoQuantizer final : public Quantizer {
   std::string method() const override { return "none"; }
   ParamMap resolved_params() const override { return {}; }
   RolePolicy policy(Role) const override {
-    // A lag so negative that no position is ever due.
-    return {0, 1, std::numeric_limits<int32_t>::min()};
+    return {0, 1, RolePolicy::kNeverDue};
   }
   QuantizedTiles quantize(const torch::Tensor& x, Role, int64_t) const override {
     // Identity: codes are unused; the values themselves are the (float32) stored parameter.

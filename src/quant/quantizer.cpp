@@ -11,6 +11,7 @@ namespace kvdrift {
 const char* role_name(Role role) { return role == Role::Key ? "key" : "value"; }
 
 int64_t RolePolicy::quantized_prefix(int64_t t) const {
+  if (!quantizes()) return std::min(sink, t + 1);
   // Blocks are counted from the end of the sink.
   const int64_t shifted = t + lag - sink;
   const int64_t prefix = shifted <= 0 ? sink : sink + shifted / block * block;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -30,10 +31,13 @@ const char* role_name(Role role);  // "key" | "value"
 // precision; its complete blocks are quantized at the first decode step (or, in a chunked prefill,
 // before the next chunk: docs/engine.md).
 struct RolePolicy {
+  // The lag of a role that is never quantized (the method none): no position is ever due, at any t.
+  static constexpr int64_t kNeverDue = std::numeric_limits<int64_t>::min();
   int64_t sink = 0;
   int64_t block = 1;
   int64_t lag = 0;
   int64_t quantized_prefix(int64_t t) const;
+  bool quantizes() const { return lag != kNeverDue; }
 };
 
 // The stored form of N tiles. `codes` holds one integer code per element (uint8, unpacked) in the

@@ -28,7 +28,7 @@ StorageCost storage_cost(const Quantizer& quantizer, int64_t head_dim, int64_t l
     const double code_bits = static_cast<double>(stored.codes.numel() * packed_code_bits(stored.bits)) / elements;
     const double tile_bits = stored_bits_per_element(stored, tile.numel());
     // A method that never quantizes (none) stores no codes or parameters.
-    if (policy.quantized_prefix(std::numeric_limits<int32_t>::max()) > policy.sink) {
+    if (policy.quantizes()) {
       cost.codes += code_bits / 2;
       cost.parameters += (tile_bits - code_bits) / 2;
     }
