@@ -104,7 +104,8 @@ void print_status(const SweepOptions& options) {
                                 {"values", values},
                                 {"log", statuses[i].log},
                                 {"exit_status", statuses[i].exit_status},
-                                {"slurm", statuses[i].slurm}});
+                                {"slurm", statuses[i].slurm},
+                                {"problem", statuses[i].problem}});
     }
     json["counts"] = counts;
     std::cout << json.dump(1) << "\n";
@@ -119,6 +120,7 @@ void print_status(const SweepOptions& options) {
     std::cout << fmt::format("    log: {}{}\n", status.log.empty() ? "(none)" : status.log,
                              status.exit_status.empty() ? " (no exit status recorded: the attempt was killed)"
                                                         : fmt::format(" (exit status {})", status.exit_status));
+    if (!status.problem.empty()) std::cout << "    " << status.problem << "\n";
     for (const std::string& line : last_lines(status.log, kLogTailLines)) std::cout << "    | " << line << "\n";
   }
   std::cout << fmt::format("# {} points: {} done, {} failed, {} running, {} pending\n", statuses.size(), counts["done"],

@@ -52,7 +52,12 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
     kvdrift::configure_threads(threads);
-    kvdrift::choose_openmp_waiting(argv);
+    // Only the commands that compute with LibTorch's threads probe the machine (150 ms); a sweep's
+    // points are `kvdrift run` processes and probe for themselves.
+    const auto subcommands = app.get_subcommands();
+    const std::string name = subcommands.empty() ? "" : subcommands.front()->get_name();
+    if (name == "run" || name == "generate" || name == "bench" || name == "quantize")
+      kvdrift::choose_openmp_waiting(argv);
     if (show_version) {
       std::cout << kvdrift::version_report();
       return 0;

@@ -234,15 +234,24 @@ TEST(Cli, VersionNamesLibrariesAndThreadsAreSettable) {
     for (volatile uint64_t i = 0;; ++i) {
     }
   }
+  // Only the commands that compute probe: --version (or sweep status) does not.
   const std::string busy_line = "cores busy when kvdrift started: its OpenMP threads sleep when idle";
-  const auto busy = test::run_cli({"--threads", "2", "--version"});
+  const std::vector<std::string> generate = {"--threads", "2", "generate", "--model",
+                                             test::stories260k_dir() + "/stories260K.bin", "--tokenizer",
+                                             test::stories260k_dir() + "/tok512.bin", "--prompt", "Once", "--steps", "2"};
+  const auto busy = test::run_cli(generate);
+  const auto not_computing = test::run_cli({"--threads", "2", "--version"});
   ::setenv("OMP_WAIT_POLICY", "ACTIVE", 1);
-  const auto chosen = test::run_cli({"--threads", "2", "--version"});
+  const auto chosen = test::run_cli(generate);
   ::unsetenv("OMP_WAIT_POLICY");
   ::kill(spinner, SIGKILL);
   ::waitpid(spinner, nullptr, 0);
+  EXPECT_EQ(busy.exit_code, 0) << busy.err;
   EXPECT_NE(busy.err.find(busy_line), std::string::npos) << busy.err;
-  EXPECT_NE(busy.out.find("\nCPU threads: 2\n"), std::string::npos) << busy.out;
+  EXPECT_EQ(busy.out, chosen.out);  // the same two tokens, restarted or not
+  EXPECT_EQ(not_computing.err.find(busy_line), std::string::npos) << not_computing.err;
+  EXPECT_NE(not_computing.out.find("\nCPU threads: 2\n"), std::string::npos) << not_computing.out;
+  EXPECT_EQ(chosen.exit_code, 0) << chosen.err;
   EXPECT_EQ(chosen.err.find(busy_line), std::string::npos) << chosen.err;
   // An OpenMP pool of 100000 threads never finishes starting: --threads is bounded like KVDRIFT_THREADS.
   for (const std::string threads : {"0", "100000"}) {

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -281,7 +282,7 @@ launcher: {kind: local}
   const auto refused = test::run_cli({"sweep", "plan", sweep});
   test::expect_one_error_line(refused,
                               fmt::format("point {} (quantizers.1.params.tile_size=16): its config changed", ids[1]));
-  EXPECT_NE(refused.err.find("line 14: was '  max_new_tokens: 16', now '  max_new_tokens: 20'"), std::string::npos)
+  EXPECT_NE(refused.err.find("line 14: `  max_new_tokens: 16` before, `  max_new_tokens: 20` now"), std::string::npos)
       << refused.err;
   EXPECT_NE(refused.err.find("--force"), std::string::npos) << refused.err;
   EXPECT_EQ(test::read_file(with_results + "/config.yaml"), old_config);  // nothing written
@@ -870,6 +871,33 @@ print("ok", len(rows))
   const auto final_status = test::run_cli({"sweep", "status", sweep});
   EXPECT_NE(final_status.out.find("# 4 points: 4 done, 0 failed, 0 running, 0 pending"), std::string::npos)
       << final_status.out;
+
+  // A complete run.h5 copied from another point is not this point's result, and a damaged one after
+  // an exit status of 0 says what is wrong with it; collect takes neither.
+  const auto run_h5 = [&](size_t i) { return sweep_dir + "/runs/" + ids[i] + "/run.h5"; };
+  fs::copy_file(run_h5(0), run_h5(1), fs::copy_options::overwrite_existing);
+  {
+    std::fstream damaged(run_h5(2), std::ios::in | std::ios::out | std::ios::binary);
+    damaged.write("\0\0\0\0\0\0\0\0", 8);  // the HDF5 signature
+  }
+  const auto after = test::run_cli({"sweep", "status", sweep});
+  ASSERT_EQ(after.exit_code, 0) << after.err;
+  EXPECT_EQ(status_word(after.out, ids[1]), "failed") << after.out;
+  EXPECT_EQ(status_word(after.out, ids[2]), "failed") << after.out;
+  // Points 0 and 1 differ in tile_size (8, 16).
+  EXPECT_NE(after.out.find("    run.h5 is complete but was written for another config than " + sweep_dir + "/runs/" +
+                           ids[1] + "/config.yaml (line "),
+            std::string::npos)
+      << after.out;
+  EXPECT_NE(after.out.find("    params: {preset: k2v2, tile_size: 8}` in run.h5, `    params: {preset: k2v2, tile_size: 16}` in "
+                           "config.yaml)"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("    run.h5 cannot be read: cannot open HDF5 file " + run_h5(2) +
+                           " for reading (HDF5: file signature not found)"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("# 4 points: 2 done, 2 failed, 0 running, 0 pending"), std::string::npos) << after.out;
+  const auto recollected = test::run_cli({"sweep", "collect", sweep});
+  ASSERT_EQ(recollected.exit_code, 0) << recollected.err;
+  EXPECT_NE(recollected.out.find("collected 2 of 4 points (2 incomplete), 6 rows"), std::string::npos)
+      << recollected.out;
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "core/line_difference.h"
 
+#include <fmt/format.h>
+
 #include <sstream>
 
 namespace kvdrift {
@@ -16,6 +18,14 @@ std::optional<LineDifference> first_line_difference(const std::string& first, co
                             has_b ? std::optional<std::string>(b) : std::nullopt};
     }
   }
+}
+
+std::string describe_line_difference(const std::string& first, const std::string& second,
+                                     const std::string& first_label, const std::string& second_label) {
+  const auto difference = first_line_difference(first, second);
+  if (!difference) return "they differ only in line endings";
+  return fmt::format("line {}: `{}` {}, `{}` {}", difference->line, difference->first.value_or("(end)"), first_label,
+                     difference->second.value_or("(end)"), second_label);
 }
 
 }  // namespace kvdrift

@@ -14,4 +14,9 @@ struct LineDifference {
 // None when every line is the same (the texts may still differ in a final newline).
 std::optional<LineDifference> first_line_difference(const std::string& first, const std::string& second);
 
+// "line N: `A` <first_label>, `B` <second_label>" (a text that ended shows as "(end)"), or "they
+// differ only in line endings" when every line is the same.
+std::string describe_line_difference(const std::string& first, const std::string& second,
+                                     const std::string& first_label, const std::string& second_label);
+
 }  // namespace kvdrift

@@ -202,14 +202,6 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
   file.create_group("samples");
 }
 
-// "first difference at line N: ..." for two texts that differ.
-std::string first_difference(const std::string& stored, const std::string& current) {
-  const auto difference = first_line_difference(stored, current);
-  if (!difference) return "they differ in the final newline";
-  return fmt::format("first difference at line {}: `{}` in the file, `{}` now", difference->line,
-                     difference->first.value_or("(end)"), difference->second.value_or("(end)"));
-}
-
 void check_resumable(const h5::File& file, const std::string& resolved_config_yaml, const RunMetadata& metadata) {
   const std::string& path = file.file_path();
   if (!file.has_attribute("schema_version") || !file.exists("config/yaml") || !file.exists("samples")) {
@@ -223,7 +215,7 @@ void check_resumable(const h5::File& file, const std::string& resolved_config_ya
   const std::string stored_yaml = file.read_string("config/yaml");
   if (stored_yaml != resolved_config_yaml) {
     fail("{} was written with a different config; pass --overwrite to replace it ({})", path,
-         first_difference(stored_yaml, resolved_config_yaml));
+         "first difference at " + describe_line_difference(stored_yaml, resolved_config_yaml, "in the file", "now"));
   }
   // The config names the model file; the checksum tells whether that file still holds the same weights.
   const std::string stored_sha256 = file.open_group("model").attribute<std::string>("sha256");

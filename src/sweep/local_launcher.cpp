@@ -101,13 +101,16 @@ LocalRunSummary run_local(const Manifest& manifest, const std::vector<const Poin
       if (!worker.attempt || worker.attempt->pid() != pid) continue;
       worker.attempt->finish(status);
       const PointFiles& files = worker.attempt->files();
-      const bool done = status == 0 && run_complete(files.output);
+      const RunLogCheck run_log = check_run_log(files);
+      const bool done = status == 0 && run_log.done;
       ++(done ? summary.done : summary.failed);
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - worker.start).count();
       const std::string id = std::filesystem::path(files.dir).filename().string();
       std::cout << fmt::format("[{}/{}] {}  {}  {:.1f} s", ++finished, points.size(), id, done ? "done" : "failed",
                                seconds);
-      if (!done) std::cout << fmt::format("  (exit status {}, log {})", describe_exit(status), files.log);
+      if (!done)
+        std::cout << fmt::format("  (exit status {}{}, log {})", describe_exit(status),
+                                 run_log.problem.empty() ? "" : "; " + run_log.problem, files.log);
       std::cout << std::endl;
       worker.attempt.reset();
       --running;

@@ -77,14 +77,6 @@ void write_atomically(const std::string& path, const std::string& text) {
   if (error) fail("cannot rename {} to {}: {}", temporary, path, error.message());
 }
 
-// The first line where two texts differ: "line N: was 'A', now 'B'".
-std::string first_difference(const std::string& old_text, const std::string& new_text) {
-  const auto difference = first_line_difference(old_text, new_text);
-  if (!difference) return "they differ only in line endings";
-  return fmt::format("line {}: was '{}', now '{}'", difference->line, difference->first.value_or("(end of file)"),
-                     difference->second.value_or("(end of file)"));
-}
-
 // An empty config file for load_run_config when the base is inline (its sections come as overrides).
 class EmptyConfigFile {
  public:
@@ -397,7 +389,7 @@ PlanSummary write_plan(const SweepFile& sweep, bool force, Manifest* manifest_ou
     } else if (holds_results(files)) {
       actions[i] = Action::Reset;
       conflicts.push_back(fmt::format("point {} ({}): its config changed since it ran ({}: {})", point.id,
-                                      manifest.describe(point), files.config, first_difference(old_text, configs[i])));
+                                      manifest.describe(point), files.config, describe_line_difference(old_text, configs[i], "before", "now")));
     }
   }
   if (!conflicts.empty() && !force)

@@ -8,7 +8,9 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/line_difference.h"
 #include "io/hdf5.h"
+#include "io/run_config.h"
 #include "sweep/point_run.h"
 #include "sweep/slurm.h"
 
@@ -67,14 +69,19 @@ const char* state_name(State state) {
   return "?";
 }
 
-bool run_complete(const std::string& run_h5) {
+RunLogCheck check_run_log(const PointFiles& files) {
   std::error_code error;
-  if (!fs::exists(run_h5, error)) return false;
+  if (!fs::exists(files.output, error)) return {};
   try {
-    const h5::File file = h5::File::open_read(run_h5);
-    return file.has_attribute("complete") && file.attribute<int64_t>("complete") == 1;
-  } catch (const Error&) {
-    return false;
+    const h5::File file = h5::File::open_read(files.output);
+    if (!file.has_attribute("complete") || file.attribute<int64_t>("complete") != 1) return {};
+    const std::string recorded = file.read_string("config/yaml");
+    const std::string expected = load_run_config(files.config, {}).resolved_yaml();
+    if (recorded == expected) return {true, ""};
+    return {false, fmt::format("run.h5 is complete but was written for another config than {} ({})", files.config,
+                               describe_line_difference(recorded, expected, "in run.h5", "in config.yaml"))};
+  } catch (const Error& e) {
+    return {false, fmt::format("run.h5 cannot be read: {}", e.what())};
   }
 }
 
@@ -96,7 +103,8 @@ std::vector<PointStatus> point_statuses(const Manifest& manifest) {
     PointStatus& status = statuses.emplace_back();
     std::error_code error;
     if (fs::exists(files.exit_status, error)) status.exit_status = first_line(files.exit_status);
-    if (run_complete(files.output)) {
+    const RunLogCheck run_log = check_run_log(files);
+    if (run_log.done) {
       status.state = State::Done;
       continue;
     }
@@ -119,8 +127,9 @@ std::vector<PointStatus> point_statuses(const Manifest& manifest) {
       }
     }
     const bool slurm_log = submitted && exists_since(task->second.log, files.config);
-    if (fs::exists(files.log, error) || !status.exit_status.empty() || slurm_log) {
+    if (fs::exists(files.log, error) || !status.exit_status.empty() || slurm_log || !run_log.problem.empty()) {
       status.state = State::Failed;
+      status.problem = run_log.problem;
       status.log = fs::exists(files.log, error) ? files.log : slurm_log ? task->second.log : "";
       if (submitted) failed_in_slurm.push_back(statuses.size() - 1);
     }
