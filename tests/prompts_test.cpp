@@ -4,6 +4,7 @@
 #include "io/prompts.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -212,6 +213,16 @@ TEST(Prompts, MissingFileNamesThePath) {
   source.kind = PromptKind::TextFile;
   EXPECT_EQ(error_message([&] { load_prompts(source, &tok512()); }),
             "prompt file not found: /nonexistent/kvdrift/math.jsonl");
+  // A device, a FIFO or a folder exists but is not read to an end: each is named for what it is.
+  const std::string dir = test::scratch_dir();
+  const std::string fifo = dir + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
+           {"/dev/zero", "a character device"}, {fifo, "a FIFO"}, {dir, "a folder"}}) {
+    source.path = path;
+    EXPECT_EQ(error_message([&] { load_prompts(source, &tok512()); }),
+              "prompt file " + path + " is " + kind + ", not a file kvdrift can read to its end; name a regular file");
+  }
 }
 
 TEST(Prompts, TruncatedGzipIsAnError) {

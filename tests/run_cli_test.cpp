@@ -489,6 +489,11 @@ TEST(RunCli, OutputsThatAreNotALogOfTheRunAreRefused) {
   test::expect_one_error_line(run("/dev/null"), "output.path /dev/null exists and is not a regular file; name a file");
   ASSERT_EQ(::mkfifo((dir + "/fifo").c_str(), 0600), 0);
   test::expect_one_error_line(run(dir + "/fifo"), "output.path " + dir + "/fifo exists and is not a regular file");
+  // A link to nothing is named as such, not answered with HDF5's "File exists".
+  fs::create_symlink(dir + "/nowhere/run.h5", dir + "/dangling.h5");
+  test::expect_one_error_line(run(dir + "/dangling.h5"), "output.path " + dir + "/dangling.h5 is a symbolic link to " +
+                                                             dir + "/nowhere/run.h5, which does not exist; name the "
+                                                             "file itself, or remove the link");
   test::expect_one_error_line(run(config), "output.path " + config + " is the same file as the input " + config);
   test::expect_one_error_line(run(test::stories260k_dir() + "/tok512.bin"), "is the same file as the input");
   EXPECT_EQ(test::read_file(config), config_text);

@@ -478,6 +478,18 @@ TEST(RunConfig, SetToUnknownKeyNamesIt) {
 TEST(RunConfig, SetWithWrongTypeNamesTheArgument) {
   EXPECT_EQ(load_error(kMinimal, {"decoding.max_new_tokens=many"}),
             "--set decoding.max_new_tokens=many: decoding.max_new_tokens: expected an integer, got 'many'");
+  // Seeds are unsigned 64-bit: 2^64 - 1 is one; 2^64 and -1 are refused naming the range.
+  EXPECT_EQ(load_run_config(write_config(test::scratch_dir(), kMinimal), {"decoding.seed=18446744073709551615"})
+                .decoding.seed,
+            uint64_t{18446744073709551615u});
+  EXPECT_EQ(load_error(kMinimal, {"decoding.seed=18446744073709551616"}),
+            "--set decoding.seed=18446744073709551616: decoding.seed must be an integer from 0 to 18446744073709551615, "
+            "got 18446744073709551616");
+  EXPECT_EQ(load_error(kMinimal, {"decoding.seed=-1"}),
+            "--set decoding.seed=-1: decoding.seed: expected a non-negative integer, got '-1'");
+  EXPECT_EQ(load_error(kMinimal, {"decoding.max_new_tokens=99999999999999999999"}),
+            "--set decoding.max_new_tokens=99999999999999999999: decoding.max_new_tokens must be an integer from "
+            "-9223372036854775808 to 9223372036854775807, got 99999999999999999999");
   EXPECT_EQ(load_error(kMinimal, {"decoding.temperature=0.5", "decoding.top_p=2"}),
             "--set decoding.top_p=2: decoding.top_p must be in (0, 1]");
   EXPECT_EQ(load_error(kMinimal, {"lanes=[static"}).rfind("--set lanes=[static: the value is not valid YAML: ", 0), 0u);

@@ -623,9 +623,17 @@ TEST(RunLog, RefusesAFileThatIsNotARunLog) {
   const std::string dir = scratch_dir();
   const std::string text_path = dir + "/notes.txt";
   test::write_file(text_path, "not HDF5\n");
-  const std::string message = error_message([&] { RunLog::open(text_path, kConfig, metadata(), false); });
-  EXPECT_TRUE(contains(message, text_path + " cannot be resumed: cannot open HDF5 file " + text_path)) << message;
-  EXPECT_TRUE(contains(message, "; pass --overwrite to replace it")) << message;
+  EXPECT_EQ(error_message([&] { RunLog::open(text_path, kConfig, metadata(), false); }),
+            text_path + " exists and is not an HDF5 file, so not a run log to resume: name another output, or pass "
+                        "--overwrite to replace it");
+  // The HDF5 signature after a 512-byte user block counts; at byte 100 it does not.
+  const std::string signature("\x89HDF\r\n\x1a\n", 8);
+  test::write_file(dir + "/user_block.h5", std::string(512, '\0') + signature + std::string(100, '\0'));
+  test::write_file(dir + "/misplaced.h5", std::string(100, '\0') + signature + std::string(500, '\0'));
+  EXPECT_TRUE(h5::is_hdf5_file(dir + "/user_block.h5"));
+  EXPECT_FALSE(h5::is_hdf5_file(dir + "/misplaced.h5"));
+  EXPECT_FALSE(h5::is_hdf5_file(text_path));
+  EXPECT_FALSE(h5::is_hdf5_file(dir + "/absent.h5"));
 
   const std::string other_path = dir + "/other.h5";
   h5::File::create(other_path, false).write_string("notes", "an HDF5 file of another kind");

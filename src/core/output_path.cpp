@@ -31,6 +31,10 @@ void check_output_kind(const std::string& option, const std::string& output, con
   if (output.empty()) fail("{} must name a file", option);
   std::error_code error;
   const auto status = fs::status(output, error);
+  if (fs::is_symlink(fs::symlink_status(output, error)) && !fs::exists(status)) {
+    fail("{} {} is a symbolic link to {}, which does not exist; name the file itself, or remove the link", option,
+         output, fs::read_symlink(output, error).string());
+  }
   if (!fs::exists(status)) return;
   if (!fs::is_regular_file(status)) fail("{} {} exists and is not a regular file; name a file", option, output);
   for (const auto& input : inputs) {

@@ -6,8 +6,9 @@
 
 namespace kvdrift {
 
-// Throws Error naming `option` and the path: an empty path, an output that exists but is not a regular
-// file (a device, a FIFO, a folder), one that is the same file as an input (the same device and inode,
+// Throws Error naming `option` and the path: an empty path, a symbolic link to nothing (kvdrift never
+// writes through a link it would have to create the target of), an output that exists but is not a
+// regular file (a device, a FIFO, a folder), one that is the same file as an input (the same device and inode,
 // links followed; an input folder, such as a model directory, stands for every file under it), and an
 // existing one without `overwrite`.
 void check_output_path(const std::string& option, const std::string& output, const std::vector<std::string>& inputs,

@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 
 #include "core/error.h"
@@ -840,6 +842,17 @@ File File::recover_read_write(const std::string& path) {
   // closing would truncate the file there.
   check(H5Fincrement_filesize(file.id(), 0), "{}: cannot move the end of allocation to the end of the file", path);
   return file;
+}
+
+bool is_hdf5_file(const std::string& path) {
+  static constexpr std::array<char, 8> kSignature = {'\x89', 'H', 'D', 'F', '\r', '\n', '\x1a', '\n'};
+  std::ifstream in(path, std::ios::binary);
+  std::array<char, 8> bytes{};
+  for (uint64_t offset = 0; in.seekg(static_cast<std::streamoff>(offset)) && in.read(bytes.data(), bytes.size());
+       offset = offset == 0 ? 512 : offset * 2) {
+    if (bytes == kSignature) return true;
+  }
+  return false;
 }
 
 void File::flush() { check(H5Fflush(id(), H5F_SCOPE_LOCAL), "{}: cannot flush", file_path_); }

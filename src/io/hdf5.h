@@ -314,6 +314,10 @@ class File : public Group {
 // Whether `path` may be replaced is the caller's check (core/output_path.h).
 void write_new_file(const std::string& path, const std::function<void(File&)>& write);
 
+// Whether `path` starts like an HDF5 file: the format signature at byte 0, or after a user block at
+// byte 512, 1024, 2048, ... (the superblock's rule). Says nothing of whether the rest is readable.
+bool is_hdf5_file(const std::string& path);
+
 // Allocates `bytes` of disk space past the end of the closed HDF5 file at `path`, so that the next
 // session that opens it for writing cannot run out of space midway: a write that fails leaves HDF5's
 // metadata half-updated and the whole file unreadable. HDF5 truncates a file to its end of

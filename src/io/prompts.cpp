@@ -47,7 +47,18 @@ std::string file_stem(const std::string& path) {
 // .jsonl and .jsonl.gz alike.
 std::string read_possibly_gzipped(const std::string& path) {
   std::error_code ignored;
-  if (!fs::is_regular_file(path, ignored)) fail("prompt file not found: {}", path);
+  const fs::file_status status = fs::status(path, ignored);
+  if (!fs::exists(status)) fail("prompt file not found: {}", path);
+  if (!fs::is_regular_file(status)) {
+    const fs::file_type type = status.type();
+    const char* kind = type == fs::file_type::directory   ? "a folder"
+                       : type == fs::file_type::character ? "a character device"
+                       : type == fs::file_type::block     ? "a block device"
+                       : type == fs::file_type::fifo      ? "a FIFO"
+                       : type == fs::file_type::socket    ? "a socket"
+                                                          : "not a regular file";
+    fail("prompt file {} is {}, not a file kvdrift can read to its end; name a regular file", path, kind);
+  }
   std::unique_ptr<gzFile_s, decltype(&gzclose)> file(gzopen(path.c_str(), "rb"), &gzclose);
   if (!file) fail("cannot open prompt file {}", path);
   std::string contents;

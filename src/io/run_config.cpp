@@ -136,14 +136,19 @@ class Value {
       if (plain && kFalse.count(node_.Scalar())) return false;
       expected("true or false");
     } else {
-      static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, double>);
+      static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, uint64_t> || std::is_same_v<T, double>);
       T number{};
       const std::string text = plain ? node_.Scalar() : "";
       const bool plus_sign = text.size() > 1 && text[0] == '+' && text[1] != '-';  // YAML allows "+1"; from_chars not
       const auto [end, error] = std::from_chars(text.data() + plus_sign, text.data() + text.size(), number);
-      const bool whole_text = error == std::errc() && end == text.data() + text.size();
-      if (!plain || !whole_text || !std::isfinite(static_cast<double>(number)))
-        expected(std::is_same_v<T, int64_t> ? "an integer" : "a number");
+      const bool whole_text = end == text.data() + text.size();
+      if constexpr (std::is_integral_v<T>) {
+        if (plain && whole_text && error == std::errc::result_out_of_range)
+          reject(fmt::format("{} must be an integer from {} to {}, got {}", path_, std::numeric_limits<T>::min(),
+                             std::numeric_limits<T>::max(), text));
+      }
+      if (!plain || !whole_text || error != std::errc() || !std::isfinite(static_cast<double>(number)))
+        expected(std::is_same_v<T, double> ? "a number" : std::is_signed_v<T> ? "an integer" : "a non-negative integer");
       if (!range.contains(static_cast<double>(number))) reject(fmt::format("{} must be {}", path_, range.describe()));
       return number;
     }
@@ -360,10 +365,9 @@ void read_plain_fields(const Mapping& section, const std::vector<Field<S>>& fiel
         [&](auto S::*member) {
           using T = std::decay_t<decltype(settings.*member)>;
           T& target = settings.*member;
-          if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, int64_t>) {
+          if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, int64_t> ||
+                        std::is_same_v<T, uint64_t>) {
             target = value.as_or<T>(target, field.range);
-          } else if constexpr (std::is_same_v<T, uint64_t>) {
-            target = static_cast<uint64_t>(value.as_or<int64_t>(static_cast<int64_t>(target), field.range));
           } else if constexpr (std::is_same_v<T, PrefillMode>) {
             target = value.choice(kPrefillModeNames, field.noun, target);
           } else {
@@ -522,7 +526,7 @@ ModelSettings read_model(const Mapping& root, const fs::path& config_dir) {
 
   if (model.has("seed") && !is_synthetic(settings.path))
     model.reject_key("seed", "model.seed is only valid with a synthetic:NAME model (it seeds random weights)");
-  settings.seed = static_cast<uint64_t>(model.at("seed").as_or<int64_t>(0, kNonNegative));
+  settings.seed = model.at("seed").as_or<uint64_t>(0, kNonNegative);
   return settings;
 }
 

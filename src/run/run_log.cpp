@@ -150,6 +150,10 @@ h5::File open_to_resume(const std::string& path) {
   if (::access(path.c_str(), W_OK) != 0)
     fail("{} cannot be written ({}): make it writable to resume the run, or name another output", path,
          std::strerror(errno));
+  if (!h5::is_hdf5_file(path))
+    fail("{} exists and is not an HDF5 file, so not a run log to resume: name another output, or pass --overwrite to "
+         "replace it",
+         path);
   try {
     try {
       return open_for_writing(path);
