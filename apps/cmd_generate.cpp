@@ -74,7 +74,7 @@ void run_generate(const GenerateOptions& options) {
   const auto result = generate(model, prompt, options.steps, sampler, stop_ids, keep_logits);
   if (options.logits_path) {
     const auto vocab = static_cast<hsize_t>(model.config().vocab_size);
-    h5::write_new_file(*options.logits_path,
+    h5::write_new_file(*options.logits_path, options.overwrite,
                        [&](h5::File& file) { file.write("logits", logits, {logits.size() / vocab, vocab}); });
   }
   if (options.json) {

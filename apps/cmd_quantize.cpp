@@ -80,7 +80,7 @@ void run_quantize(const QuantizeOptions& options) {
   const double signal = x.to(torch::kFloat64).pow(2).sum().item<double>();
   const double relative_mse = signal > 0 ? error.total.sum().item<double>() / signal : 0.0;
 
-  h5::write_new_file(options.output, [&](h5::File& out) {
+  h5::write_new_file(options.output, options.overwrite, [&](h5::File& out) {
     out.set_attribute("kvdrift_version", KVDRIFT_VERSION);
     out.set_attribute("git_revision", KVDRIFT_GIT_REVISION);
     out.set_attribute("input", options.input);
@@ -154,7 +154,7 @@ void run_dump(const DumpOptions& options) {
   auto tokens = tokenizer->encode(options.prompt, tokenizer->bos_id().has_value());
   RecordingCache cache(model.config().n_layers);
   model.forward(torch::tensor(tokens).unsqueeze(0), 0, cache);
-  h5::write_new_file(options.output, [&](h5::File& out) {
+  h5::write_new_file(options.output, options.overwrite, [&](h5::File& out) {
     out.set_attribute("model", options.model);
     out.set_attribute("prompt", options.prompt);
     out.write("tokens", tokens, {tokens.size()});

@@ -1,10 +1,12 @@
 // `kvdrift quantize` and `kvdrift dump-kv` through the real command line.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <limits>
 
+#include "core/writer_lock.h"
 #include "io/hdf5.h"
 #include "support.h"
 
@@ -243,6 +245,54 @@ TEST(QuantizeCli, OutputsAreNeverDestroyed) {
   ASSERT_EQ(generate(dir + "/logits.h5").exit_code, 0);
   EXPECT_EQ(h5::File::open_read(dir + "/logits.h5").shape("logits"), (std::vector<hsize_t>{2, 512}));
   EXPECT_FALSE(std::filesystem::exists(dir + "/logits.h5.partial"));
+}
+
+// One writer per output for the commands that write a whole file: while another process holds
+// OUTPUT.lock (here this test, a real other process to the kvdrift it starts), quantize, dump-kv and
+// generate --logits are refused naming it, and change nothing. A file that appears at the output
+// while one writes (made by something that takes no lock) is kept unless --overwrite was given.
+TEST(OutputRules, OneWriterPerOutputAndNoReplacementUnasked) {
+  const std::string dir = test::scratch_dir();
+  const std::string input = write_input(dir);
+  const std::string model = test::stories260k_dir();
+  const std::string output = dir + "/out.h5";
+  const std::vector<std::vector<std::string>> writers = {
+      {"quantize", "--input", input, "--dataset", "kv/keys", "--role", "key", "--method", "rtn", "--output", output},
+      {"dump-kv", "--model", model + "/stories260K.bin", "--tokenizer", model + "/tok512.bin", "--prompt", "Hi",
+       "--output", output},
+      {"generate", "--model", model + "/stories260K.bin", "--tokenizer", model + "/tok512.bin", "--prompt", "Hi",
+       "--steps", "2", "--logits", output}};
+  {
+    const WriterLock held(output + ".lock", "the test", "");
+    for (const auto& args : writers) {
+      test::expect_one_error_line(test::run_cli(args),
+                                  fmt::format("{} is held by another kvdrift (pid {} on host {}; lock file {}.lock): "
+                                              "wait for it to end, or name another output",
+                                              output, ::getpid(), test::host_name(), output),
+                                  /*empty_stdout=*/false);
+      EXPECT_FALSE(std::filesystem::exists(output));
+      EXPECT_FALSE(std::filesystem::exists(output + ".partial"));
+    }
+  }
+  for (bool replace : {false, true}) {
+    std::filesystem::remove(output);
+    const auto write = [&] {
+      h5::write_new_file(output, replace, [&](h5::File& file) {
+        file.set_attribute("writer", "this one");
+        test::write_file(output, "made meanwhile");
+      });
+    };
+    if (replace) {
+      write();
+      EXPECT_EQ(h5::File::open_read(output).attribute<std::string>("writer"), "this one");
+    } else {
+      EXPECT_EQ(test::error_message(write), output + " was created by another process while this command wrote it; "
+                                                     "pass --overwrite to replace it");
+      EXPECT_EQ(test::read_file(output), "made meanwhile");
+    }
+    EXPECT_FALSE(std::filesystem::exists(output + ".partial"));
+    EXPECT_FALSE(std::filesystem::exists(output + ".lock"));
+  }
 }
 
 // Inputs are never outputs, at any depth: every file under a model directory, and the chat-template

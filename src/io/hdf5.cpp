@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "core/writer_lock.h"
 
 namespace kvdrift::h5 {
 
@@ -761,13 +762,20 @@ AppendableDataset Group::open_appendable(const std::string& path) const {
 
 // --- File ---
 
-void write_new_file(const std::string& path, const std::function<void(File&)>& write) {
+void write_new_file(const std::string& path, bool replace, const std::function<void(File&)>& write) {
+  // One writer per output: a second command writing the same file would truncate this one's partial.
+  const WriterLock lock(output_lock_path(path), path, "wait for it to end, or name another output");
   const std::string partial = path + ".partial";
   try {
     File file = File::create(partial, /*truncate=*/true);
     write(file);
     file.close();
-    std::filesystem::rename(partial, path);
+    // Without `replace`, a file that appeared meanwhile (made by something that takes no lock) stays.
+    if (::renameat2(AT_FDCWD, partial.c_str(), AT_FDCWD, path.c_str(), replace ? 0 : RENAME_NOREPLACE) != 0) {
+      if (errno == EEXIST)
+        fail("{} was created by another process while this command wrote it; pass --overwrite to replace it", path);
+      fail("cannot rename {} to {}: {}", partial, path, std::strerror(errno));
+    }
   } catch (...) {
     std::error_code error;
     std::filesystem::remove(partial, error);

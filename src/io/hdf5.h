@@ -311,8 +311,10 @@ class File : public Group {
 
 // Writes a new HDF5 file: `write` fills PATH.partial, which is renamed to `path` once closed, so a
 // failure (a full disk, an error in `write`) leaves no file that looks complete, and no partial one.
-// Whether `path` may be replaced is the caller's check (core/output_path.h).
-void write_new_file(const std::string& path, const std::function<void(File&)>& write);
+// The writer holds PATH.lock (core/writer_lock.h) throughout: a second one is refused naming it.
+// Whether `path` may be replaced is the caller's check (core/output_path.h); without `replace`, a
+// file that appears at `path` while this writes is left alone and this fails.
+void write_new_file(const std::string& path, bool replace, const std::function<void(File&)>& write);
 
 // Whether `path` starts like an HDF5 file: the format signature at byte 0, or after a user block at
 // byte 512, 1024, 2048, ... (the superblock's rule). Says nothing of whether the rest is readable.
