@@ -630,10 +630,11 @@ def drift_onset_figure(prompts, settings):
     return fig, ["quantizer", "lane", "steps_since_onset", "samples", "median", "q25", "q75"], rows, True
 
 
-def paired_figure(prompts, settings, rows_by_id):
+def paired_figure(prompts, settings, rows_by_id, labels=METHODS):
     """KVarN − KIVI-paper teacher-forced KL against the steps since the later onset of the two: both
     means and their paired difference (each sample's trailing 16-step mean) with causal_effect.py's
-    pointwise and max-t simultaneous bands, over the steps at least 8 samples reach."""
+    pointwise and max-t simultaneous bands, over the steps at least 8 samples reach. `labels`: how the
+    title names the two methods (with their settings, so that the bit widths show)."""
     kivi, kvarn = ([p.caches[name].sample for p in prompts] for name in METHODS)
     onsets = later_onsets([s.onset for s in kivi], [s.onset for s in kvarn])
     counts = np.isfinite(aligned_matrix([s.kl for s in kivi], onsets)).sum(axis=0)
@@ -684,7 +685,7 @@ def paired_figure(prompts, settings, rows_by_id):
         ax.grid(True, alpha=0.3)
         if ax is not ax_counts:
             ax.legend(fontsize=9, loc="upper left")
-    fig.suptitle(f"Paired comparison at k2v2: {METHODS[1]} against {METHODS[0]}, aligned at onset; bands: 95% "
+    fig.suptitle(f"Paired comparison: {labels[1]} against {labels[0]}, aligned at onset; bands: 95% "
                  f"percentile bootstrap over samples ({RESAMPLES} resamples, paired)", fontsize=11)
     rows = [{("steps_since_onset" if k == "step" else k): v for k, v in r.items()} for r in curves]
     return fig, ["series", "steps_since_onset", "samples", "center", "low", "high", "simultaneous_low",
@@ -985,7 +986,8 @@ def render(stage, prompts, infos, settings, rows, free):
     by_id = {row["id"]: row for row in rows}
     caption = plot_drift.runs_caption([info.caption() for info in infos], len(prompts))
     figures = {"drift_onset": lambda: drift_onset_figure(prompts, settings),
-               "paired_kvarn_kivi": lambda: paired_figure(prompts, settings, by_id),
+               "paired_kvarn_kivi": lambda: paired_figure(prompts, settings, by_id,
+                                                          [infos[0].quantizer_label(m) for m in METHODS]),
                "worst5_per_layer": lambda: worst5_figure(prompts, by_id),
                "equal_error": lambda: equal_error_figure(prompts, settings, by_id)}
     for name, make in figures.items():

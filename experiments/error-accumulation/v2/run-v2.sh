@@ -13,7 +13,7 @@ out=docs/figures/study-v2  # the claims tables, accuracy table and figures the R
 python=.venv/bin/python
 
 for sweep in v2-smollm2 v2-smollm2-k4v2 free-running-smollm2; do
-  "$kvdrift" sweep submit "$here/$sweep.yaml"
+  "$kvdrift" sweep submit "$here/$sweep.yaml" --rerun-failed
 done
 free_running=(out/sweeps/v2-smollm2-free-running/runs/*/run.h5)
 for run in "${free_running[@]}"; do "$kvdrift" score "$run"; done  # replaces an earlier /scores
