@@ -771,7 +771,16 @@ void write_new_file(const std::string& path, bool replace, const std::function<v
     write(file);
     file.close();
     // Without `replace`, a file that appeared meanwhile (made by something that takes no lock) stays.
-    if (::renameat2(AT_FDCWD, partial.c_str(), AT_FDCWD, path.c_str(), replace ? 0 : RENAME_NOREPLACE) != 0) {
+    int renamed = ::renameat2(AT_FDCWD, partial.c_str(), AT_FDCWD, path.c_str(), replace ? 0 : RENAME_NOREPLACE);
+    if (renamed != 0 && errno == EINVAL && !replace) {
+      // A file system without RENAME_NOREPLACE (some NFS): check, then rename; the lock still keeps
+      // kvdrift's own writers apart.
+      if (std::filesystem::exists(path))
+        errno = EEXIST;
+      else
+        renamed = ::rename(partial.c_str(), path.c_str());
+    }
+    if (renamed != 0) {
       if (errno == EEXIST)
         fail("{} was created by another process while this command wrote it; pass --overwrite to replace it", path);
       fail("cannot rename {} to {}: {}", partial, path, std::strerror(errno));
