@@ -113,24 +113,12 @@ def read_kl(paths, quantizers, wait_seconds):
     and hold at least two finished samples in all; a KL that is not finite is a broken run, refused
     rather than dropped (dropping it would unpair the samples)."""
     rows = {q: [] for q in quantizers}
-    infos = []
-    for path in paths:
-        with log.open_run_file(path, wait_seconds=wait_seconds) as handle:
-            info = log.RunInfo(handle, path)
-            infos.append(info)
-            missing = [q for q in quantizers if q not in info.quantizers]
-            if missing:
-                raise log.LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
-            info.metric_axes("kl", ("step",))
-            first_step = 0 if info.prefill == "chunked" else 1
-            for index in info.samples:
-                with log.reading(log.sample_where(path, index)):
-                    sample = handle[f"samples/{index}"]
-                    logged_steps = sample["logged_steps"][()] if "logged_steps" in sample else np.zeros(0, np.int64)
-                    for q in quantizers:
-                        rows[q].append(read_sample(sample[q], f"{path}: samples/{index}/{q}", first_step,
-                                                   logged_steps))
-    log.check_poolable(infos, quantizers, "pooled runs")
+
+    def visit(info, path, index, sample, first_step, logged_steps):
+        for q in quantizers:
+            rows[q].append(read_sample(sample[q], f"{path}: samples/{index}/{q}", first_step, logged_steps))
+
+    infos = log.visit_finished_samples(paths, quantizers, visit, wait_seconds)
     samples = len(rows[quantizers[0]])
     if samples < 2:
         raise log.LogError(f"{', '.join(paths)}: {samples} finished sample{'' if samples == 1 else 's'} in all; "

@@ -569,6 +569,31 @@ def check_distinct(paths):
         seen[real] = path
 
 
+def visit_finished_samples(paths, quantizers, visit, wait_seconds=10.0):
+    """Opens each run log, checks that it has every one of `quantizers` and a per-step `kl`, and calls
+    visit(info, path, index, sample, first_step, logged_steps) for each finished sample inside
+    reading(), so that a damaged sample fails in one line naming it. `first_step` is the step of the
+    first logged row (0 after a chunked prefill, else 1); `logged_steps` the sample's logged step
+    numbers (empty when every step was logged). Returns the runs' RunInfo, checked to pool."""
+    infos = []
+    for path in paths:
+        with open_run_file(path, wait_seconds=wait_seconds) as handle:
+            info = RunInfo(handle, path)
+            infos.append(info)
+            missing = [q for q in quantizers if q not in info.quantizers]
+            if missing:
+                raise LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
+            info.metric_axes("kl", ("step",))
+            first_step = 0 if info.prefill == "chunked" else 1
+            for index in info.samples:
+                with reading(sample_where(path, index)):
+                    sample = handle[f"samples/{index}"]
+                    logged = sample["logged_steps"][()] if "logged_steps" in sample else np.zeros(0, np.int64)
+                    visit(info, path, index, sample, first_step, logged)
+    check_poolable(infos, quantizers, "pooled runs")
+    return infos
+
+
 def check_poolable(runs, names, what):
     """Runs pooled as one sample set (`what`, as the error names it) must decode one model in one compute
     dtype with one prefill (a chunked prefill quantizes the prompt, a full one does not), and each of

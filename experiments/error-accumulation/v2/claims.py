@@ -135,27 +135,16 @@ def read_accumulation(paths):
     """The prompts of every finished sample of the runs (each prompt once), the runs' RunInfo and the
     post-onset settings. The runs must pool (one model, each quantizer the same settings)."""
     log.check_distinct(paths)
-    prompts, infos, seen = [], [], {}
-    for path in paths:
-        with log.open_run_file(path) as handle:
-            info = log.RunInfo(handle, path)
-            infos.append(info)
-            missing = [q for q in ACCUMULATION_QUANTIZERS if q not in info.quantizers]
-            if missing:
-                raise log.LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
-            info.metric_axes("kl", ("step",))
-            first_step = 0 if info.prefill == "chunked" else 1
-            for index in info.samples:
-                where = log.sample_where(path, index)
-                with log.reading(where):
-                    sample = handle[f"samples/{index}"]
-                    key = prompt_key(info, sample)
-                    note_prompt(seen, key, where)
-                    logged = sample["logged_steps"][()] if "logged_steps" in sample else np.zeros(0, np.int64)
-                    caches = {q: read_cache(sample[q], f"{path}: samples/{index}/{q}", first_step, logged, info)
-                              for q in ACCUMULATION_QUANTIZERS}
-                    prompts.append(Prompt(key, log.require(sample, "reference_tokens")[()], caches))
-    log.check_poolable(infos, ACCUMULATION_QUANTIZERS, "pooled runs")
+    prompts, seen = [], {}
+
+    def visit(info, path, index, sample, first_step, logged):
+        key = prompt_key(info, sample)
+        note_prompt(seen, key, log.sample_where(path, index))
+        caches = {q: read_cache(sample[q], f"{path}: samples/{index}/{q}", first_step, logged, info)
+                  for q in ACCUMULATION_QUANTIZERS}
+        prompts.append(Prompt(key, log.require(sample, "reference_tokens")[()], caches))
+
+    infos = log.visit_finished_samples(paths, ACCUMULATION_QUANTIZERS, visit)
     if not prompts:
         raise log.LogError(f"{', '.join(paths)}: no finished samples")
     return prompts, infos, causal_effect.onset_settings(infos, RUN_SETTINGS)
