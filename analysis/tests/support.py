@@ -18,7 +18,7 @@ SOURCE_DIR = os.environ.get("KVDRIFT_SOURCE_DIR") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANALYSIS_DIR = os.path.join(SOURCE_DIR, "analysis")
 PYTHON = sys.executable  # the project's .venv (ctest runs these tests with it)
-CLI = os.environ.get("KVDRIFT_CLI") or "/tmp/kvdrift-snap/kvdrift"
+CLI = os.environ.get("KVDRIFT_CLI") or os.path.join(SOURCE_DIR, "build", "kvdrift")  # ctest sets the built one
 SHARED_DATA = os.path.join(os.path.dirname(SOURCE_DIR), "shared", "data")
 
 
