@@ -674,8 +674,8 @@ def paired_figure(prompts, settings, rows_by_id, labels=METHODS):
         ax.grid(True, alpha=0.3)
         if ax is not ax_counts:
             ax.legend(fontsize=9, loc="upper left")
-    fig.suptitle(f"Paired comparison: {labels[1]} against {labels[0]}, aligned at onset; bands: 95% "
-                 f"percentile bootstrap over samples ({RESAMPLES} resamples, paired)", fontsize=11)
+    fig.suptitle(f"Paired comparison, aligned at onset: {labels[1]}\nagainst {labels[0]}\nbands: 95% percentile "
+                 f"bootstrap over samples ({RESAMPLES} resamples, paired)", fontsize=11)
     rows = [{("steps_since_onset" if k == "step" else k): v for k, v in r.items()} for r in curves]
     return fig, ["series", "steps_since_onset", "samples", "center", "low", "high", "simultaneous_low",
                  "simultaneous_high"], rows, False
