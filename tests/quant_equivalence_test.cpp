@@ -81,10 +81,40 @@ torch::Tensor outlier_tiles(int64_t n, int64_t tokens, int64_t dim, uint64_t see
 struct Mismatch {
   int64_t codes_off_boundary = 0;  // code differences not explained by a rounding boundary
   int64_t codes_at_boundary = 0;
+  int64_t params_off = 0;     // stored parameters unequal although not next to a rounding midpoint
+  int64_t tiles_skipped = 0;  // a stored parameter next to a midpoint rounded the other way: tile not compared
   int64_t values_off = 0;          // dequantized values outside tolerance (boundary elements excluded)
   int64_t values_checked = 0;
   double worst_value_error = 0;    // relative to the tile's largest magnitude
 };
+
+// KVarN with scale_rounding before_codes computes its codes against parameters already rounded to
+// storage, so one parameter whose exact value lies next to a rounding midpoint (within 1e-5, relative:
+// float32's noise over VarN) may round to the neighbouring float16 in float32; the RTN scales and zero
+// points that follow from the stored column scales then differ too, and a whole row of codes moves.
+// True when that happened in tile n; otherwise every unequal parameter is counted in params_off.
+bool parameter_rounded_other_way(const QuantizedTiles& stored, int64_t n, const reference::ReferenceQuantized& expected,
+                                 const reference::ReferenceSettings& settings, Mismatch& m) {
+  if (!settings.round_before_codes) return false;
+  bool other_way = false;
+  int64_t unequal = 0;
+  for (const auto& [name, exact] : expected.unrounded_params) {
+    const auto ours = stored.params.at(name).values[n].to(torch::kCPU, torch::kFloat64).contiguous().view(-1);
+    const std::string& dtype = name == "kZ" || name == "vZ" ? settings.zero_dtype : settings.scale_dtype;
+    for (int64_t i = 0; i < ours.numel(); ++i) {
+      if (ours[i].item<double>() == expected.params.at(name)(0, i)) continue;
+      const double u = exact(0, i);
+      const bool near_midpoint =
+          reference::round_to_storage(u * (1 - 1e-5), dtype) != reference::round_to_storage(u * (1 + 1e-5), dtype);
+      if (near_midpoint)
+        other_way = true;
+      else
+        ++unequal;
+    }
+  }
+  if (!other_way) m.params_off += unequal;
+  return other_way;
+}
 
 Mismatch compare(const Quantizer& q, Role role, const torch::Tensor& x, const torch::Device& device) {
   const auto stored = q.quantize(x.to(device), role, 0);
@@ -99,6 +129,10 @@ Mismatch compare(const Quantizer& q, Role role, const torch::Tensor& x, const to
     for (int64_t t = 0; t < tile.size(0); ++t)
       for (int64_t d = 0; d < tile.size(1); ++d) input(t, d) = tile[t][d].item<double>();
     const auto expected = reference::reference_quantize(input, settings);
+    if (parameter_rounded_other_way(stored, n, expected, settings, m)) {
+      ++m.tiles_skipped;
+      continue;
+    }
     const double magnitude = std::max(expected.dequantized.cwiseAbs().maxCoeff(), 1e-30);
     const auto code_tile = codes[n].contiguous();
     const auto value_tile = restored[n].contiguous();
@@ -151,7 +185,9 @@ void check_all(const std::string& scale_dtype, const std::string& scale_rounding
           EXPECT_EQ(m.codes_off_boundary, 0) << label;
           EXPECT_LE(m.codes_at_boundary, 2) << label;  // a handful at most, else the rounding rule differs
           EXPECT_EQ(m.values_off, 0) << label << " (worst relative error " << m.worst_value_error << ")";
-          EXPECT_GT(m.values_checked, x.numel() / 2) << label;
+          EXPECT_EQ(m.params_off, 0) << label;
+          EXPECT_LE(m.tiles_skipped, 1) << label;  // of 3: a rare parameter, not a rounding rule that differs
+          EXPECT_GT(m.values_checked, (x.size(0) - m.tiles_skipped) * x[0].numel() / 2) << label;
         }
       }
     }

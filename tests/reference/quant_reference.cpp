@@ -272,6 +272,7 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
   const ReferenceVarN v = reference_varn(t, s.iters);
   const int rows = static_cast<int>(t.rows()), cols = static_cast<int>(t.cols());
   Eigen::MatrixXd row_scale_stored(1, rows), row_zero_stored(1, rows), col_stored(1, cols);
+  Eigen::MatrixXd row_scale_exact(1, rows), row_zero_exact(1, rows), col_exact = v.col_scale.transpose();
   for (int c = 0; c < cols; ++c) col_stored(0, c) = round_to_storage(v.col_scale(c), s.scale_dtype);
   // before_codes: the tile normalized by the column scales as stored.
   Eigen::MatrixXd balanced = v.balanced;
@@ -282,8 +283,10 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
     const double lo = balanced.row(r).minCoeff();
     const double hi = balanced.row(r).maxCoeff();
     const double step = std::max((hi - lo) / max_code(s.bits), kKvarnEps);
-    row_scale_stored(0, r) = round_to_storage(v.row_scale(r) * step, s.scale_dtype);
-    row_zero_stored(0, r) = round_to_storage(v.row_scale(r) * lo, s.zero_dtype);
+    row_scale_exact(0, r) = v.row_scale(r) * step;
+    row_zero_exact(0, r) = v.row_scale(r) * lo;
+    row_scale_stored(0, r) = round_to_storage(row_scale_exact(0, r), s.scale_dtype);
+    row_zero_stored(0, r) = round_to_storage(row_zero_exact(0, r), s.zero_dtype);
     for (int c = 0; c < cols; ++c) {
       // Row r of T is channel r for keys, token r for values; codes are stored token-major.
       const int token = s.key ? c : r;
@@ -299,15 +302,13 @@ void quantize_kvarn(const Eigen::MatrixXd& xr, const ReferenceSettings& s, Refer
           (out.codes(token, channel) * row_scale_stored(0, r) + row_zero_stored(0, r)) * col_stored(0, c);
     }
   }
-  if (s.key) {
-    out.params["kS"] = row_scale_stored;
-    out.params["kZ"] = row_zero_stored;
-    out.params["kT"] = col_stored;
-  } else {
-    out.params["vC"] = col_stored;
-    out.params["vS"] = row_scale_stored;
-    out.params["vZ"] = row_zero_stored;
-  }
+  const std::string row_scale = s.key ? "kS" : "vS", row_zero = s.key ? "kZ" : "vZ", col = s.key ? "kT" : "vC";
+  out.params[row_scale] = row_scale_stored;
+  out.params[row_zero] = row_zero_stored;
+  out.params[col] = col_stored;
+  out.unrounded_params[row_scale] = row_scale_exact;
+  out.unrounded_params[row_zero] = row_zero_exact;
+  out.unrounded_params[col] = col_exact;
 }
 
 }  // namespace

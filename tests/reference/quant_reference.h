@@ -50,6 +50,9 @@ struct ReferenceQuantized {
   //   quarot keys and values "scale", "zero" [T, D/G];
   //   kvarn keys "kS", "kZ" [1, D], "kT" [1, T]; kvarn values "vC" [1, D], "vS", "vZ" [1, T].
   std::map<std::string, Eigen::MatrixXd> params;
+  // KVarN's parameters before rounding to storage, under the names and shapes of `params`: a stored
+  // value next to a rounding midpoint may legitimately round the other way in float32.
+  std::map<std::string, Eigen::MatrixXd> unrounded_params;
   // [T, D], dequantized from the rounded parameters and rotated back to the model frame.
   Eigen::MatrixXd dequantized;
 };
