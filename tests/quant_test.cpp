@@ -38,6 +38,10 @@ std::vector<MethodCase> all_cases() {
     cases.push_back({"quarot", with({})});
     cases.push_back({"kvarn", with({{"tile_size", "64"}})});
   }
+  // llama.cpp's integer types (mxfp4 saturates at 12 times its power-of-two scale, so a constant 3.5
+  // comes back as 3: it is in the storage tests only).
+  for (const char* type : {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}) cases.push_back({"ggml", {{"type", type}}});
+  cases.push_back({"ggml", {{"type", "q4_0"}, {"rotate", "true"}}});
   return cases;
 }
 
@@ -148,6 +152,8 @@ TEST(Storage, MatchesTheCachesOwnAccountingAfterDecoding) {
       {"kvarn", {{"preset", "k2v2"}, {"tile_size", "16"}}},
       {"kvarn", {{"scale_dtype", "float8_e4m3"}, {"tile_size", "32"}, {"sink", "false"}}},
       {"rtn", {{"axis", "per_channel"}, {"group_size", "16"}, {"residual_length", "32"}, {"sink", "16"}}},
+      {"ggml", {{"type", "q5_1"}}},
+      {"ggml", {{"type", "mxfp4"}}},
   };
   for (const auto& [method, params] : methods) {
     std::shared_ptr<const Quantizer> q = make_quantizer(method, params, 64);

@@ -16,7 +16,7 @@ size_t index(Role role) { return role == Role::Key ? 0 : 1; }
 
 // The stored form as it would sit in memory: packed codes, parameters in their storage dtype.
 QuantizedTiles pack(const QuantizedTiles& tiles) {
-  QuantizedTiles packed{quant::pack_codes(tiles.codes, tiles.bits), tiles.bits, {}};
+  QuantizedTiles packed{quant::pack_codes(tiles.codes, tiles.bits), tiles.bits, {}, tiles.stored_code_bits};
   for (const auto& [name, param] : tiles.params) {
     torch::Tensor stored = param.values;
     if (param.dtype == StoredDtype::Float16) stored = param.values.to(torch::kFloat16);
@@ -28,7 +28,7 @@ QuantizedTiles pack(const QuantizedTiles& tiles) {
 }
 
 QuantizedTiles unpack(const QuantizedTiles& packed, int64_t row_length) {
-  QuantizedTiles tiles{quant::unpack_codes(packed.codes, packed.bits, row_length), packed.bits, {}};
+  QuantizedTiles tiles{quant::unpack_codes(packed.codes, packed.bits, row_length), packed.bits, {}, packed.stored_code_bits};
   for (const auto& [name, param] : packed.params) tiles.params[name] = {param.values.to(torch::kFloat32), param.dtype};
   return tiles;
 }

@@ -20,8 +20,12 @@ int64_t RolePolicy::quantized_prefix(int64_t t) const {
 
 int64_t packed_code_bits(int64_t bits) { return 8 / (8 / bits); }
 
+int64_t code_storage_bits(const QuantizedTiles& tiles) {
+  return tiles.stored_code_bits > 0 ? tiles.stored_code_bits : packed_code_bits(tiles.bits);
+}
+
 double stored_bits_per_element(const QuantizedTiles& tiles, int64_t elements) {
-  double bits = static_cast<double>(tiles.codes.numel()) * packed_code_bits(tiles.bits);
+  double bits = static_cast<double>(tiles.codes.numel()) * code_storage_bits(tiles);
   for (const auto& [name, param] : tiles.params) bits += static_cast<double>(param.values.numel()) * quant::storage_bits(param.dtype);
   return bits / static_cast<double>(elements);
 }

@@ -61,6 +61,9 @@ struct QuantizedTiles {
   torch::Tensor codes;  // uint8
   int64_t bits = 0;     // code width
   std::map<std::string, StoredParam> params;
+  // Bits each code occupies as stored, for a format that packs tighter than packed_code_bits(bits)
+  // (ggml's q5 types keep the fifth bits in one 32-bit word per block: 5); 0 means packed_code_bits.
+  int64_t stored_code_bits = 0;
 };
 
 using ParamMap = std::map<std::string, std::string>;  // key -> value text, from YAML or --set key=value
@@ -101,5 +104,7 @@ void register_quantizer_method(const std::string& method, QuantizerFactory facto
 double stored_bits_per_element(const QuantizedTiles& tiles, int64_t elements);
 // Codes are packed floor(8 / bits) per byte (the spec's layout), so 3-bit codes occupy 4 bits.
 int64_t packed_code_bits(int64_t bits);
+// The bits each code of `tiles` occupies: stored_code_bits when the method set it, else packed_code_bits.
+int64_t code_storage_bits(const QuantizedTiles& tiles);
 
 }  // namespace kvdrift

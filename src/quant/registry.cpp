@@ -16,6 +16,7 @@ std::unique_ptr<Quantizer> make_rtn(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_kivi(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_quarot(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_kvarn(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_ggml(ParamReader& params, int64_t head_dim);
 
 namespace {
 
@@ -23,6 +24,7 @@ struct Registry {
   std::mutex mutex;  // methods registered from outside (tests) may race with lookups
   std::map<std::string, QuantizerFactory> methods = {
       {"none", make_none}, {"rtn", make_rtn}, {"kivi", make_kivi}, {"quarot", make_quarot}, {"kvarn", make_kvarn},
+      {"ggml", make_ggml},
   };
 };
 

@@ -25,7 +25,7 @@ StorageCost storage_cost(const Quantizer& quantizer, int64_t head_dim, int64_t l
     const auto tile = torch::randn({1, policy.block, head_dim}, torch::kFloat32);
     const QuantizedTiles stored = quantizer.quantize(tile, role, 0);
     const double elements = static_cast<double>(tile.numel());
-    const double code_bits = static_cast<double>(stored.codes.numel() * packed_code_bits(stored.bits)) / elements;
+    const double code_bits = static_cast<double>(stored.codes.numel() * code_storage_bits(stored)) / elements;
     const double tile_bits = stored_bits_per_element(stored, tile.numel());
     // A method that never quantizes (none) stores no codes or parameters.
     if (policy.quantizes()) {
