@@ -1,7 +1,8 @@
 // `ggml`: the KV cache types llama.cpp ships (`-ctk/-ctv`), each token vector quantized in blocks of 32
 // channels as soon as it is written. The parameter `type` picks the format, written from ggml's
-// reference quantizers (ggml-quants.c, quantize_row_*_ref) and checked bit for bit against the `gguf`
-// package's numpy port of them (tests/oracle/test_ggml_formats.py):
+// reference quantizers (ggml-quants.c, quantize_row_*_ref) as the `gguf` package's numpy port states
+// them (gguf 0.19.0, gguf/quants.py), and checked bit for bit against that port
+// (tests/oracle/test_ggml_formats.py):
 //   q8_0  d = amax / 127,              q = roundf(x / d)                  x_hat = q d            8.5 bits
 //   q4_0  d = max / -8 (signed max),   q = min(15, trunc(x / d + 8.5))    x_hat = (q - 8) d      4.5 bits
 //   q5_0  d = max / -16,               q = min(31, trunc(x / d + 16.5))   x_hat = (q - 16) d     5.5 bits
