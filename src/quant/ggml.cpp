@@ -44,8 +44,12 @@ constexpr GgmlTypeInfo kTypes[] = {
     {GgmlType::Q5_1, "q5_1", 5, 5, true},   {GgmlType::MXFP4, "mxfp4", 4, 4, false},
 };
 
-// e2m1's values doubled, indexed by the 4-bit code (ggml's kvalues_mxfp4; code 8 is -0).
-constexpr float kE2M1Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// e2m1's values doubled, indexed by the 4-bit code (ggml's kvalues_mxfp4; code 8 is -0), as a tensor
+// with `options`.
+torch::Tensor e2m1_doubled(const torch::TensorOptions& options) {
+  static const float values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  return torch::from_blob(const_cast<float*>(values), {16}, torch::kFloat32).to(options);
+}
 
 // C's roundf (half away from zero) without the float error of floor(|x| + 0.5).
 torch::Tensor round_half_away(const torch::Tensor& x) {
@@ -77,11 +81,15 @@ torch::Tensor mxfp4_exponent(const torch::Tensor& amax) {
 }
 
 // 2^(e - 128) for e8m0 exponents e (ggml_e8m0_to_fp32_half), exactly, subnormals included: a table
-// made with ldexp (a vectorised exp2 need not be exact).
+// made once with ldexp (a vectorised exp2 need not be exact).
 torch::Tensor mxfp4_half_scale(const torch::Tensor& exponent) {
-  std::vector<float> table(256);
-  for (int e = 0; e < 256; ++e) table[e] = std::ldexp(1.0f, e - 128);
-  return torch::tensor(table, exponent.options()).index({exponent.to(torch::kLong)});
+  static const std::vector<float> table = [] {
+    std::vector<float> powers(256);
+    for (int e = 0; e < 256; ++e) powers[e] = std::ldexp(1.0f, e - 128);
+    return powers;
+  }();
+  auto on_device = torch::from_blob(const_cast<float*>(table.data()), {256}, torch::kFloat32).to(exponent.device());
+  return on_device.index({exponent.to(torch::kLong)});
 }
 
 class GgmlQuantizer final : public Quantizer {
@@ -118,14 +126,14 @@ class GgmlQuantizer final : public Quantizer {
 
   torch::Tensor dequantize(const QuantizedTiles& tiles, Role, int64_t) const override {
     const int64_t n = tiles.codes.size(0), tokens = tiles.codes.size(1);
-    auto codes = tiles.codes.to(torch::kFloat32).reshape({n, tokens, head_dim_ / kBlock, kBlock});
+    const std::vector<int64_t> block_shape = {n, tokens, head_dim_ / kBlock, kBlock};
     torch::Tensor blocks;
     if (info_.type == GgmlType::MXFP4) {
-      auto values = torch::tensor(std::vector<float>(std::begin(kE2M1Doubled), std::end(kE2M1Doubled)),
-                                  codes.options());
+      auto values = e2m1_doubled(tiles.params.at("exponent").values.options());
       auto d = mxfp4_half_scale(tiles.params.at("exponent").values).unsqueeze(-1);
-      blocks = d * values.index({tiles.codes.to(torch::kLong).reshape(codes.sizes())});
+      blocks = d * values.index({tiles.codes.to(torch::kLong).reshape(block_shape)});
     } else {
+      auto codes = tiles.codes.to(torch::kFloat32).reshape(block_shape);
       auto d = tiles.params.at("scale").values.unsqueeze(-1);
       // Products and sums in ggml's order, each rounded once (no fused multiply-add).
       blocks = info_.has_minimum ? codes * d + tiles.params.at("minimum").values.unsqueeze(-1)
@@ -169,9 +177,7 @@ class GgmlQuantizer final : public Quantizer {
   QuantizedTiles quantize_mxfp4(const torch::Tensor& blocks) const {
     auto exponent = mxfp4_exponent(std::get<0>(blocks.abs().max(-1, /*keepdim=*/true)));
     auto d = mxfp4_half_scale(exponent);
-    auto values = torch::tensor(std::vector<float>(std::begin(kE2M1Doubled), std::end(kE2M1Doubled)),
-                                blocks.options());
-    auto distance = (d.unsqueeze(-1) * values - blocks.unsqueeze(-1)).abs();  // [..., 32, 16]
+    auto distance = (d.unsqueeze(-1) * e2m1_doubled(blocks.options()) - blocks.unsqueeze(-1)).abs();  // [..., 32, 16]
     QuantizedTiles tiles;
     tiles.codes = distance.argmin(-1).to(torch::kUInt8);
     tiles.params["exponent"] = quant::stored_param(exponent.squeeze(-1), StoredDtype::UInt8);
