@@ -89,10 +89,74 @@ TEST(Ggml, Mxfp4PicksTheNearestE2M1ValueUnderAPowerOfTwoScale) {
   EXPECT_EQ(q->dequantize(zero, Role::Value, 0).abs().max().item<float>(), 0.0f);
 }
 
+TEST(Ggml, Iq4NlCodesAgainstTheSignedMaximumThenFitsTheScaleByWeightedLeastSquares) {
+  // Signed max -7.9375: d0 = -7.9375 / -127 = 1/16, so x / d0 = 16 x = -127, 13, 50, 7, -115.5, 0. Grid
+  // -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113: 50 -> 53; 7 and -115.5 lie halfway and
+  // take the larger (13, -104); 0 -> 1 (the grid has no zero). d = sum(x^3 v) / sum(x^2 v^2) in float32,
+  // in element order (worked out with a numpy float32 port of quantize_row_iq4_nl_impl): 0.064862385,
+  // stored as float16 0.06488037109375.
+  const auto q = make_quantizer("ggml", {{"type", "iq4_nl"}}, 32);
+  const auto tiles = q->quantize(block_of({-7.9375f, 0.8125f, 3.125f, 0.4375f, -7.21875f}), Role::Key, 0);
+  EXPECT_EQ(tiles.bits, 4);
+  EXPECT_EQ(codes_of(tiles, 6), (std::vector<int64_t>{0, 9, 12, 9, 1, 8}));
+  EXPECT_EQ(values_of(tiles.params.at("scale").values, 1), (std::vector<float>{0.06488037109375f}));
+  EXPECT_EQ(values_of(q->dequantize(tiles, Role::Key, 0), 6),
+            (std::vector<float>{-8.23980712890625f, 0.84344482421875f, 3.43865966796875f, 0.84344482421875f,
+                                -6.74755859375f, 0.06488037109375f}));
+  // A positive maximum takes code 0 (-127) under a negative d: 113 -> -127, -50 -> 56.2 -> 53.
+  const auto flipped = q->quantize(block_of({113.0f, -50.0f}), Role::Key, 0);
+  EXPECT_EQ(codes_of(flipped, 3), (std::vector<int64_t>{0, 12, 8}));
+  EXPECT_EQ(values_of(flipped.params.at("scale").values, 1), (std::vector<float>{-0.8916015625f}));
+  EXPECT_EQ(values_of(q->dequantize(flipped, Role::Key, 0), 3),
+            (std::vector<float>{113.2333984375f, -47.2548828125f, -0.8916015625f}));
+  // Under ggml's 1e-15 a block is zero: d = 0, and every value comes back +0.
+  const auto tiny = q->quantize(block_of({1e-16f, -1e-16f}), Role::Key, 0);
+  EXPECT_EQ(values_of(tiny.params.at("scale").values, 1), (std::vector<float>{0.0f}));
+  const auto restored = q->dequantize(tiny, Role::Key, 0);
+  EXPECT_FALSE(restored.signbit().any().item<bool>());
+  EXPECT_EQ(restored.abs().max().item<float>(), 0.0f);
+}
+
+TEST(Ggml, Nvfp4ScalesEachSixteenChannelsByAnUnsignedE4M3OfAmaxOverSix) {
+  // Group 0: amax 6 -> 6 / 6 = 1 = ue4m3 0x38 (exponent 7, mantissa 0), half-scale 0.5: the grid is
+  // 0 .5 1 1.5 2 3 4 6, ties to the first code as in mxfp4. Group 1: amax 0.9 -> 0.15 = 1.2 * 2^-3,
+  // mantissa .2 = 1/8 + .075 with the rounding bit (1/16) set: 1.25 * 2^-3, code (4 << 3) | 2 = 34,
+  // half-scale 0.078125, and 0.9 / 0.078125 = 11.52 -> 12 (code 7) -> 0.9375. Group 2: amax 6.375 ->
+  // 1.0625, exactly halfway between 1 and 1.125: rounded up, code 57. Group 3: amax 6000 -> 1000 is clamped
+  // to 448 and saturates at 0x7E (448, half-scale 224).
+  const auto q = make_quantizer("ggml", {{"type", "nvfp4"}}, 64);
+  std::vector<float> x(64, 0.0f);
+  const std::vector<float> group0 = {6.0f, -6.0f, 0.75f, 5.0f, -1.4f, 2.6f};
+  std::copy(group0.begin(), group0.end(), x.begin());
+  x[16] = 0.9f;
+  x[32] = 6.375f;
+  x[48] = -6000.0f;
+  x[49] = 100.0f;
+  const auto tiles = q->quantize(torch::tensor(x).reshape({1, 1, 64}), Role::Value, 0);
+  EXPECT_EQ(tiles.bits, 4);
+  EXPECT_EQ(values_of(tiles.params.at("ue4m3_scale").values, 4), (std::vector<float>{56, 34, 57, 126}));
+  EXPECT_EQ(codes_of(tiles, 7), (std::vector<int64_t>{7, 15, 1, 6, 11, 5, 0}));
+  const auto restored = values_of(q->dequantize(tiles, Role::Value, 0), 64);
+  EXPECT_EQ(std::vector<float>(restored.begin(), restored.begin() + 6), (std::vector<float>{6, -6, 0.5, 4, -1.5, 3}));
+  EXPECT_EQ(restored[16], 0.9375f);
+  EXPECT_EQ(restored[32], 6.75f);  // 6.375 / 0.5625 = 11.33 -> 12
+  EXPECT_EQ(restored[48], -2688.0f);  // 12 * 224
+  EXPECT_EQ(restored[49], 0.0f);      // 100 / 224 = 0.45 -> 0 (0.5 is the next value)
+  // amax 6e-3 -> 1e-3 is subnormal in ue4m3: round(1e-3 * 512) = 1, half-scale 2^-10; amax 1e-4 -> code 0.
+  const auto small = q->quantize(torch::cat({torch::full({1, 1, 16}, 6e-3f), torch::full({1, 1, 48}, 1e-4f)}, 2),
+                                 Role::Value, 0);
+  EXPECT_EQ(values_of(small.params.at("ue4m3_scale").values, 4), (std::vector<float>{1, 0, 0, 0}));
+  // 6e-3 / 2^-10 = 6.14 -> 6 (code 5): 6 * 2^-10; the code-0 groups come back 0.
+  std::vector<float> expected(16, 6.0f / 1024.0f);
+  expected.push_back(0.0f);
+  EXPECT_EQ(values_of(q->dequantize(small, Role::Value, 0), 17), expected);
+}
+
 TEST(Ggml, StorageCostIsTheFormatsBitsPerElement) {
   // Every token is quantized when written (no sink, no residual), so the cost is the block's at any length.
   const std::vector<std::pair<std::string, double>> expected = {{"q8_0", 8.5}, {"q4_0", 4.5}, {"q4_1", 5.0},
-                                                                {"q5_0", 5.5}, {"q5_1", 6.0}, {"mxfp4", 4.25}};
+                                                                {"q5_0", 5.5}, {"q5_1", 6.0}, {"iq4_nl", 4.5},
+                                                                {"mxfp4", 4.25}, {"nvfp4", 4.5}};
   for (const auto& [type, bits] : expected) {
     const auto q = make_quantizer("ggml", {{"type", type}}, 64);
     EXPECT_DOUBLE_EQ(storage_cost(*q, 64, 100).bits_per_element, bits) << type;
@@ -120,11 +184,15 @@ TEST(Ggml, RotationQuantizesTheRotatedVectorAndRotatesBack) {
 
 TEST(Ggml, ParameterErrorsNameTheValue) {
   EXPECT_EQ(test::error_message([] { make_quantizer("ggml", {}, 64); }),
-            "quantizer 'ggml': needs a type (q8_0, q4_0, q4_1, q5_0, q5_1 or mxfp4), e.g. params: {type: q4_0}");
+            "quantizer 'ggml': needs a type (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4, nvfp4), e.g. params: "
+            "{type: q4_0}");
   EXPECT_EQ(test::error_message([] { make_quantizer("ggml", {{"type", "q3_k"}}, 64); }),
-            "quantizer 'ggml': parameter type = 'q3_k' is not one of q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4");
+            "quantizer 'ggml': parameter type = 'q3_k' is not one of q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4, "
+            "nvfp4");
   EXPECT_EQ(test::error_message([] { make_quantizer("ggml", {{"type", "q8_0"}}, 48); }),
-            "quantizer 'ggml': head_dim 48 is not a multiple of ggml's block of 32 channels");
+            "quantizer 'ggml': head_dim 48 is not a multiple of q8_0's block of 32 channels");
+  EXPECT_EQ(test::error_message([] { make_quantizer("ggml", {{"type", "nvfp4"}}, 32); }),
+            "quantizer 'ggml': head_dim 32 is not a multiple of nvfp4's block of 64 channels");
   const std::string no_hadamard =
       test::error_message([] { make_quantizer("ggml", {{"type", "q8_0"}, {"rotate", "true"}}, 352); });
   EXPECT_EQ(no_hadamard.rfind("quantizer 'ggml': rotate: head_dim 352 has no Hadamard construction", 0), 0u)

@@ -38,9 +38,10 @@ std::vector<MethodCase> all_cases() {
     cases.push_back({"quarot", with({})});
     cases.push_back({"kvarn", with({{"tile_size", "64"}})});
   }
-  // llama.cpp's integer types (mxfp4 saturates at 12 times its power-of-two scale, so a constant 3.5
-  // comes back as 3: it is in the storage tests only).
-  for (const char* type : {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}) cases.push_back({"ggml", {{"type", type}}});
+  // llama.cpp's integer types (mxfp4 and nvfp4 saturate at 12 times their scale, so a constant 3.5
+  // comes back as 3 or 3.375: they are in the storage tests only).
+  for (const char* type : {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
+    cases.push_back({"ggml", {{"type", type}}});
   cases.push_back({"ggml", {{"type", "q4_0"}, {"rotate", "true"}}});
   return cases;
 }
@@ -154,6 +155,7 @@ TEST(Storage, MatchesTheCachesOwnAccountingAfterDecoding) {
       {"rtn", {{"axis", "per_channel"}, {"group_size", "16"}, {"residual_length", "32"}, {"sink", "16"}}},
       {"ggml", {{"type", "q5_1"}}},
       {"ggml", {{"type", "mxfp4"}}},
+      {"ggml", {{"type", "nvfp4"}}},
   };
   for (const auto& [method, params] : methods) {
     std::shared_ptr<const Quantizer> q = make_quantizer(method, params, 64);
