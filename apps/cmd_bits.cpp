@@ -30,7 +30,7 @@ void run_bits(const BitsOptions& options) {
   std::cout << fmt::format("{}: head_dim {}; bits per element of K and V at each length (full-precision regions "
                            "at 16 bits)\n",
                            config.model.path, model.head_dim);
-  std::string header = fmt::format("{:<24} {:<8} {:>6} {:>7}", "quantizer", "method", "codes", "params");
+  std::string header = fmt::format("{:<24} {:<10} {:>6} {:>7}", "quantizer", "method", "codes", "params");
   for (int64_t length : options.lengths) header += fmt::format(" {:>9}", fmt::format("@{}", length));
   std::cout << header << "\n";
   const auto quantizers = make_config_quantizers(config, model);
@@ -38,7 +38,7 @@ void run_bits(const BitsOptions& options) {
     const auto& q = config.quantizers[i];
     const Quantizer* quantizer = quantizers[i].get();
     const StorageCost asymptotic = storage_cost(*quantizer, model.head_dim, 1);
-    std::string line = fmt::format("{:<24} {:<8} {:>6.3f} {:>7.4f}", q.name, q.method, asymptotic.codes,
+    std::string line = fmt::format("{:<24} {:<10} {:>6.3f} {:>7.4f}", q.name, q.method, asymptotic.codes,
                                    asymptotic.parameters);
     for (int64_t length : options.lengths)
       line += fmt::format(" {:>9.4f}", storage_cost(*quantizer, model.head_dim, length).bits_per_element);

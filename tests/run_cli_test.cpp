@@ -192,7 +192,7 @@ TEST(RunCli, BitsPrintsEachQuantizerAtTheLengths) {
   const std::string dir = test::scratch_dir();
   const auto result = test::run_cli({"bits", small_config(dir), "--length", "16", "--length", "64"});
   ASSERT_EQ(result.exit_code, 0) << result.err;
-  EXPECT_NE(result.out.find("kivi-2bit                kivi      2.000  4.0000   16.0000    8.5781\n"), std::string::npos)
+  EXPECT_NE(result.out.find("kivi-2bit                kivi        2.000  4.0000   16.0000    8.5781\n"), std::string::npos)
       << result.out;
   EXPECT_NE(result.out.find("head_dim 8"), std::string::npos) << result.out;
   // Lengths are 1..2^53 (exact in the double the costs are summed in); beyond int64 is not clamped.

@@ -49,6 +49,21 @@ bool ParamReader::boolean(const std::string& key, bool fallback) {
   fail("quantizer '{}': parameter {} = '{}' is not a boolean (true or false)", method_, key, *text);
 }
 
+std::string ParamReader::text(const std::string& key, const std::string& fallback) {
+  const std::string* value = lookup(key);
+  return value ? *value : fallback;
+}
+
+ParamMap ParamReader::prefixed(const std::string& prefix) {
+  ParamMap inner;
+  for (const auto& [key, value] : params_) {
+    if (key.rfind(prefix, 0) != 0) continue;
+    known_.insert(key);
+    inner[key.substr(prefix.size())] = value;
+  }
+  return inner;
+}
+
 std::string ParamReader::choice(const std::string& key, const std::string& fallback,
                                 const std::vector<std::string>& allowed) {
   const std::string* text = lookup(key);

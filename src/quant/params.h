@@ -19,6 +19,11 @@ class ParamReader {
   double real(const std::string& key, double fallback, double min, double max);
   bool boolean(const std::string& key, bool fallback);
   std::string choice(const std::string& key, const std::string& fallback, const std::vector<std::string>& allowed);
+  // Free text (a method name, checked by whoever uses it), or `fallback`.
+  std::string text(const std::string& key, const std::string& fallback);
+  // Every parameter whose key starts with `prefix`, the prefix removed (`value.v_bits` -> `v_bits`), for a
+  // method built inside another; they count as read.
+  ParamMap prefixed(const std::string& prefix);
   bool has(const std::string& key) const { return params_.count(key) > 0; }
   const std::string& method() const { return method_; }
   // Throws Error for a parameter that was given but never read.

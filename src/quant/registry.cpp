@@ -17,6 +17,8 @@ std::unique_ptr<Quantizer> make_kivi(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_quarot(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_kvarn(ParamReader& params, int64_t head_dim);
 std::unique_ptr<Quantizer> make_ggml(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_turboquant(ParamReader& params, int64_t head_dim);
+std::unique_ptr<Quantizer> make_qjl(ParamReader& params, int64_t head_dim);
 
 namespace {
 
@@ -24,7 +26,7 @@ struct Registry {
   std::mutex mutex;  // methods registered from outside (tests) may race with lookups
   std::map<std::string, QuantizerFactory> methods = {
       {"none", make_none}, {"rtn", make_rtn}, {"kivi", make_kivi}, {"quarot", make_quarot}, {"kvarn", make_kvarn},
-      {"ggml", make_ggml},
+      {"ggml", make_ggml}, {"turboquant", make_turboquant}, {"qjl", make_qjl},
   };
 };
 

@@ -1,0 +1,19 @@
+#pragma once
+// QJL's one-bit Johnson-Lindenstrauss sketch (Zandieh, Daliri, Han, arXiv 2406.03482), a building block
+// of the `qjl` method (keys) and of TurboQuant's prod variant (residuals): a vector r [..., d] is stored as z = sign(S r) under a
+// seeded Gaussian S [m, d] and its norm; r_hat = sqrt(pi / 2) / m |r| S^T z, so <q, r_hat> is an
+// unbiased estimate of <q, r> over S for every q.
+#include <torch/types.h>
+
+#include <cstdint>
+
+namespace kvdrift::quant {
+
+// S: [m, d] float32 with N(0, 1) entries drawn from `seed`.
+torch::Tensor gaussian_projection(int64_t m, int64_t d, uint64_t seed);
+// [S r >= 0] as 0/1, int64 [..., m].
+torch::Tensor qjl_sign_bits(const torch::Tensor& r, const torch::Tensor& projection);
+// sqrt(pi / 2) / m * norm * S^T (2 bits - 1): [..., d] for bits [..., m] and norm [...].
+torch::Tensor qjl_reconstruct(const torch::Tensor& bits, const torch::Tensor& norm, const torch::Tensor& projection);
+
+}  // namespace kvdrift::quant
