@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/quantized_kv_cache.h"
 #include "core/error.h"
 #include "quant/hadamard.h"
 #include "quant/quantizer.h"
@@ -165,6 +166,38 @@ TEST(Ggml, StorageCostIsTheFormatsBitsPerElement) {
   }
 }
 
+TEST(Ggml, PrefillReadsItsOwnKeysAndValuesQuantizedByDefault) {
+  // llama.cpp writes every token to its cache quantized before attention reads it, the prompt's too:
+  // the prefill's attention reads its own positions quantized (prefill: quantized, the default), in a
+  // chunked prefill every chunk as well; prefill: full_precision gives every other method's prefill.
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
+  const auto k = torch::randn({1, 2, 5, 64}, generator, torch::kFloat32);
+  const auto v = torch::randn({1, 2, 5, 64}, generator, torch::kFloat32);
+  for (const std::string prefill : {"quantized", "full_precision"}) {
+    SCOPED_TRACE(prefill);
+    std::shared_ptr<const Quantizer> q = make_quantizer("ggml", {{"type", "q4_0"}, {"prefill", prefill}}, 64);
+    EXPECT_EQ(q->resolved_params().at("prefill"), prefill);
+    EXPECT_EQ(q->policy(Role::Key).prefill_reads_quantized, prefill == "quantized");
+    const auto quantized = [&](const torch::Tensor& x, Role role) {
+      return q->dequantize(q->quantize(x.reshape({-1, 1, 64}), role, 0), role, 0).reshape(x.sizes());
+    };
+    const auto expected = [&](const torch::Tensor& x, Role role) {
+      return prefill == "quantized" ? quantized(x, role) : x;
+    };
+    QuantizedKVCache whole(q, 1, 1, 2, 8, 64, torch::kFloat32, torch::kCPU);
+    const auto [keys, values] = whole.update(0, 0, k, v);
+    EXPECT_TRUE(torch::equal(keys, expected(k, Role::Key)));
+    EXPECT_TRUE(torch::equal(values, expected(v, Role::Value)));
+    QuantizedKVCache chunked(q, 1, 1, 2, 8, 64, torch::kFloat32, torch::kCPU);
+    chunked.update(0, 0, k.narrow(2, 0, 3), v.narrow(2, 0, 3));
+    const auto [chunk_keys, chunk_values] = chunked.update(0, 3, k.narrow(2, 3, 2), v.narrow(2, 3, 2));
+    // The second chunk reads the first quantized either way (due before it), its own as the policy says.
+    EXPECT_TRUE(torch::equal(chunk_keys.narrow(2, 0, 3), quantized(k, Role::Key).narrow(2, 0, 3)));
+    EXPECT_TRUE(torch::equal(chunk_keys.narrow(2, 3, 2), expected(k, Role::Key).narrow(2, 3, 2)));
+    EXPECT_TRUE(torch::equal(chunk_values.narrow(2, 3, 2), expected(v, Role::Value).narrow(2, 3, 2)));
+  }
+}
+
 TEST(Ggml, RotationQuantizesTheRotatedVectorAndRotatesBack) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(7);
   auto x = torch::randn({3, 5, 64}, generator, torch::kFloat32);
@@ -179,7 +212,7 @@ TEST(Ggml, RotationQuantizesTheRotatedVectorAndRotatesBack) {
     return (q.dequantize(q.quantize(x, Role::Key, 0), Role::Key, 0) - x).pow(2).sum().item<double>();
   };
   EXPECT_LT(error(*rotated), 0.5 * error(*plain));
-  EXPECT_EQ(rotated->resolved_params(), (ParamMap{{"type", "q4_0"}, {"rotate", "true"}}));
+  EXPECT_EQ(rotated->resolved_params(), (ParamMap{{"type", "q4_0"}, {"rotate", "true"}, {"prefill", "quantized"}}));
 }
 
 TEST(Ggml, ParameterErrorsNameTheValue) {
@@ -198,7 +231,7 @@ TEST(Ggml, ParameterErrorsNameTheValue) {
   EXPECT_EQ(no_hadamard.rfind("quantizer 'ggml': rotate: head_dim 352 has no Hadamard construction", 0), 0u)
       << no_hadamard;
   EXPECT_EQ(test::error_message([] { make_quantizer("ggml", {{"type", "q8_0"}, {"bits", "4"}}, 64); }),
-            "quantizer 'ggml': unknown parameter 'bits' (its parameters: rotate, type)");
+            "quantizer 'ggml': unknown parameter 'bits' (its parameters: prefill, rotate, type)");
 }
 
 }  // namespace

@@ -152,11 +152,13 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
     const int64_t slot = slots_[row];
     const int64_t start = spans.start(slot);
     // A decode step flushes what is due at its token (QuaRot's own token included); a prefill chunk
-    // what is due at its first token among the positions before it, never its own.
+    // what is due at its first token among the positions before it, never its own, unless the policy
+    // has the prefill read its own positions quantized (then: what is due at its last token).
     int64_t end = policy.quantized_prefix(start);
     if (spans.phase() == Phase::Prefill) {
       if (spans.length(slot) == 0) continue;
-      end = std::min(end, start);
+      end = policy.prefill_reads_quantized ? policy.quantized_prefix(start + spans.length(slot) - 1)
+                                           : std::min(end, start);
     }
     const int64_t begin = account.flushed_end[r][layer];
     if (end <= begin) continue;

@@ -21,6 +21,9 @@
 // the C source's order, one rounding per operation (this file is built with -ffp-contract=off). gguf
 // 0.19.0 cannot quantize iq4_nl or nvfp4: their oracle is gguf's dequantizer on our packed blocks and
 // a numpy port of the C reference in the test.
+// `prefill: quantized` (the default) has the prefill's attention read its own keys and values quantized,
+// as llama.cpp's does (it writes every token to the cache quantized before attention reads it);
+// `full_precision` gives the prefill of every other method.
 // `rotate: true` applies the orthonormal Hadamard rotation of the head dimension first (llama.cpp
 // rotates quantized K/V); the rotation is quant/hadamard.h's, not llama.cpp's own kernel.
 #include <algorithm>
@@ -184,6 +187,7 @@ class GgmlQuantizer final : public Quantizer {
     for (const auto& info : kTypes)
       if (name == info.name) info_ = info;
     rotate_ = params.boolean("rotate", false);
+    prefill_quantized_ = params.choice("prefill", "quantized", {"quantized", "full_precision"}) == "quantized";
     if (head_dim % info_.block != 0)
       params.reject(fmt::format("head_dim {} is not a multiple of {}'s block of {} channels", head_dim, info_.name,
                                 info_.block));
@@ -193,9 +197,14 @@ class GgmlQuantizer final : public Quantizer {
   }
 
   std::string method() const override { return "ggml"; }
-  ParamMap resolved_params() const override { return {{"type", info_.name}, {"rotate", rotate_ ? "true" : "false"}}; }
-  // Every token is quantized when written, so the step's own token is read quantized too.
-  RolePolicy policy(Role) const override { return {0, 1, 1}; }
+  ParamMap resolved_params() const override {
+    return {{"type", info_.name},
+            {"rotate", rotate_ ? "true" : "false"},
+            {"prefill", prefill_quantized_ ? "quantized" : "full_precision"}};
+  }
+  // Every token is quantized when written, so the step's own token is read quantized too, and by
+  // default (as in llama.cpp) the prefill reads its own positions quantized.
+  RolePolicy policy(Role) const override { return {0, 1, 1, prefill_quantized_}; }
 
   QuantizedTiles quantize(const torch::Tensor& x, Role, int64_t) const override {
     const int64_t n = x.size(0), tokens = x.size(1);
@@ -343,6 +352,7 @@ class GgmlQuantizer final : public Quantizer {
   int64_t head_dim_;
   GgmlTypeInfo info_ = kTypes[0];
   bool rotate_ = false;
+  bool prefill_quantized_ = true;
 };
 
 }  // namespace

@@ -27,15 +27,18 @@ const char* role_name(Role role);  // "key" | "value"
 //   quantized_prefix(t) = sink + floor((t + lag - sink) / block) * block   (at least sink, at most t + 1).
 // KVarN: block G, lag 0 (block j flushes at the step whose token starts block j+1). KIVI keys: block
 // R, lag 0. KIVI values: block 1, lag -R (a sliding window of R full-precision values). QuaRot: block
-// 1, lag 1 (every token, its own step included). The prefill's own attention always reads full
-// precision; its complete blocks are quantized at the first decode step (or, in a chunked prefill,
-// before the next chunk: docs/engine.md).
+// 1, lag 1 (every token, its own step included). The prefill's own attention reads full precision
+// and its complete blocks are quantized at the first decode step (or, in a chunked prefill, before the
+// next chunk: docs/engine.md), unless prefill_reads_quantized: then the prefill quantizes every block
+// due at its last position before its attention reads the cache, its own positions included, as
+// llama.cpp does by writing each token quantized (ggml's `prefill: quantized`).
 struct RolePolicy {
   // The lag of a role that is never quantized (the method none): no position is ever due, at any t.
   static constexpr int64_t kNeverDue = std::numeric_limits<int64_t>::min();
   int64_t sink = 0;
   int64_t block = 1;
   int64_t lag = 0;
+  bool prefill_reads_quantized = false;
   int64_t quantized_prefix(int64_t t) const;
   bool quantizes() const { return lag != kNeverDue; }
 };
