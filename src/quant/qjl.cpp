@@ -32,12 +32,15 @@ class QjlQuantizer final : public Quantizer {
 
   std::string method() const override { return "qjl"; }
   ParamMap resolved_params() const override {
-    ParamMap params = {{"m", std::to_string(sketch_)}, {"seed", std::to_string(seed_)}, {"value_method", value_method_}};
+    ParamMap params = {
+        {"m", std::to_string(sketch_)}, {"seed", std::to_string(seed_)}, {"value_method", value_method_}};
     for (const auto& [key, value] : values_->resolved_params()) params["value." + key] = value;
     return params;
   }
   // Keys: every token sketched when written; values: the value method's policy.
-  RolePolicy policy(Role role) const override { return role == Role::Key ? RolePolicy{0, 1, 1} : values_->policy(role); }
+  RolePolicy policy(Role role) const override {
+    return role == Role::Key ? RolePolicy{0, 1, 1} : values_->policy(role);
+  }
 
   QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const override {
     if (role == Role::Value) return values_->quantize(x, role, layer);

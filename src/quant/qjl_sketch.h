@@ -1,8 +1,8 @@
 #pragma once
 // QJL's one-bit Johnson-Lindenstrauss sketch (Zandieh, Daliri, Han, arXiv 2406.03482), a building block
-// of the `qjl` method (keys) and of TurboQuant's prod variant (residuals): a vector r [..., d] is stored as z = sign(S r) under a
-// seeded Gaussian S [m, d] and its norm; r_hat = sqrt(pi / 2) / m |r| S^T z, so <q, r_hat> is an
-// unbiased estimate of <q, r> over S for every q.
+// of the `qjl` method (keys) and of TurboQuant's prod variant (residuals): a vector r [..., d] is stored
+// as z = sign(S r) under a seeded Gaussian S [m, d] and its norm; r_hat = sqrt(pi / 2) / m |r| S^T z, so
+// <q, r_hat> is an unbiased estimate of <q, r> over S for every q.
 #include <torch/types.h>
 
 #include <cstdint>

@@ -99,7 +99,7 @@ Codebook make_codebook(int64_t dim, int64_t bits) {
 
 class TurboQuantQuantizer final : public Quantizer {
  public:
-  TurboQuantQuantizer(ParamReader& params, int64_t head_dim) : head_dim_(head_dim) {
+  TurboQuantQuantizer(ParamReader& params, int64_t head_dim) {
     key_bits_ = params.integer("k_bits", 4, 1, 8);
     value_bits_ = params.integer("v_bits", 4, 1, 8);
     prod_ = params.choice("variant", "mse", {"mse", "prod"}) == "prod";
@@ -159,7 +159,7 @@ class TurboQuantQuantizer final : public Quantizer {
   }
 
  private:
-  int64_t head_dim_, key_bits_ = 4, value_bits_ = 4, seed_ = 0;
+  int64_t key_bits_ = 4, value_bits_ = 4, seed_ = 0;
   bool prod_ = false;
   torch::Tensor signs_;       // [d], +-1
   torch::Tensor projection_;  // S [d, d], N(0, 1) entries (prod only)
