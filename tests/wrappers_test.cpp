@@ -4,6 +4,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "core/error.h"
 #include "metrics/token_scale.h"
 #include "quant/quantizer.h"
@@ -87,7 +92,7 @@ TEST(Wrappers, StorageStatesTheSideInformation) {
   const std::string bad = test::error_message([] { make_quantizer("kivi", {{"wrap", "true_norm"}}, 64); });
   EXPECT_EQ(bad,
             "quantizer 'kivi': parameter wrap = 'true_norm' is not one of true_scale, true_direction, "
-            "equal_error_scale, equal_error_direction");
+            "equal_error_scale, equal_error_direction, repair_worst");
   EXPECT_DOUBLE_EQ(bits("equal_error_scale"), 34.75);  // it keeps the true vector too
 }
 
@@ -171,6 +176,101 @@ TEST(Wrappers, EqualErrorByHand) {
   EXPECT_NEAR(turned[1].item<double>(), 0.82 * 4 + sine * 3, 1e-5);
   EXPECT_EQ(test::error_message([] { make_quantizer("none", {{"wrap", "equal_error_scale"}}, 64); }),
             "quantizer 'none': wrap = 'equal_error_scale' needs a method with an error to redistribute; 'none' has none");
+}
+
+// repair_worst on KVarN k2v2 tiles of 32 tokens: round(0.1 * 32) = 3 rows per tile, chosen here from the
+// method's own error by a sort on the host (ties to the earlier row), get their true scale or vector
+// back; every other row is the method's, bit for bit.
+TEST(Wrappers, RepairWorstRepairsExactlyTheWorstRowsOfEachBlock) {
+  const auto x = outlier_tiles(11);  // [3 tiles, 32 tokens, 64]
+  const ParamMap kvarn = {{"preset", "k2v2"}, {"tile_size", "32"}};
+  const auto plain = make_quantizer("kvarn", kvarn, 64);
+  for (Role role : {Role::Key, Role::Value}) {
+    const auto x_hat = plain->dequantize(plain->quantize(x, role, 0), role, 0);
+    for (const std::string rank_by : {"absolute", "relative"}) {
+      for (const std::string repair : {"scale", "vector"}) {
+        SCOPED_TRACE(std::string(role_name(role)) + " " + rank_by + " " + repair);
+        ParamMap params = kvarn;
+        params.insert({{"wrap", "repair_worst"}, {"fraction", "0.1"}, {"repair", repair}, {"rank_by", rank_by}});
+        const auto q = make_quantizer("kvarn", params, 64);
+        const auto repaired = q->dequantize(q->quantize(x, role, 0), role, 0);
+        auto error = (x - x_hat).to(torch::kFloat64).pow(2).sum(-1);
+        if (rank_by == "relative") error = error / x.to(torch::kFloat64).pow(2).sum(-1);
+        for (int64_t n = 0; n < x.size(0); ++n) {
+          std::vector<std::pair<double, int64_t>> ranked;
+          for (int64_t t = 0; t < x.size(1); ++t) ranked.push_back({-error[n][t].item<double>(), t});
+          std::sort(ranked.begin(), ranked.end());
+          std::vector<bool> worst(x.size(1), false);
+          for (int k = 0; k < 3; ++k) worst[ranked[k].second] = true;
+          for (int64_t t = 0; t < x.size(1); ++t) {
+            const auto row = repaired[n][t], truth = x[n][t], method = x_hat[n][t];
+            if (!worst[t]) {
+              EXPECT_TRUE(torch::equal(row, method)) << "tile " << n << " row " << t;
+            } else if (repair == "vector") {
+              EXPECT_TRUE(torch::equal(row, truth)) << "tile " << n << " row " << t;
+            } else {
+              EXPECT_NEAR(row.norm().item<double>() / truth.norm().item<double>(), 1.0, 1e-6);
+              EXPECT_GT((row * method).sum().item<double>() / (row.norm() * method.norm()).item<double>(), 1 - 1e-6);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Wrappers, RepairWorstAtFractionZeroIsTheMethodAtOneTheTruthAndCountsItsSideInformation) {
+  const auto x = outlier_tiles(12).narrow(1, 0, 32);
+  const ParamMap kvarn = {{"preset", "k2v2"}, {"tile_size", "32"}};
+  const auto round_trip = [&](ParamMap extra) {
+    extra.insert(kvarn.begin(), kvarn.end());
+    const auto q = make_quantizer("kvarn", extra, 64);
+    return q->dequantize(q->quantize(x, Role::Key, 0), Role::Key, 0);
+  };
+  EXPECT_TRUE(torch::equal(round_trip({{"wrap", "repair_worst"}, {"fraction", "0"}}), round_trip({})));
+  EXPECT_TRUE(torch::equal(round_trip({{"wrap", "repair_worst"}, {"fraction", "1"}, {"repair", "vector"}}), x));
+  EXPECT_TRUE(torch::allclose(round_trip({{"wrap", "repair_worst"}, {"fraction", "1"}}),
+                              round_trip({{"wrap", "true_scale"}}), 1e-6, 1e-6));
+  // KVarN k2v2, D = G = 64 over a 64-token tile: 2.75 bits; round(0.05 * 64) = 3 repaired rows, each a
+  // uint8 index and a float32 norm (+3 * 40 / 4096) or the float32 vector (+3 * (8 + 64 * 32) / 4096).
+  const auto tile = torch::randn({1, 64, 64});
+  auto bits = [&](const std::string& repair) {
+    auto q = make_quantizer("kvarn", {{"preset", "k2v2"}, {"tile_size", "64"}, {"wrap", "repair_worst"},
+                                      {"repair", repair}}, 64);
+    return stored_bits_per_element(q->quantize(tile, Role::Key, 0), tile.numel());
+  };
+  EXPECT_DOUBLE_EQ(bits("scale"), 2.75 + 3.0 * 40 / 4096);
+  EXPECT_DOUBLE_EQ(bits("vector"), 2.75 + 3.0 * (8 + 64 * 32) / 4096);
+  const auto q = make_quantizer("kvarn", {{"preset", "k2v2"}, {"wrap", "repair_worst"}}, 64);
+  EXPECT_EQ(q->resolved_params().at("fraction"), "0.05");
+  EXPECT_EQ(q->resolved_params().at("repair"), "scale");
+  EXPECT_EQ(q->resolved_params().at("rank_by"), "absolute");
+}
+
+TEST(Wrappers, RepairWorstLeavesTokenAtATimeRolesAndRefusesMethodsWithoutBlocks) {
+  // KIVI quantizes keys in blocks of residual_length tokens and values one token at a time: its keys are
+  // repaired, its values left as the method's.
+  const auto x = outlier_tiles(13);
+  const ParamMap kivi = {{"group_size", "16"}, {"residual_length", "32"}};
+  ParamMap wrapped = kivi;
+  wrapped.insert({{"wrap", "repair_worst"}, {"fraction", "0.25"}, {"repair", "vector"}});
+  const auto plain = make_quantizer("kivi", kivi, 64), q = make_quantizer("kivi", wrapped, 64);
+  EXPECT_TRUE(torch::equal(q->dequantize(q->quantize(x, Role::Value, 0), Role::Value, 0),
+                           plain->dequantize(plain->quantize(x, Role::Value, 0), Role::Value, 0)));
+  const auto keys = q->dequantize(q->quantize(x, Role::Key, 0), Role::Key, 0);
+  EXPECT_EQ((keys == x).all(-1).sum().item<int64_t>(), 3 * 8);  // round(0.25 * 32) = 8 rows per tile
+  EXPECT_EQ(test::error_message([] { make_quantizer("quarot", {{"wrap", "repair_worst"}}, 64); }),
+            "quantizer 'quarot': wrap: repair_worst repairs the worst rows of each quantized block, and this method "
+            "quantizes keys and values one token at a time (block 1): no block has rows to rank");
+  EXPECT_EQ(test::error_message([] { make_quantizer("kvarn", {{"wrap", "repair_worst"}, {"fraction", "1.5"}}, 64); }),
+            "quantizer 'kvarn': parameter fraction = 1.5 is out of range [0, 1]");
+  EXPECT_EQ(test::error_message([] { make_quantizer("kvarn", {{"wrap", "repair_worst"}, {"repair", "norm"}}, 64); }),
+            "quantizer 'kvarn': parameter repair = 'norm' is not one of scale, vector");
+  EXPECT_EQ(test::error_message([] { make_quantizer("kvarn", {{"wrap", "true_scale"}, {"fraction", "0.1"}}, 64); }),
+            "quantizer 'kvarn': parameter fraction belongs to wrap: repair_worst, not to wrap: true_scale");
+  EXPECT_EQ(test::error_message([] { make_quantizer("kvarn", {{"fraction", "0.1"}}, 64); })
+                .rfind("quantizer 'kvarn': unknown parameter 'fraction'", 0),
+            0u);
 }
 
 }  // namespace

@@ -62,13 +62,21 @@ std::unique_ptr<Quantizer> make_quantizer(const std::string& method, const Param
   }
   if (!factory) fail("unknown quantizer method '{}' (known: {})", method, fmt::join(quantizer_methods(), ", "));
   // `wrap` belongs to no method: it puts a causal wrapper around any of them (quant/wrappers.h).
-  ParamMap method_params = params;
+  ParamMap method_params = params, wrapper_params;
   const auto wrap = method_params.find("wrap");
   const std::string wrapper = wrap == method_params.end() ? "" : wrap->second;
   if (wrap != method_params.end()) method_params.erase(wrap);
+  if (!wrapper.empty()) {
+    for (const auto& key : wrapper_parameter_names()) {
+      const auto it = method_params.find(key);
+      if (it == method_params.end()) continue;
+      wrapper_params.insert(*it);
+      method_params.erase(it);
+    }
+  }
   ParamReader reader(method, method_params);
   auto quantizer = factory(reader, head_dim);
   reader.finish();
-  return wrapper.empty() ? std::move(quantizer) : wrap_quantizer(std::move(quantizer), wrapper);
+  return wrapper.empty() ? std::move(quantizer) : wrap_quantizer(std::move(quantizer), wrapper, wrapper_params);
 }
 }  // namespace kvdrift

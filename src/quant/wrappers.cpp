@@ -8,13 +8,23 @@
 //                          |x| - sqrt(E_T) would be negative): E_M' = E_T, E_D' = 0
 //   equal_error_direction: |x_hat'| = |x|, turned from x towards x_hat's part orthogonal to x by the
 //                          angle with 2 |x|^2 (1 - cos theta) = E_T (pi when E_T >= 4 |x|^2): E_D' = E_T, E_M' = 0
+//   repair_worst:   in each quantized block of T > 1 tokens, the round(fraction T) rows with the largest
+//                   error (|x - x_hat|^2, or that over |x|^2 with rank_by: relative; ties to the earlier
+//                   row) get their true scale (repair: scale, as true_scale) or their true vector back
+//                   (repair: vector); roles the method quantizes one token at a time (block 1) are left
+//                   as they are, and a method with no role in blocks is refused.
 // Zero vectors and rows without error keep the method's x_hat. They are analysis tools, not storage
 // formats: the truth they use is kept as a stored parameter (the true norms, or the true vectors) in
-// float32, so their bits per element are the method's plus that side information.
+// float32, so their bits per element are the method's plus that side information (repair_worst's:
+// per repaired row a uint8 row index and its float32 norm or vector).
 #include <fmt/ranges.h>
+
+#include <cmath>
+#include <limits>
 
 #include "core/enum_names.h"
 #include "core/error.h"
+#include "quant/params.h"
 #include "quant/quantizer.h"
 #include "quant/wrappers.h"
 
@@ -22,11 +32,12 @@ namespace kvdrift {
 
 namespace {
 
-enum class Wrap { TrueScale, TrueDirection, EqualErrorScale, EqualErrorDirection };
+enum class Wrap { TrueScale, TrueDirection, EqualErrorScale, EqualErrorDirection, RepairWorst };
 inline constexpr EnumName<Wrap> kWrapNames[] = {{Wrap::TrueScale, "true_scale"},
                                                 {Wrap::TrueDirection, "true_direction"},
                                                 {Wrap::EqualErrorScale, "equal_error_scale"},
-                                                {Wrap::EqualErrorDirection, "equal_error_direction"}};
+                                                {Wrap::EqualErrorDirection, "equal_error_direction"},
+                                                {Wrap::RepairWorst, "repair_worst"}};
 
 // x_hat' with the method's error energy moved entirely into magnitude (scale) or direction, in float64
 // so that E_M' and E_D' come out exact to float32 rounding. x, x_hat: [..., D].
@@ -95,6 +106,7 @@ class Wrapped final : public Quantizer {
       }
       case Wrap::EqualErrorScale:
       case Wrap::EqualErrorDirection: return equal_error(truth, restored, wrap_ == Wrap::EqualErrorScale);
+      case Wrap::RepairWorst: break;  // its own class, RepairWorst
     }
     internal_error("every wrap dequantizes", __FILE__, __LINE__);
   }
@@ -106,18 +118,106 @@ class Wrapped final : public Quantizer {
   Wrap wrap_;
 };
 
+// repair_worst: the method, with the worst rows of each quantized block repaired (see the top).
+class RepairWorst final : public Quantizer {
+ public:
+  RepairWorst(std::unique_ptr<Quantizer> inner, ParamReader& params) : inner_(std::move(inner)) {
+    fraction_ = params.real("fraction", 0.05, 0.0, 1.0);
+    vector_ = params.choice("repair", "scale", {"scale", "vector"}) == "vector";
+    relative_ = params.choice("rank_by", "absolute", {"absolute", "relative"}) == "relative";
+    params.finish();
+    if (inner_->policy(Role::Key).block == 1 && inner_->policy(Role::Value).block == 1)
+      params.reject(
+          "wrap: repair_worst repairs the worst rows of each quantized block, and this method quantizes keys and "
+          "values one token at a time (block 1): no block has rows to rank");
+  }
+
+  std::string method() const override { return inner_->method(); }
+  ParamMap resolved_params() const override {
+    ParamMap params = inner_->resolved_params();
+    params["wrap"] = "repair_worst";
+    params["fraction"] = fmt::format("{}", fraction_);
+    params["repair"] = vector_ ? "vector" : "scale";
+    params["rank_by"] = relative_ ? "relative" : "absolute";
+    return params;
+  }
+  RolePolicy policy(Role role) const override { return inner_->policy(role); }
+
+  QuantizedTiles quantize(const torch::Tensor& x, Role role, int64_t layer) const override {
+    QuantizedTiles tiles = inner_->quantize(x, role, layer);
+    const int64_t rows = x.size(1), count = std::llround(fraction_ * static_cast<double>(rows));
+    if (inner_->policy(role).block == 1 || count == 0) return tiles;
+    if (rows > 256)
+      fail("quantizer '{}': wrap repair_worst stores row indices as uint8; a block of {} tokens is over 256",
+           inner_->method(), rows);
+    const auto x32 = x.to(torch::kFloat32);
+    auto error = (x32 - inner_->dequantize(tiles, role, layer)).pow(2).sum(-1);  // [N, T]
+    if (relative_) {
+      const auto energy = x32.pow(2).sum(-1);  // a zero row ranks first if it has an error, last if not
+      error = torch::where(energy > 0, error / energy,
+                           torch::where(error > 0, std::numeric_limits<float>::infinity(), 0.0f));
+    }
+    const auto worst =
+        std::get<1>(error.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(-1, 0, count);  // [N, k]
+    tiles.params["repair_rows"] = {worst.to(torch::kFloat32), StoredDtype::UInt8};
+    if (vector_)
+      tiles.params["repair_vector"] = {x32.gather(1, worst.unsqueeze(-1).expand({-1, -1, x.size(2)})),
+                                       StoredDtype::Float32};
+    else
+      tiles.params["repair_norm"] = {x32.norm(2, -1).gather(1, worst), StoredDtype::Float32};
+    return tiles;
+  }
+
+  torch::Tensor dequantize(const QuantizedTiles& tiles, Role role, int64_t layer) const override {
+    const auto rows = tiles.params.find("repair_rows");
+    if (rows == tiles.params.end()) return inner_->dequantize(tiles, role, layer);
+    QuantizedTiles inner_tiles = tiles;
+    for (const char* name : {"repair_rows", "repair_vector", "repair_norm"}) inner_tiles.params.erase(name);
+    const auto restored = inner_->dequantize(inner_tiles, role, layer);
+    const auto index = rows->second.values.to(torch::kLong).unsqueeze(-1).expand({-1, -1, restored.size(2)});
+    torch::Tensor repaired;
+    if (vector_) {
+      repaired = tiles.params.at("repair_vector").values;
+    } else {
+      // As true_scale: a row quantized to 0 has no direction to rescale and stays 0.
+      const auto worst = restored.gather(1, index);
+      const auto norm = worst.norm(2, -1, /*keepdim=*/true);
+      repaired = torch::where(norm > 0, worst * (tiles.params.at("repair_norm").values.unsqueeze(-1) / norm), worst);
+    }
+    return restored.scatter(1, index, repaired);
+  }
+
+ private:
+  std::unique_ptr<Quantizer> inner_;
+  double fraction_ = 0.05;
+  bool vector_ = false, relative_ = false;
+};
+
 }  // namespace
+
+const std::vector<std::string>& wrapper_parameter_names() {
+  static const std::vector<std::string> names = {"fraction", "repair", "rank_by"};
+  return names;
+}
 
 const std::vector<std::string>& wrapper_names() {
   static const std::vector<std::string> names = enum_names(kWrapNames);
   return names;
 }
 
-std::unique_ptr<Quantizer> wrap_quantizer(std::unique_ptr<Quantizer> inner, const std::string& wrapper) {
+std::unique_ptr<Quantizer> wrap_quantizer(std::unique_ptr<Quantizer> inner, const std::string& wrapper,
+                                          const ParamMap& wrapper_params) {
   const std::optional<Wrap> wrap = parse_enum(kWrapNames, wrapper);
   if (!wrap)
     fail("quantizer '{}': parameter wrap = '{}' is not one of {}", inner->method(), wrapper,
          fmt::join(wrapper_names(), ", "));
+  if (*wrap == Wrap::RepairWorst) {
+    ParamReader params(inner->method(), wrapper_params);
+    return std::make_unique<RepairWorst>(std::move(inner), params);
+  }
+  if (!wrapper_params.empty())
+    fail("quantizer '{}': parameter {} belongs to wrap: repair_worst, not to wrap: {}", inner->method(),
+         wrapper_params.begin()->first, wrapper);
   // Without an error there is no energy to move: an equal-error wrap of `none` would silently measure `none`.
   if ((*wrap == Wrap::EqualErrorScale || *wrap == Wrap::EqualErrorDirection) && inner->method() == "none")
     fail("quantizer 'none': wrap = '{}' needs a method with an error to redistribute; 'none' has none", wrapper);
