@@ -291,32 +291,33 @@ class GgmlQuantizer final : public Quantizer {
   // ggml leaves its codes unset there), so it dequantizes to +0.
   QuantizedTiles quantize_iq4_nl(const torch::Tensor& blocks) const {
     auto host = blocks.to(torch::kCPU, torch::kFloat32).contiguous();
-    const int64_t count = host.numel() / kIq4nlBlock;
-    auto codes = torch::empty({count, kIq4nlBlock}, torch::kUInt8);
+    const int64_t width = blocks.size(-1), count = host.numel() / width;
+    auto codes = torch::empty({count, width}, torch::kUInt8);
     auto scales = torch::zeros({count}, torch::kFloat32);
     const float* x = host.data_ptr<float>();
     uint8_t* code = codes.data_ptr<uint8_t>();
-    for (int64_t b = 0; b < count; ++b, x += kIq4nlBlock, code += kIq4nlBlock) {
+    float* scale = scales.data_ptr<float>();
+    for (int64_t b = 0; b < count; ++b, x += width, code += width) {
       float amax = 0.0f, max = 0.0f;
-      for (int64_t j = 0; j < kIq4nlBlock; ++j) {
+      for (int64_t j = 0; j < width; ++j) {
         if (std::fabs(x[j]) > amax) {
           amax = std::fabs(x[j]);
           max = x[j];
         }
       }
       if (amax < 1e-15f) {
-        std::fill(code, code + kIq4nlBlock, uint8_t{8});
+        std::fill(code, code + width, uint8_t{8});
         continue;
       }
       const float inverse = 1.0f / (max / static_cast<float>(kIq4nlValues[0]));
       float sum_qx = 0.0f, sum_q2 = 0.0f;
-      for (int64_t j = 0; j < kIq4nlBlock; ++j) {
+      for (int64_t j = 0; j < width; ++j) {
         code[j] = static_cast<uint8_t>(iq4nl_index(inverse * x[j]));
         const float q = kIq4nlValues[code[j]], w = x[j] * x[j];
         sum_qx += w * q * x[j];
         sum_q2 += w * q * q;
       }
-      scales.data_ptr<float>()[b] = sum_qx / sum_q2;
+      scale[b] = sum_qx / sum_q2;
     }
     QuantizedTiles tiles;
     tiles.codes = codes.reshape(blocks.sizes()).to(blocks.device());
@@ -329,7 +330,7 @@ class GgmlQuantizer final : public Quantizer {
   QuantizedTiles quantize_mxfp4(const torch::Tensor& blocks) const {
     auto exponent = mxfp4_exponent(std::get<0>(blocks.abs().max(-1, /*keepdim=*/true)));
     QuantizedTiles tiles;
-    tiles.codes = nearest_e2m1(blocks, lookup(e8m0_half_table(), exponent.squeeze(-1)).unsqueeze(-1));
+    tiles.codes = nearest_e2m1(blocks, lookup(e8m0_half_table(), exponent));
     tiles.params["exponent"] = quant::stored_param(exponent.squeeze(-1), StoredDtype::UInt8);
     return tiles;
   }
@@ -339,8 +340,9 @@ class GgmlQuantizer final : public Quantizer {
   QuantizedTiles quantize_nvfp4(const torch::Tensor& groups) const {
     auto amax = std::get<0>(groups.abs().max(-1)).to(torch::kCPU, torch::kFloat32).contiguous();
     auto scale_codes = torch::empty(amax.sizes(), torch::kUInt8);
-    for (int64_t i = 0; i < amax.numel(); ++i)
-      scale_codes.data_ptr<uint8_t>()[i] = ue4m3_code(amax.data_ptr<float>()[i] / 6.0f);
+    const float* in = amax.data_ptr<float>();
+    uint8_t* out = scale_codes.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < amax.numel(); ++i) out[i] = ue4m3_code(in[i] / 6.0f);
     scale_codes = scale_codes.to(groups.device());
     QuantizedTiles tiles;
     tiles.codes = nearest_e2m1(groups, lookup(ue4m3_half_table(), scale_codes).unsqueeze(-1));
@@ -348,7 +350,6 @@ class GgmlQuantizer final : public Quantizer {
     return tiles;
   }
 
-  static constexpr int64_t kIq4nlBlock = 32;
   int64_t head_dim_;
   GgmlTypeInfo info_ = kTypes[0];
   bool rotate_ = false;
