@@ -7,7 +7,7 @@
 
 #include "commands.h"
 #include "core/error.h"
-#include "decode/engine.h"
+#include "decode/config_checks.h"
 #include "io/run_config.h"
 #include "model/checkpoint.h"
 #include "quant/storage.h"

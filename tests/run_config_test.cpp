@@ -117,12 +117,12 @@ output:
   EXPECT_EQ(config.quantizers[0].method, "kivi");
   const std::map<std::string, std::string> kivi_params = {{"k_bits", "2"}, {"v_bits", "2"}, {"group_size", "32"}};
   EXPECT_EQ(config.quantizers[0].params, kivi_params);
-  EXPECT_EQ(config.quantizers[0].line, 23);
+  EXPECT_EQ(config.quantizers[0].origin, path + ":23");
   EXPECT_EQ(config.quantizers[1].name, "kvarn-k2v2-noVarN");
   EXPECT_EQ(config.quantizers[1].method, "kvarn");
   const std::map<std::string, std::string> kvarn_params = {{"preset", "k2v2"}, {"iters", "0"}};
   EXPECT_EQ(config.quantizers[1].params, kvarn_params);
-  EXPECT_EQ(config.quantizers[1].line, 26);
+  EXPECT_EQ(config.quantizers[1].origin, path + ":26");
   EXPECT_EQ(config.lanes, (std::vector<Lane>{Lane::FreeRunning, Lane::Static}));
   EXPECT_EQ(config.metrics.layer_stride, 4);
   EXPECT_FALSE(config.metrics.token_scale);
@@ -151,7 +151,7 @@ TEST(RunConfig, DefaultsFillIn) {
   EXPECT_EQ(config.decoding.batch_prompts, 1);
   ASSERT_EQ(config.quantizers.size(), 1u);
   EXPECT_TRUE(config.quantizers[0].params.empty());
-  EXPECT_EQ(config.quantizers[0].line, 7);
+  EXPECT_EQ(config.quantizers[0].origin, config.source_path + ":7");
   EXPECT_EQ(config.lanes, (std::vector<Lane>{Lane::Static, Lane::TeacherForced, Lane::FreeRunning}));
   EXPECT_EQ(config.metrics.layer_stride, 1);
   EXPECT_TRUE(config.metrics.token_scale);
@@ -216,19 +216,52 @@ TEST(RunConfig, SetOverridesKeysListEntriesAndWholeLists) {
   EXPECT_EQ(config.decoding.max_new_tokens, 32);
   EXPECT_EQ(config.quantizers[0].params, (std::map<std::string, std::string>{{"k_bits", "4"}}));
   EXPECT_EQ(config.quantizers[0].method, "kvarn");
-  EXPECT_EQ(config.quantizers[0].line, 7);  // the entry itself still comes from the file
+  // An entry a --set changed is named by the last such --set (an error about the quantizer points there).
+  EXPECT_EQ(config.quantizers[0].origin, "--set quantizers.0.method=kvarn");
+  const RunConfig untouched = load(kMinimal, {"decoding.seed=1"});
+  EXPECT_EQ(untouched.quantizers[0].origin, untouched.source_path + ":7");
   EXPECT_EQ(config.lanes, std::vector<Lane>{Lane::Static});
   EXPECT_EQ(config.prompts.ids, (std::vector<std::vector<int64_t>>{{5}, {6, 7}}));
   EXPECT_EQ(config.decoding.top_p, 0.95);
   EXPECT_EQ(config.output.flush_seconds, 1.0);
 
-  // A later --set wins; a whole list from --set has no line.
+  // A later --set wins; a whole list from --set is named by it.
   const RunConfig replaced = load(kMinimal, {"decoding.seed=1", "decoding.seed=2",
                                              "quantizers=[{name: a, method: rtn, params: {k_bits: 8}}]"});
   EXPECT_EQ(replaced.decoding.seed, 2u);
   ASSERT_EQ(replaced.quantizers.size(), 1u);
   EXPECT_EQ(replaced.quantizers[0].name, "a");
-  EXPECT_EQ(replaced.quantizers[0].line, 0);
+  EXPECT_EQ(replaced.quantizers[0].origin, "--set quantizers=[{name: a, method: rtn, params: {k_bits: 8}}]");
+}
+
+// In memory, as `kvdrift sweep plan` builds its points: each override carries its origin and the
+// directory its paths are relative to; the source's context follows every location an error names.
+TEST(RunConfig, InMemoryOverridesCarryTheirOwnOrigins) {
+  const YamlSource source{"base.yaml", "/configs", ": point p1"};
+  const auto value = [](const std::string& text) { return load_yaml(text); };
+  const std::vector<Override> overrides = {
+      {"model.tokenizer", value("tok.bin"), "grid.yaml:3", "/studies"},
+      {"prompts", value("{source: text_file, path: p.txt}"), "grid.yaml:4", "/studies"},
+      {"quantizers.0.params.k_bits", value("4"), "grid.yaml:5", "/studies"}};
+  const RunConfig config = load_run_config(load_yaml(kMinimal + "lanes: [static]\n"), source, overrides);
+  EXPECT_EQ(config.source_path, "base.yaml");
+  EXPECT_EQ(config.model.tokenizer, "/studies/tok.bin");
+  EXPECT_EQ(config.prompts.path, "/studies/p.txt");
+  EXPECT_EQ(config.model.origin, "base.yaml:2: point p1");
+  EXPECT_EQ(config.quantizers[0].origin, "grid.yaml:5: point p1");
+  EXPECT_EQ(config.lanes, std::vector<Lane>{Lane::Static});
+
+  EXPECT_EQ(test::error_message([&] {
+              load_run_config(load_yaml(kMinimal), source,
+                              {{"decoding", value("{temperature: 0.5, top_p: 2}"), "grid.yaml:9", "/studies"}});
+            }),
+            "grid.yaml:9: point p1: decoding.top_p must be in (0, 1]");
+  EXPECT_EQ(test::error_message([&] { load_run_config(load_yaml(kMinimal + "decoding: {max_new_tokens: 0}\n"), source, {}); }),
+            "base.yaml:11: point p1: decoding.max_new_tokens must be >= 1");
+  EXPECT_EQ(test::error_message([&] {
+              load_run_config(load_yaml(kMinimal), source, {{"quantizers.3.method", value("rtn"), "grid.yaml:7", ""}});
+            }),
+            "grid.yaml:7: point p1: quantizers has 1 entries, so '3' names none (entries are numbered from 0)");
 }
 
 TEST(RunConfig, ResolvedYamlRoundTrips) {

@@ -359,6 +359,17 @@ TEST(SweepPlan, BadSweepFilesGetOneClearErrorAndWriteNothing) {
       {head + "grid: {decoding.seed: [0]}\nlauncher: {kind: local, devices: [gpu0]}\n",
        "launcher.devices: expected cpu or cuda:N, got 'gpu0'"},
       {head + "grid:\n  quantizers.1.params.tile_size: [8, 7]\n" + local, "quantizers 'kvarn': "},
+      // The checks `kvdrift run` makes against the model, each naming the sweep line of the value behind it.
+      {head + "grid:\n  quantizers.1.params.tile_size: [8, 7]\n" + local, "sweep.yaml:5: point 7-"},
+      {head + "grid:\n  quantizers.0.params.sink_tokens: [100000]\n" + local,
+       "(quantizers.0.params.sink_tokens=100000): quantizers 'kivi-2bit': its full-precision sink of 100000 tokens is "
+       "larger than the model's context of 512 positions"},
+      {head + "grid:\n  quantizers.0.params.sink_tokens: [100000]\n" + local, "sweep.yaml:5: point 100000-"},
+      {head + "zip:\n  - {decoding.prefill: [chunked], decoding.prefill_chunk: [513]}\n" + local,
+       "decoding.prefill_chunk = 513 is larger than the model's context of 512 positions"},
+      {head + "grid:\n  model.path: [missing.bin]\n" + local,
+       "sweep.yaml:5: point missing.bin-"},
+      {head + "grid:\n  model.path: [missing.bin]\n" + local, "model file not found: " + dir + "/missing.bin"},
       {head + "grid:\n  decoding.top_p: [0.9]\n" + local, "decoding.top_p only applies when sampling"},
       {"name: bad/name\nroot: out\nbase: base.yaml\ngrid: {decoding.seed: [0]}\n" + local,
        "sweep.yaml:1: name 'bad/name'"},
@@ -373,12 +384,12 @@ TEST(SweepPlan, BadSweepFilesGetOneClearErrorAndWriteNothing) {
     EXPECT_FALSE(fs::exists(dir + "/out")) << c.fragment;
   }
   // Through the CLI: one error line, exit status 1, nothing on stdout, nothing written. A value the
-  // run config cannot take names the key's line, the point and the --set it became.
+  // run config cannot take names the key's line and the point.
   write_sweep(dir, head + "grid:\n  decoding.seed: [0]\n  decoding.max_new_tokens: [8, many]\n" + local);
   const auto typed = test::run_cli({"sweep", "plan", dir + "/sweep.yaml"});
   test::expect_one_error_line(typed, "sweep.yaml:6: point many_0-");
-  EXPECT_NE(typed.err.find("(decoding.seed=0 decoding.max_new_tokens=many): --set decoding.max_new_tokens=many: "
-                           "decoding.max_new_tokens: expected an integer, got 'many'"),
+  EXPECT_NE(typed.err.find("(decoding.seed=0 decoding.max_new_tokens=many): decoding.max_new_tokens: expected an "
+                           "integer, got 'many'"),
             std::string::npos)
       << typed.err;
   EXPECT_EQ(typed.out, "");
@@ -416,11 +427,11 @@ launcher: {{kind: local}}
   EXPECT_EQ(config.prompts.path, dir + "/studies/prompts/p.txt");
   EXPECT_EQ(config.quantizers[0].params.at("k_bits"), "2");
 
-  // A bad key in an inline base: the error names the base's line in the sweep file.
+  // A bad key in an inline base: the error names its line in the sweep file.
   std::string text = test::read_file(sweep);
   text.replace(text.find("max_new_tokens"), 14, "max_new_tokenz");
   test::write_file(sweep, text);
-  test::expect_one_error_line(test::run_cli({"sweep", "plan", sweep}), "sweep.yaml:3: point ");
+  test::expect_one_error_line(test::run_cli({"sweep", "plan", sweep}), "sweep.yaml:6: point ");
 }
 
 // Status without Slurm, from the files alone: a live marker, a dead one, one from another host.

@@ -8,6 +8,7 @@
 #include "cache/quantized_kv_cache.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "decode/config_checks.h"
 #include "decode/generate.h"
 #include "decode/sampler.h"
 #include "metrics/metric_table.h"
@@ -224,30 +225,9 @@ void check_prompt_fits(const Prompt& prompt, const ModelConfig& mc, int64_t max_
          prompt.id, length, max_new_tokens, mc.max_seq_len);
 }
 
-std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,
-                                                                    const ModelConfig& model) {
-  std::vector<std::shared_ptr<const Quantizer>> quantizers;
-  for (const auto& q : config.quantizers) {
-    try {
-      quantizers.push_back(make_quantizer(q.method, q.params, model.head_dim));
-      // A sink the context cannot hold would leave the method unmeasured: nothing is ever quantized.
-      const int64_t sink = quantizers.back()->policy(Role::Key).sink;
-      if (sink > model.max_seq_len)
-        fail("its full-precision sink of {} tokens is larger than the model's context of {} positions", sink,
-             model.max_seq_len);
-    } catch (const Error& e) {
-      fail("{}{}: quantizers '{}': {}", config.source_path, q.line > 0 ? fmt::format(":{}", q.line) : "", q.name,
-           e.what());
-    }
-  }
-  return quantizers;
-}
-
 Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer* tokenizer)
     : model_(model), config_(config), tokenizer_(tokenizer) {
-  if (config_.decoding.prefill == PrefillMode::Chunked && config_.decoding.prefill_chunk > model_.config().max_seq_len)
-    fail("{}: decoding.prefill_chunk = {} is larger than the model's context of {} positions", config_.source_path,
-         config_.decoding.prefill_chunk, model_.config().max_seq_len);
+  check_prefill_fits(config_, model_.config());
   quantizers_ = make_config_quantizers(config_, model_.config());
   for (Lane lane : config_.lanes) {
     static_lane_ = static_lane_ || lane == Lane::Static;

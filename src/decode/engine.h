@@ -27,11 +27,6 @@ namespace kvdrift {
 // max_new_tokens more in its context.
 void check_prompt_fits(const Prompt& prompt, const ModelConfig& model, int64_t max_new_tokens);
 
-// The config's quantizers, in its order, built for the model's head_dim; errors name the config line
-// and the quantizer (also a sink longer than the model's context).
-std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,
-                                                                    const ModelConfig& model);
-
 class Engine {
  public:
   // Builds every quantizer of the config for the model's head_dim (errors name the quantizer).

@@ -3,21 +3,16 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <charconv>
-#include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <limits>
 #include <regex>
 #include <set>
-#include <sstream>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <variant>
 
 #include "core/error.h"
-#include "io/yaml_size.h"
+#include "io/strict_yaml.h"
 
 namespace kvdrift {
 namespace {
@@ -25,9 +20,7 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "analysis", "output"};
-const std::string kSyntheticPrefix = "synthetic:";
-
-bool is_synthetic(const std::string& model_path) { return model_path.rfind(kSyntheticPrefix, 0) == 0; }
+bool is_synthetic(const std::string& model_path) { return synthetic_model_name(model_path).has_value(); }
 
 bool contains(const std::vector<std::string>& list, const std::string& item) {
   return std::find(list.begin(), list.end(), item) != list.end();
@@ -40,266 +33,13 @@ std::string or_list(const std::vector<std::string>& items) {
   return text;
 }
 
-// Where each value of the config came from, for error messages: a line of the file, or the --set
-// argument that wrote it or a mapping or list around it.
-class Provenance {
- public:
-  explicit Provenance(std::string file) : file_(std::move(file)) {}
-
-  // `key_path` and everything under it now come from `argument`.
-  void record_override(const std::string& key_path, const std::string& argument) {
-    for (auto it = overrides_.begin(); it != overrides_.end();)
-      it = holds(key_path, it->first) ? overrides_.erase(it) : std::next(it);
-    overrides_[key_path] = argument;
-  }
-
-  // The --set argument behind `key_path` (the innermost override holding it), or null when it comes
-  // from the file.
-  const std::string* override_of(const std::string& key_path) const {
-    const std::string* found = nullptr;
-    size_t found_length = 0;
-    for (const auto& [path, argument] : overrides_) {
-      if (holds(path, key_path) && (!found || path.size() > found_length)) {
-        found = &argument;
-        found_length = path.size();
-      }
-    }
-    return found;
-  }
-
-  // "--set ARG", "FILE:LINE", or "FILE" where there is no line (a key that is missing).
-  std::string where(const std::string& key_path, const YAML::Mark& mark) const {
-    if (const std::string* argument = override_of(key_path)) return "--set " + *argument;
-    return mark.is_null() ? file_ : fmt::format("{}:{}", file_, mark.line + 1);
-  }
-
- private:
-  // Whether `inner` is `outer` or lies under it, as "quantizers[0].params" lies under "quantizers".
-  static bool holds(const std::string& outer, const std::string& inner) {
-    if (inner.compare(0, outer.size(), outer) != 0) return false;
-    return inner.size() == outer.size() || inner[outer.size()] == '.' || inner[outer.size()] == '[';
-  }
-
-  std::string file_;
-  std::map<std::string, std::string> overrides_;  // key path -> --set argument
-};
-
-// The allowed values of a number, worded as error messages state them.
-struct Range {
-  double low = -std::numeric_limits<double>::infinity();
-  bool low_open = false;
-  double high = std::numeric_limits<double>::infinity();
-
-  bool contains(double value) const { return (low_open ? value > low : value >= low) && value <= high; }
-  std::string describe() const {
-    if (std::isinf(high)) return fmt::format("{} {}", low_open ? ">" : ">=", low);
-    return fmt::format("in {}{}, {}]", low_open ? "(" : "[", low, high);
-  }
-};
-const Range kAnyNumber;
-const Range kNonNegative{0.0};
-const Range kPositive{0.0, true};
-const Range kAtLeastOne{1.0};
-const Range kAtLeastTwo{2.0};  // a slope needs two points
-const Range kUnitInterval{0.0, true, 1.0};
-
-class Mapping;
-
-// One node of the config with its key path ("quantizers[1].name"). Typed reads fail with that path
-// and where the value came from. A key that is absent reads as a null Value.
-class Value {
- public:
-  Value(const Provenance& provenance, YAML::Node node, std::string path, YAML::Mark mark)
-      : provenance_(&provenance), node_(std::move(node)), path_(std::move(path)), mark_(mark) {}
-
-  const std::string& path() const { return path_; }
-  bool is_null() const { return node_.IsNull(); }
-  bool from_override() const { return provenance_->override_of(path_) != nullptr; }
-  // The 1-based line in the config file; 0 when the value comes from --set.
-  int line() const { return from_override() || mark_.is_null() ? 0 : mark_.line + 1; }
-  [[noreturn]] void reject(const std::string& message) const {
-    fail("{}: {}", provenance_->where(path_, mark_), message);
-  }
-
-  // T: std::string (any scalar, as written), bool, int64_t or double (plain scalars: a quoted "12"
-  // is text, not a number). Numbers must lie in `range`.
-  template <typename T>
-  T as(const Range& range = kAnyNumber) const {
-    const bool plain = node_.IsScalar() && node_.Tag() != "!";  // YAML tags quoted scalars "!"
-    if constexpr (std::is_same_v<T, std::string>) {
-      if (!node_.IsScalar()) expected("a string");
-      return node_.Scalar();
-    } else if constexpr (std::is_same_v<T, bool>) {
-      // YAML 1.2 core schema booleans; yes/no/on/off are text there, so they are errors here.
-      static const std::set<std::string> kTrue = {"true", "True", "TRUE"}, kFalse = {"false", "False", "FALSE"};
-      if (plain && kTrue.count(node_.Scalar())) return true;
-      if (plain && kFalse.count(node_.Scalar())) return false;
-      expected("true or false");
-    } else {
-      static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, uint64_t> || std::is_same_v<T, double>);
-      T number{};
-      const std::string text = plain ? node_.Scalar() : "";
-      const bool plus_sign = text.size() > 1 && text[0] == '+' && text[1] != '-';  // YAML allows "+1"; from_chars not
-      const auto [end, error] = std::from_chars(text.data() + plus_sign, text.data() + text.size(), number);
-      const bool whole_text = end == text.data() + text.size();
-      if constexpr (std::is_integral_v<T>) {
-        if (plain && whole_text && error == std::errc::result_out_of_range)
-          reject(fmt::format("{} must be an integer from {} to {}, got {}", path_, std::numeric_limits<T>::min(),
-                             std::numeric_limits<T>::max(), text));
-      }
-      if (!plain || !whole_text || error != std::errc() || !std::isfinite(static_cast<double>(number)))
-        expected(std::is_same_v<T, double> ? "a number" : std::is_signed_v<T> ? "an integer" : "a non-negative integer");
-      if (!range.contains(static_cast<double>(number))) reject(fmt::format("{} must be {}", path_, range.describe()));
-      return number;
-    }
-  }
-
-  template <typename T>
-  T as_or(const T& fallback, const Range& range = kAnyNumber) const {
-    return is_null() ? fallback : as<T>(range);
-  }
-
-  // A string from `allowed`; `fallback` (if given) when null.
-  std::string one_of(const std::vector<std::string>& allowed, const std::string& noun,
-                     const std::optional<std::string>& fallback = std::nullopt) const {
-    if (fallback && is_null()) return *fallback;
-    const std::string text = as<std::string>();
-    if (!contains(allowed, text))
-      reject(fmt::format("{}: unknown {} '{}' (known: {})", path_, noun, text, fmt::join(allowed, ", ")));
-    return text;
-  }
-
-  // The enum value named by a string of `table`, with `fallback` (second form) when null.
-  template <typename Enum, size_t N>
-  Enum choice(const EnumName<Enum> (&table)[N], const std::string& noun) const {
-    return *parse_enum(table, one_of(enum_names(table), noun));
-  }
-  template <typename Enum, size_t N>
-  Enum choice(const EnumName<Enum> (&table)[N], const std::string& noun, Enum fallback) const {
-    return is_null() ? fallback : choice(table, noun);
-  }
-
-  // The entries of a non-empty list.
-  std::vector<Value> elements(const std::string& noun) const {
-    if (!node_.IsSequence()) expected("a list");
-    if (node_.size() == 0) reject(fmt::format("{}: empty list names no {}", path_, noun));
-    std::vector<Value> entries;
-    for (const YAML::Node& entry : node_)
-      entries.emplace_back(*provenance_, entry, fmt::format("{}[{}]", path_, entries.size()), entry.Mark());
-    return entries;
-  }
-
-  // A mapping (null reads as empty) whose keys must be among `known_keys`.
-  Mapping mapping(const std::vector<std::string>& known_keys) const;
-  // A mapping with keys of any name (a quantizer's params, which its own parser checks).
-  Mapping open_mapping() const;
-
- private:
-  [[noreturn]] void expected(const std::string& what) const {
-    std::string got = node_.IsNull() ? "nothing" : node_.IsSequence() ? "a list" : node_.IsMap() ? "a mapping" : "";
-    if (node_.IsScalar()) got = fmt::format("{}'{}'", node_.Tag() == "!" ? "the quoted string " : "", node_.Scalar());
-    reject(fmt::format("{}: expected {}, got {}", path_, what, got));
-  }
-
-  const Provenance* provenance_;
-  YAML::Node node_;
-  std::string path_;
-  YAML::Mark mark_;  // the value's own position, or its key's when the value is null
-};
-
-// A mapping of the config. Construction checks its keys: each given once and, unless the mapping
-// is open, each one of the known keys.
-class Mapping {
- public:
-  struct Entry {
-    std::string key;
-    YAML::Mark key_mark;
-    Value value;
-  };
-
-  Mapping(const Provenance& provenance, const YAML::Node& node, std::string path,
-          const std::vector<std::string>* known_keys)
-      : provenance_(&provenance), path_(std::move(path)) {
-    for (const auto& pair : node) {
-      const YAML::Node& key_node = pair.first;
-      if (!key_node.IsScalar())
-        fail("{}: {}: a key must be a name", provenance.where(path_, key_node.Mark()),
-             path_.empty() ? "the config" : path_);
-      const std::string& key = key_node.Scalar();
-      const std::string key_path = child_path(key);
-      const std::string where = provenance.where(key_path, key_node.Mark());
-      if (known_keys && !contains(*known_keys, key))
-        fail("{}: unknown key '{}' (known: {})", where, key_path, fmt::join(*known_keys, ", "));
-      if (const Entry* first = find(key))
-        fail("{}: key '{}' is given twice (first on line {})", where, key_path, first->key_mark.line + 1);
-      const YAML::Node& value = pair.second;
-      const YAML::Mark value_mark = value.IsNull() ? key_node.Mark() : value.Mark();
-      entries_.push_back({key, key_node.Mark(), Value(provenance, value, key_path, value_mark)});
-    }
-  }
-
-  // The value at `key`; a null Value when the key is absent.
-  Value at(const std::string& key) const {
-    if (const Entry* entry = find(key)) return entry->value;
-    return Value(*provenance_, YAML::Node(), child_path(key), YAML::Mark::null_mark());
-  }
-
-  Value required(const std::string& key) const {
-    Value value = at(key);
-    if (value.is_null())
-      fail("{}: missing required key '{}'", provenance_->where(value.path(), YAML::Mark::null_mark()), value.path());
-    return value;
-  }
-
-  std::string required_text(const std::string& key) const {
-    const Value value = required(key);
-    std::string text = value.as<std::string>();
-    if (text.empty()) value.reject(fmt::format("{} must not be empty", value.path()));
-    return text;
-  }
-
-  bool has(const std::string& key) const { return !at(key).is_null(); }
-
-  // An error located at the key itself, for settings that are wrong in combination with others.
-  [[noreturn]] void reject_key(const std::string& key, const std::string& message) const {
-    const Entry* entry = find(key);
-    const std::string key_path = child_path(key);
-    fail("{}: {}", provenance_->where(key_path, entry ? entry->key_mark : YAML::Mark::null_mark()), message);
-  }
-
-  const std::vector<Entry>& entries() const { return entries_; }
-
- private:
-  std::string child_path(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
-
-  const Entry* find(const std::string& key) const {
-    for (const Entry& entry : entries_)
-      if (entry.key == key) return &entry;
-    return nullptr;
-  }
-
-  const Provenance* provenance_;
-  std::string path_;
-  std::vector<Entry> entries_;
-};
-
-Mapping Value::mapping(const std::vector<std::string>& known_keys) const {
-  if (!is_null() && !node_.IsMap()) expected("a mapping");
-  return Mapping(*provenance_, node_, path_, &known_keys);
-}
-
-Mapping Value::open_mapping() const {
-  if (!is_null() && !node_.IsMap()) expected("a mapping");
-  return Mapping(*provenance_, node_, path_, nullptr);
-}
-
-// A path value written in the config file is relative to the file's directory; one given with --set
-// is relative to the working directory, as the shell user typed it. "" when not given.
-std::string resolve_path(const Value& value, const fs::path& config_dir) {
+// A path value is relative to the directory of what wrote it: the config file's for a value written
+// there, the working directory for one given with --set (as the shell user typed it), the sweep file's
+// for a grid value. "" when not given.
+std::string resolve_path(const Value& value) {
   const std::string text = value.as_or<std::string>("");
   if (text.empty()) return text;
-  const fs::path base = value.from_override() ? fs::current_path() : config_dir;
-  return (base / text).lexically_normal().string();
+  return (fs::path(value.base_dir()) / text).lexically_normal().string();
 }
 
 // --- The field tables ---
@@ -505,17 +245,18 @@ const std::vector<Field<OutputSettings>>& output_fields() {
 
 // --- The sections: the fields read by hand, and the checks between settings ---
 
-ModelSettings read_model(const Mapping& root, const fs::path& config_dir) {
+ModelSettings read_model(const Mapping& root) {
   const Mapping model = root.at("model").mapping(keys_of(model_fields()));
   ModelSettings settings;
   settings.path = model.required_text("path");
   const Value path = model.at("path");
+  settings.origin = path.where();
   if (!is_synthetic(settings.path)) {
-    settings.path = resolve_path(path, config_dir);
-  } else if (settings.path == kSyntheticPrefix) {
+    settings.path = resolve_path(path);
+  } else if (synthetic_model_name(settings.path)->empty()) {
     path.reject("model.path: synthetic: needs a model name, e.g. synthetic:llama-3.2-1b");
   }
-  settings.tokenizer = resolve_path(model.at("tokenizer"), config_dir);
+  settings.tokenizer = resolve_path(model.at("tokenizer"));
 
   const Value device = model.at("device");
   settings.device = device.as_or<std::string>(settings.device);
@@ -545,7 +286,7 @@ const std::vector<std::pair<std::string, std::vector<PromptKind>>> kSourceOnlyKe
     {"system_prompt", kTextSources},
 };
 
-PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, const ModelSettings& model) {
+PromptSettings read_prompts(const Mapping& root, const ModelSettings& model) {
   const Mapping prompts = root.at("prompts").mapping(keys_of(prompt_fields()));
   PromptSettings settings;
   settings.kind = prompts.required("source").choice(kPromptKindNames, "prompt source");
@@ -569,7 +310,7 @@ PromptSettings read_prompts(const Mapping& root, const fs::path& config_dir, con
   }
   if (settings.kind == PromptKind::TextFile || settings.kind == PromptKind::Jsonl) {
     prompts.required_text("path");
-    settings.path = resolve_path(prompts.at("path"), config_dir);
+    settings.path = resolve_path(prompts.at("path"));
   }
   if (prompts.has("separator")) {
     const Value separator = prompts.at("separator");
@@ -635,7 +376,7 @@ std::vector<QuantizerSettings> read_quantizers(const Mapping& root) {
     settings.method = fields.required_text("method");
     const Mapping params = fields.at("params").open_mapping();
     for (const auto& param : params.entries()) settings.params[param.key] = param.value.as<std::string>();
-    settings.line = entry.line();
+    settings.origin = entry.origin();
     quantizers.push_back(std::move(settings));
   }
   return quantizers;
@@ -675,81 +416,13 @@ OutputSettings read_output(const Mapping& root) {
   return settings;
 }
 
-std::vector<std::string> split(const std::string& text, char separator) {
-  std::vector<std::string> parts;
-  std::istringstream stream(text);
-  for (std::string part; std::getline(stream, part, separator);) parts.push_back(part);
-  if (text.empty() || text.back() == separator) parts.emplace_back();  // getline drops a trailing empty part
-  return parts;
-}
-
-std::optional<size_t> parse_index(const std::string& text) {
-  size_t index = 0;
-  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), index);
-  if (error != std::errc() || end != text.data() + text.size()) return std::nullopt;
-  return index;
-}
-
-// Applies one --set KEY=VALUE to the document before validation, so that overrides are checked
-// exactly like the file. KEY is dotted, with list entries selected by index
-// (quantizers.0.params.k_bits); VALUE is YAML, so lanes=[static] sets a list.
-void apply_override(YAML::Node& document, const std::string& argument, Provenance& provenance) {
-  const size_t equals = argument.find('=');
-  if (equals == std::string::npos) fail("--set {}: expected KEY=VALUE, e.g. decoding.max_new_tokens=64", argument);
-  const std::string dotted_key = argument.substr(0, equals);
-  const std::vector<std::string> keys = split(dotted_key, '.');
-  if (contains(keys, ""))
-    fail("--set {}: '{}' is not a dotted key such as decoding.max_new_tokens", argument, dotted_key);
-  YAML::Node value;
-  try {
-    value = load_yaml(argument.substr(equals + 1));
-  } catch (const YAML::Exception& error) {
-    fail("--set {}: the value is not valid YAML: {}", argument, error.msg);
-  }
-
-  YAML::Node node = document;
-  std::string path;
-  std::string first_added;  // the first key this override adds: everything under it comes from here
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const std::string& key = keys[i];
-    const bool last = i + 1 == keys.size();
-    if (node.IsSequence()) {
-      const std::optional<size_t> index = parse_index(key);
-      if (!index || *index >= node.size())
-        fail("--set {}: {} has {} entries, so '{}' names none (entries are numbered from 0)", argument, path,
-             node.size(), key);
-      path += fmt::format("[{}]", *index);
-      if (last) {
-        node[*index] = value;
-      } else {
-        node.reset(node[*index]);  // reset rebinds the handle; operator= would overwrite the node
-      }
-      continue;
-    }
-    if (node.IsNull()) node = YAML::Node(YAML::NodeType::Map);  // e.g. "model:" left empty in the file
-    if (!node.IsMap()) fail("--set {}: {} holds a single value, not a mapping with key '{}'", argument, path, key);
-    path += path.empty() ? key : "." + key;
-    const bool exists = static_cast<bool>(std::as_const(node)[key]);  // the const lookup adds nothing
-    if (!exists && first_added.empty()) first_added = path;
-    if (last) {
-      node[key] = value;
-    } else {
-      if (!exists) node[key] = YAML::Node(YAML::NodeType::Map);
-      node.reset(node[key]);
-    }
-  }
-  provenance.record_override(first_added.empty() ? path : first_added, argument);
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (!in) fail("cannot read config file {}", path);
-  return text.str();
-}
-
 }  // namespace
+
+std::optional<std::string> synthetic_model_name(const std::string& model_path) {
+  static const std::string kPrefix = "synthetic:";
+  if (model_path.rfind(kPrefix, 0) != 0) return std::nullopt;
+  return model_path.substr(kPrefix.size());
+}
 
 std::vector<std::string> lane_names(const std::vector<Lane>& lanes) {
   std::vector<std::string> names;
@@ -757,32 +430,17 @@ std::vector<std::string> lane_names(const std::vector<Lane>& lanes) {
   return names;
 }
 
-RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides) {
-  std::error_code error;
-  if (!fs::exists(path, error)) fail("config file not found: {}", path);
-  if (!fs::is_regular_file(path, error)) fail("config {} is not a regular file (a device, a FIFO or a folder)", path);
-  std::vector<YAML::Node> documents;
-  try {
-    documents = load_yaml_documents(read_text(path));
-  } catch (const YAML::Exception& syntax_error) {
-    fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
-  }
-  if (documents.size() > 1)
-    fail("{}:{}: a config is one YAML document, but a second one starts here", path, documents[1].Mark().line + 1);
-  YAML::Node document = documents.empty() ? YAML::Node() : documents.front();
-  check_yaml_size(document, path);
-
-  Provenance provenance(path);
-  if (document.IsNull()) document = YAML::Node(YAML::NodeType::Map);
-  if (!document.IsMap()) fail("{}: the config must be a mapping of sections ({})", path, fmt::join(kSections, ", "));
-  for (const std::string& argument : overrides) apply_override(document, argument, provenance);
-  const Mapping root = Value(provenance, document, "", document.Mark()).mapping(kSections);
+RunConfig load_run_config(YAML::Node document, const YamlSource& source, const std::vector<Override>& overrides) {
+  if (!document.IsNull() && !document.IsMap())
+    fail("{}{}: the config must be a mapping of sections ({})", source.file, source.context, fmt::join(kSections, ", "));
+  Document config_document(std::move(document), source);
+  for (const Override& override : overrides) config_document.apply(override);
+  const Mapping root = config_document.root().mapping(kSections);
 
   RunConfig config;
-  config.source_path = path;
-  const fs::path config_dir = fs::absolute(path).parent_path();
-  config.model = read_model(root, config_dir);
-  config.prompts = read_prompts(root, config_dir, config.model);
+  config.source_path = source.file;
+  config.model = read_model(root);
+  config.prompts = read_prompts(root, config.model);
   config.decoding = read_decoding(root);
   config.quantizers = read_quantizers(root);
   config.lanes = read_lanes(root, config.lanes);
@@ -790,6 +448,13 @@ RunConfig load_run_config(const std::string& path, const std::vector<std::string
   config.analysis = read_analysis(root);
   config.output = read_output(root);
   return config;
+}
+
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& set_arguments) {
+  const YamlFile file = read_yaml_file(path, "config");
+  std::vector<Override> overrides;
+  for (const std::string& argument : set_arguments) overrides.push_back(parse_set_argument(argument));
+  return load_run_config(file.document, {path, fs::absolute(path).parent_path().string(), ""}, overrides);
 }
 
 std::string RunConfig::resolved_yaml() const {

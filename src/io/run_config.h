@@ -6,17 +6,19 @@
 // where it came from ("configs/demo.yaml:12: ..." or "--set decoding.top_p=2: ...").
 //
 // Paths: model.path, model.tokenizer and prompts.path are relative to the config file's directory
-// when written in the file, and to the current working directory when given with --set (as a shell
-// user types them). output.path is always relative to the current working directory: outputs belong
+// when written in the file, to the current working directory when given with --set (as a shell
+// user types them), and to the sweep file's directory when a sweep sets them. output.path is always relative to the current working directory: outputs belong
 // to the caller, not to the config. All are stored absolute and lexically normalized; synthetic:NAME
 // model paths are kept as written.
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/enum_names.h"
 #include "io/prompts.h"
+#include "io/strict_yaml.h"
 
 namespace kvdrift {
 
@@ -45,7 +47,12 @@ struct ModelSettings {
   std::string device = "cpu";     // cpu | cuda | cuda:N (the form is checked, not availability)
   std::string dtype = "float32";  // float32 | float16 | bfloat16
   uint64_t seed = 0;              // synthetic weights; only accepted with a synthetic: path
+  std::string origin;             // where path was set, for errors about the model ("demo.yaml:2")
 };
+
+// NAME of a synthetic:NAME model path ("" for "synthetic:" alone); nullopt for any other path. The one
+// place that reads the prefix.
+std::optional<std::string> synthetic_model_name(const std::string& model_path);
 
 // The prompts section is the prompt reader's own input, so that the two cannot drift apart. YAML keys
 // map to fields by name, except `source` (-> kind) and `template` (-> template_text). Keys that belong
@@ -73,7 +80,7 @@ struct QuantizerSettings {
   std::string name;                           // unique, [A-Za-z0-9._-]+
   std::string method;                         // checked by the quantizer registry, not here
   std::map<std::string, std::string> params;  // values as written, for the method's ParamReader
-  int line = 0;                               // the entry's line in the config file; 0 from --set
+  std::string origin;  // where the entry was set, for errors ("demo.yaml:12", "--set quantizers.0.params.k_bits=3")
 };
 
 struct MetricSettings {
@@ -102,7 +109,7 @@ struct RunConfig {
   MetricSettings metrics;
   AnalysisSettings analysis;
   OutputSettings output;
-  std::string source_path;  // the config file as named by the caller
+  std::string source_path;  // the config file as named by the caller (YamlSource::file)
 
   // The settings as YAML, defaults filled in and overrides applied, keys in schema order and only
   // those the settings use: recorded in outputs and compared on resume. Loading this text again
@@ -110,7 +117,7 @@ struct RunConfig {
   std::string resolved_yaml() const;
 };
 
-// Equal settings. Where they were read from (source_path, QuantizerSettings::line) is not compared.
+// Equal settings. Where they were read from (source_path, the origins) is not compared.
 bool operator==(const ModelSettings& a, const ModelSettings& b);
 bool operator==(const DecodingSettings& a, const DecodingSettings& b);
 bool operator==(const QuantizerSettings& a, const QuantizerSettings& b);
@@ -119,9 +126,14 @@ bool operator==(const AnalysisSettings& a, const AnalysisSettings& b);
 bool operator==(const OutputSettings& a, const OutputSettings& b);
 bool operator==(const RunConfig& a, const RunConfig& b);
 
-// Reads the YAML file at `path`, applies `overrides` ("a.b=value"; a number selects a list entry, as
-// in quantizers.0.params.k_bits=4; the value is YAML, so lanes=[static] sets a list) in order, then
-// validates the result. Throws Error on the first problem.
-RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides);
+// The run config of `document` as read from `source` with `overrides` applied in order (to `document`
+// itself: pass a tree of your own), validated. Throws Error on the first problem, naming the value's
+// origin (a line of source.file, or the override's origin) followed by source.context. In memory:
+// `kvdrift sweep plan` builds every point so.
+RunConfig load_run_config(YAML::Node document, const YamlSource& source, const std::vector<Override>& overrides);
+
+// Reads the YAML file at `path` and applies `set_arguments` ("a.b=value"; a number selects a list
+// entry, as in quantizers.0.params.k_bits=4; the value is YAML, so lanes=[static] sets a list).
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& set_arguments);
 
 }  // namespace kvdrift

@@ -4,15 +4,14 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/sha256.h"
+#include "io/run_config.h"
 #include "model/checkpoint.h"
 
 namespace kvdrift {
 
 LlamaModel load_model(const std::string& spec, torch::Device device, torch::ScalarType dtype, uint64_t seed) {
-  const std::string synthetic_prefix = "synthetic:";
-  if (spec.rfind(synthetic_prefix, 0) == 0) {
-    const std::string name = spec.substr(synthetic_prefix.size());
-    auto checkpoint = synthetic_checkpoint(name, seed, device, dtype);
+  if (const std::optional<std::string> name = synthetic_model_name(spec)) {
+    auto checkpoint = synthetic_checkpoint(*name, seed, device, dtype);
     return LlamaModel(checkpoint.config, checkpoint.weights, {spec, ModelFormat::Synthetic}, device, dtype);
   }
   std::error_code ec;
@@ -26,8 +25,7 @@ LlamaModel load_model(const std::string& spec, torch::Device device, torch::Scal
 }
 
 ModelConfig read_model_config(const std::string& spec) {
-  const std::string synthetic_prefix = "synthetic:";
-  if (spec.rfind(synthetic_prefix, 0) == 0) return synthetic_config(spec.substr(synthetic_prefix.size()));
+  if (const std::optional<std::string> name = synthetic_model_name(spec)) return synthetic_config(*name);
   std::error_code ec;
   if (std::filesystem::is_directory(spec, ec)) return read_hf_config(spec);
   if (!std::filesystem::exists(spec, ec)) fail("model file not found: {}", spec);

@@ -1,8 +1,6 @@
 #include "sweep/plan.h"
 
 #include <spdlog/spdlog.h>
-#include <stdlib.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,9 +19,10 @@
 #include "core/json_integer.h"
 #include "core/line_difference.h"
 #include "core/sha256.h"
+#include "decode/config_checks.h"
 #include "io/run_config.h"
+#include "io/strict_yaml.h"
 #include "model/checkpoint.h"
-#include "quant/quantizer.h"
 
 namespace kvdrift::sweep {
 namespace {
@@ -77,167 +76,102 @@ void write_atomically(const std::string& path, const std::string& text) {
   if (error) fail("cannot rename {} to {}: {}", temporary, path, error.message());
 }
 
-// An empty config file for load_run_config when the base is inline (its sections come as overrides).
-class EmptyConfigFile {
- public:
-  EmptyConfigFile() {
-    path_ = (fs::temp_directory_path() / "kvdrift-inline-base-XXXXXX").string();
-    const int fd = ::mkstemp(path_.data());
-    if (fd < 0) fail("cannot create a temporary file in {}", fs::temp_directory_path().string());
-    ::close(fd);
-  }
-  ~EmptyConfigFile() {
-    std::error_code ignored;
-    fs::remove(path_, ignored);
-  }
-  EmptyConfigFile(const EmptyConfigFile&) = delete;
-  EmptyConfigFile& operator=(const EmptyConfigFile&) = delete;
-  const std::string& path() const { return path_; }
+// Every point's run config, built in memory as `kvdrift run` reads it (the base, then the point's
+// values as overrides set in the sweep file, then its output) and checked against the model as a run
+// checks it before decoding. An error names the origin of the value behind it and the point. Each
+// thread has its own (with its own parsed values: a YAML tree is not to be read from two threads).
+// The base run config: its file's text (checked when read), parsed afresh for every point because
+// overrides change the tree they apply to, and yaml-cpp's copies of a tree lose its line numbers.
+struct BaseConfig {
+  std::string text;
+  YamlSource source;
+  bool inline_base = false;  // the text is the sweep file's, the config under its key `base`
 
- private:
-  std::string path_;
+  static BaseConfig of(const SweepFile& sweep) {
+    if (sweep.inline_base) return {sweep.text, {sweep.path, sweep.file_directory(), ""}, true};
+    return {read_yaml_file(sweep.base_path, "config").text,
+            {sweep.base_path, fs::path(sweep.base_path).parent_path().string(), ""}};
+  }
+  YAML::Node parse() const {
+    YAML::Node document = load_yaml(text);
+    return inline_base ? document["base"] : document;
+  }
 };
 
-// Runs with the working directory set to `dir` and restores it: load_run_config resolves relative
-// paths of --set values against the working directory, and grid values are relative to the sweep file.
-class WorkingDirectory {
+class PointConfigs {
  public:
-  explicit WorkingDirectory(const std::string& dir) : previous_(fs::current_path()) { fs::current_path(dir); }
-  ~WorkingDirectory() {
-    std::error_code ignored;
-    fs::current_path(previous_, ignored);
+  PointConfigs(const SweepFile& sweep, const Manifest& manifest, const BaseConfig& base)
+      : sweep_(sweep), manifest_(manifest), base_(base) {
+    for (const std::string& key : manifest.keys) key_origins_.push_back(fmt::format("{}:{}", sweep.path, sweep.line_of(key)));
   }
-  WorkingDirectory(const WorkingDirectory&) = delete;
-  WorkingDirectory& operator=(const WorkingDirectory&) = delete;
-
- private:
-  fs::path previous_;
-};
-
-// A YAML double-quoted scalar, for a path given as a --set value.
-std::string quoted(const std::string& text) { return nlohmann::json(text).dump(); }
-
-// Builds every point's run config and checks it as `kvdrift run` would, before anything is written.
-class PointValidator {
- public:
-  // `inline_base`: the empty file standing in for an inline base, else null.
-  PointValidator(const SweepFile& sweep, const Manifest& manifest, const EmptyConfigFile* inline_base)
-      : sweep_(sweep), manifest_(manifest), inline_base_(inline_base) {}
 
   // The resolved config text of `point`.
   std::string resolved_config(const Point& point) {
-    std::vector<std::string> overrides = sweep_.inline_base_overrides;
-    for (size_t k = 0; k < manifest_.keys.size(); ++k) overrides.push_back(manifest_.keys[k] + "=" + point.values[k]);
-    overrides.push_back("output.path=" + quoted(manifest_.files(point).output));
-    const std::string& base = inline_base_ ? inline_base_->path() : sweep_.base_path;
-    std::optional<RunConfig> config;
+    YamlSource source = base_.source;
+    source.context = fmt::format(": point {} ({})", point.id, manifest_.describe(point));
+    std::vector<Override> overrides;
+    for (size_t k = 0; k < manifest_.keys.size(); ++k)
+      overrides.push_back({manifest_.keys[k], value_node(point.values[k]), key_origins_[k], sweep_.file_directory()});
+    overrides.push_back({"output.path", YAML::Node(manifest_.files(point).output), sweep_.path, ""});
+    const RunConfig config = load_run_config(base_.parse(), source, overrides);
+    const ModelConfig& model = model_config(config.model);
     try {
-      config = load_run_config(base, overrides);
+      check_prefill_fits(config, model);
     } catch (const Error& error) {
-      std::string message = error.what();
-      if (inline_base_) replace_all(message, inline_base_->path(), "base");
-      reject(point, line_named_in(message), message);
+      fail("{}{}: {}", sweep_.path, source.context, error.what());
     }
-    check_quantizers(point, *config);
-    return config->resolved_yaml();
-  }
-
- private:
-  [[noreturn]] void reject(const Point& point, int line, const std::string& message) const {
-    fail("{}:{}: point {} ({}): {}", sweep_.path, line, point.id, manifest_.describe(point), message);
-  }
-
-  // Each distinct quantizer once per model: what the engine does when a run starts.
-  void check_quantizers(const Point& point, const RunConfig& config) {
-    for (size_t i = 0; i < config.quantizers.size(); ++i) {
-      const QuantizerSettings& quantizer = config.quantizers[i];
+    for (const QuantizerSettings& quantizer : config.quantizers) {
       std::string key = config.model.path + "\n" + quantizer.method;
       for (const auto& [name, value] : quantizer.params) key += "\n" + name + "=" + value;
       if (checked_quantizers_.count(key)) continue;
-      int64_t model_head_dim = 0;
-      try {
-        model_head_dim = head_dim(config.model.path);
-      } catch (const Error& error) {
-        reject(point, line_of_setting("model.path"), error.what());
-      }
-      try {
-        make_quantizer(quantizer.method, quantizer.params, model_head_dim);
-      } catch (const Error& error) {
-        reject(point, line_of_setting(fmt::format("quantizers.{}", i)),
-               fmt::format("quantizers '{}': {}", quantizer.name, error.what()));
-      }
+      make_config_quantizer(quantizer, model);
       checked_quantizers_.insert(key);
     }
+    return config.resolved_yaml();
   }
 
-  // The line of the first grid key that sets `setting`, part of it or all of it, else the base's.
-  int line_of_setting(const std::string& setting) const {
-    const auto holds = [](const std::string& outer, const std::string& inner) {
-      return inner.rfind(outer, 0) == 0 && (inner.size() == outer.size() || inner[outer.size()] == '.');
-    };
-    for (const std::string& key : manifest_.keys)
-      if (holds(key, setting) || holds(setting, key)) return sweep_.line_of(key);
-    return sweep_.base_line;
+ private:
+  // A grid value's YAML, parsed once (the sweep file bounded it).
+  const YAML::Node& value_node(const std::string& canonical) {
+    auto parsed = values_.find(canonical);
+    if (parsed == values_.end()) parsed = values_.emplace(canonical, load_yaml(canonical)).first;
+    return parsed->second;
   }
 
-  int64_t head_dim(const std::string& model_path) {
-    const auto cached = head_dims_.find(model_path);
-    if (cached != head_dims_.end()) return cached->second;
-    const std::string synthetic_prefix = "synthetic:";
-    int64_t dim = 0;
-    std::error_code error;
-    if (model_path.rfind(synthetic_prefix, 0) == 0) {
-      dim = synthetic_config(model_path.substr(synthetic_prefix.size())).head_dim;
-    } else if (fs::is_directory(model_path, error)) {
-      dim = read_hf_config(model_path).head_dim;
-    } else {
-      // llama2.c files keep the shape in a header before the weights; they are small models.
-      dim = read_llama2c_layout(model_path).config.head_dim;
+  // The model's shape, read once per model path (its config.json or header, never its weights).
+  const ModelConfig& model_config(const ModelSettings& settings) {
+    auto cached = models_.find(settings.path);
+    if (cached != models_.end()) return cached->second;
+    try {
+      return models_.emplace(settings.path, read_model_config(settings.path)).first->second;
+    } catch (const Error& error) {
+      fail("{}: {}", settings.origin, error.what());
     }
-    head_dims_[model_path] = dim;
-    return dim;
-  }
-
-  // The sweep-file line of the key an error names ("--set KEY=..."), else the base's line.
-  int line_named_in(const std::string& message) const {
-    const std::string marker = "--set ";
-    const size_t start = message.find(marker);
-    if (start != std::string::npos) {
-      const size_t end = message.find('=', start);
-      const int line = sweep_.line_of(message.substr(start + marker.size(), end - start - marker.size()));
-      if (line > 0) return line;
-    }
-    return sweep_.base_line;
-  }
-
-  static void replace_all(std::string& text, const std::string& from, const std::string& to) {
-    for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size()))
-      text.replace(at, from.size(), to);
   }
 
   const SweepFile& sweep_;
   const Manifest& manifest_;
-  const EmptyConfigFile* inline_base_;
+  const BaseConfig& base_;
+  std::vector<std::string> key_origins_;  // per manifest key: SWEEP:LINE
+  std::map<std::string, YAML::Node> values_;
+  std::map<std::string, ModelConfig> models_;
   std::set<std::string> checked_quantizers_;
-  std::map<std::string, int64_t> head_dims_;
 };
 
-// Every point's resolved config, in threads: loading and emitting run configs dominates the plan
-// (about 0.5 ms a point). On failure, the error of the first failing point in manifest order.
+// Every point's resolved config, in threads: loading and emitting run configs dominates the plan.
+// On failure, the error of the first failing point in manifest order.
 void resolve_configs(const SweepFile& sweep, const Manifest& manifest, std::vector<std::string>& configs) {
-  std::optional<EmptyConfigFile> inline_base;
-  if (sweep.base_path.empty()) inline_base.emplace();
-  const WorkingDirectory working_directory(sweep.file_directory());
+  const BaseConfig base = BaseConfig::of(sweep);
   const size_t points = manifest.points.size();
   const size_t threads = std::clamp<size_t>(std::min<size_t>(std::thread::hardware_concurrency(), points / 256), 1, 16);
+  std::vector<PointConfigs> point_configs(threads, PointConfigs(sweep, manifest, base));
   std::vector<std::optional<Error>> errors(threads);
   std::vector<size_t> error_points(threads, points);
   std::atomic<size_t> first_error{points};
   const auto resolve_range = [&](size_t thread) {
-    PointValidator validator(sweep, manifest, inline_base ? &*inline_base : nullptr);
     for (size_t i = thread * points / threads; i < (thread + 1) * points / threads && i < first_error; ++i) {
       try {
-        configs[i] = validator.resolved_config(manifest.points[i]);
+        configs[i] = point_configs[thread].resolved_config(manifest.points[i]);
       } catch (const Error& error) {
         errors[thread] = error;
         error_points[thread] = i;

@@ -49,8 +49,8 @@ struct PlanSummary {
   double seconds = 0;
 };
 
-// Expands, validates every point (load_run_config with the point's values as --set overrides, and
-// each distinct quantizer built for the model's head dimension), then writes what changed. A point
+// Expands, validates every point (its run config built in memory from the base and the point's values,
+// and checked against the model as a run checks it: decode/config_checks.h), then writes what changed. A point
 // whose config changed while its directory holds results is an error naming the point and the first
 // differing line, unless `force` (then its results are deleted). Nothing is written when any point
 // fails. Once every point is valid, the plan takes the sweep's lock (ROOT/NAME/sweep.lock: one plan

@@ -41,14 +41,12 @@ struct SlurmLauncher {
 
 struct SweepFile {
   std::string path;  // absolute
+  std::string text;
   std::string text_sha256;
   std::string name;
-  std::string root;       // absolute
-  std::string base_path;  // absolute; "" when the base is inline
-  // An inline base: each top-level section as a `--set SECTION=VALUE` override (VALUE flow YAML), so
-  // that its relative paths resolve like grid values, against the sweep file's directory.
-  std::vector<std::string> inline_base_overrides;
-  int base_line = 0;
+  std::string root;         // absolute
+  std::string base_path;    // absolute; "" when the base is inline
+  bool inline_base = false;  // the base is a run config written in the sweep file, under `base`
   std::vector<Axis> axes;
   std::vector<ExcludeRule> excludes;
   std::string launcher_kind;  // local | slurm
@@ -56,7 +54,7 @@ struct SweepFile {
   SlurmLauncher slurm;
 
   std::string directory() const;              // ROOT/NAME
-  std::string file_directory() const;         // the sweep file's directory: relative values resolve there
+  std::string file_directory() const;         // the sweep file's directory: relative paths resolve there
   std::vector<std::string> keys() const;      // every grid and zip key, in file order
   int line_of(const std::string& key) const;  // 0 when `key` is not a grid/zip key
 };
