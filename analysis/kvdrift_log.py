@@ -320,6 +320,17 @@ class RunInfo:
             settings[name] = int(recorded[0] if recorded else section.get(name, default))
         return settings
 
+    def first_step(self):
+        """The first step whose logits can differ from the reference's, as /summary records it (kvdrift
+        takes it from the run's prefill: 1 after a full-precision one, 0 after a chunked one). A run not
+        yet complete has no /summary; its steps are then counted by that same rule."""
+        recorded = {s[""]["first_step"] for s in self.summary.values() if "first_step" in s.get("", {})}
+        if len(recorded) > 1:
+            raise LogError(f"{self.path}: /summary records first_step {sorted(recorded)} for different quantizers")
+        if recorded:
+            return int(recorded.pop())
+        return 0 if self.prefill == "chunked" else 1
+
     def lacks_onset(self):
         """The one-line error for a log written without the onset arrays (`onset_step` of every lane)."""
         return LogError(f"{self.path}: written by kvdrift {self.kvdrift_version} (git {self.git_revision}), which "
@@ -572,9 +583,9 @@ def check_distinct(paths):
 def visit_finished_samples(paths, quantizers, visit, wait_seconds=10.0):
     """Opens each run log, checks that it has every one of `quantizers` and a per-step `kl`, and calls
     visit(info, path, index, sample, first_step, logged_steps) for each finished sample inside
-    reading(), so that a damaged sample fails in one line naming it. `first_step` is the step of the
-    first logged row (0 after a chunked prefill, else 1); `logged_steps` the sample's logged step
-    numbers (empty when every step was logged). Returns the runs' RunInfo, checked to pool."""
+    reading(), so that a damaged sample fails in one line naming it. `first_step` is the first step
+    compared (RunInfo.first_step: /summary's); `logged_steps` the sample's logged step numbers (empty
+    when every step was logged). Returns the runs' RunInfo, checked to pool."""
     infos = []
     for path in paths:
         with open_run_file(path, wait_seconds=wait_seconds) as handle:
@@ -584,7 +595,7 @@ def visit_finished_samples(paths, quantizers, visit, wait_seconds=10.0):
             if missing:
                 raise LogError(f"{path}: no quantizer '{missing[0]}' (available: {', '.join(info.quantizers)})")
             info.metric_axes("kl", ("step",))
-            first_step = 0 if info.prefill == "chunked" else 1
+            first_step = info.first_step()
             for index in info.samples:
                 with reading(sample_where(path, index)):
                     sample = handle[f"samples/{index}"]

@@ -172,7 +172,7 @@ void run_main_job(const RunOptions& options) {
   }
   std::vector<std::string> names;
   for (const auto& q : config.quantizers) names.push_back(q.name);
-  const auto summary = log.finish(names, config.analysis);
+  const auto summary = log.finish(names, summary_settings(config));
   // Confidence intervals, slopes and counts: the log's /summary (docs/hdf5-schema.md).
   std::cout << fmt::format("{:<24} {:>14} {:>25} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (KM med)",
                            "bits/elem");

@@ -475,6 +475,32 @@ TEST(RunLog, ResumesKeepingFinishedSamplesAndDroppingIncompleteOnes) {
   EXPECT_NEAR(rows[0].mean_kl, (0.2 + 0.4 + 0.5 + 0.2 + 0.4) / 5, 1e-6);  // steps from 1 of samples 0, 1, 0
 }
 
+// The summary counts steps from the settings it is given (the run's: a chunked prefill compares step 0
+// too), not from the file's attributes, which here record a full prefill.
+TEST(RunLog, SummaryCountsStepsFromTheRunsSettings) {
+  RunConfig chunked;
+  chunked.decoding.prefill = PrefillMode::Chunked;
+  chunked.analysis.onset_margin = 3;
+  EXPECT_EQ(summary_settings(chunked).first_step, 0);
+  EXPECT_EQ(summary_settings(chunked).analysis.onset_margin, 3);
+  EXPECT_EQ(summary_settings(RunConfig{}).first_step, 1);
+
+  const std::string path = scratch_dir() + "/run.h5";
+  RunLog log = RunLog::open(path, kConfig, metadata(), false);
+  log.write_sample(0, make_sample(0));
+  log.write_sample(1, make_sample(1));
+  const std::vector<RunSummaryRow> rows = log.finish(kQuantizers, summary_settings(chunked));
+  // Every step: int4 {0.1, 0.2, 0.4 | 0.3, 0.5}, int2 {1, 2, 4 | 3, 5}.
+  EXPECT_NEAR(rows[0].mean_kl, 1.5 / 5, 1e-6);
+  EXPECT_NEAR(rows[1].mean_kl, 15.0 / 5, 1e-6);
+  const h5::File file = h5::File::open_read(path);
+  EXPECT_EQ(file.attribute<std::string>("prefill"), "full");
+  EXPECT_EQ(file.open_group("summary/int4").attribute<int64_t>("first_step"), 0);
+  EXPECT_EQ(file.open_group("summary/int4").attribute<int64_t>("onset_margin"), 3);
+  // Within-sample slopes over steps 0..2 and 0..1, pooled: (0.3 + 0.1) / (2 + 0.5).
+  EXPECT_NEAR(file.open_group("summary/int4/teacher_forced").attribute<double>("kl_slope"), 0.16, 1e-6);
+}
+
 TEST(RunLog, RecoversTheFileOfAWriterKilledMidSample) {
   const std::string path = scratch_dir() + "/run.h5";
   RunLog::open(path, kConfig, metadata(), false).write_sample(0, make_sample(0));

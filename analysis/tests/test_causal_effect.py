@@ -334,6 +334,26 @@ class Accumulation(unittest.TestCase):
         self.assertIn("--min-post-onset-steps must be at least 2, got 1", bad.stderr)
 
 
+class FirstStep(unittest.TestCase):
+    def test_read_from_the_summary(self):
+        # /summary's first_step decides; the prefill rule only where a run has no summary yet
+        dir = support.scratch_dir("causal-first-step")
+        summary = {n: {"": {"first_step": 0}} for n, _, _ in EQUAL_ERROR}
+        cases = [({}, 1), ({"complete": False}, 1), ({"complete": False, "root_attrs": {"prefill": "chunked"}}, 0),
+                 ({"summary": summary}, 0),
+                 ({"summary": {"x-ees": {"": {"first_step": 0}}, "x-eed": {"": {"first_step": 1}}}}, None)]
+        for i, (write_args, expected) in enumerate(cases):
+            path = accumulation_run(os.path.join(dir, f"run-{i}.h5"), **write_args)
+            seen = []
+            visit = lambda info, path, index, sample, first_step, logged: seen.append(first_step)
+            if expected is None:
+                with self.assertRaisesRegex(causal_effect.log.LogError, r"records first_step \[0, 1\]"):
+                    causal_effect.log.visit_finished_samples([path], ["x-ees"], visit)
+                continue
+            causal_effect.log.visit_finished_samples([path], ["x-ees"], visit)
+            self.assertEqual(seen, [expected] * len(ACCUMULATION), write_args)
+
+
 class PostOnsetSlope(unittest.TestCase):
     def test_by_hand(self):
         kl = [[0, 0, 0, 1, 2, 3, 4], [0, 0, 5, 5, 7, 9], [0, 1, 2, 3], [1, 2, 3]]

@@ -21,6 +21,7 @@
 
 #include "io/hdf5.h"
 #include "io/run_config.h"
+#include "run/run_summary.h"
 
 namespace kvdrift {
 
@@ -46,14 +47,6 @@ struct RunMetadata {
   int64_t prefill_chunk = 0;                // its chunk size; 0 with a full prefill
   std::vector<std::string> quantizer_names;
   std::map<std::string, std::map<std::string, std::string>> quantizer_params;  // name -> param -> value
-};
-
-// One quantizer's line of the table `kvdrift run` prints; NaN where the run has no such lane.
-struct RunSummaryRow {
-  std::string quantizer;
-  double mean_kl;                  // teacher_forced KL, mean over samples and compared steps
-  double first_divergence_median;  // free_running, Kaplan–Meier (+inf: not reached)
-  double bits_per_element;         // mean over samples and lanes
 };
 
 // Writes the samples of one batch of a run log while they decode (RunLog::begin_samples).
@@ -100,12 +93,12 @@ class RunLog {
   // A whole sample at once: begin_samples, then finish.
   void write_sample(int64_t index, const SampleResult& result);
 
-  // Summarizes the finished samples per quantizer, read back from the file, writes /summary and marks
-  // the run complete; `analysis` says how the post-onset statistics count steps. Rows come in the order
-  // of `quantizer_names`. For a finished run this process added no sample to, only reads the rows
-  // back from /summary.
+  // Summarizes the finished samples per quantizer, read back from the file (run/run_summary.h), writes
+  // /summary and marks the run complete; `settings` come from the run's config (summary_settings).
+  // Rows come in the order of `quantizer_names`. For a finished run this process added no sample to,
+  // only reads the rows back from /summary.
   std::vector<RunSummaryRow> finish(const std::vector<std::string>& quantizer_names,
-                                    const AnalysisSettings& analysis = {});
+                                    const SummarySettings& settings = {});
 
  private:
   friend class SampleWriter;
