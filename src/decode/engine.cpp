@@ -297,6 +297,9 @@ class Engine::Batch {
   const int64_t longest_prompt_;  // shorter prompts are padded to it in the prefill
   const SamplingConfig sampling_;
   const bool kl_sampled_;
+  // The per-step metrics of the teacher-forced and one-step lanes, by name: measure computes each,
+  // drain_metrics moves each into the lane array of that name.
+  const std::vector<std::string> teacher_columns_;
   std::vector<BatchSample> samples_;
   std::vector<SampleResult> results_;  // in prompt order
   std::vector<std::vector<Onset>> onsets_;  // per prompt, per lane of its result (moved into it at the end)
@@ -311,7 +314,7 @@ class Engine::Batch {
   BatchIndex index_;
   std::vector<LaneKey> teacher_order_, static_order_;
   StepObserver observer_;
-  std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher_order_ rows, 3 or 4]
+  std::vector<torch::Tensor> teacher_step_metrics_;  // per step: [teacher_order_ rows, teacher_columns_]
 };
 
 std::vector<std::shared_ptr<const Quantizer>> Engine::Batch::row_quantizers(const Engine& engine,
@@ -359,6 +362,9 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
       sampling_{engine.config_.decoding.temperature, engine.config_.decoding.top_p, engine.config_.decoding.top_k,
                 engine.config_.decoding.seed},
       kl_sampled_(sampling_.reshapes_distribution()),
+      teacher_columns_(kl_sampled_ ? std::vector<std::string>{metric::kl, metric::top1_agree, metric::logp_delta,
+                                                              metric::kl_sampled}
+                                   : std::vector<std::string>{metric::kl, metric::top1_agree, metric::logp_delta}),
       samples_(prompts.size()),
       results_(prompts.size()),
       onsets_(prompts.size()),
@@ -386,15 +392,13 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
 // Every sample's lanes in log order (per quantizer: static, teacher-forced, free-running), with their
 // per-step arrays declared empty so that a partial sample already names every array it will hold.
 void Engine::Batch::declare_lanes() {
-  std::vector<const char*> teacher_arrays = {metric::kl, metric::top1_agree, metric::logp_delta};
-  if (kl_sampled_) teacher_arrays.push_back(metric::kl_sampled);
   const int64_t layers = engine_.model_.config().n_layers;
   for (size_t p = 0; p < samples_.size(); ++p) {
-    auto add_lane = [&](size_t q, Lane kind, const std::vector<const char*>& step_arrays, bool attention) {
+    auto add_lane = [&](size_t q, Lane kind, const std::vector<std::string>& step_arrays, bool attention) {
       LaneResult lane;
       lane.quantizer = engine_.config_.quantizers[q].name;
       lane.lane = kind;
-      for (const char* name : step_arrays) lane.arrays[name] = {{}, {0}};
+      for (const std::string& name : step_arrays) lane.arrays[name] = {{}, {0}};
       if (attention && engine_.config_.metrics.attention_error)
         for (const char* name : {metric::attn_rel_l2, metric::attn_cos}) lane.arrays[name] = {{}, {0, layers}};
       lane.arrays[metric::fraction_read_quantized] = {{}, {0}};
@@ -405,8 +409,8 @@ void Engine::Batch::declare_lanes() {
     for (size_t q = 0; q < samples_[p].quantizers.size(); ++q) {
       QuantizerLanes& lanes = samples_[p].quantizers[q];
       if (engine_.static_lane_) lanes.static_lane = add_lane(q, Lane::Static, {}, true);
-      if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, Lane::TeacherForced, teacher_arrays, true);
-      if (engine_.one_step_) lanes.one_step_lane = add_lane(q, Lane::OneStep, teacher_arrays, true);
+      if (engine_.teacher_forced_) lanes.teacher_lane = add_lane(q, Lane::TeacherForced, teacher_columns_, true);
+      if (engine_.one_step_) lanes.one_step_lane = add_lane(q, Lane::OneStep, teacher_columns_, true);
       if (engine_.free_running_) lanes.free_lane = add_lane(q, Lane::FreeRunning, {metric::match}, false);
     }
   }
@@ -502,7 +506,8 @@ void Engine::Batch::measure(const torch::Tensor& step_logits, const std::vector<
   auto kl = (log_ref.exp() * (log_ref - log_lane)).sum(-1);
   auto agree = (lane_logits.argmax(-1) == reference_logits.argmax(-1)).to(torch::kFloat32);
   auto delta = (log_ref.gather(1, reference_token) - log_lane.gather(1, reference_token)).squeeze(1);
-  std::vector<torch::Tensor> columns = {kl.to(torch::kFloat32), agree, delta.to(torch::kFloat32)};
+  std::map<std::string, torch::Tensor> columns = {
+      {metric::kl, kl.to(torch::kFloat32)}, {metric::top1_agree, agree}, {metric::logp_delta, delta.to(torch::kFloat32)}};
   if (kl_sampled_) {
     // Between the distributions the lanes sample from, on the host in float64 (the samplers' own
     // definition); +inf where the reference keeps a token the lane cuts.
@@ -517,9 +522,11 @@ void Engine::Batch::measure(const torch::Tensor& step_logits, const std::vector<
       const auto lane = sampling_distribution(host_logits[index_.teacher_slot_list[i]], sampling_);
       divergences.push_back(static_cast<float>(kl_divergence(reference->second, lane, host_logits.size(1))));
     }
-    columns.push_back(torch::tensor(divergences).to(device_));
+    columns[metric::kl_sampled] = torch::tensor(divergences).to(device_);
   }
-  teacher_step_metrics_.push_back(torch::stack(columns, 1));
+  std::vector<torch::Tensor> in_order;
+  for (const std::string& name : teacher_columns_) in_order.push_back(columns.at(name));
+  teacher_step_metrics_.push_back(torch::stack(in_order, 1));
 }
 
 // A lane stops at an end token only with decoding.stop_at_eos; otherwise it decodes every step.
@@ -629,16 +636,14 @@ void Engine::Batch::note_reads(int64_t step) {
 // teacher_order_ / static_order_: called before those change.
 void Engine::Batch::drain_metrics() {
   if (!teacher_step_metrics_.empty()) {
-    const auto metrics = torch::stack(teacher_step_metrics_, 0).to(torch::kCPU);  // [steps, teacher rows, 3]
+    const auto metrics = torch::stack(teacher_step_metrics_, 0).to(torch::kCPU);  // [steps, rows, columns]
     teacher_step_metrics_.clear();
     for (size_t i = 0; i < teacher_order_.size(); ++i) {
       const LaneKey& key = teacher_order_[i];
       auto& arrays = results_[key.prompt].lanes[samples_[key.prompt].quantizers[key.quantizer].*key.lane].arrays;
       const auto own = metrics.select(1, static_cast<int64_t>(i));
-      append_rows(arrays[metric::kl], own.select(1, 0));
-      append_rows(arrays[metric::top1_agree], own.select(1, 1));
-      append_rows(arrays[metric::logp_delta], own.select(1, 2));
-      if (kl_sampled_) append_rows(arrays[metric::kl_sampled], own.select(1, 3));
+      for (size_t c = 0; c < teacher_columns_.size(); ++c)
+        append_rows(arrays[teacher_columns_[c]], own.select(1, static_cast<int64_t>(c)));
     }
   }
   drain_attention(observer_.static_rel_l2, observer_.static_cos, static_order_);
