@@ -182,11 +182,6 @@ TEST(StatisticsTest, KaplanMeierTextbook) {
   EXPECT_EQ(survival.at_risk_at_median, 3);
   EXPECT_EQ(survival.events, 4);
   EXPECT_EQ(survival.censored, 2);
-
-  const std::vector<double> curve = kaplan_meier_curve(times, event, 7);
-  const std::vector<double> expected = {1, 5.0 / 6, 5.0 / 8, 5.0 / 12, 5.0 / 12, 0, 0};
-  ASSERT_EQ(curve.size(), expected.size());
-  for (size_t t = 0; t < curve.size(); ++t) EXPECT_NEAR(curve[t], expected[t], 1e-12) << "t = " << t;
 }
 
 TEST(StatisticsTest, KaplanMeierNoCensoring) {
@@ -196,11 +191,6 @@ TEST(StatisticsTest, KaplanMeierNoCensoring) {
   EXPECT_EQ(survival.at_risk_at_median, 3);
   EXPECT_EQ(survival.events, 4);
   EXPECT_EQ(survival.censored, 0);
-
-  const std::vector<double> curve = kaplan_meier_curve({4, 3, 2, 1}, {true, true, true, true}, 6);
-  const std::vector<double> expected = {1, 0.75, 0.5, 0.25, 0, 0};  // 1/2 * 1/2 = 1/4, then 1/4 * 0
-  ASSERT_EQ(curve.size(), expected.size());
-  for (size_t t = 0; t < curve.size(); ++t) EXPECT_NEAR(curve[t], expected[t], 1e-12) << "t = " << t;
 }
 
 TEST(StatisticsTest, KaplanMeierNotReachedAndEmpty) {
@@ -209,7 +199,6 @@ TEST(StatisticsTest, KaplanMeierNotReachedAndEmpty) {
   EXPECT_EQ(censored.at_risk_at_median, 0);
   EXPECT_EQ(censored.events, 0);
   EXPECT_EQ(censored.censored, 2);
-  EXPECT_EQ(kaplan_meier_curve({3, 5}, {false, false}, 3), (std::vector<double>{1, 1, 1}));
 
   // One event among four at step 1: S = 3/4 from then on, never <= 0.5.
   EXPECT_EQ(kaplan_meier({1, 8, 8, 8}, {true, false, false, false}).median, kInf);
@@ -219,8 +208,6 @@ TEST(StatisticsTest, KaplanMeierNotReachedAndEmpty) {
   EXPECT_EQ(empty.at_risk_at_median, 0);
   EXPECT_EQ(empty.events, 0);
   EXPECT_EQ(empty.censored, 0);
-  EXPECT_EQ(kaplan_meier_curve({}, {}, 2), (std::vector<double>{1, 1}));
-  EXPECT_TRUE(kaplan_meier_curve({1}, {true}, 0).empty());
 }
 
 TEST(StatisticsTest, KaplanMeierCensoredAtEventStepIsNotAtRisk) {
@@ -265,8 +252,7 @@ TEST(StatisticsTest, KaplanMeierRejectsBadInput) {
   EXPECT_ERROR_NAMING(kaplan_meier({1, -3}, {true, true}), "times[1] = -3");
   EXPECT_ERROR_NAMING(kaplan_meier({1, kNaN}, {true, true}), "times[1] = nan");
   EXPECT_ERROR_NAMING(kaplan_meier({1, 2}, {true, true}, {1, -0.5}), "weights[1] = -0.5");
-  EXPECT_ERROR_NAMING(kaplan_meier_curve({1}, {true}, -4), "-4");
-  EXPECT_ERROR_NAMING(kaplan_meier_curve({-1}, {true}, 4), "times[0] = -1");
+  EXPECT_ERROR_NAMING(kaplan_meier({-1}, {true}), "times[0] = -1");
 }
 
 // ---------------------------------------------------------------------------------------------

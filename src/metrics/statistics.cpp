@@ -139,21 +139,6 @@ Survival kaplan_meier(const std::vector<double>& times, const std::vector<bool>&
   return result;
 }
 
-std::vector<double> kaplan_meier_curve(const std::vector<double>& times, const std::vector<bool>& event,
-                                       int64_t steps) {
-  if (steps < 0) fail("kaplan_meier_curve: steps {} is negative", steps);
-  const SurvivalFit fit = fit_survival(times, event, {});
-  std::vector<double> curve(static_cast<size_t>(steps));
-  size_t next = 0;  // first event step not yet folded into S
-  double survival = 1;
-  for (int64_t t = 0; t < steps; ++t) {
-    for (; next < fit.steps.size() && fit.steps[next].step <= static_cast<double>(t); ++next)
-      survival = fit.steps[next].survival;
-    curve[static_cast<size_t>(t)] = survival;
-  }
-  return curve;
-}
-
 // --- Bootstrap ---
 
 namespace {

@@ -48,6 +48,9 @@ struct LineSums {
 //   at_risk(d) = (events at steps >= d) + (censored at steps > d)
 //   S(t) = P(first divergence > t) = product over event steps d <= t of (1 - events(d) / at_risk(d)).
 // Optional weights (a bootstrap resample's multiplicities, default all 1) scale each sample's counts.
+// Only the median and its counts, for the run log's summary and its bootstrap interval: the curve S(t)
+// is analysis/kvdrift_log.py's survival_curve, the one the survival figure draws (its tests work the
+// same cases by hand, and analysis/tests/test_demo.py checks that it first reaches 0.5 at this median).
 struct Survival {
   double median;             // smallest event step d with S(d) <= 0.5; +inf when S never reaches 0.5
                              // ("not reached"); NaN when there are no samples (or all weights are 0)
@@ -58,9 +61,6 @@ struct Survival {
 Survival kaplan_meier(const std::vector<double>& times, const std::vector<bool>& event,
                       const std::vector<double>& weights = {});
 
-// S(t) for t = 0 .. steps-1 (same convention): the curve a survival figure draws. All 1 when there are
-// no samples.
-std::vector<double> kaplan_meier_curve(const std::vector<double>& times, const std::vector<bool>& event, int64_t steps);
 
 // Percentile bootstrap over `samples` independent units (prompts). Each of `resamples` resamples draws `samples`
 // unit indices with replacement and calls statistic(weights), where weights[i] is how often unit i was drawn.
