@@ -99,6 +99,21 @@ class Progress {
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
+// The table `kvdrift run` ends with; intervals, slopes and counts are in the log's /summary
+// (docs/hdf5-schema.md).
+void print_summary(const std::vector<RunSummaryRow>& rows, const std::string& output_path) {
+  std::cout << fmt::format("{:<24} {:>14} {:>25} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (KM med)",
+                           "bits/elem");
+  for (const auto& row : rows) {
+    const std::string divergence = std::isinf(row.first_divergence_median)
+                                       ? std::string("not reached")
+                                       : fmt::format("{:.1f}", row.first_divergence_median);
+    std::cout << fmt::format("{:<24} {:>14.4e} {:>25} {:>10.3f}\n", row.quantizer, row.mean_kl, divergence,
+                             row.bits_per_element);
+  }
+  std::cout << "output: " << output_path << "\n";
+}
+
 void run_main_job(const RunOptions& options) {
   auto overrides = options.overrides;
   if (options.output) {
@@ -172,18 +187,7 @@ void run_main_job(const RunOptions& options) {
   }
   std::vector<std::string> names;
   for (const auto& q : config.quantizers) names.push_back(q.name);
-  const auto summary = log.finish(names, summary_settings(config));
-  // Confidence intervals, slopes and counts: the log's /summary (docs/hdf5-schema.md).
-  std::cout << fmt::format("{:<24} {:>14} {:>25} {:>10}\n", "quantizer", "mean KL (TF)", "first divergence (KM med)",
-                           "bits/elem");
-  for (const auto& row : summary) {
-    const std::string divergence = std::isinf(row.first_divergence_median)
-                                       ? std::string("not reached")
-                                       : fmt::format("{:.1f}", row.first_divergence_median);
-    std::cout << fmt::format("{:<24} {:>14.4e} {:>25} {:>10.3f}\n", row.quantizer, row.mean_kl, divergence,
-                             row.bits_per_element);
-  }
-  std::cout << "output: " << config.output.path << "\n";
+  print_summary(log.finish(names, summary_settings(config)), config.output.path);
 }
 
 }  // namespace

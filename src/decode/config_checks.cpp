@@ -21,7 +21,8 @@ std::shared_ptr<const Quantizer> make_config_quantizer(const QuantizerSettings& 
 std::vector<std::shared_ptr<const Quantizer>> make_config_quantizers(const RunConfig& config,
                                                                     const ModelConfig& model) {
   std::vector<std::shared_ptr<const Quantizer>> quantizers;
-  for (const QuantizerSettings& settings : config.quantizers) quantizers.push_back(make_config_quantizer(settings, model));
+  for (const QuantizerSettings& settings : config.quantizers)
+    quantizers.push_back(make_config_quantizer(settings, model));
   return quantizers;
 }
 

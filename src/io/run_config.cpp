@@ -1,7 +1,5 @@
 #include "io/run_config.h"
 
-#include <yaml-cpp/yaml.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <regex>
@@ -21,10 +19,6 @@ namespace fs = std::filesystem;
 
 const std::vector<std::string> kSections = {"model", "prompts", "decoding", "quantizers", "lanes", "metrics", "analysis", "output"};
 bool is_synthetic(const std::string& model_path) { return synthetic_model_name(model_path).has_value(); }
-
-bool contains(const std::vector<std::string>& list, const std::string& item) {
-  return std::find(list.begin(), list.end(), item) != list.end();
-}
 
 // "a", "a or b", "a, b or c".
 std::string or_list(const std::vector<std::string>& items) {
@@ -394,17 +388,11 @@ std::vector<Lane> read_lanes(const Mapping& root, std::vector<Lane> fallback) {
   return lanes;
 }
 
-MetricSettings read_metrics(const Mapping& root) {
-  const Mapping metrics = root.at("metrics").mapping(keys_of(metric_fields()));
-  MetricSettings settings;
-  read_plain_fields(metrics, metric_fields(), settings);
-  return settings;
-}
-
-AnalysisSettings read_analysis(const Mapping& root) {
-  const Mapping analysis = root.at("analysis").mapping(keys_of(analysis_fields()));
-  AnalysisSettings settings;
-  read_plain_fields(analysis, analysis_fields(), settings);
+// A section of plain fields only.
+template <typename S>
+S read_plain_section(const Mapping& root, const char* key, const std::vector<Field<S>>& fields) {
+  S settings;
+  read_plain_fields(root.at(key).mapping(keys_of(fields)), fields, settings);
   return settings;
 }
 
@@ -432,7 +420,8 @@ std::vector<std::string> lane_names(const std::vector<Lane>& lanes) {
 
 RunConfig load_run_config(YAML::Node document, const YamlSource& source, const std::vector<Override>& overrides) {
   if (!document.IsNull() && !document.IsMap())
-    fail("{}{}: the config must be a mapping of sections ({})", source.file, source.context, fmt::join(kSections, ", "));
+    fail("{}{}: the config must be a mapping of sections ({})", source.file, source.context,
+         fmt::join(kSections, ", "));
   Document config_document(std::move(document), source);
   for (const Override& override : overrides) config_document.apply(override);
   const Mapping root = config_document.root().mapping(kSections);
@@ -444,8 +433,8 @@ RunConfig load_run_config(YAML::Node document, const YamlSource& source, const s
   config.decoding = read_decoding(root);
   config.quantizers = read_quantizers(root);
   config.lanes = read_lanes(root, config.lanes);
-  config.metrics = read_metrics(root);
-  config.analysis = read_analysis(root);
+  config.metrics = read_plain_section(root, "metrics", metric_fields());
+  config.analysis = read_plain_section(root, "analysis", analysis_fields());
   config.output = read_output(root);
   return config;
 }

@@ -1,15 +1,13 @@
 #pragma once
 // The run configuration of `kvdrift run CONFIG.yaml [--set a.b=value ...]`: what model to load, which
-// prompts to decode and how, which quantizers and lanes to compare, what to log and where. Loading is
-// strict, because a silently ignored setting wastes a research run: unknown keys, wrong types, values
-// out of range and settings that cannot take effect together are errors naming the dotted key and
-// where it came from ("configs/demo.yaml:12: ..." or "--set decoding.top_p=2: ...").
+// prompts to decode and how, which quantizers and lanes to compare, what to log and where. Read by
+// io/strict_yaml.h, so unknown keys, wrong types and values out of range are errors naming the dotted
+// key and where it came from; so are settings that cannot take effect together.
 //
-// Paths: model.path, model.tokenizer and prompts.path are relative to the config file's directory
-// when written in the file, to the current working directory when given with --set (as a shell
-// user types them), and to the sweep file's directory when a sweep sets them. output.path is always relative to the current working directory: outputs belong
-// to the caller, not to the config. All are stored absolute and lexically normalized; synthetic:NAME
-// model paths are kept as written.
+// Paths: model.path, model.tokenizer and prompts.path are relative to the directory of what wrote them
+// (the config file, the working directory for --set, the sweep file for its values); output.path to
+// the working directory (outputs belong to the caller). All are stored absolute and normalized;
+// synthetic:NAME model paths as written.
 #include <cstdint>
 #include <map>
 #include <optional>

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 namespace kvdrift {
@@ -15,6 +17,8 @@ namespace kvdrift {
 namespace {
 
 namespace fs = std::filesystem;
+
+constexpr int64_t kMaxYamlNodes = 100000;  // far above any real config or sweep file
 
 // Counts parser events and throws once there are more than `limit`.
 class EventBound : public YAML::EventHandler {
@@ -94,17 +98,6 @@ std::optional<size_t> parse_index(const std::string& text) {
   return index;
 }
 
-template <typename T>
-strict_yaml_detail::Number<T> parse_number(const std::string& text) {
-  strict_yaml_detail::Number<T> number;
-  const bool plus_sign = text.size() > 1 && text[0] == '+' && text[1] != '-';  // YAML allows "+1"; from_chars not
-  const auto [end, error] = std::from_chars(text.data() + plus_sign, text.data() + text.size(), number.value);
-  const bool whole_text = !text.empty() && end == text.data() + text.size();
-  if constexpr (std::is_integral_v<T>) number.out_of_range = whole_text && error == std::errc::result_out_of_range;
-  number.parsed = whole_text && error == std::errc() && std::isfinite(static_cast<double>(number.value));
-  return number;
-}
-
 }  // namespace
 
 // --- Bounded loading ---
@@ -112,11 +105,6 @@ strict_yaml_detail::Number<T> parse_number(const std::string& text) {
 YAML::Node load_yaml(const std::string& text) {
   check_parser_terminates(text);
   return YAML::Load(text);
-}
-
-std::vector<YAML::Node> load_yaml_documents(const std::string& text) {
-  check_parser_terminates(text);
-  return YAML::LoadAll(text);
 }
 
 void check_yaml_size(const YAML::Node& document, const std::string& where) {
@@ -141,7 +129,8 @@ YamlFile read_yaml_file(const std::string& path, const std::string& kind) {
   }
   std::vector<YAML::Node> documents;
   try {
-    documents = load_yaml_documents(file.text);
+    check_parser_terminates(file.text);
+    documents = YAML::LoadAll(file.text);
   } catch (const YAML::Exception& syntax_error) {
     fail("{}:{}: YAML syntax error: {}", path, syntax_error.mark.line + 1, syntax_error.msg);
   }
@@ -176,8 +165,6 @@ std::string Range::describe() const {
 
 Document::Document(YAML::Node root, YamlSource source)
     : root_(root.IsNull() ? YAML::Node(YAML::NodeType::Map) : std::move(root)), source_(std::move(source)) {}
-
-Value Document::root() const { return Value(*this, root_, "", root_.Mark()); }
 
 void Document::apply(const Override& override) {
   const auto reject = [&](const std::string& message) { fail("{}: {}", located(override.origin), message); };
@@ -244,19 +231,6 @@ std::string Document::where_any(const std::string& key_path, const YAML::Mark& m
   return where(key_path, mark);
 }
 
-const std::string& Document::base_dir(const std::string& key_path) const {
-  const Applied* applied = override_of(key_path);
-  return applied ? applied->base_dir : source_.base_dir;
-}
-
-int Value::line() const { return document_->overridden(path_) || mark_.is_null() ? 0 : mark_.line + 1; }
-
-std::string Value::text() const {
-  std::string value = as<std::string>();
-  if (value.empty()) reject(fmt::format("{} must not be empty", path_));
-  return value;
-}
-
 std::string Value::one_of(const std::vector<std::string>& allowed, const std::string& noun,
                           const std::optional<std::string>& fallback) const {
   if (fallback && is_null()) return *fallback;
@@ -275,14 +249,9 @@ std::vector<Value> Value::elements(const std::string& noun) const {
   return entries;
 }
 
-Mapping Value::mapping(const std::vector<std::string>& known_keys) const {
+Mapping Value::mapping(const std::vector<std::string>* known_keys) const {
   if (!is_null() && !node_.IsMap()) expected("a mapping");
-  return Mapping(*document_, node_, path_, &known_keys);
-}
-
-Mapping Value::open_mapping() const {
-  if (!is_null() && !node_.IsMap()) expected("a mapping");
-  return Mapping(*document_, node_, path_, nullptr);
+  return Mapping(*document_, node_, path_, known_keys);
 }
 
 void Value::expected(const std::string& what) const {
@@ -311,11 +280,6 @@ Mapping::Mapping(const Document& document, const YAML::Node& node, std::string p
   }
 }
 
-Value Mapping::at(const std::string& key) const {
-  if (const Entry* entry = find(key)) return entry->value;
-  return Value(*document_, YAML::Node(), child_path(key), YAML::Mark::null_mark());
-}
-
 Value Mapping::required(const std::string& key) const {
   Value value = at(key);
   if (value.is_null())
@@ -328,28 +292,38 @@ void Mapping::reject_key(const std::string& key, const std::string& message) con
   fail("{}: {}", document_->where(child_path(key), entry ? entry->key_mark : YAML::Mark::null_mark()), message);
 }
 
-const Mapping::Entry* Mapping::find(const std::string& key) const {
-  for (const Entry& entry : entries_)
-    if (entry.key == key) return &entry;
-  return nullptr;
+template <typename T>
+T Value::as(const Range& range) const {
+  const bool plain = node_.IsScalar() && node_.Tag() != "!";  // YAML tags quoted scalars "!"
+  if constexpr (std::is_same_v<T, std::string>) {
+    if (!node_.IsScalar()) expected("a string");
+    return node_.Scalar();
+  } else if constexpr (std::is_same_v<T, bool>) {
+    // YAML 1.2 core schema booleans; yes/no/on/off are text there, so they are errors here.
+    static const std::set<std::string> kTrue = {"true", "True", "TRUE"}, kFalse = {"false", "False", "FALSE"};
+    if (plain && kTrue.count(node_.Scalar())) return true;
+    if (plain && kFalse.count(node_.Scalar())) return false;
+    expected("true or false");
+  } else {
+    T number{};
+    const std::string text = plain ? node_.Scalar() : "";
+    const bool plus_sign = text.size() > 1 && text[0] == '+' && text[1] != '-';  // YAML allows "+1"; from_chars not
+    const auto [end, error] = std::from_chars(text.data() + plus_sign, text.data() + text.size(), number);
+    const bool whole_text = !text.empty() && end == text.data() + text.size();
+    if (std::is_integral_v<T> && whole_text && error == std::errc::result_out_of_range)
+      reject(fmt::format("{} must be an integer from {} to {}, got {}", path_, std::numeric_limits<T>::min(),
+                         std::numeric_limits<T>::max(), text));
+    if (!whole_text || error != std::errc() || !std::isfinite(static_cast<double>(number)))
+      expected(std::is_same_v<T, double> ? "a number" : std::is_signed_v<T> ? "an integer" : "a non-negative integer");
+    if (!range.contains(static_cast<double>(number))) reject(fmt::format("{} must be {}", path_, range.describe()));
+    return number;
+  }
 }
+template std::string Value::as<std::string>(const Range&) const;
+template bool Value::as<bool>(const Range&) const;
+template int64_t Value::as<int64_t>(const Range&) const;
+template uint64_t Value::as<uint64_t>(const Range&) const;
+template double Value::as<double>(const Range&) const;
 
-namespace strict_yaml_detail {
-
-bool is_plain(const YAML::Node& node) { return node.IsScalar() && node.Tag() != "!"; }  // YAML tags quoted scalars "!"
-
-// YAML 1.2 core schema booleans; yes/no/on/off are text there, so they are errors here.
-std::optional<bool> parse_bool(const YAML::Node& node) {
-  static const std::set<std::string> kTrue = {"true", "True", "TRUE"}, kFalse = {"false", "False", "FALSE"};
-  if (is_plain(node) && kTrue.count(node.Scalar())) return true;
-  if (is_plain(node) && kFalse.count(node.Scalar())) return false;
-  return std::nullopt;
-}
-
-Number<int64_t> parse_int64(const std::string& text) { return parse_number<int64_t>(text); }
-Number<uint64_t> parse_uint64(const std::string& text) { return parse_number<uint64_t>(text); }
-Number<double> parse_double(const std::string& text) { return parse_number<double>(text); }
-
-}  // namespace strict_yaml_detail
 
 }  // namespace kvdrift

@@ -1,27 +1,19 @@
 #pragma once
-// kvdrift's one reader of YAML inputs: run configs, sweep files and --set overrides. Strict, because a
-// silently ignored setting wastes a research run; bounded, because a malformed file must not hang it.
-//
-// Bounds. yaml-cpp 0.7 loops forever on some malformed text (a ',' where a top-level node starts:
-// ", a", "[a] ,"), building nodes until memory runs out: load_yaml runs a first pass that stops such a
-// loop (text yields a few parser events per byte at most; more is the loop, thrown as a
-// YAML::ParserException where it spins). A YAML alias repeats a node without repeating its text, so a
-// few hundred bytes can stand for billions of nodes (an "alias bomb"): check_yaml_size bounds a
-// loaded document.
-//
-// Strictness. A Document is a YAML tree that knows where each of its values came from: a line of its
-// file, or an Override (a --set argument, a sweep file's grid value). Values read through it are typed
-// (a quoted "12" is text, not a number; yes/no are text, not booleans), checked against ranges and
-// known keys, keys are given once, and every error names the dotted key and that origin:
-// "configs/demo.yaml:12: decoding.top_p must be in (0, 1]", "--set decoding.top_p=2: ...".
+// kvdrift's one reader of YAML inputs (run configs, sweep files, --set overrides): bounded, because a
+// malformed file must not hang a run, and strict, because a silently ignored setting wastes one.
+// - yaml-cpp 0.7 loops forever on some malformed text (", a", "[a] ,"): load_yaml first runs the parser
+//   without building nodes and stops it past a few events per byte. An alias repeats a node without its
+//   text (an "alias bomb" of 300 bytes stands for billions of nodes): check_yaml_size bounds a document.
+// - A Document is a YAML tree that knows where each value came from: a line of its file, or an Override
+//   (a --set argument, a sweep file's grid value). Values read through it are typed (a quoted "12" is
+//   text; yes/no are not booleans), ranged, keys are known and given once, and every error names the
+//   dotted key and that origin: "configs/demo.yaml:12: decoding.top_p must be in (0, 1]".
 #include <yaml-cpp/yaml.h>
 
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "core/enum_names.h"
@@ -31,18 +23,15 @@ namespace kvdrift {
 
 // --- Bounded loading ---
 
+// YAML::Load behind the loop stop; throws YAML::Exception.
 YAML::Node load_yaml(const std::string& text);
-std::vector<YAML::Node> load_yaml_documents(const std::string& text);
-
-inline constexpr int64_t kMaxYamlNodes = 100000;  // far above any real config or sweep file
 
 // Throws Error "WHERE: expands to more than 100000 YAML nodes ..." when `document` does, counting
 // each alias's node every time it is used; stops counting at the bound, so it is fast either way.
 void check_yaml_size(const YAML::Node& document, const std::string& where);
 
-// A file's one YAML document, bounded, and its text. `kind` names the file in errors ("config":
-// "config file not found: PATH", "PATH:12: a config is one YAML document, but a second one starts
-// here"; syntax errors name the line).
+// A file's one YAML document, bounded, and its text; `kind` names the file in errors ("config file not
+// found: PATH", "PATH:12: a config is one YAML document, but a second one starts here").
 struct YamlFile {
   std::string text;
   YAML::Node document;  // null for an empty file
@@ -83,9 +72,8 @@ inline const Range kAtLeastOne{1.0};
 inline const Range kAtLeastTwo{2.0};  // a slope needs two points
 inline const Range kUnitInterval{0.0, true, 1.0};
 
-// Where a document comes from: errors name `file` and its lines; relative paths written in it resolve
-// against `base_dir`; `context`, when given, follows every location an error names (a sweep names the
-// point there: ": point ID (key=value ...)").
+// Where a document comes from: errors name `file` and its lines, then `context` (a sweep's point:
+// ": point ID (key=value ...)"); relative paths written in it resolve against `base_dir`.
 struct YamlSource {
   std::string file;
   std::string base_dir;
@@ -109,8 +97,7 @@ class Document {
   // naming the override for a key that cannot be set (an entry a list lacks, a key under a scalar).
   void apply(const Override& override);
 
-  Value root() const;
-  const YamlSource& source() const { return source_; }
+  Value root() const;  // defined below Value
 
   // The origin of the innermost override that set `key_path` or a mapping or list holding it, else
   // FILE:LINE at `mark` (FILE alone for a null mark, as for a key that is missing); then the context.
@@ -118,10 +105,11 @@ class Document {
   // Like where, but an override that set part of `key_path` also names it: the origin of a setting as
   // a whole (a quantizer whose params a --set changed).
   std::string where_any(const std::string& key_path, const YAML::Mark& mark) const;
-  // Whether an override set `key_path` or a mapping or list holding it.
-  bool overridden(const std::string& key_path) const { return override_of(key_path) != nullptr; }
   // The directory relative paths at `key_path` resolve against.
-  const std::string& base_dir(const std::string& key_path) const;
+  const std::string& base_dir(const std::string& key_path) const {
+    const Applied* applied = override_of(key_path);
+    return applied ? applied->base_dir : source_.base_dir;
+  }
 
  private:
   struct Applied {
@@ -147,15 +135,13 @@ class Value {
   const std::string& path() const { return path_; }
   const YAML::Node& node() const { return node_; }
   bool is_null() const { return node_.IsNull(); }
-  // The 1-based line in the document's file; 0 for a value an override set or a missing one.
-  int line() const;
   std::string where() const { return document_->where(path_, mark_); }
   std::string origin() const { return document_->where_any(path_, mark_); }
   const std::string& base_dir() const { return document_->base_dir(path_); }
   [[noreturn]] void reject(const std::string& message) const { fail("{}: {}", where(), message); }
 
   // T: std::string (any scalar, as written), bool, int64_t, uint64_t or double (plain scalars: a
-  // quoted "12" is text, not a number). Numbers must lie in `range`.
+  // quoted "12" is text, not a number). Numbers must lie in `range`. Defined for these in the .cpp.
   template <typename T>
   T as(const Range& range = kAnyNumber) const;
   template <typename T>
@@ -163,7 +149,11 @@ class Value {
     return is_null() ? fallback : as<T>(range);
   }
   // A string that is not empty.
-  std::string text() const;
+  std::string text() const {
+    std::string value = as<std::string>();
+    if (value.empty()) reject(fmt::format("{} must not be empty", path_));
+    return value;
+  }
 
   // A string from `allowed`; `fallback` (if given) when null.
   std::string one_of(const std::vector<std::string>& allowed, const std::string& noun,
@@ -182,14 +172,15 @@ class Value {
   // The entries of a list; a non-empty one unless `noun` is empty.
   std::vector<Value> elements(const std::string& noun) const;
 
-  // A mapping (null reads as empty) whose keys must be among `known_keys`.
+  // A mapping (null reads as empty) whose keys must be among `known_keys`; with none given, keys of
+  // any name (a quantizer's params, which its own parser checks).
   Mapping mapping(const std::vector<std::string>& known_keys) const;
-  // A mapping with keys of any name (a quantizer's params, which its own parser checks).
   Mapping open_mapping() const;
 
-  [[noreturn]] void expected(const std::string& what) const;
-
  private:
+  [[noreturn]] void expected(const std::string& what) const;
+  Mapping mapping(const std::vector<std::string>* known_keys) const;
+
   const Document* document_;
   YAML::Node node_;
   std::string path_;
@@ -210,7 +201,10 @@ class Mapping {
           const std::vector<std::string>* known_keys);
 
   // The value at `key`; a null Value when the key is absent.
-  Value at(const std::string& key) const;
+  Value at(const std::string& key) const {
+    if (const Entry* entry = find(key)) return entry->value;
+    return Value(*document_, YAML::Node(), child_path(key), YAML::Mark::null_mark());
+  }
   Value required(const std::string& key) const;
   std::string required_text(const std::string& key) const { return required(key).text(); }
   bool has(const std::string& key) const { return !at(key).is_null(); }
@@ -222,54 +216,19 @@ class Mapping {
 
  private:
   std::string child_path(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
-  const Entry* find(const std::string& key) const;
+  const Entry* find(const std::string& key) const {
+    for (const Entry& entry : entries_)
+      if (entry.key == key) return &entry;
+    return nullptr;
+  }
 
   const Document* document_;
   std::string path_;
   std::vector<Entry> entries_;
 };
 
-// --- Value::as, here because it is a template ---
-
-namespace strict_yaml_detail {
-// The number in a plain scalar's text, or why there is none.
-template <typename T>
-struct Number {
-  T value{};
-  bool parsed = false;
-  bool out_of_range = false;  // an integer beyond T, written as one
-};
-Number<int64_t> parse_int64(const std::string& text);
-Number<uint64_t> parse_uint64(const std::string& text);
-Number<double> parse_double(const std::string& text);
-bool is_plain(const YAML::Node& node);
-std::optional<bool> parse_bool(const YAML::Node& node);
-}  // namespace strict_yaml_detail
-
-template <typename T>
-T Value::as(const Range& range) const {
-  namespace detail = strict_yaml_detail;
-  if constexpr (std::is_same_v<T, std::string>) {
-    if (!node_.IsScalar()) expected("a string");
-    return node_.Scalar();
-  } else if constexpr (std::is_same_v<T, bool>) {
-    if (const std::optional<bool> value = detail::parse_bool(node_)) return *value;
-    expected("true or false");
-  } else {
-    static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, uint64_t> || std::is_same_v<T, double>);
-    const std::string text = detail::is_plain(node_) ? node_.Scalar() : "";
-    detail::Number<T> number;
-    if constexpr (std::is_same_v<T, int64_t>) number = detail::parse_int64(text);
-    if constexpr (std::is_same_v<T, uint64_t>) number = detail::parse_uint64(text);
-    if constexpr (std::is_same_v<T, double>) number = detail::parse_double(text);
-    if (number.out_of_range)
-      reject(fmt::format("{} must be an integer from {} to {}, got {}", path_, std::numeric_limits<T>::min(),
-                         std::numeric_limits<T>::max(), text));
-    if (!number.parsed)
-      expected(std::is_same_v<T, double> ? "a number" : std::is_signed_v<T> ? "an integer" : "a non-negative integer");
-    if (!range.contains(static_cast<double>(number.value))) reject(fmt::format("{} must be {}", path_, range.describe()));
-    return number.value;
-  }
-}
+inline Value Document::root() const { return Value(*this, root_, "", root_.Mark()); }
+inline Mapping Value::mapping(const std::vector<std::string>& known_keys) const { return mapping(&known_keys); }
+inline Mapping Value::open_mapping() const { return mapping(nullptr); }
 
 }  // namespace kvdrift

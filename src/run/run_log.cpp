@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
-#include <cmath>
-#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <string_view>

@@ -8,7 +8,6 @@
 #include <functional>
 #include <limits>
 #include <map>
-#include <optional>
 
 #include "core/error.h"
 #include "metrics/metric_table.h"
@@ -420,10 +419,6 @@ class QuantizerTotals {
 };
 
 }  // namespace
-
-SummarySettings summary_settings(const RunConfig& config) {
-  return {config.decoding.prefill == PrefillMode::Chunked ? 0 : 1, config.analysis};
-}
 
 std::vector<RunSummaryRow> write_summary(const h5::Group& samples, const std::set<int64_t>& finished,
                                          const std::vector<std::string>& quantizer_names,

@@ -1,9 +1,8 @@
 #pragma once
-// The summary of a run log (docs/hdf5-schema.md, "Summary"): per quantizer and lane, over the finished
-// samples, means pooled over steps, slopes per step, growth after the onset, the Kaplan–Meier median of
-// the first divergence, and for every figure that compares methods a 95% percentile bootstrap interval
-// over samples (prompts are the independent units; steps of one sample are not). Read from the
-// samples as the file holds them; written to /summary by RunLog::finish.
+// A run log's /summary (docs/hdf5-schema.md, "Summary"): per quantizer and lane, over the finished
+// samples as the file holds them, means, slopes, growth after the onset, the Kaplan–Meier median of the
+// first divergence, and 95% percentile bootstrap intervals over samples (prompts are the independent
+// units; steps of one sample are not).
 #include <cstdint>
 #include <set>
 #include <string>
@@ -22,14 +21,16 @@ struct RunSummaryRow {
   double bits_per_element;         // mean over samples and lanes
 };
 
-// How the summary counts steps, from the run's settings.
+// How the summary counts steps, from the run's settings. first_step: the first step whose logits can
+// differ from the reference's (1 after a full-precision prefill, whose logits all lanes share; 0 after
+// a chunked one, which reads quantized caches).
 struct SummarySettings {
-  // The first step whose logits can differ from the reference's: 1 after a full-precision prefill
-  // (step 0's logits come from the shared prefill), 0 after a chunked one (it reads quantized caches).
   int64_t first_step = 1;
   AnalysisSettings analysis;  // how growth after the onset is measured
 };
-SummarySettings summary_settings(const RunConfig& config);
+inline SummarySettings summary_settings(const RunConfig& config) {
+  return {config.decoding.prefill == PrefillMode::Chunked ? 0 : 1, config.analysis};
+}
 
 // Writes /summary/<name> into `summary` for each of `quantizer_names` (in that order) from the samples
 // `finished` of `samples`, and returns the rows.

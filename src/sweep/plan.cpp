@@ -53,33 +53,6 @@ std::string point_id(const std::vector<std::string>& keys, const std::vector<std
   return slug.empty() ? hash : slug + "-" + hash;
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it
-// and a link at `path` is replaced rather than written through.
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string temporary = path + ".tmp";
-  std::error_code ignored;
-  fs::remove(temporary, ignored);  // a link left there would be written through
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    out << text;
-    if (!out.flush()) fail("cannot write {}", temporary);
-  }
-  std::error_code error;
-  fs::rename(temporary, path, error);
-  if (error) fail("cannot rename {} to {}: {}", temporary, path, error.message());
-}
-
-// Every point's run config, built in memory as `kvdrift run` reads it (the base, then the point's
-// values as overrides set in the sweep file, then its output) and checked against the model as a run
-// checks it before decoding. An error names the origin of the value behind it and the point. Each
-// thread has its own (with its own parsed values: a YAML tree is not to be read from two threads).
 // The base run config: its file's text (checked when read), parsed afresh for every point because
 // overrides change the tree they apply to, and yaml-cpp's copies of a tree lose its line numbers.
 struct BaseConfig {
@@ -98,11 +71,16 @@ struct BaseConfig {
   }
 };
 
+// Every point's run config, built in memory as `kvdrift run` reads it (the base, then the point's
+// values as overrides set in the sweep file, then its output) and checked against the model as a run
+// checks it before decoding. An error names the origin of the value behind it and the point. Each
+// thread has its own (with its own parsed values: a YAML tree is not to be read from two threads).
 class PointConfigs {
  public:
   PointConfigs(const SweepFile& sweep, const Manifest& manifest, const BaseConfig& base)
       : sweep_(sweep), manifest_(manifest), base_(base) {
-    for (const std::string& key : manifest.keys) key_origins_.push_back(fmt::format("{}:{}", sweep.path, sweep.line_of(key)));
+    for (const std::string& key : manifest.keys)
+      key_origins_.push_back(fmt::format("{}:{}", sweep.path, sweep.line_of(key)));
   }
 
   // The resolved config text of `point`.
@@ -215,6 +193,27 @@ std::string manifest_text(const Manifest& manifest) {
 std::string manifest_path(const SweepFile& sweep) { return (fs::path(sweep.directory()) / "manifest.json").string(); }
 
 }  // namespace
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string temporary = path + ".tmp";
+  std::error_code ignored;
+  fs::remove(temporary, ignored);  // a link left there would be written through
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    out << text;
+    if (!out.flush()) fail("cannot write {}", temporary);
+  }
+  std::error_code error;
+  fs::rename(temporary, path, error);
+  if (error) fail("cannot rename {} to {}: {}", temporary, path, error.message());
+}
 
 PointFiles point_files(const std::string& sweep_directory, const std::string& id) {
   const std::string dir = (fs::path(sweep_directory) / "runs" / id).string();

@@ -24,6 +24,12 @@ struct PointFiles {
 };
 PointFiles point_files(const std::string& sweep_directory, const std::string& id);
 
+// Writes `text` to `path` through a temporary file and a rename, so readers never see half of it and a
+// link at `path` is replaced rather than written through; fails naming the file.
+void write_atomically(const std::string& path, const std::string& text);
+// The whole file ("" when it cannot be read).
+std::string read_text(const std::string& path);
+
 struct Manifest {
   std::string name;
   std::string sweep_file;

@@ -21,12 +21,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  if (!out.flush()) fail("cannot write {}", path);
-}
-
 void write_all(int fd, const char* data, size_t size) {
   while (size > 0) {
     const ssize_t n = ::write(fd, data, size);
@@ -63,7 +57,7 @@ PointAttempt::PointAttempt(const PointFiles& files, const std::vector<std::strin
   pid_ = spawn("/proc/self/exe", {self_executable(), "run", files.config, "--output", files.output}, extra_env,
                output_fd);
   if (tee) ::close(pipe_fds[1]);
-  write_text(files.running, fmt::format("{} {} {}\n", host_name(), pid_, process_start_time(pid_).value_or(0)));
+  write_atomically(files.running, fmt::format("{} {} {}\n", host_name(), pid_, process_start_time(pid_).value_or(0)));
 }
 
 PointAttempt::~PointAttempt() {
@@ -83,7 +77,7 @@ void PointAttempt::pump() {
 }
 
 void PointAttempt::finish(int wait_status) {
-  write_text(files_.exit_status, describe_exit(wait_status) + "\n");
+  write_atomically(files_.exit_status, describe_exit(wait_status) + "\n");
   std::error_code ignored;
   fs::remove(files_.running, ignored);
 }

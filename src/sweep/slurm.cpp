@@ -38,12 +38,6 @@ std::string shell_quoted(const std::string& text) {
   return quoted + "'";
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  if (!out.flush()) fail("cannot write {}", path);
-}
-
 std::string batch_script(const SweepFile& sweep, int number, size_t tasks) {
   const SlurmLauncher& slurm = sweep.slurm;
   const std::string dir = sweep.directory();
@@ -109,9 +103,9 @@ Submission submit_array(const SweepFile& sweep, const std::vector<const Point*>&
     submission.point_ids.push_back(point->id);
     task_list += point->id + "\n";
   }
-  write_text(tasks_path(dir, submission.number), task_list);
+  write_atomically(tasks_path(dir, submission.number), task_list);
   const std::string script = script_path(dir, submission.number);
-  write_text(script, batch_script(sweep, submission.number, points.size()));
+  write_atomically(script, batch_script(sweep, submission.number, points.size()));
 
   const CommandResult result = run_command({"sbatch", "--parsable", script});
   std::string job_id = result.out.substr(0, result.out.find_first_of(";\n"));

@@ -1,7 +1,5 @@
 #include "sweep/sweep_file.h"
 
-#include <yaml-cpp/yaml.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <map>
@@ -79,7 +77,8 @@ std::string canonical_yaml(const YAML::Node& node) {
 
 // A non-empty list of values, each as canonical YAML.
 std::vector<std::string> axis_values(const Value& list, const std::string& what) {
-  if (!list.node().IsSequence()) list.reject(fmt::format("{}: expected a list of values (write [X] for a single value X)", what));
+  if (!list.node().IsSequence())
+    list.reject(fmt::format("{}: expected a list of values (write [X] for a single value X)", what));
   if (list.node().size() == 0) list.reject(fmt::format("{}: the list of values is empty", what));
   std::vector<std::string> result;
   for (const YAML::Node& value : list.node()) result.push_back(canonical_yaml(value));
@@ -99,10 +98,6 @@ std::vector<std::string> texts(const Value& list) {
   return result;
 }
 
-[[noreturn]] void reject_line(const std::string& file, int line, const std::string& message) {
-  fail("{}:{}: {}", file, line, message);
-}
-
 // Two equal entries of an axis would make every point along them twice.
 void check_entries_distinct(const std::string& file, const Axis& axis, int line, const std::string& what) {
   std::map<std::vector<std::string>, size_t> first_entry;
@@ -111,8 +106,8 @@ void check_entries_distinct(const std::string& file, const Axis& axis, int line,
     if (inserted) continue;
     std::vector<std::string> assignments;
     for (size_t k = 0; k < axis.keys.size(); ++k) assignments.push_back(axis.keys[k] + "=" + axis.values[i][k]);
-    reject_line(file, line, fmt::format("{}: entries {} and {} are the same ({}), so their points would be duplicates",
-                                        what, first->second + 1, i + 1, fmt::join(assignments, ", ")));
+    fail("{}:{}: {}: entries {} and {} are the same ({}), so their points would be duplicates", file, line, what,
+         first->second + 1, i + 1, fmt::join(assignments, ", "));
   }
 }
 
@@ -134,10 +129,9 @@ Axis read_zip_group(const std::string& file, const Value& group, size_t index) {
   for (const Mapping::Entry& entry : keys.entries()) {
     std::vector<std::string> column = axis_values(entry.value, fmt::format("{}: key '{}'", what, entry.key));
     if (!columns.empty() && column.size() != columns.front().size())
-      reject_line(file, entry.key_mark.line + 1,
-                  fmt::format("{}: key '{}' has {} values, but key '{}' has {}: the keys of a zip group "
-                              "vary together, so their lists must be equally long",
-                              what, entry.key, column.size(), axis.keys.front(), columns.front().size()));
+      fail("{}:{}: {}: key '{}' has {} values, but key '{}' has {}: the keys of a zip group vary together, so their "
+           "lists must be equally long",
+           file, entry.key_mark.line + 1, what, entry.key, column.size(), axis.keys.front(), columns.front().size());
     axis.keys.push_back(entry.key);
     axis.key_lines.push_back(entry.key_mark.line + 1);
     columns.push_back(std::move(column));
@@ -161,14 +155,13 @@ void check_keys_distinct(const std::string& file, const std::vector<Axis>& axes)
       const auto& [a, a_line] = keys[j];
       const auto& [b, b_line] = keys[i];
       if (a == b)
-        reject_line(file, b_line, fmt::format("key '{}' is given twice in grid and zip (first on line {})", b, a_line));
+        fail("{}:{}: key '{}' is given twice in grid and zip (first on line {})", file, b_line, b, a_line);
       const auto under = [](const std::string& inner, const std::string& outer) {
         return inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 && inner[outer.size()] == '.';
       };
       if (under(a, b) || under(b, a))
-        reject_line(file, b_line,
-                    fmt::format("key '{}' overlaps key '{}' (line {}): one lies inside the other; give one of them", b,
-                                a, a_line));
+        fail("{}:{}: key '{}' overlaps key '{}' (line {}): one lies inside the other; give one of them", file, b_line,
+             b, a, a_line);
     }
   }
 }
@@ -193,8 +186,8 @@ ExcludeRule read_exclude_rule(const Value& rule, size_t index, const std::vector
     const bool taken = std::any_of(axis->values.begin(), axis->values.end(),
                                    [&](const std::vector<std::string>& point) { return point[column] == text; });
     if (!taken)
-      entry.value.reject(fmt::format("{}: key '{}' never takes the value {} in this sweep, so the rule excludes nothing",
-                                     what, entry.key, text));
+      entry.value.reject(fmt::format("{}: key '{}' never takes the value {} in this sweep, so the rule excludes "
+                                     "nothing", what, entry.key, text));
     result.matches.emplace_back(entry.key, text);
   }
   if (result.matches.empty()) rule.reject(what + " is empty (it would exclude every point)");
@@ -281,7 +274,8 @@ SweepFile load_sweep_file(const std::string& path) {
   sweep.name = name.text();
   static const std::regex kNameForm("[A-Za-z0-9._-]+");
   if (!std::regex_match(sweep.name, kNameForm) || sweep.name == "." || sweep.name == "..")
-    name.reject(fmt::format("name '{}' may only hold letters, digits, '.', '_' and '-' (it names a directory)", sweep.name));
+    name.reject(fmt::format("name '{}' may only hold letters, digits, '.', '_' and '-' (it names a directory)",
+                            sweep.name));
   sweep.root = (fs::path(sweep.file_directory()) / top.required_text("root")).lexically_normal().string();
 
   const Value base = top.required("base");
