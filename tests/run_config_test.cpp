@@ -256,7 +256,8 @@ TEST(RunConfig, InMemoryOverridesCarryTheirOwnOrigins) {
                               {{"decoding", value("{temperature: 0.5, top_p: 2}"), "grid.yaml:9", "/studies"}});
             }),
             "grid.yaml:9: point p1: decoding.top_p must be in (0, 1]");
-  EXPECT_EQ(test::error_message([&] { load_run_config(load_yaml(kMinimal + "decoding: {max_new_tokens: 0}\n"), source, {}); }),
+  EXPECT_EQ(test::error_message(
+                [&] { load_run_config(load_yaml(kMinimal + "decoding: {max_new_tokens: 0}\n"), source, {}); }),
             "base.yaml:11: point p1: decoding.max_new_tokens must be >= 1");
   EXPECT_EQ(test::error_message([&] {
               load_run_config(load_yaml(kMinimal), source, {{"quantizers.3.method", value("rtn"), "grid.yaml:7", ""}});
