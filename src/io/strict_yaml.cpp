@@ -98,6 +98,15 @@ std::optional<size_t> parse_index(const std::string& text) {
   return index;
 }
 
+// Throws Error "WHERE: expands to more than 100000 YAML nodes ..." when `document` does, counting each
+// alias's node every time it is used; stops counting at the bound, so it is fast either way.
+void check_yaml_size(const YAML::Node& document, const std::string& where) {
+  int64_t budget = kMaxYamlNodes;
+  if (!within(document, budget))
+    fail("{}: expands to more than {} YAML nodes (aliases that repeat aliases?); write the values out", where,
+         kMaxYamlNodes);
+}
+
 }  // namespace
 
 // --- Bounded loading ---
@@ -105,13 +114,6 @@ std::optional<size_t> parse_index(const std::string& text) {
 YAML::Node load_yaml(const std::string& text) {
   check_parser_terminates(text);
   return YAML::Load(text);
-}
-
-void check_yaml_size(const YAML::Node& document, const std::string& where) {
-  int64_t budget = kMaxYamlNodes;
-  if (!within(document, budget))
-    fail("{}: expands to more than {} YAML nodes (aliases that repeat aliases?); write the values out", where,
-         kMaxYamlNodes);
 }
 
 YamlFile read_yaml_file(const std::string& path, const std::string& kind) {

@@ -3,7 +3,8 @@
 // malformed file must not hang a run, and strict, because a silently ignored setting wastes one.
 // - yaml-cpp 0.7 loops forever on some malformed text (", a", "[a] ,"): load_yaml first runs the parser
 //   without building nodes and stops it past a few events per byte. An alias repeats a node without its
-//   text (an "alias bomb" of 300 bytes stands for billions of nodes): check_yaml_size bounds a document.
+//   text (an "alias bomb" of 300 bytes stands for billions of nodes): files and --set values that expand
+//   to more than 100,000 nodes are refused.
 // - A Document is a YAML tree that knows where each value came from: a line of its file, or an Override
 //   (a --set argument, a sweep file's grid value). Values read through it are typed (a quoted "12" is
 //   text; yes/no are not booleans), ranged, keys are known and given once, and every error names the
@@ -25,10 +26,6 @@ namespace kvdrift {
 
 // YAML::Load behind the loop stop; throws YAML::Exception.
 YAML::Node load_yaml(const std::string& text);
-
-// Throws Error "WHERE: expands to more than 100000 YAML nodes ..." when `document` does, counting
-// each alias's node every time it is used; stops counting at the bound, so it is fast either way.
-void check_yaml_size(const YAML::Node& document, const std::string& where);
 
 // A file's one YAML document, bounded, and its text; `kind` names the file in errors ("config file not
 // found: PATH", "PATH:12: a config is one YAML document, but a second one starts here").
