@@ -21,6 +21,7 @@
 #include "io/prompts.h"
 #include "io/run_config.h"
 #include "model/checkpoint.h"
+#include "model/linear.h"
 #include "quant/bench_quant.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
@@ -117,52 +118,135 @@ struct BenchRunOptions {
   std::vector<std::string> overrides;
 };
 
+// The decode forwards of a batch: the most any of its lanes took.
+int64_t decode_forwards(const std::vector<SampleResult>& results) {
+  int64_t forwards = 1;
+  for (const auto& sample : results) {
+    forwards = std::max(forwards, static_cast<int64_t>(sample.reference_tokens.size()) - 1);
+    for (const auto& lane : sample.lanes) forwards = std::max(forwards, static_cast<int64_t>(lane.tokens.size()) - 1);
+  }
+  return forwards;
+}
+
+// How far two runs of the same prompts apart: whether every token is the same, and over the metric
+// arrays how many differ in any bit and by how much at most.
+struct RunDifference {
+  bool same_tokens = true;
+  int64_t arrays = 0, differing = 0;
+  double max_difference = 0;
+};
+RunDifference compare_runs(const std::vector<SampleResult>& a, const std::vector<SampleResult>& b) {
+  RunDifference difference;
+  for (size_t p = 0; p < a.size(); ++p) {
+    difference.same_tokens = difference.same_tokens && a[p].reference_tokens == b[p].reference_tokens;
+    for (size_t l = 0; l < a[p].lanes.size(); ++l) {
+      const LaneResult &x = a[p].lanes[l], &y = b[p].lanes[l];
+      difference.same_tokens = difference.same_tokens && x.tokens == y.tokens;
+      for (const auto& [name, array] : x.arrays) {
+        const auto& other = y.arrays.at(name).values;
+        ++difference.arrays;
+        bool differs = array.values.size() != other.size();
+        for (size_t i = 0; !differs && i < other.size(); ++i) {
+          const float u = array.values[i], v = other[i];
+          if (std::isnan(u) && std::isnan(v)) continue;
+          differs = differs || u != v;
+          difference.max_difference = std::max(difference.max_difference, std::abs(static_cast<double>(u) - v));
+        }
+        difference.differing += differs ? 1 : 0;
+      }
+    }
+  }
+  return difference;
+}
+
+// The side-by-side step of `prompts` in one batch with plain and with packed weight GEMMs, in the
+// order plain, packed, packed, plain after a warm-up of each, so that a machine speeding up or
+// slowing down during the measurement favours neither.
+struct PathTimes {
+  double plain_ms = 0, packed_ms = 0;
+  double rows = 0;  // mean batch rows per decode forward
+  double metric_ms = 0;
+  RunDifference difference;  // packed against plain
+};
+PathTimes time_both_paths(LlamaModel& model, const Engine& engine, const std::vector<Prompt>& prompts) {
+  std::map<GemmPath, std::vector<SampleResult>> first;
+  std::map<GemmPath, double> ms;
+  for (GemmPath path : {GemmPath::Plain, GemmPath::Packed, GemmPath::Plain, GemmPath::Packed, GemmPath::Packed,
+                        GemmPath::Plain}) {
+    model.set_gemm_path(path);
+    auto results = engine.run(prompts);
+    if (!first.count(path)) {
+      first[path] = std::move(results);  // the warm-up: its results, not its time
+      continue;
+    }
+    ms[path] += 500.0 * results.front().decode_seconds / static_cast<double>(decode_forwards(results));
+  }
+  PathTimes times;
+  times.plain_ms = ms[GemmPath::Plain];
+  times.packed_ms = ms[GemmPath::Packed];
+  const auto& packed = first[GemmPath::Packed];
+  int64_t row_steps = 0;
+  for (const auto& sample : packed) row_steps += sample.decode_row_steps;
+  times.rows = static_cast<double>(row_steps) / static_cast<double>(decode_forwards(packed));
+  times.metric_ms = 1000.0 * packed.front().metric_seconds / static_cast<double>(decode_forwards(packed));
+  times.difference = compare_runs(first[GemmPath::Plain], packed);
+  return times;
+}
+
 // Side-by-side cost, measured in one process on the config's first prompt: reference-only decoding
-// (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included); with
-// decoding.batch_prompts > 1, also that many prompts in one batch.
+// (batch 1, full-precision cache) against the engine's full step (all lanes, metrics included), with
+// plain and with pre-packed weight GEMMs; with decoding.batch_prompts > 1, also that many prompts in
+// one batch; and the weight GEMMs alone at the batch's rows, the arithmetic a step cannot avoid.
 void run_bench_run(const BenchRunOptions& options) {
   const RunConfig config = load_run_config(options.config, options.overrides);
   const auto inputs = load_run_inputs(config);
-  const LlamaModel& model = *inputs.model;
+  LlamaModel& model = *inputs.model;
   const Engine engine(model, config, inputs.tokenizer.get());
   const auto& prompt = inputs.prompts.front();
-  const int64_t steps = config.decoding.max_new_tokens;
-  engine.run(prompt);  // warm-up
-  const auto side_by_side = engine.run(prompt);
-  const int64_t forwards = static_cast<int64_t>(side_by_side.reference_tokens.size()) - 1;
-  // Reference-only decoding of the same length from the same context, timed the same way.
+  std::vector<Prompt> batch_prompts;  // the config's prompts, repeated when it has fewer
+  for (int64_t i = 0; i < config.decoding.batch_prompts; ++i)
+    batch_prompts.push_back(inputs.prompts[i % inputs.prompts.size()]);
+  const PathTimes one = time_both_paths(model, engine, {prompt});
+  const PathTimes batch = batch_prompts.size() > 1 ? time_both_paths(model, engine, batch_prompts) : one;
+  const int64_t reference_forwards = std::max<int64_t>(config.decoding.max_new_tokens - 1, 1);
   const double reference_ms =
-      bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), std::max<int64_t>(forwards, 1), 2).ms_per_step;
-  const double full_ms = 1000.0 * side_by_side.decode_seconds / static_cast<double>(std::max<int64_t>(forwards, 1));
+      bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), reference_forwards, 2).ms_per_step;
+  const bool packable = packed_gemm_available(model.linears().front()->weight());
+  const int64_t gemm_rows = std::llround(batch.rows);
+  const GemmBenchRow gemm = bench_weight_gemms(model, gemm_rows, packable ? GemmPath::Packed : GemmPath::Plain, 5);
   std::cout << fmt::format(
       "side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n", config.model.path,
-      describe_device(model.device()), dtype_name(model.dtype()), prompt.tokens.size(), steps, config.quantizers.size(),
-      fmt::join(lane_names(config.lanes), ","));
-  std::cout << fmt::format("{:<36} {:>10}\n", "", "ms/step");
-  std::cout << fmt::format("{:<36} {:>10.3f}\n", "reference only (batch 1)", reference_ms);
-  std::cout << fmt::format("{:<36} {:>10.3f}\n", "side by side (all lanes + metrics)", full_ms);
-  std::cout << fmt::format("{:<36} {:>9.2f}x\n", "ratio", full_ms / reference_ms);
-  std::cout << fmt::format("{:<36} {:>10.3f}\n", "metrics after decoding (ms/step)",
-                           1000.0 * side_by_side.metric_seconds / static_cast<double>(std::max<int64_t>(forwards, 1)));
-  // decoding.batch_prompts > 1: the same side-by-side step for that many prompts in one batch (the
-  // config's prompts, repeated when it has fewer), per prompt, against one prompt at a time.
-  const int64_t batch = config.decoding.batch_prompts;
-  if (batch < 2) return;
-  std::vector<Prompt> prompts;
-  for (int64_t i = 0; i < batch; ++i) prompts.push_back(inputs.prompts[i % inputs.prompts.size()]);
-  engine.run(prompts);  // warm-up
-  const auto together = engine.run(prompts);
-  int64_t batch_forwards = 1;
-  for (const auto& sample : together) {
-    batch_forwards = std::max(batch_forwards, static_cast<int64_t>(sample.reference_tokens.size()) - 1);
-    for (const auto& lane : sample.lanes)
-      batch_forwards = std::max(batch_forwards, static_cast<int64_t>(lane.tokens.size()) - 1);
+      describe_device(model.device()), dtype_name(model.dtype()), prompt.tokens.size(),
+      config.decoding.max_new_tokens, config.quantizers.size(), fmt::join(lane_names(config.lanes), ","));
+  if (!packable) std::cout << "(no pre-packed GEMM for this device and dtype: both columns are the plain path)\n";
+  std::cout << fmt::format("{:<44} {:>11} {:>12} {:>9}\n", "ms per decode step", "plain GEMM", "packed GEMM",
+                           "speed-up");
+  std::cout << fmt::format("{:<44} {:>11.3f}\n", "reference only (batch 1)", reference_ms);
+  const auto row = [](const std::string& label, const PathTimes& t) {
+    std::cout << fmt::format("{:<44} {:>11.3f} {:>12.3f} {:>8.2f}x\n", label, t.plain_ms, t.packed_ms,
+                             t.plain_ms / t.packed_ms);
+  };
+  row(fmt::format("side by side, 1 prompt ({:.1f} rows)", one.rows), one);
+  std::cout << fmt::format("{:<44} {:>11.2f}x {:>11.2f}x\n", "  cost relative to reference only",
+                           one.plain_ms / reference_ms, one.packed_ms / reference_ms);
+  if (batch_prompts.size() > 1) {
+    row(fmt::format("side by side, {} prompts ({:.1f} rows)", batch_prompts.size(), batch.rows), batch);
+    const double prompts = static_cast<double>(batch_prompts.size());
+    std::cout << fmt::format("{:<44} {:>11.2f}x {:>11.2f}x\n", "  speed-up vs one prompt at a time",
+                             one.plain_ms * prompts / batch.plain_ms, one.packed_ms * prompts / batch.packed_ms);
   }
-  const double batch_ms = 1000.0 * together.front().decode_seconds / static_cast<double>(batch_forwards);
-  std::cout << fmt::format("{:<36} {:>10.3f}\n", fmt::format("side by side, {} prompts in one batch", batch), batch_ms);
-  std::cout << fmt::format("{:<36} {:>10.3f}\n", "  per prompt", batch_ms / static_cast<double>(batch));
-  std::cout << fmt::format("{:<36} {:>9.2f}x\n", "  speed-up vs one prompt at a time",
-                           full_ms / (batch_ms / static_cast<double>(batch)));
+  std::cout << fmt::format("{:<44} {:>11.3f}\n", "metrics after decoding (packed)", batch.metric_ms);
+  std::cout << fmt::format("weight GEMMs alone at {} rows ({}): {:.3f} ms, {:.1f} GFLOP/s = {:.0f}% of the {}-prompt "
+                           "packed step\n", gemm.rows, packable ? "pre-packed" : "plain", gemm.ms, gemm.gflops,
+                           100.0 * gemm.ms / batch.packed_ms, batch_prompts.size() > 1 ? batch_prompts.size() : 1);
+  for (const auto* t : {&one, &batch}) {
+    std::cout << fmt::format("packed vs plain run ({} prompt(s)): tokens {}, metric arrays bit-identical {} of {}",
+                             t == &one ? 1 : batch_prompts.size(), t->difference.same_tokens ? "the same" : "DIFFER",
+                             t->difference.arrays - t->difference.differing, t->difference.arrays);
+    std::cout << (t->difference.differing ? fmt::format(" (largest difference {:.3g})\n", t->difference.max_difference)
+                                          : "\n");
+    if (batch_prompts.size() < 2) break;
+  }
 }
 
 struct BenchTransformersOptions {

@@ -1,5 +1,6 @@
 // `kvdrift run CONFIG.yaml`: the main job. Loads the model, the prompts and the quantizers named by
 // the config, runs every prompt side by side (decode/engine.h) and logs it to HDF5 (io/run_log.h).
+#include <ATen/Parallel.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -52,6 +53,9 @@ RunMetadata describe_run(const LlamaModel& model, const RunConfig& config, const
   metadata.prompts_sha256 = prompts_sha256(prompts);
   metadata.device = describe_device(model.device());
   metadata.dtype = dtype_name(model.dtype());
+  const bool packed = model.gemm_path() == GemmPath::Packed && packed_gemm_available(model.linears().front()->weight());
+  metadata.gemm = packed ? "packed" : "plain";
+  metadata.threads = at::get_num_threads();
   metadata.model_shapes = expected_weight_shapes(model.config());
   const auto model_config = config_to_hf_json(model.config());  // named: items() must not outlive it
   for (const auto& [key, value] : model_config.items())

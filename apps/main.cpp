@@ -9,6 +9,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/out_of_memory.h"
+#include "model/linear.h"
 
 namespace {
 // Exit statuses: 0 success, 1 a failure of the command (kvdrift::Error and LibTorch errors), 2 a usage
@@ -27,6 +28,11 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("--threads", threads, "CPU intra-op threads (default: $KVDRIFT_THREADS, else every core)")
       ->check(CLI::Range(1, kvdrift::kMaxThreads));
+  std::string gemm = "packed";
+  app.add_option("--gemm", gemm,
+                 "weight GEMMs on CPU in float32: packed (MKL's pre-packed weights for the decode batch) or plain "
+                 "(torch::linear on every call, the reference); docs/performance.md")
+      ->check(CLI::IsMember({"packed", "plain"}));
   app.require_subcommand(0, 1);
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")->check(
@@ -52,6 +58,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
     kvdrift::configure_threads(threads);
+    kvdrift::set_default_gemm_path(gemm == "plain" ? kvdrift::GemmPath::Plain : kvdrift::GemmPath::Packed);
     // Only the commands that compute with LibTorch's threads probe the machine (150 ms); a sweep's
     // points are `kvdrift run` processes and probe for themselves.
     const auto subcommands = app.get_subcommands();

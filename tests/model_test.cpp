@@ -121,6 +121,57 @@ TEST(Model, PromptsOfDifferentLengthsInOneBatchMatchTheReferenceAlone) {
 // Reduced precision against float32 on the same sequence. Stated tolerance: bfloat16 (8-bit
 // mantissa, so ~0.4% per rounding) keeps every logit within 0.75 of float32 and agrees on the top-1
 // token at >= 60 of 64 positions.
+// MKL's pre-packed GEMM (model/linear.h): the weights are packed once a forward's row count has come
+// kStableForwards times in a row, and packed or plain, every row's logits stay within float32 rounding
+// of the Eigen double-precision reference run on its sequence alone.
+TEST(Model, PrePackedWeightsKeepTheLogitsOfTheReference) {
+  const std::string path = test::stories260k_dir() + "/stories260K.bin";
+  const reference::Llama2cReference oracle(path);
+  auto packed = load_model(path, torch::kCPU, torch::kFloat32);
+  auto plain = load_model(path, torch::kCPU, torch::kFloat32);
+  packed.set_gemm_path(GemmPath::Packed);
+  plain.set_gemm_path(GemmPath::Plain);
+  ASSERT_TRUE(packed_gemm_available(torch::ones({2, 2})));  // the PyPI LibTorch on x86-64 has MKL
+  const int64_t rows = 6, prompt = 4, total = 4 + 2 * LlamaModel::kStableForwards;
+  std::vector<std::vector<int64_t>> sequences;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> tokens = {1};
+    while (static_cast<int64_t>(tokens.size()) < total) tokens.push_back((tokens.back() * (61 + 4 * r) + 5 * r) % 512);
+    sequences.push_back(tokens);
+  }
+  auto tokens_at = [&](int64_t start, int64_t width) {
+    auto t = torch::empty({rows, width}, torch::kInt64);
+    for (int64_t r = 0; r < rows; ++r) t[r].copy_(torch::tensor(sequences[r]).narrow(0, start, width));
+    return t;
+  };
+  auto packed_cache = packed.make_cache(rows, total), plain_cache = plain.make_cache(rows, total);
+  packed.forward(tokens_at(0, prompt), 0, packed_cache);
+  plain.forward(tokens_at(0, prompt), 0, plain_cache);
+  std::vector<std::vector<Eigen::VectorXd>> expected;
+  for (const auto& sequence : sequences) expected.push_back(oracle.logits(sequence));
+  double max_oracle_diff = 0, max_path_diff = 0;
+  for (int64_t position = prompt; position < total; ++position) {
+    const auto step = packed.forward(tokens_at(position, 1), position, packed_cache);
+    const auto reference = plain.forward(tokens_at(position, 1), position, plain_cache);
+    const int64_t forwards = position - prompt + 1;  // decode forwards of 6 rows so far
+    EXPECT_EQ(packed.packed_rows(), forwards >= LlamaModel::kStableForwards ? rows : 0) << "forward " << forwards;
+    EXPECT_EQ(plain.packed_rows(), 0);
+    max_path_diff = std::max(max_path_diff, (step - reference).abs().max().item<double>());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t v = 0; v < 512; ++v)
+        max_oracle_diff = std::max(max_oracle_diff, std::abs(step[r][0][v].item<double>() - expected[r][position](v)));
+  }
+  EXPECT_LE(max_oracle_diff, 1e-4);
+  EXPECT_LE(max_path_diff, 2e-5);  // logits of magnitude ~10: a few units in float32's last place
+  // Fewer rows than kMinPackedRows are never packed; choosing plain drops the packed copy.
+  auto small = packed.make_cache(LlamaModel::kMinPackedRows - 1, 2 * LlamaModel::kStableForwards);
+  for (int64_t position = 0; position < 2 * LlamaModel::kStableForwards; ++position)
+    packed.forward(torch::full({LlamaModel::kMinPackedRows - 1, 1}, 7, torch::kInt64), position, small);
+  EXPECT_EQ(packed.packed_rows(), rows);
+  packed.set_gemm_path(GemmPath::Plain);
+  EXPECT_EQ(packed.packed_rows(), 0);
+}
+
 TEST(Model, Bfloat16StaysWithinStatedTolerance) {
   const std::string path = test::stories260k_dir() + "/stories260K.bin";
   const auto fp32 = logits_of(load_model(path, torch::kCPU, torch::kFloat32), sequence64());

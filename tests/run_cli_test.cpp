@@ -243,6 +243,23 @@ print("ok")
   EXPECT_EQ(output, "ok\n");
 }
 
+// The log says how its weight GEMMs ran (model/linear.h) and with how many threads: pre-packed by
+// default on CPU in float32, plain when asked; another path is a usage error.
+TEST(RunCli, TheLogSaysHowTheGemmsRan) {
+  const std::string dir = test::scratch_dir();
+  const std::string config = small_config(dir, "", 12);
+  ASSERT_EQ(test::run_cli({"--threads", "1", "run", config, "--output", dir + "/packed.h5"}).exit_code, 0);
+  ASSERT_EQ(test::run_cli({"--gemm", "plain", "run", config, "--output", dir + "/plain.h5"}).exit_code, 0);
+  const auto packed = h5::File::open_read(dir + "/packed.h5");
+  EXPECT_EQ(packed.attribute<std::string>("gemm"), "packed");
+  EXPECT_EQ(packed.attribute<int64_t>("threads"), 1);
+  EXPECT_EQ(h5::File::open_read(dir + "/plain.h5").attribute<std::string>("gemm"), "plain");
+  const auto refused = test::run_cli({"--gemm", "fast", "run", config, "--output", dir + "/fast.h5"});
+  EXPECT_EQ(refused.exit_code, 2);
+  EXPECT_NE(refused.err.find("--gemm: fast not in {packed,plain}"), std::string::npos) << refused.err;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/fast.h5"));
+}
+
 // Runs kvdrift until its stderr reports that sample 0 is written, then kills it with SIGKILL.
 void run_and_kill_after_first_sample(const std::vector<std::string>& args) {
   int pipe_fds[2];

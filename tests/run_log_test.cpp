@@ -56,6 +56,8 @@ RunMetadata metadata() {
   metadata.prompts_sha256 = "a1a1";
   metadata.device = "cpu";
   metadata.dtype = "float32";
+  metadata.gemm = "packed";
+  metadata.threads = 2;
   metadata.model_shapes = {{"tok_embeddings", {512, 64}}, {"n_layers", {2}}};
   metadata.model_config = {{"dim", "64"}, {"n_kv_heads", "4"}};
   metadata.decoding_seed = std::numeric_limits<uint64_t>::max();  // beyond int64
@@ -358,6 +360,8 @@ TEST(RunLog, WritesEveryArrayAttributeAndTheSummary) {
   EXPECT_EQ(created.back(), 'Z') << created;
   EXPECT_EQ(file.attribute<std::string>("device"), "cpu");
   EXPECT_EQ(file.attribute<std::string>("dtype"), "float32");
+  EXPECT_EQ(file.attribute<std::string>("gemm"), "packed");
+  EXPECT_EQ(file.attribute<int64_t>("threads"), 2);
   EXPECT_EQ(file.attribute<int64_t>("weights_seed"), 7);  // decoding_seed (uint64 max): checked with h5py
   EXPECT_EQ(file.read_string("config/yaml"), kConfig);
 

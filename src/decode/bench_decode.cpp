@@ -54,6 +54,32 @@ DecodeBenchRow bench_decode(const LlamaModel& model, int64_t batch, int64_t cont
   return row;
 }
 
+GemmBenchRow bench_weight_gemms(const LlamaModel& model, int64_t rows, GemmPath path, int repeats) {
+  if (rows < 1 || repeats < 1) fail("bench: GEMM rows ({}) and repeats ({}) must be >= 1", rows, repeats);
+  const bool packed = path == GemmPath::Packed && packed_gemm_available(model.linears().front()->weight());
+  std::vector<double> best;  // per matrix, over the passes
+  double flops = 0;
+  for (const Linear* weights : model.linears()) {
+    Linear linear(weights->weight(), weights->bias());
+    if (packed) linear.pack(rows);
+    const auto x = torch::randn({rows, linear.weight().size(1)}, linear.weight().options());
+    linear(x);  // warm-up
+    double fastest = 1e30;
+    for (int r = 0; r < repeats; ++r) {
+      synchronize(model.device());
+      const auto start = std::chrono::steady_clock::now();
+      linear(x);
+      synchronize(model.device());
+      fastest = std::min(fastest, seconds_since(start));
+    }
+    best.push_back(fastest);
+    flops += 2.0 * static_cast<double>(rows) * static_cast<double>(linear.weight().numel());
+  }
+  double seconds = 0;
+  for (double b : best) seconds += b;
+  return {rows, 1000.0 * seconds, flops / seconds / 1e9};
+}
+
 double measure_copy_bandwidth(const torch::Device& device) {
   const int64_t elements = device.is_cuda() ? (int64_t{1} << 28) : (int64_t{1} << 25);  // 1 GiB / 128 MiB of fp32
   auto source = torch::ones({elements}, torch::TensorOptions().device(device));

@@ -22,6 +22,16 @@ struct DecodeBenchRow {
 // `steps` decode steps with greedy feedback kept on the device (one sync at the end).
 DecodeBenchRow bench_decode(const LlamaModel& model, int64_t batch, int64_t context, int64_t steps, int64_t warmup);
 
+// The model's weight GEMMs alone (every Linear of a forward, once each, on random inputs of `rows` rows)
+// through the given path, best of `repeats` passes: the arithmetic a decode step of `rows` rows cannot
+// do without. Packed packs one matrix at a time (beside the model's own weights, never all at once).
+struct GemmBenchRow {
+  int64_t rows;
+  double ms;      // one pass over every weight matrix
+  double gflops;  // 2 * rows * weights / ms
+};
+GemmBenchRow bench_weight_gemms(const LlamaModel& model, int64_t rows, GemmPath path, int repeats);
+
 // Device-to-device copy bandwidth in GB/s (bytes read + written), the practical roofline peak.
 double measure_copy_bandwidth(const torch::Device& device);
 

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <spdlog/spdlog.h>
+
 #include "core/device.h"
 #include "core/error.h"
 
@@ -47,23 +49,26 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightMap& weights, ModelSource
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Layer layer;
     layer.attn_norm = take(p + "input_layernorm.weight");
-    layer.wqkv = torch::cat({take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
-                             take(p + "self_attn.v_proj.weight")});
+    torch::Tensor qkv_bias;
     if (config_.attention_bias)
-      layer.bqkv = torch::cat(
+      qkv_bias = torch::cat(
           {take(p + "self_attn.q_proj.bias"), take(p + "self_attn.k_proj.bias"), take(p + "self_attn.v_proj.bias")});
+    layer.qkv = Linear(torch::cat({take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
+                                   take(p + "self_attn.v_proj.weight")}),
+                       qkv_bias);
     if (config_.qk_norm) {
       layer.q_norm = take(p + "self_attn.q_norm.weight");
       layer.k_norm = take(p + "self_attn.k_norm.weight");
     }
-    layer.wo = take(p + "self_attn.o_proj.weight");
+    layer.o = Linear(take(p + "self_attn.o_proj.weight"));
     layer.ffn_norm = take(p + "post_attention_layernorm.weight");
-    layer.w_gate_up = torch::cat({take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")});
-    layer.w_down = take(p + "mlp.down_proj.weight");
+    layer.gate_up = Linear(torch::cat({take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")}));
+    layer.down = Linear(take(p + "mlp.down_proj.weight"));
     layers_.push_back(std::move(layer));
   }
   final_norm_ = take("model.norm.weight");
-  classifier_ = config_.tie_embeddings ? embedding_ : take("lm_head.weight");
+  classifier_ = Linear(config_.tie_embeddings ? embedding_ : take("lm_head.weight"));
+  gemm_path_ = default_gemm_path();
   rope_ = ops::rope_tables(config_, std::min<int64_t>(config_.max_seq_len, kInitialRopePositions), device_);
 }
 
@@ -75,13 +80,54 @@ StaticKVCache LlamaModel::make_cache(int64_t batch, int64_t capacity) const {
 }
 
 int64_t LlamaModel::weight_bytes() const {
-  int64_t total = embedding_.numel() + final_norm_.numel() + (config_.tie_embeddings ? 0 : classifier_.numel());
+  int64_t total =
+      embedding_.numel() + final_norm_.numel() + (config_.tie_embeddings ? 0 : classifier_.weight().numel());
   for (const auto& layer : layers_) {
-    for (const auto* t : {&layer.attn_norm, &layer.wqkv, &layer.bqkv, &layer.q_norm, &layer.k_norm, &layer.wo,
-                          &layer.ffn_norm, &layer.w_gate_up, &layer.w_down})
+    for (const auto* t : {&layer.attn_norm, &layer.qkv.weight(), &layer.qkv.bias(), &layer.q_norm, &layer.k_norm,
+                          &layer.o.weight(), &layer.ffn_norm, &layer.gate_up.weight(), &layer.down.weight()})
       if (t->defined()) total += t->numel();
   }
   return total * static_cast<int64_t>(c10::elementSize(dtype_));
+}
+
+void LlamaModel::set_gemm_path(GemmPath path) {
+  gemm_path_ = path;
+  gemm_rows_ = gemm_streak_ = 0;
+  if (path == GemmPath::Plain) unpack_gemm();
+}
+
+std::vector<const Linear*> LlamaModel::linears() const {
+  std::vector<const Linear*> all;
+  for (const Layer& layer : layers_)
+    for (const Linear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) all.push_back(linear);
+  all.push_back(&classifier_);
+  return all;
+}
+
+void LlamaModel::unpack_gemm() const {
+  for (const Linear* linear : linears()) linear->pack(0);
+}
+
+void LlamaModel::prepare_gemm(int64_t rows) const {
+  if (gemm_path_ != GemmPath::Packed || rows < kMinPackedRows || !packed_gemm_available(classifier_.weight())) return;
+  gemm_streak_ = rows == gemm_rows_ ? gemm_streak_ + 1 : 1;
+  gemm_rows_ = rows;
+  if (gemm_streak_ != kStableForwards || rows == packed_rows()) return;
+  int64_t bytes = 0;
+  for (const Linear* linear : linears()) bytes += linear->weight().numel() * 4;
+  const std::optional<int64_t> available = available_memory_bytes();
+  // The old copy is freed before the new one is made; a margin of 1 GiB is left for the caches' growth.
+  const int64_t freed = packed_rows() > 0 ? bytes : 0;
+  if (available && *available + freed < bytes + (int64_t{1} << 30)) {
+    spdlog::warn("{}: not enough memory to keep pre-packed weights beside the model ({:.2f} GiB needed, {:.2f} "
+                 "available): its GEMMs take torch::linear (kvdrift --gemm plain chooses that up front)",
+                 source_.path, bytes / 1073741824.0, (*available + freed) / 1073741824.0);
+    gemm_path_ = GemmPath::Plain;
+    unpack_gemm();
+    return;
+  }
+  for (const Linear* linear : linears()) linear->pack(rows);
+  spdlog::debug("{}: weights pre-packed for forwards of {} rows", source_.path, rows);
 }
 
 torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& spans, KVCache& cache, bool last_only,
@@ -98,6 +144,7 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     rope_ = ops::rope_tables(c, std::min(c.max_seq_len, std::max(spans.end(), 2 * rope_positions())), device_);
   // Computed once for every layer: each token's position, and the queries' positions for the causal
   // mask unless every query reads every key (one decode step of aligned rows).
+  prepare_gemm(batch * length);
   const auto positions = spans.positions(device_);
   const auto query_positions = length > 1 || !spans.is_aligned() ? positions : torch::Tensor();
   auto x = embedding_.index_select(0, tokens.to(device_).reshape(-1)).view({batch, length, c.dim});
@@ -105,7 +152,7 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     const Layer& layer = layers_[l];
     // Attention block.
     auto h = ops::rms_norm(x, layer.attn_norm, c.norm_eps);
-    auto qkv = torch::linear(h, layer.wqkv, layer.bqkv);
+    auto qkv = layer.qkv(h);
     auto q = qkv.narrow(-1, 0, c.q_dim()).view({batch, length, c.n_heads, c.head_dim});
     auto k = qkv.narrow(-1, c.q_dim(), c.kv_dim()).view({batch, length, c.n_kv_heads, c.head_dim});
     auto v = qkv.narrow(-1, c.q_dim() + c.kv_dim(), c.kv_dim()).view({batch, length, c.n_kv_heads, c.head_dim});
@@ -120,13 +167,13 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     auto heads = ops::attention(q, keys, values, query_positions);
     if (observer) observer->observe({static_cast<int64_t>(l), spans, query_positions, q, k, v, heads});
     auto attended = heads.transpose(1, 2).reshape({batch, length, c.q_dim()});
-    x = x + torch::linear(attended, layer.wo);
+    x = x + layer.o(attended);
     // Feed-forward block (SwiGLU).
     h = ops::rms_norm(x, layer.ffn_norm, c.norm_eps);
-    auto gate_up = torch::linear(h, layer.w_gate_up);
+    auto gate_up = layer.gate_up(h);
     auto gate = gate_up.narrow(-1, 0, c.hidden_dim);
     auto up = gate_up.narrow(-1, c.hidden_dim, c.hidden_dim);
-    x = x + torch::linear(torch::silu(gate) * up, layer.w_down);
+    x = x + layer.down(torch::silu(gate) * up);
   }
   if (last_only) {
     bool full_width = true;
@@ -143,7 +190,7 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     }
   }
   x = ops::rms_norm(x, final_norm_, c.norm_eps);
-  return torch::linear(x, classifier_).to(torch::kFloat32);
+  return classifier_(x).to(torch::kFloat32);
 }
 
 }  // namespace kvdrift

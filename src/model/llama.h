@@ -8,6 +8,7 @@
 
 #include "cache/kv_cache.h"
 #include "model/config.h"
+#include "model/linear.h"
 #include "model/ops.h"
 
 namespace kvdrift {
@@ -76,6 +77,19 @@ class LlamaModel {
   torch::Device device() const { return device_; }
   torch::ScalarType dtype() const { return dtype_; }
   int64_t weight_bytes() const;
+  // How the weight GEMMs run (model/linear.h); starts as default_gemm_path(). With Packed, on CPU in
+  // float32, the weights are packed for a forward's row count (at least kMinPackedRows) once that count
+  // has come kStableForwards times in a row: the decode step's batch, which changes only when rows
+  // leave it, so a prefill or a batch that shrinks every few steps does not repack each time. Packing
+  // needs memory for a second copy of the weights; where the machine lacks it, the model stays plain
+  // and says so once.
+  void set_gemm_path(GemmPath path);
+  GemmPath gemm_path() const { return gemm_path_; }
+  // The row count the weights are packed for now (0: none).
+  int64_t packed_rows() const { return classifier_.packed_rows(); }
+  static constexpr int64_t kMinPackedRows = 4;  // below, MKL's GEMV-like paths are as fast unpacked
+  static constexpr int64_t kStableForwards = 8;
+  std::vector<const Linear*> linears() const;  // every weight GEMM of a forward, in order
   // Positions the RoPE tables cover now: they grow with the positions a forward reaches (doubling, up to
   // the model's context), so that a declared context of 2^24 does not cost gigabytes of tables up front.
   int64_t rope_positions() const { return rope_.cos.size(0); }
@@ -83,14 +97,17 @@ class LlamaModel {
  private:
   struct Layer {
     torch::Tensor attn_norm;
-    torch::Tensor wqkv;            // q, k and v projections stacked: one matmul per step
-    torch::Tensor bqkv;            // undefined unless attention_bias
+    Linear qkv;                    // q, k and v projections stacked (with their biases if attention_bias)
     torch::Tensor q_norm, k_norm;  // undefined unless qk_norm
-    torch::Tensor wo;
+    Linear o;
     torch::Tensor ffn_norm;
-    torch::Tensor w_gate_up;  // gate and up projections stacked
-    torch::Tensor w_down;
+    Linear gate_up;  // gate and up projections stacked
+    Linear down;
   };
+
+  // Packs every weight GEMM for a forward of `rows` rows when set_gemm_path's rule says so.
+  void prepare_gemm(int64_t rows) const;
+  void unpack_gemm() const;
 
   ModelConfig config_;
   ModelSource source_;
@@ -99,8 +116,10 @@ class LlamaModel {
   torch::Tensor embedding_;
   std::vector<Layer> layers_;
   torch::Tensor final_norm_;
-  torch::Tensor classifier_;  // aliases embedding_ when tied
+  Linear classifier_;  // its weight aliases embedding_ when tied
   mutable ops::RopeTables rope_;  // grown by forward (rope_positions)
+  mutable GemmPath gemm_path_;  // turns Plain when the machine lacks memory for packed weights
+  mutable int64_t gemm_rows_ = 0, gemm_streak_ = 0;  // the last forward's row count and how often in a row
 };
 
 }  // namespace kvdrift

@@ -167,6 +167,8 @@ void write_header(h5::File& file, const std::string& resolved_config_yaml, const
   file.set_attribute("created_utc", utc_now());
   file.set_attribute("device", metadata.device);
   file.set_attribute("dtype", metadata.dtype);
+  file.set_attribute("gemm", metadata.gemm);
+  file.set_attribute("threads", metadata.threads);
   file.set_uint64_attribute("decoding_seed", metadata.decoding_seed);
   file.set_uint64_attribute("weights_seed", metadata.weights_seed);
   file.set_attribute("prompts_sha256", metadata.prompts_sha256);

@@ -39,6 +39,8 @@ struct RunMetadata {
   std::string prompts_sha256;  // of every prompt's id and token ids, in order: a resume must see the same
   std::string device;
   std::string dtype;
+  std::string gemm;     // the weight GEMMs' path (model/linear.h): "packed" or "plain"
+  int64_t threads = 0;  // intra-op threads
   std::vector<std::pair<std::string, std::vector<int64_t>>> model_shapes;  // name -> shape
   std::map<std::string, std::string> model_config;
   uint64_t decoding_seed = 0;
