@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include <cmath>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -180,8 +181,9 @@ TEST(Cli, BenchDecodePrintsOneTable) {
   EXPECT_EQ(rows[4].substr(0, 6), "     2");
 }
 
-// `bench run` prints the side-by-side cost against reference-only decoding and, with batch_prompts,
-// the cost of a batch of prompts per prompt; every figure a positive number (no speed is asserted).
+// `bench run` prints the side-by-side cost against reference-only decoding, with plain and with packed
+// weight GEMMs, for one prompt and, with batch_prompts, a batch; every figure a positive number (no
+// speed is asserted); the weight GEMMs alone at the batch's rows; and whether the two paths' runs agree.
 TEST(Cli, BenchRunPrintsRatiosForOnePromptAndABatch) {
   const std::string model = test::stories260k_dir();
   auto result =
@@ -189,15 +191,33 @@ TEST(Cli, BenchRunPrintsRatiosForOnePromptAndABatch) {
                      "decoding.max_new_tokens=8", "--set", "decoding.batch_prompts=3", "--set",
                      "model.path=" + model + "/stories260K.bin", "--set", "model.tokenizer=" + model + "/tok512.bin"});
   ASSERT_EQ(result.exit_code, 0) << result.err;
-  for (const std::string label :
-       {"reference only (batch 1)", "side by side (all lanes + metrics)", "ratio",
-        "side by side, 3 prompts in one batch", "  per prompt", "  speed-up vs one prompt at a time"}) {
-    const auto at = result.out.find("\n" + label + " ");
-    ASSERT_NE(at, std::string::npos) << label << " in\n" << result.out;
-    const double value = std::stod(result.out.substr(at + 1 + label.size()));
-    EXPECT_GT(value, 0.0) << label;
-    EXPECT_TRUE(std::isfinite(value)) << label;
+  // The numbers of the line that starts with `label`, after the label's closing parenthesis if it has one.
+  const auto numbers_after = [&](const std::string& label, size_t count) {
+    const auto at = result.out.find("\n" + label);
+    std::vector<double> numbers;
+    if (at == std::string::npos) return numbers;
+    std::string line = result.out.substr(at + 1, result.out.find('\n', at + 1) - at - 1);
+    const auto close = line.find(')');
+    std::istringstream rest(line.substr(close == std::string::npos ? label.size() : close + 1));
+    for (std::string word; numbers.size() < count && rest >> word;) numbers.push_back(std::stod(word));
+    return numbers;
+  };
+  for (const auto& [label, count] : std::vector<std::pair<std::string, size_t>>{{"reference only (batch 1)", 1},
+                                                                                {"side by side, 1 prompt (", 3},
+                                                                                {"  cost relative to reference only", 2},
+                                                                                {"side by side, 3 prompts (", 3},
+                                                                                {"  speed-up vs one prompt at a time", 2},
+                                                                                {"metrics after decoding (packed)", 1}}) {
+    const auto numbers = numbers_after(label, count);
+    ASSERT_EQ(numbers.size(), count) << label << " in\n" << result.out;
+    for (double value : numbers) {
+      EXPECT_GT(value, 0.0) << label;
+      EXPECT_TRUE(std::isfinite(value)) << label;
+    }
   }
+  EXPECT_NE(result.out.find("\nweight GEMMs alone at "), std::string::npos) << result.out;
+  EXPECT_NE(result.out.find(" ms, "), std::string::npos) << result.out;
+  EXPECT_NE(result.out.find("\npacked vs plain run (3 prompt(s)): tokens the same"), std::string::npos) << result.out;
 }
 
 }  // namespace

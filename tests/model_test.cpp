@@ -163,12 +163,20 @@ TEST(Model, PrePackedWeightsKeepTheLogitsOfTheReference) {
   }
   EXPECT_LE(max_oracle_diff, 1e-4);
   EXPECT_LE(max_path_diff, 2e-5);  // logits of magnitude ~10: a few units in float32's last place
-  // Fewer rows than kMinPackedRows are never packed; choosing plain drops the packed copy.
-  auto small = packed.make_cache(LlamaModel::kMinPackedRows - 1, 2 * LlamaModel::kStableForwards);
-  for (int64_t position = 0; position < 2 * LlamaModel::kStableForwards; ++position)
-    packed.forward(torch::full({LlamaModel::kMinPackedRows - 1, 1}, 7, torch::kInt64), position, small);
-  EXPECT_EQ(packed.packed_rows(), rows);
+  // Choosing plain drops the packed copy, and so does a prefill (a new batch: which of its steps run
+  // packed must not depend on the batches before it); fewer rows than kMinPackedRows never pack.
   packed.set_gemm_path(GemmPath::Plain);
+  EXPECT_EQ(packed.packed_rows(), 0);
+  packed.set_gemm_path(GemmPath::Packed);
+  for (int64_t position = total; position < total + LlamaModel::kStableForwards; ++position)
+    packed.forward(tokens_at(0, 1), position - total + prompt, packed_cache);  // decode rows again: repacked
+  EXPECT_EQ(packed.packed_rows(), rows);
+  auto small = packed.make_cache(LlamaModel::kMinPackedRows - 1, 2 * LlamaModel::kStableForwards);
+  const auto small_tokens = torch::full({LlamaModel::kMinPackedRows - 1, 1}, 7, torch::kInt64);
+  packed.forward(small_tokens, 0, small);  // a one-token prefill
+  EXPECT_EQ(packed.packed_rows(), 0);
+  for (int64_t position = 1; position < 2 * LlamaModel::kStableForwards; ++position)
+    packed.forward(small_tokens, position, small);
   EXPECT_EQ(packed.packed_rows(), 0);
 }
 

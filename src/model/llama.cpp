@@ -108,7 +108,12 @@ void LlamaModel::unpack_gemm() const {
   for (const Linear* linear : linears()) linear->pack(0);
 }
 
-void LlamaModel::prepare_gemm(int64_t rows) const {
+void LlamaModel::prepare_gemm(int64_t rows, Phase phase) const {
+  if (phase == Phase::Prefill) {  // a new batch: its arithmetic must not depend on the batches before it
+    gemm_rows_ = gemm_streak_ = 0;
+    if (packed_rows() > 0) unpack_gemm();
+    return;
+  }
   if (gemm_path_ != GemmPath::Packed || rows < kMinPackedRows || !packed_gemm_available(classifier_.weight())) return;
   gemm_streak_ = rows == gemm_rows_ ? gemm_streak_ + 1 : 1;
   gemm_rows_ = rows;
@@ -144,7 +149,7 @@ torch::Tensor LlamaModel::forward(const torch::Tensor& tokens, const RowSpans& s
     rope_ = ops::rope_tables(c, std::min(c.max_seq_len, std::max(spans.end(), 2 * rope_positions())), device_);
   // Computed once for every layer: each token's position, and the queries' positions for the causal
   // mask unless every query reads every key (one decode step of aligned rows).
-  prepare_gemm(batch * length);
+  prepare_gemm(batch * length, spans.phase());
   const auto positions = spans.positions(device_);
   const auto query_positions = length > 1 || !spans.is_aligned() ? positions : torch::Tensor();
   auto x = embedding_.index_select(0, tokens.to(device_).reshape(-1)).view({batch, length, c.dim});

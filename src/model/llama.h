@@ -78,11 +78,13 @@ class LlamaModel {
   torch::ScalarType dtype() const { return dtype_; }
   int64_t weight_bytes() const;
   // How the weight GEMMs run (model/linear.h); starts as default_gemm_path(). With Packed, on CPU in
-  // float32, the weights are packed for a forward's row count (at least kMinPackedRows) once that count
-  // has come kStableForwards times in a row: the decode step's batch, which changes only when rows
-  // leave it, so a prefill or a batch that shrinks every few steps does not repack each time. Packing
-  // needs memory for a second copy of the weights; where the machine lacks it, the model stays plain
-  // and says so once.
+  // float32, the weights are packed for the decode forwards' row count (at least kMinPackedRows) once
+  // that count has come kStableForwards times in a row since the last prefill: a batch's decode rows
+  // change only when rows leave, so a batch that shrinks every few steps does not repack each time. A
+  // prefill drops the packed copy, so that which steps of a batch run packed (and round as packed GEMMs
+  // do) depends on that batch alone, never on what the process decoded before it: a resumed run
+  // computes what an uninterrupted one did. Packing needs memory for a second copy of the weights;
+  // where the machine lacks it, the model stays plain and says so once.
   void set_gemm_path(GemmPath path);
   GemmPath gemm_path() const { return gemm_path_; }
   // The row count the weights are packed for now (0: none).
@@ -105,8 +107,8 @@ class LlamaModel {
     Linear down;
   };
 
-  // Packs every weight GEMM for a forward of `rows` rows when set_gemm_path's rule says so.
-  void prepare_gemm(int64_t rows) const;
+  // Packs every weight GEMM for a forward of `rows` rows in `phase` when set_gemm_path's rule says so.
+  void prepare_gemm(int64_t rows, Phase phase) const;
   void unpack_gemm() const;
 
   ModelConfig config_;
