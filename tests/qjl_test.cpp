@@ -85,11 +85,54 @@ TEST(Qjl, ValuesAreTheValueMethodsAndStorageCountsBoth) {
   }
 }
 
+// The QJL authors' sketch (sketch: orthogonal): each block of d rows is d orthogonal rows of norm
+// sqrt(d), the same for a seed and another for another seed; the key is the estimator under that S.
+TEST(Qjl, OrthogonalSketchHasOrthogonalBlocksAndKeysAreItsEstimator) {
+  const auto projection = quant::orthogonal_projection(128, 64, 5).to(torch::kFloat64);
+  ASSERT_EQ(projection.sizes(), (c10::IntArrayRef{128, 64}));
+  for (int64_t begin : {0, 64}) {
+    const auto block = projection.narrow(0, begin, 64);
+    EXPECT_LT((block.matmul(block.t()) - 64.0 * torch::eye(64, torch::kFloat64)).abs().max().item<double>(), 1e-3);
+  }
+  // Not merely orthogonal: the two blocks come from different Gaussian draws.
+  EXPECT_GT((projection.narrow(0, 0, 64) - projection.narrow(0, 64, 64)).abs().max().item<double>(), 1.0);
+  EXPECT_TRUE(torch::equal(quant::orthogonal_projection(128, 64, 5), quant::orthogonal_projection(128, 64, 5)));
+  EXPECT_FALSE(torch::equal(quant::orthogonal_projection(128, 64, 5), quant::orthogonal_projection(128, 64, 6)));
+  const auto keys = gaussian({2, 3, 64}, 1) * 3.0;
+  const auto q = make_quantizer("qjl", {{"m", "128"}, {"seed", "5"}, {"sketch", "orthogonal"}}, 64);
+  EXPECT_EQ(q->resolved_params().at("sketch"), "orthogonal");
+  const auto k = keys.to(torch::kFloat64);
+  const auto signs = torch::where(k.matmul(projection.t()) >= 0, 1.0, -1.0).to(torch::kFloat64);
+  const auto norm = keys.norm(2, -1).to(torch::kFloat16).to(torch::kFloat64).unsqueeze(-1);
+  const auto expected = std::sqrt(std::acos(-1.0) / 2.0) / 128.0 * norm * signs.matmul(projection);
+  const auto restored = q->dequantize(q->quantize(keys, Role::Key, 0), Role::Key, 0).to(torch::kFloat64);
+  EXPECT_LT((restored - expected).abs().max().item<double>(), 1e-5 * expected.abs().max().item<double>());
+}
+
+// residual_length R: the newest keys stay full precision and are sketched R at a time (KIVI's key
+// residual, the authors' buffer of 128); without it every key is sketched as it is written.
+TEST(Qjl, AResidualBufferSketchesKeysInBlocks) {
+  const auto buffered = make_quantizer("qjl", {{"residual_length", "128"}}, 64);
+  const RolePolicy policy = buffered->policy(Role::Key);
+  EXPECT_EQ((std::vector<int64_t>{policy.sink, policy.block, policy.lag}), (std::vector<int64_t>{0, 128, 0}));
+  EXPECT_EQ(policy.quantized_prefix(127), 0);    // the step of token 127 reads 128 full-precision keys
+  EXPECT_EQ(policy.quantized_prefix(128), 128);  // the step of token 128 reads the first 128 sketched
+  EXPECT_EQ(policy.quantized_prefix(300), 256);
+  EXPECT_EQ(buffered->resolved_params().at("residual_length"), "128");
+  const RolePolicy plain = make_quantizer("qjl", {}, 64)->policy(Role::Key);
+  EXPECT_EQ(plain.quantized_prefix(5), 6);  // its own token included
+  EXPECT_EQ(make_quantizer("qjl", {}, 64)->resolved_params().at("sketch"), "gaussian");
+}
+
 TEST(Qjl, ParameterErrorsNameTheValue) {
   EXPECT_EQ(test::error_message([] { make_quantizer("qjl", {{"m", "100"}}, 64); }),
             "quantizer 'qjl': m 100 is not a multiple of head_dim 64");
   EXPECT_EQ(test::error_message([] { make_quantizer("qjl", {{"value_method", "qjl"}}, 64); }),
             "quantizer 'qjl': value_method cannot be qjl: QJL's sketch is for keys");
+  EXPECT_EQ(test::error_message([] { make_quantizer("qjl", {{"sketch", "haar"}}, 64); }),
+            "quantizer 'qjl': parameter sketch = 'haar' is not one of gaussian, orthogonal");
+  EXPECT_EQ(test::error_message([] { make_quantizer("qjl", {{"residual_length", "-1"}}, 64); }),
+            "quantizer 'qjl': parameter residual_length = -1 is out of range [0, 1048576]");
   EXPECT_EQ(test::error_message([] { make_quantizer("qjl", {{"value_method", "kivii"}}, 64); })
                 .rfind("unknown quantizer method 'kivii' (known: ", 0),
             0u);
