@@ -128,12 +128,15 @@ int64_t decode_forwards(const std::vector<SampleResult>& results) {
   return forwards;
 }
 
-// How far two runs of the same prompts apart: whether every token is the same, and over the metric
-// arrays how many differ in any bit and by how much at most.
+// How far two runs of the same prompts are apart: whether every token is the same, and over the metric
+// arrays how many differ in any bit and which differs most relative to its own largest magnitude. An
+// array whose values all lie below 1e-6 (the `none` quantizer's error energies: rounding residue of
+// zero, where any difference is relatively large) counts as differing but is not ranked.
 struct RunDifference {
   bool same_tokens = true;
   int64_t arrays = 0, differing = 0;
-  double max_difference = 0;
+  double max_relative = 0;  // max |a - b| / max |a| of the array where that is largest
+  std::string worst_array;  // "QUANTIZER LANE/ARRAY"
 };
 RunDifference compare_runs(const std::vector<SampleResult>& a, const std::vector<SampleResult>& b) {
   RunDifference difference;
@@ -146,13 +149,20 @@ RunDifference compare_runs(const std::vector<SampleResult>& a, const std::vector
         const auto& other = y.arrays.at(name).values;
         ++difference.arrays;
         bool differs = array.values.size() != other.size();
-        for (size_t i = 0; !differs && i < other.size(); ++i) {
+        double largest = 0, apart = 0;
+        for (size_t i = 0; i < std::min(other.size(), array.values.size()); ++i) {
           const float u = array.values[i], v = other[i];
           if (std::isnan(u) && std::isnan(v)) continue;
           differs = differs || u != v;
-          difference.max_difference = std::max(difference.max_difference, std::abs(static_cast<double>(u) - v));
+          largest = std::max(largest, std::abs(static_cast<double>(u)));
+          apart = std::max(apart, std::abs(static_cast<double>(u) - v));
         }
         difference.differing += differs ? 1 : 0;
+        const double relative = largest >= 1e-6 ? apart / largest : 0;
+        if (relative > difference.max_relative) {
+          difference.max_relative = relative;
+          difference.worst_array = fmt::format("{} {}/{}", x.quantizer, lane_name(x.lane), name);
+        }
       }
     }
   }
@@ -164,7 +174,8 @@ RunDifference compare_runs(const std::vector<SampleResult>& a, const std::vector
 // slowing down during the measurement favours neither.
 struct PathTimes {
   double plain_ms = 0, packed_ms = 0;
-  double rows = 0;  // mean batch rows per decode forward
+  int64_t forwards = 1;  // decode forwards of the packed warm-up run
+  double rows = 0;       // its mean batch rows per decode forward
   double metric_ms = 0;
   RunDifference difference;  // packed against plain
 };
@@ -185,10 +196,11 @@ PathTimes time_both_paths(LlamaModel& model, const Engine& engine, const std::ve
   times.plain_ms = ms[GemmPath::Plain];
   times.packed_ms = ms[GemmPath::Packed];
   const auto& packed = first[GemmPath::Packed];
+  times.forwards = decode_forwards(packed);
   int64_t row_steps = 0;
   for (const auto& sample : packed) row_steps += sample.decode_row_steps;
-  times.rows = static_cast<double>(row_steps) / static_cast<double>(decode_forwards(packed));
-  times.metric_ms = 1000.0 * packed.front().metric_seconds / static_cast<double>(decode_forwards(packed));
+  times.rows = static_cast<double>(row_steps) / static_cast<double>(times.forwards);
+  times.metric_ms = 1000.0 * packed.front().metric_seconds / static_cast<double>(times.forwards);
   times.difference = compare_runs(first[GemmPath::Plain], packed);
   return times;
 }
@@ -208,11 +220,11 @@ void run_bench_run(const BenchRunOptions& options) {
     batch_prompts.push_back(inputs.prompts[i % inputs.prompts.size()]);
   const PathTimes one = time_both_paths(model, engine, {prompt});
   const PathTimes batch = batch_prompts.size() > 1 ? time_both_paths(model, engine, batch_prompts) : one;
-  const int64_t reference_forwards = std::max<int64_t>(config.decoding.max_new_tokens - 1, 1);
+  // Reference-only decoding of the one-prompt run's length from the same context, timed the same way.
   const double reference_ms =
-      bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), reference_forwards, 2).ms_per_step;
+      bench_decode(model, 1, static_cast<int64_t>(prompt.tokens.size()), one.forwards, 2).ms_per_step;
   const bool packable = packed_gemm_available(model.linears().front()->weight());
-  const int64_t gemm_rows = std::llround(batch.rows);
+  const int64_t gemm_rows = std::max<int64_t>(std::llround(batch.rows), 1);  // 0 when every lane ended at once
   const GemmBenchRow gemm = bench_weight_gemms(model, gemm_rows, packable ? GemmPath::Packed : GemmPath::Plain, 5);
   std::cout << fmt::format(
       "side-by-side cost: {} on {} in {}, prompt of {} tokens, {} steps, {} quantizers, lanes {}\n", config.model.path,
@@ -243,7 +255,8 @@ void run_bench_run(const BenchRunOptions& options) {
     std::cout << fmt::format("packed vs plain run ({} prompt(s)): tokens {}, metric arrays bit-identical {} of {}",
                              t == &one ? 1 : batch_prompts.size(), t->difference.same_tokens ? "the same" : "DIFFER",
                              t->difference.arrays - t->difference.differing, t->difference.arrays);
-    std::cout << (t->difference.differing ? fmt::format(" (largest difference {:.3g})\n", t->difference.max_difference)
+    std::cout << (t->difference.differing ? fmt::format(" (largest difference {:.3g} of the array's largest value, "
+                                                        "{})\n", t->difference.max_relative, t->difference.worst_array)
                                           : "\n");
     if (batch_prompts.size() < 2) break;
   }

@@ -162,7 +162,9 @@ TEST(Model, PrePackedWeightsKeepTheLogitsOfTheReference) {
         max_oracle_diff = std::max(max_oracle_diff, std::abs(step[r][0][v].item<double>() - expected[r][position](v)));
   }
   EXPECT_LE(max_oracle_diff, 1e-4);
-  EXPECT_LE(max_path_diff, 2e-5);  // logits of magnitude ~10: a few units in float32's last place
+  // Measured 1.2e-5 on an Intel Xeon (logits ~10: some 13 units in float32's last place, five layers
+  // of differently ordered sums); another CPU's kernels round otherwise, so the bound is the oracle's.
+  EXPECT_LE(max_path_diff, 1e-4);
   // Choosing plain drops the packed copy, and so does a prefill (a new batch: which of its steps run
   // packed must not depend on the batches before it); fewer rows than kMinPackedRows never pack.
   packed.set_gemm_path(GemmPath::Plain);
