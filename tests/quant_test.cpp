@@ -360,6 +360,53 @@ TEST(QuantizedCache, RetiredRowsLeaveTheBatchAndKeepWhatTheyHeld) {
             "KV cache update of 3 rows; the cache has 2 active rows");
 }
 
+// Rows that follow row 0 (the engine's lanes before their first quantized read: they are fed row 0's
+// keys and values) stay out of the batch until a step would quantize some of their positions, then
+// join as a copy of row 0 and go on exactly as if they had been in the batch from the start. Oracle:
+// a single-row cache per row fed row 0's data from position 0. KIVI with a 16-token sink first
+// quantizes keys at position 32, RTN per token at its first decode step (20).
+TEST(QuantizedCache, JoinedRowsGoOnAsIfTheyHadBeenInTheBatch) {
+  const int64_t n = 20, steps = 30, layers = 2, heads = 2, head_dim = 64, rows = 4;
+  std::vector<std::shared_ptr<const Quantizer>> quantizers = {
+      make_quantizer("none", {}, head_dim),
+      make_quantizer("kivi", {{"group_size", "16"}, {"residual_length", "16"}, {"sink_tokens", "16"}}, head_dim),
+      nullptr,
+      make_quantizer("rtn", {{"axis", "per_token"}, {"group_size", "32"}, {"k_bits", "2"}, {"v_bits", "2"}}, head_dim)};
+  quantizers[2] = quantizers[1];
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(5);
+  const auto k = torch::randn({1, heads, n + steps, head_dim}, generator, torch::kFloat32).expand({rows, -1, -1, -1});
+  const auto v = torch::randn({1, heads, n + steps, head_dim}, generator, torch::kFloat32).expand({rows, -1, -1, -1});
+
+  QuantizedKVCache cache(quantizers, layers, heads, n + steps, head_dim, torch::kFloat32, torch::kCPU);
+  for (int64_t row = 1; row < rows; ++row) {
+    EXPECT_FALSE(cache.would_flush(row, 0, n, Phase::Prefill));  // a full prefill reads itself unquantized
+    cache.retire(row);
+  }
+  for (int64_t layer = 0; layer < layers; ++layer)
+    cache.update(layer, 0, k.narrow(0, 0, 1).narrow(2, 0, n), v.narrow(0, 0, 1).narrow(2, 0, n));
+  std::map<int64_t, int64_t> joined_at;  // row -> position
+  for (int64_t t = n; t < n + steps; ++t) {
+    std::vector<int64_t> joining;
+    for (int64_t row = 1; row < rows; ++row)
+      if (cache.slot(row) < 0 && cache.would_flush(row, t, 1, Phase::Decode)) joining.push_back(row);
+    if (!joining.empty()) cache.join(joining, std::vector<int64_t>(joining.size(), 0));
+    for (int64_t row : joining) joined_at[row] = t;
+    const int64_t active = cache.active_rows();
+    for (int64_t layer = 0; layer < layers; ++layer)
+      cache.update(layer, t, k.narrow(0, 0, active).narrow(2, t, 1), v.narrow(0, 0, active).narrow(2, t, 1));
+  }
+  EXPECT_EQ(joined_at, (std::map<int64_t, int64_t>{{1, 32}, {2, 32}, {3, 20}}));
+  EXPECT_EQ(cache.slot(1), 1);
+  EXPECT_EQ(cache.slot(3), 3);
+  for (int64_t row = 0; row < rows; ++row) expect_row_as_alone(cache, row, quantizers[row], layers, k, v, n, n + steps);
+  EXPECT_GT(cache.fraction_quantized(1), 0.0);
+  EXPECT_FALSE(cache.would_flush(0, n + steps, 1, Phase::Decode));  // `none` never quantizes
+
+  EXPECT_EQ(test::error_message([&] { cache.join({1}, {0}); }),
+            "KV cache row 1 cannot join as a copy of row 0: it must be retired, hold no position and mirror none");
+  EXPECT_EQ(test::error_message([&] { cache.join({1, 2}, {0}); }), "KV cache join: 2 rows but 1 sources");
+}
+
 // Prompts of different lengths in one batch: each row at its own positions (a padded prefill, then
 // decode steps at per-row positions, one row retired on the way) holds and reads exactly what a
 // single-row cache fed only its real positions holds. The prefill's padding is garbage that a

@@ -33,6 +33,17 @@ QuantizedTiles unpack(const QuantizedTiles& packed, int64_t row_length) {
   return tiles;
 }
 
+// The end of the positions a forward writing [start, start + length) makes due: a decode step what is
+// due at its token (QuaRot's own token included); a prefill chunk what is due at its first token
+// among the positions before it, never its own, unless the policy has the prefill read its own
+// positions quantized (then: what is due at its last token). Nothing (the sink) for an empty chunk.
+int64_t due_end(const RolePolicy& policy, int64_t start, int64_t length, Phase phase) {
+  if (phase == Phase::Decode) return policy.quantized_prefix(start);
+  if (length == 0) return policy.sink;
+  return policy.prefill_reads_quantized ? policy.quantized_prefix(start + length - 1)
+                                        : std::min(policy.quantized_prefix(start), start);
+}
+
 }  // namespace
 
 QuantizedKVCache::QuantizedKVCache(std::vector<std::shared_ptr<const Quantizer>> row_quantizers, int64_t n_layers,
@@ -150,16 +161,7 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
     RowAccount& account = accounts_[row];
     if (!account.active) continue;
     const int64_t slot = slots_[row];
-    const int64_t start = spans.start(slot);
-    // A decode step flushes what is due at its token (QuaRot's own token included); a prefill chunk
-    // what is due at its first token among the positions before it, never its own, unless the policy
-    // has the prefill read its own positions quantized (then: what is due at its last token).
-    int64_t end = policy.quantized_prefix(start);
-    if (spans.phase() == Phase::Prefill) {
-      if (spans.length(slot) == 0) continue;
-      end = policy.prefill_reads_quantized ? policy.quantized_prefix(start + spans.length(slot) - 1)
-                                           : std::min(end, start);
-    }
+    const int64_t end = due_end(policy, spans.start(slot), spans.length(slot), spans.phase());
     const int64_t begin = account.flushed_end[r][layer];
     if (end <= begin) continue;
     if (runs.empty() || runs.back().first_slot + runs.back().slots != slot || runs.back().begin != begin ||
@@ -217,9 +219,11 @@ void QuantizedKVCache::flush(RowGroup& group, Role role, int64_t layer, const Ro
 void QuantizedKVCache::retire(int64_t row) {
   const int64_t from = slot(row);
   if (from < 0) fail("KV cache row {} is already retired", row);
-  // Rotate slots [from, active) left by one: the rows behind move forward, `row` goes last.
+  // Rotate slots [from, active) left by one: the rows behind move forward, `row` goes last (their
+  // contents too, unless nothing was written yet).
   for (auto* buffers : {&written_, &read_}) {
     for (auto& buffer : *buffers) {
+      if (length() == 0) break;
       const auto retired = buffer.select(1, from).clone();
       for (int64_t s = from; s + 1 < active_rows_; ++s) buffer.select(1, s).copy_(buffer.select(1, s + 1));
       buffer.select(1, active_rows_ - 1).copy_(retired);
@@ -234,6 +238,66 @@ void QuantizedKVCache::retire(int64_t row) {
     if (std::find(group.rows.begin(), group.rows.end(), row) != group.rows.end()) --group.active;
   }
   check_mirrors();
+}
+
+void QuantizedKVCache::join(const std::vector<int64_t>& rows, const std::vector<int64_t>& sources) {
+  if (rows.size() != sources.size()) fail("KV cache join: {} rows but {} sources", rows.size(), sources.size());
+  std::vector<bool> active;
+  for (const RowAccount& account : accounts_) active.push_back(account.active);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    slot(rows[i]);  // checks the row exists
+    slot(sources[i]);
+    const RowAccount& account = accounts_[rows[i]];
+    if (account.active || account.length > 0 || account.source >= 0 || rows[i] == sources[i])
+      fail("KV cache row {} cannot join as a copy of row {}: it must be retired, hold no position and mirror none",
+           rows[i], sources[i]);
+    active[rows[i]] = true;
+  }
+  // The new order: active rows by row, then the retired ones as they sat.
+  std::vector<int64_t> order;  // per new slot: its row
+  for (size_t row = 0; row < accounts_.size(); ++row)
+    if (active[row]) order.push_back(static_cast<int64_t>(row));
+  const auto active_count = static_cast<int64_t>(order.size());
+  std::vector<int64_t> retired;
+  for (size_t row = 0; row < accounts_.size(); ++row)
+    if (!active[row]) retired.push_back(static_cast<int64_t>(row));
+  std::sort(retired.begin(), retired.end(), [&](int64_t a, int64_t b) { return slots_[a] < slots_[b]; });
+  order.insert(order.end(), retired.begin(), retired.end());
+  const int64_t held = length();
+  if (held > 0) {
+    std::vector<int64_t> old_slots;
+    for (int64_t row : order) old_slots.push_back(slots_[row]);
+    const auto from = torch::tensor(old_slots, torch::kInt64).to(written_[0].device());
+    for (auto* buffers : {&written_, &read_})
+      for (auto& buffer : *buffers) {
+        auto positions = buffer.narrow(3, 0, held);
+        positions.copy_(positions.index_select(1, from));
+      }
+  }
+  for (size_t s = 0; s < order.size(); ++s) slots_[order[s]] = static_cast<int64_t>(s);
+  active_rows_ = active_count;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    RowAccount& account = accounts_[rows[i]];
+    account.active = true;
+    for (auto& group : groups_)
+      if (std::find(group.rows.begin(), group.rows.end(), rows[i]) != group.rows.end()) ++group.active;
+    const int64_t length = accounts_[sources[i]].length;
+    account.length = length;
+    if (length == 0) continue;
+    for (size_t r = 0; r < 2; ++r) {
+      const auto source = written_[r].select(1, slots_[sources[i]]).narrow(2, 0, length);
+      written_[r].select(1, slots_[rows[i]]).narrow(2, 0, length).copy_(source);
+      read_[r].select(1, slots_[rows[i]]).narrow(2, 0, length).copy_(source);
+    }
+  }
+  check_mirrors();
+}
+
+bool QuantizedKVCache::would_flush(int64_t row, int64_t start, int64_t length, Phase phase) const {
+  const RowGroup& group = group_of(row);
+  for (size_t r = 0; r < 2; ++r)
+    if (due_end(group.policies[r], start, length, phase) > accounts_[row].flushed_end[r][0]) return true;
+  return false;
 }
 
 int64_t QuantizedKVCache::slot(int64_t row) const {

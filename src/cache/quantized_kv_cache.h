@@ -57,8 +57,16 @@ class QuantizedKVCache final : public KVCache {
   // Both rows must be active, and `row` must be retired no later than `source`.
   void mirror(int64_t row, int64_t source);
   // Removes `row` from the batch update() works on. Moves the rows behind it forward by one (a copy of
-  // their contents, once per retirement, never per step).
+  // their contents, once per retirement, never per step; none while no row holds a position).
   void retire(int64_t row);
+  // Brings retired `rows`, which never held a position, into the batch at their places in row order,
+  // each holding what sources[i] wrote (its keys and values up to its length, read in full precision:
+  // the joining row has quantized nothing yet). The engine's lanes that follow their reference until
+  // their first quantized read (docs/engine.md). One permutation of the held positions for all of them.
+  void join(const std::vector<int64_t>& rows, const std::vector<int64_t>& sources);
+  // Whether a forward writing `length` positions of `row` from `start` in `phase` would quantize some of
+  // its positions (update()'s rule): for a row that has quantized nothing, its first quantized read.
+  bool would_flush(int64_t row, int64_t start, int64_t length, Phase phase) const;
   int64_t active_rows() const { return active_rows_; }
   // Where `row` sits in update()'s batch; -1 once retired.
   int64_t slot(int64_t row) const;
