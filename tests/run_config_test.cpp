@@ -320,6 +320,7 @@ decoding:
   batch_prompts: 1
   prefill: full
   prefill_chunk: 128
+  share_until_onset: true
 quantizers:
   - name: kivi-2bit
     method: kivi
@@ -355,7 +356,8 @@ TEST(RunConfig, AliasBombIsRefusedAtOnce) {
 TEST(RunConfig, UnknownNestedKeyNamesDottedPath) {
   EXPECT_EQ(load_error(kMinimal + "decoding:\n  max_new_tokens: 8\n  temprature: 0.5\n"),
             "demo.yaml:13: unknown key 'decoding.temprature' (known: max_new_tokens, stop_at_eos, temperature, "
-            "top_p, top_k, seed, batch_prompts, prefill, prefill_chunk)");
+            "top_p, top_k, seed, batch_prompts, prefill, prefill_chunk, "
+            "share_until_onset)");
   EXPECT_EQ(load_error(kMinimal + "metrics: {layer_strid: 2}\n"),
             "demo.yaml:11: unknown key 'metrics.layer_strid' (known: layer_stride, token_scale, attention_error)");
   EXPECT_EQ(load_error(R"(model: {path: synthetic:tiny}
@@ -497,7 +499,8 @@ prompts:
 TEST(RunConfig, SetToUnknownKeyNamesIt) {
   EXPECT_EQ(load_error(kMinimal, {"decoding.max_tokens=5"}),
             "--set decoding.max_tokens=5: unknown key 'decoding.max_tokens' (known: max_new_tokens, stop_at_eos, "
-            "temperature, top_p, top_k, seed, batch_prompts, prefill, prefill_chunk)");
+            "temperature, top_p, top_k, seed, batch_prompts, prefill, prefill_chunk, "
+            "share_until_onset)");
   EXPECT_EQ(load_error(kMinimal, {"decodng.max_new_tokens=5"}),
             "--set decodng.max_new_tokens=5: unknown key 'decodng' (known: model, prompts, decoding, quantizers, "
             "lanes, metrics, analysis, output)");

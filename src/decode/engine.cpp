@@ -243,9 +243,10 @@ Engine::Engine(const LlamaModel& model, const RunConfig& config, const Tokenizer
 class Engine::Batch {
  public:
   Batch(const Engine& engine, const std::vector<Prompt>& prompts);
-  // Every row's prompt, shorter ones padded to the longest (no real query reads the padding), in one
-  // forward (decoding.prefill: full) or in chunks of decoding.prefill_chunk positions, each reading the
-  // earlier ones through the row's cache (chunked). Returns [rows, 1, vocab] at each row's last token.
+  // Every row's prompt (but those that follow their reference), shorter ones padded to the longest
+  // (no real query reads the padding), in one forward (decoding.prefill: full) or in chunks of
+  // decoding.prefill_chunk positions, each reading the earlier ones through the row's cache (chunked).
+  // Returns [rows in the batch, 1, vocab] at each row's last token.
   torch::Tensor prefill();
   // Each active row's next token from its logits [active rows, vocab] (float32, in batch order):
   // greedy, or its own sampler; 0 for ended rows.
@@ -268,13 +269,26 @@ class Engine::Batch {
 
  private:
   void declare_lanes();
+  // Lane rows whose prefill reads nothing quantized decode as their reference until they fork.
+  void share_until_onset();
+  // Before the forward of decode step `step`: the lanes that would read a quantized position in it
+  // fork from their reference (a copy of its cache).
+  void fork_lanes(int64_t step);
   void locate_lanes();
+  // The row whose tokens, logits and cache are `row`'s: its reference while it follows it, else itself.
+  int64_t held_by(int64_t row) const { return follows_[row] >= 0 ? follows_[row] : row; }
+  // Where `row`'s logits sit in the step's batch; -1 once it has ended.
+  int64_t logits_slot(int64_t row) const { return cache_.slot(held_by(row)); }
+  // The prefill's chunks: [begin, begin + width) of the padded prompts.
+  std::vector<std::pair<int64_t, int64_t>> prefill_chunks() const;
   // After the forward that gives step `step`'s logits: what each lane's attention read quantized.
   void note_reads(int64_t step);
   void drain_metrics();
   void drain_attention(std::vector<torch::Tensor>& rel_l2, std::vector<torch::Tensor>& cosine,
                        const std::vector<LaneKey>& order);
-  void account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t reference_row, bool drift) const;
+  // `held`: the row whose keys and values `row` holds (held_by; `row` itself in the static cache).
+  void account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t held, int64_t reference_row,
+               bool drift) const;
   std::string decode_text(const std::vector<int64_t>& tokens, bool stopped) const;
   std::string reply_text(const std::vector<int64_t>& tokens) const;
   bool is_stop(int64_t token) const;
@@ -308,6 +322,9 @@ class Engine::Batch {
   std::unique_ptr<QuantizedKVCache> static_cache_;
   const int64_t rows_;
   std::vector<int64_t> prompt_lengths_;  // per row
+  // Per row: the reference row it decodes as until it forks (no row of its own in the batch until
+  // then: its tokens, logits and cache are its reference's); -1 for a row of its own.
+  std::vector<int64_t> follows_;
   std::vector<Sampler> samplers_;        // per row
   // The lanes compared with a reference, as index_ holds them, in its order: rebuilt when lanes end.
   // teacher_order_ holds the teacher-forced and one-step lanes: fed the reference's tokens.
@@ -373,6 +390,7 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
              engine.model_.dtype(), device_),
       static_cache_(engine.static_lane_ ? static_cache(engine, prompts.size(), longest_prompt_ + max_new_) : nullptr),
       rows_(static_cast<int64_t>(row_prompt_.size())),
+      follows_(rows_, -1),
       samplers_(rows_, Sampler(sampling_)),
       observer_(static_cache_.get(), &index_, engine.model_.config().n_layers) {
   for (size_t p = 0; p < prompts.size(); ++p) {
@@ -381,10 +399,12 @@ Engine::Batch::Batch(const Engine& engine, const std::vector<Prompt>& prompts)
   }
   for (int64_t row = 0; row < rows_; ++row)
     prompt_lengths_.push_back(static_cast<int64_t>(prompts[row_prompt_[row]].tokens.size()));
+  if (engine.config_.decoding.share_until_onset) share_until_onset();
   // A one-step row's cache holds its reference's keys and values, never its own (docs/engine.md).
   for (const BatchSample& sample : samples_)
     for (const QuantizerLanes& lanes : sample.quantizers)
-      if (lanes.one_step_row >= 0) cache_.mirror(lanes.one_step_row, sample.reference_row);
+      if (lanes.one_step_row >= 0 && follows_[lanes.one_step_row] < 0)
+        cache_.mirror(lanes.one_step_row, sample.reference_row);
   declare_lanes();
   locate_lanes();
 }
@@ -416,6 +436,57 @@ void Engine::Batch::declare_lanes() {
   }
 }
 
+std::vector<std::pair<int64_t, int64_t>> Engine::Batch::prefill_chunks() const {
+  const DecodingSettings& decoding = engine_.config_.decoding;
+  const int64_t chunk = decoding.prefill == PrefillMode::Chunked ? decoding.prefill_chunk : longest_prompt_;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t begin = 0; begin < longest_prompt_; begin += chunk)
+    chunks.emplace_back(begin, std::min(chunk, longest_prompt_ - begin));
+  return chunks;
+}
+
+// Until its first quantized read a lane's inputs are its reference's, and so are its tokens, logits
+// and cache; computing them again in a row of its own only adds rounding noise (a GEMM rounds a row
+// by its place in the batch) and cost. Such rows leave the batch before anything is written.
+void Engine::Batch::share_until_onset() {
+  for (const BatchSample& sample : samples_) {
+    for (const QuantizerLanes& lanes : sample.quantizers) {
+      for (int64_t row : {lanes.teacher_row, lanes.one_step_row, lanes.free_row}) {
+        if (row < 0) continue;
+        const int64_t length = prompt_lengths_[row];
+        bool reads_quantized = false;
+        for (const auto& [begin, width] : prefill_chunks())
+          reads_quantized = reads_quantized || cache_.would_flush(row, std::min(begin, length),
+                                                                  std::clamp<int64_t>(length - begin, 0, width),
+                                                                  Phase::Prefill);
+        if (reads_quantized) continue;
+        cache_.retire(row);
+        follows_[row] = sample.reference_row;
+      }
+    }
+  }
+}
+
+void Engine::Batch::fork_lanes(int64_t step) {
+  std::vector<int64_t> forking, references;
+  for (int64_t row = 0; row < rows_; ++row) {
+    const int64_t reference = follows_[row];
+    if (reference < 0 || cache_.slot(reference) < 0) continue;
+    if (!cache_.would_flush(row, prompt_lengths_[row] + step, 1, Phase::Decode)) continue;
+    forking.push_back(row);
+    references.push_back(reference);
+  }
+  if (forking.empty()) return;
+  drain_metrics();  // the device metrics hold the rows of the current slots
+  cache_.join(forking, references);
+  for (size_t i = 0; i < forking.size(); ++i) follows_[forking[i]] = -1;
+  for (const BatchSample& sample : samples_)
+    for (const QuantizerLanes& lanes : sample.quantizers)
+      if (std::find(forking.begin(), forking.end(), lanes.one_step_row) != forking.end())
+        cache_.mirror(lanes.one_step_row, sample.reference_row);
+  locate_lanes();
+}
+
 void Engine::Batch::locate_lanes() {
   std::vector<int64_t> teacher_slots, teacher_reference_slots;
   teacher_order_.clear();
@@ -430,7 +501,7 @@ void Engine::Batch::locate_lanes() {
       for (const auto& [row, lane] : {std::pair{lanes.teacher_row, &QuantizerLanes::teacher_lane},
                                       std::pair{lanes.one_step_row, &QuantizerLanes::one_step_lane}}) {
         if (row < 0) continue;
-        teacher_slots.push_back(cache_.slot(row));
+        teacher_slots.push_back(logits_slot(row));
         teacher_reference_slots.push_back(reference_slot);
         teacher_order_.push_back({p, q, lane});
       }
@@ -448,22 +519,23 @@ void Engine::Batch::locate_lanes() {
 }
 
 torch::Tensor Engine::Batch::prefill() {
-  auto prompt_tokens = torch::zeros({rows_, longest_prompt_}, torch::kInt64);
+  const int64_t active = cache_.active_rows();
+  auto prompt_tokens = torch::zeros({active, longest_prompt_}, torch::kInt64);
   for (int64_t row = 0; row < rows_; ++row) {
+    if (cache_.slot(row) < 0) continue;  // follows its reference
     const Prompt& prompt = prompts_[row_prompt_[row]];
-    prompt_tokens[row].narrow(0, 0, prompt_lengths_[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
+    prompt_tokens[cache_.slot(row)].narrow(0, 0, prompt_lengths_[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
   }
   prompt_tokens = prompt_tokens.to(device_);
-  const DecodingSettings& decoding = engine_.config_.decoding;
-  const int64_t chunk = decoding.prefill == PrefillMode::Chunked ? decoding.prefill_chunk : longest_prompt_;
   torch::Tensor logits;
-  for (int64_t begin = 0; begin < longest_prompt_; begin += chunk) {
-    const int64_t width = std::min(chunk, longest_prompt_ - begin);
-    std::vector<int64_t> starts(rows_), lengths(rows_), ending;
+  for (const auto& [begin, width] : prefill_chunks()) {
+    std::vector<int64_t> starts(active), lengths(active), ending;
     for (int64_t row = 0; row < rows_; ++row) {
-      starts[row] = std::min(begin, prompt_lengths_[row]);
-      lengths[row] = std::clamp<int64_t>(prompt_lengths_[row] - begin, 0, width);
-      if (prompt_lengths_[row] > begin && prompt_lengths_[row] <= begin + width) ending.push_back(row);
+      const int64_t slot = cache_.slot(row);
+      if (slot < 0) continue;
+      starts[slot] = std::min(begin, prompt_lengths_[row]);
+      lengths[slot] = std::clamp<int64_t>(prompt_lengths_[row] - begin, 0, width);
+      if (prompt_lengths_[row] > begin && prompt_lengths_[row] <= begin + width) ending.push_back(slot);
     }
     auto chunk_logits = engine_.model_.forward(prompt_tokens.narrow(1, begin, width),
                                                RowSpans(starts, lengths, width, device_, Phase::Prefill), cache_,
@@ -485,10 +557,11 @@ std::vector<int64_t> Engine::Batch::next_tokens(const torch::Tensor& step_logits
   if (sampling_.temperature == 0.0) {
     auto host = step_logits.argmax(-1).to(torch::kCPU);
     for (int64_t r = 0; r < rows_; ++r)
-      if (cache_.slot(r) >= 0) next[r] = host[cache_.slot(r)].item<int64_t>();
+      if (logits_slot(r) >= 0) next[r] = host[logits_slot(r)].item<int64_t>();
   } else {
+    // A row that follows its reference draws from its own generator, from the same logits.
     for (int64_t r = 0; r < rows_; ++r)
-      if (cache_.slot(r) >= 0) next[r] = samplers_[r].next(step_logits[cache_.slot(r)]);
+      if (logits_slot(r) >= 0) next[r] = samplers_[r].next(step_logits[logits_slot(r)]);
   }
   return next;
 }
@@ -568,12 +641,14 @@ void Engine::Batch::record(const std::vector<int64_t>& next) {
   }
   if (ended_rows.empty()) return;
   drain_metrics();  // the device metrics hold the rows of the current order
-  for (int64_t row : ended_rows) cache_.retire(row);
+  for (int64_t row : ended_rows)
+    if (cache_.slot(row) >= 0) cache_.retire(row);  // a row that follows its reference has none
   for (int64_t row : ended_static_rows) static_cache_->retire(row);
   locate_lanes();
 }
 
 torch::Tensor Engine::Batch::decode_one_token(const std::vector<int64_t>& next, int64_t step) {
+  fork_lanes(step);
   // Each row writes the position after its prompt's last one.
   std::vector<int64_t> inputs(cache_.active_rows()), starts(cache_.active_rows());
   for (int64_t r = 0; r < rows_; ++r) {
@@ -604,8 +679,10 @@ torch::Tensor Engine::Batch::decode_one_token(const std::vector<int64_t>& next, 
 }
 
 void Engine::Batch::note_reads(int64_t step) {
-  const auto note = [step](LaneResult& lane, Onset& onset, const QuantizedKVCache& cache, int64_t row) {
-    if (row < 0 || cache.slot(row) < 0) return;
+  // `decoding`: whether the row took part in this forward (itself, or as the reference it follows, whose
+  // reads are its own: nothing quantized, as its cache has flushed nothing).
+  const auto note = [step](LaneResult& lane, Onset& onset, const QuantizedKVCache& cache, int64_t row, bool decoding) {
+    if (row < 0 || !decoding) return;
     int64_t quantized = 0;
     for (int64_t layer = 0; layer < cache.layers(); ++layer) {
       const int64_t in_layer =
@@ -619,14 +696,17 @@ void Engine::Batch::note_reads(int64_t step) {
     fraction.values.push_back(read > 0 ? static_cast<float>(static_cast<double>(quantized) / read) : 0.0f);
     ++fraction.shape[0];
   };
+  const auto in_batch = [this](int64_t row) { return row >= 0 && logits_slot(row) >= 0; };
   for (size_t p = 0; p < samples_.size(); ++p) {
     std::vector<LaneResult>& lanes = results_[p].lanes;
     std::vector<Onset>& onsets = onsets_[p];
     for (const QuantizerLanes& q : samples_[p].quantizers) {
-      if (q.teacher_row >= 0) note(lanes[q.teacher_lane], onsets[q.teacher_lane], cache_, q.teacher_row);
-      if (q.one_step_row >= 0) note(lanes[q.one_step_lane], onsets[q.one_step_lane], cache_, q.one_step_row);
-      if (q.free_row >= 0) note(lanes[q.free_lane], onsets[q.free_lane], cache_, q.free_row);
-      if (q.static_row >= 0) note(lanes[q.static_lane], onsets[q.static_lane], *static_cache_, q.static_row);
+      note(lanes[q.teacher_lane], onsets[q.teacher_lane], cache_, q.teacher_row, in_batch(q.teacher_row));
+      note(lanes[q.one_step_lane], onsets[q.one_step_lane], cache_, q.one_step_row, in_batch(q.one_step_row));
+      note(lanes[q.free_lane], onsets[q.free_lane], cache_, q.free_row, in_batch(q.free_row));
+      if (q.static_row >= 0)
+        note(lanes[q.static_lane], onsets[q.static_lane], *static_cache_, q.static_row,
+             static_cache_->slot(q.static_row) >= 0);
     }
   }
 }
@@ -678,14 +758,15 @@ void Engine::Batch::drain_attention(std::vector<torch::Tensor>& rel_l2, std::vec
 }
 
 // Token-scale errors from a cache: the row over the positions it holds (a lane that ended holds those
-// up to its end); drift against the reference over the positions both hold.
-void Engine::Batch::account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t reference_row,
-                            bool drift) const {
+// up to its end; one that never forked its reference's, none of them quantized); drift against the
+// reference over the positions both hold.
+void Engine::Batch::account(LaneResult& lane, const QuantizedKVCache& cache, int64_t row, int64_t held,
+                            int64_t reference_row, bool drift) const {
   if (engine_.config_.metrics.token_scale) {
     for (Role role : {Role::Key, Role::Value}) {
       const std::string name = role_name(role);
-      const auto written = cache.row_contents(role, row, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
-      const auto read = cache.row_contents(role, row, /*read=*/true);
+      const auto written = cache.row_contents(role, held, /*read=*/false);  // [layers, kv_heads, positions, head_dim]
+      const auto read = cache.row_contents(role, held, /*read=*/true);
       const auto quantized = quantized_rows(cache, role, row, written.size(1), written.size(2));
       const std::string quant = metric::token_scale_group(name, "quant");
       log_token_scale(lane, quant, written, read, quantized, /*norms=*/true);
@@ -729,16 +810,19 @@ std::vector<SampleResult> Engine::Batch::finish() {
     }
     for (const QuantizerLanes& lanes : sample.quantizers) {
       if (lanes.static_row >= 0)
-        account(result.lanes[lanes.static_lane], *static_cache_, lanes.static_row, sample.reference_row, false);
+        account(result.lanes[lanes.static_lane], *static_cache_, lanes.static_row, lanes.static_row,
+                sample.reference_row, false);
       if (lanes.teacher_row >= 0)
-        account(result.lanes[lanes.teacher_lane], cache_, lanes.teacher_row, sample.reference_row, true);
+        account(result.lanes[lanes.teacher_lane], cache_, lanes.teacher_row, held_by(lanes.teacher_row),
+                sample.reference_row, true);
       // A one-step cache holds the reference's rows: it has quantization error, but no drift.
       if (lanes.one_step_row >= 0)
-        account(result.lanes[lanes.one_step_lane], cache_, lanes.one_step_row, sample.reference_row, false);
+        account(result.lanes[lanes.one_step_lane], cache_, lanes.one_step_row, held_by(lanes.one_step_row),
+                sample.reference_row, false);
       if (lanes.free_row >= 0) {
         LaneResult& lane = result.lanes[lanes.free_lane];
         classify(lane, result.reference_tokens, result.reference_stopped, lanes.free_stopped);
-        account(lane, cache_, lanes.free_row, sample.reference_row, true);
+        account(lane, cache_, lanes.free_row, held_by(lanes.free_row), sample.reference_row, true);
         if (texts) {
           lane.text = decode_text(lane.tokens, lanes.free_stopped);
           lane.reply = reply_text(lane.tokens);

@@ -195,6 +195,7 @@ const std::vector<Field<DecodingSettings>>& decoding_fields() {
       plain("batch_prompts", &D::batch_prompts, kAtLeastOne),
       plain("prefill", &D::prefill, kAnyNumber, "prefill mode"),
       plain("prefill_chunk", &D::prefill_chunk, kAtLeastOne),
+      plain("share_until_onset", &D::share_until_onset),
   };
   return fields;
 }

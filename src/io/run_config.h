@@ -72,6 +72,10 @@ struct DecodingSettings {
   // chunks as its quantizer's cache holds them (the KVarN paper's accumulation protocol).
   PrefillMode prefill = PrefillMode::Full;
   int64_t prefill_chunk = 128;
+  // A lane decodes as its reference (no row of its own) until the forward in which it would first read
+  // a quantized position, and forks from it there (docs/engine.md); false: every lane its own row from
+  // the prefill on.
+  bool share_until_onset = true;
 };
 
 struct QuantizerSettings {
