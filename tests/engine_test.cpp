@@ -143,11 +143,11 @@ TEST(Engine, OneStepLaneReadsTheReferenceCacheAndOnsetsAreLogged) {
 TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
   const std::string dir = test::scratch_dir();
   const int64_t steps = 48;
-  auto run = load(test::write_stories260k_config(dir,
-                                                 "  - {name: none, method: none}\n"
-                                                 "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 16}}\n"
-                                                 "  - {name: quarot, method: quarot, params: {k_bits: 4, v_bits: 4}}",
-                                                 steps));
+  const std::string quantizers =
+      "  - {name: none, method: none}\n"
+      "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 16}}\n"
+      "  - {name: quarot, method: quarot, params: {k_bits: 4, v_bits: 4}}";
+  auto run = load(test::write_stories260k_config(dir, quantizers, steps));
   run.config.lanes = {Lane::Static, Lane::TeacherForced, Lane::OneStep, Lane::FreeRunning};
   ASSERT_TRUE(run.config.decoding.share_until_onset);
   const auto shared = Engine(*run.inputs.model, run.config, run.inputs.tokenizer.get()).run(run.inputs.prompts[0]);
@@ -205,7 +205,8 @@ TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
   const LaneResult& none = lane_of(shared, "none", "teacher_forced");
   EXPECT_EQ(max_of(none.arrays.at("key/drift/E_T")), 0.0);
   EXPECT_EQ(none.arrays.at("key/drift/E_T").shape, (std::vector<int64_t>{n + steps - 1, 5}));
-  EXPECT_EQ(none.arrays.at("key/drift/E_T").shape, lane_of(own_rows, "none", "teacher_forced").arrays.at("key/drift/E_T").shape);
+  EXPECT_EQ(none.arrays.at("key/drift/E_T").shape,
+            lane_of(own_rows, "none", "teacher_forced").arrays.at("key/drift/E_T").shape);
   EXPECT_EQ(none.scalars.at("bits_per_element"), 16.0);
 }
 

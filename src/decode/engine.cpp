@@ -524,7 +524,8 @@ torch::Tensor Engine::Batch::prefill() {
   for (int64_t row = 0; row < rows_; ++row) {
     if (cache_.slot(row) < 0) continue;  // follows its reference
     const Prompt& prompt = prompts_[row_prompt_[row]];
-    prompt_tokens[cache_.slot(row)].narrow(0, 0, prompt_lengths_[row]).copy_(torch::tensor(prompt.tokens, torch::kInt64));
+    prompt_tokens[cache_.slot(row)].narrow(0, 0, prompt_lengths_[row])
+        .copy_(torch::tensor(prompt.tokens, torch::kInt64));
   }
   prompt_tokens = prompt_tokens.to(device_);
   torch::Tensor logits;
