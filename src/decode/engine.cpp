@@ -449,13 +449,14 @@ std::vector<std::pair<int64_t, int64_t>> Engine::Batch::prefill_chunks() const {
 // and cache; computing them again in a row of its own only adds rounding noise (a GEMM rounds a row
 // by its place in the batch) and cost. Such rows leave the batch before anything is written.
 void Engine::Batch::share_until_onset() {
+  const auto chunks = prefill_chunks();
   for (const BatchSample& sample : samples_) {
     for (const QuantizerLanes& lanes : sample.quantizers) {
       for (int64_t row : {lanes.teacher_row, lanes.one_step_row, lanes.free_row}) {
         if (row < 0) continue;
         const int64_t length = prompt_lengths_[row];
         bool reads_quantized = false;
-        for (const auto& [begin, width] : prefill_chunks())
+        for (const auto& [begin, width] : chunks)
           reads_quantized = reads_quantized || cache_.would_flush(row, std::min(begin, length),
                                                                   std::clamp<int64_t>(length - begin, 0, width),
                                                                   Phase::Prefill);
@@ -477,7 +478,7 @@ void Engine::Batch::fork_lanes(int64_t step) {
     references.push_back(reference);
   }
   if (forking.empty()) return;
-  drain_metrics();  // the device metrics hold the rows of the current slots
+  // The device metrics are kept in teacher_order_ / static_order_, which a fork does not change.
   cache_.join(forking, references);
   for (size_t i = 0; i < forking.size(); ++i) follows_[forking[i]] = -1;
   for (const BatchSample& sample : samples_)

@@ -1,8 +1,9 @@
 #pragma once
 // The side-by-side decoding engine (SPEC §1): for each prompt, the full-precision reference and, for
 // every quantizer, its teacher-forced, one-step and free-running lanes run as rows of one batch, one
-// forward pass per step; the static lanes attend over a quantized copy of the reference cache inside
-// the same step. A one-step row is fed the reference's tokens and its cache holds the reference's keys
+// forward pass per step (a lane follows its reference, with no row of its own, until its first
+// quantized read: decoding.share_until_onset); the static lanes attend over a quantized copy of the
+// reference cache inside the same step. A one-step row is fed the reference's tokens and its cache holds the reference's keys
 // and values (quantized by its method), so its error passes through every layer of a step but never
 // into a later step (docs/engine.md). Several prompts may share the batch (decoding.batch_prompts), each at its own
 // positions. Metrics (SPEC §3) are kept on the device and copied to the host in chunks: when the

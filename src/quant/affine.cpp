@@ -75,8 +75,8 @@ StoredParam stored_param(const torch::Tensor& x, StoredDtype dtype) {
   if (dtype == StoredDtype::Float16) largest = 65504.0;
   if (dtype == StoredDtype::Float8E4M3) largest = 448.0;
   if (largest > 0) {
-    // Counted on the host in one pass: a flush stores a handful of parameters per tile, and a chain of
-    // tensor operations here cost more than the quantization of a per-token tile itself.
+    // Counted on the host in one pass: a flush stores a handful of parameters per tile, and the eight
+    // tensor operations this took were about a third of a per-token flush (docs/performance.md).
     const auto wanted = x.to(torch::kCPU, torch::kFloat32).contiguous();
     const auto stored = param.values.to(torch::kCPU).contiguous();
     const float* given = wanted.data_ptr<float>();
