@@ -139,12 +139,16 @@ TEST(Engine, OneStepLaneReadsTheReferenceCacheAndOnsetsAreLogged) {
 // forward before its onset step, as a copy of the reference's cache, and costs rows from there on.
 // With the setting off every lane has its own row from the prefill on, and its pre-onset values are
 // float32 noise (a GEMM rounds a row by its place in the batch): held to 1e-9 / 1e-5 here. Both ways
-// give the same tokens, onsets, storage and, after the onset, metrics within rounding.
+// give the same onsets and storage; after the onset the same tokens and metrics up to rounding where a
+// rounding difference cannot move the method's codes much (none, KIVI: as in
+// PromptsOfOneBatchGiveWhatEachGivesAlone), while KVarN's VarN and 4-bit QuaRot may turn one into
+// other scales and tokens on another CPU's kernels, so for them only what is exact is compared.
 TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
   const std::string dir = test::scratch_dir();
   const int64_t steps = 48;
   const std::string quantizers =
       "  - {name: none, method: none}\n"
+      "  - {name: kivi, method: kivi, params: {group_size: 8, residual_length: 16}}\n"
       "  - {name: k2, method: kvarn, params: {preset: k2v2, tile_size: 16}}\n"
       "  - {name: quarot, method: quarot, params: {k_bits: 4, v_bits: 4}}";
   auto run = load(test::write_stories260k_config(dir, quantizers, steps));
@@ -156,7 +160,9 @@ TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
   const int64_t n = static_cast<int64_t>(run.inputs.prompts[0].tokens.size());
 
   EXPECT_EQ(shared.reference_tokens, own_rows.reference_tokens);
-  const std::map<std::string, int64_t> onsets = {{"none", -1}, {"k2", 33 - n}, {"quarot", 1}};
+  // KIVI first quantizes keys at position 16, KVarN's second tile starts at 32, QuaRot quantizes every token.
+  const std::map<std::string, int64_t> onsets = {{"none", -1}, {"kivi", 17 - n}, {"k2", 33 - n}, {"quarot", 1}};
+  const std::set<std::string> rounding_robust = {"none", "kivi"};
   int64_t row_steps = steps - 1;  // the reference's decode forwards
   for (const auto& [quantizer, onset] : onsets) {
     for (const std::string kind : {"teacher_forced", "one_step", "free_running"}) {
@@ -165,7 +171,7 @@ TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
       const LaneResult& own = lane_of(own_rows, quantizer, kind);
       EXPECT_EQ(lane.scalars.at("onset_step"), static_cast<double>(onset));
       EXPECT_EQ(own.scalars.at("onset_step"), static_cast<double>(onset));
-      EXPECT_EQ(lane.tokens, own.tokens);
+      if (rounding_robust.count(quantizer)) EXPECT_EQ(lane.tokens, own.tokens);
       EXPECT_EQ(lane.scalars.at("bits_per_element"), own.scalars.at("bits_per_element"));
       EXPECT_EQ(lane.arrays.at("fraction_read_quantized").values, own.arrays.at("fraction_read_quantized").values);
       row_steps += onset < 0 ? 0 : steps - onset;
@@ -196,11 +202,11 @@ TEST(Engine, LanesFollowTheReferenceUntilTheirOnset) {
         own_mean += own_kl[s];
       }
       EXPECT_GT(mean, 0.0);
-      EXPECT_NEAR(mean, own_mean, 0.02 * own_mean);
+      if (rounding_robust.count(quantizer)) EXPECT_NEAR(mean, own_mean, 0.02 * own_mean);
     }
   }
   EXPECT_EQ(shared.decode_row_steps, row_steps);
-  EXPECT_EQ(own_rows.decode_row_steps, 10 * (steps - 1));  // 1 + 3 quantizers x 3 lanes, every forward
+  EXPECT_EQ(own_rows.decode_row_steps, 13 * (steps - 1));  // 1 + 4 quantizers x 3 lanes, every forward
   // A lane that never forked holds its reference's cache: no drift at all (with its own row: noise).
   const LaneResult& none = lane_of(shared, "none", "teacher_forced");
   EXPECT_EQ(max_of(none.arrays.at("key/drift/E_T")), 0.0);
